@@ -1,0 +1,33 @@
+"""ggcomm: generalized-Gaussian-aware compression of what distributed training sends.
+
+Gradients, activations and weights of large models are generalized-Gaussian with shape
+below 2; quantized and Exp-Golomb-coded they take a few bits per element on the wire.
+"""
+
+from ._parallel import get_num_threads, set_num_threads
+from .codec import (
+    DEFAULT_BLOCK_SIZE,
+    BlockInfo,
+    Frame,
+    FrameError,
+    FrameInfo,
+    decode,
+    encode,
+    inspect,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "BlockInfo",
+    "Frame",
+    "FrameError",
+    "FrameInfo",
+    "__version__",
+    "decode",
+    "encode",
+    "get_num_threads",
+    "inspect",
+    "set_num_threads",
+]

@@ -1,0 +1,561 @@
+"""The wire codec: tensor -> quantize -> Exp-Golomb blocks -> one self-describing frame.
+
+``encode`` turns a floating-point tensor into a :class:`Frame` (a uint8 tensor ready for
+torch.distributed), ``decode`` turns a frame (or any buffer holding one) back into the
+tensor ``q * step`` with the original dtype and shape, and ``inspect`` returns the header
+as data. The byte layout is specified in ``docs/FORMAT.md``.
+
+Anything that is not a valid frame raises :class:`FrameError` naming what is wrong; the
+CRC-32 over header and payload catches corruption, and the kernels bound-check every
+length they read, so no input can crash, hang or read out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _parallel
+from .kernels import eg
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "BlockInfo",
+    "Frame",
+    "FrameError",
+    "FrameInfo",
+    "decode",
+    "encode",
+    "inspect",
+]
+
+MAGIC = b"GGEG"
+VERSION = 1
+DEFAULT_BLOCK_SIZE = 16384
+MAX_NDIM = 64
+
+# code -> torch dtype; the code travels in the header.
+_DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64}
+_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+# Integer views used to move raw bit patterns of exceptional values.
+_RAW_INT = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
+
+_FIXED = struct.Struct("<4sBBBBIIQIIQQ")
+_SEGMENT = np.dtype([("length", "<u8"), ("step", "<f8")])
+_BLOCK = np.dtype([("mode", "u1"), ("k", "u1"), ("k_run", "u1"), ("reserved", "u1"),
+                   ("bits", "<u4")])
+_CRC = struct.Struct("<I")
+
+# Below this many blocks a task, threads cost more than they save.
+_MIN_BLOCKS_PER_TASK = 4
+
+_ERRORS = {
+    eg.ERR_CODE_TOO_LONG: "a codeword's zero prefix is longer than any valid codeword",
+    eg.ERR_OVERRUN: "a codeword runs past the end of the block",
+    eg.ERR_VALUE_RANGE: "a decoded value is outside the code's range",
+    eg.ERR_RUN_LENGTH: "a run of zeros runs past the end of the block",
+    eg.ERR_LENGTH_MISMATCH: "the codewords do not fill the block's stated bit length",
+    eg.ERR_PADDING: "the padding bits after the block are not zero",
+}
+
+
+class FrameError(ValueError):
+    """The bytes are not a valid ggcomm frame (corrupt, truncated or mismatched)."""
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of the payload, as ``inspect`` reports it."""
+
+    first: int  # index of the block's first element in the flattened tensor
+    count: int  # elements in the block
+    mode: str  # "eg" or "zero_runs"
+    k: int  # Exp-Golomb order of the values
+    k_run: int  # order of the zero-run lengths (zero_runs mode only)
+    bit_offset: int  # first bit of the block within the payload
+    bit_length: int  # bits of codewords (the block is then zero-padded to a byte)
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """A frame's header as data, and its payload bytes."""
+
+    version: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    tag: int
+    block_size: int
+    segment_lengths: tuple[int, ...]
+    steps: tuple[float, ...]
+    blocks: tuple[BlockInfo, ...]
+    exception_positions: tuple[int, ...]
+    header_bytes: int
+    payload: bytes
+    nbytes: int
+
+    @property
+    def bits_per_element(self) -> float:
+        """Total frame bits over elements (headers, exceptions and checksum included)."""
+        return 8.0 * self.nbytes / self.numel if self.numel else float("nan")
+
+
+@dataclass(frozen=True)
+class _Header:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    tag: int
+    block_size: int
+    seg_bounds: np.ndarray  # int64, n_segments + 1 cumulative bounds
+    steps: np.ndarray  # float64, one per segment
+    blocks: np.ndarray  # _BLOCK records
+    exc_pos: np.ndarray  # int64 positions
+    exc_off: int  # byte offset of the raw exception values
+    payload_off: int
+    payload_len: int
+    nbytes: int
+
+
+class Frame:
+    """An encoded tensor: one contiguous uint8 buffer, validated on construction.
+
+    ``frame.buffer`` is a 1-D ``torch.uint8`` CPU tensor holding exactly the frame's
+    bytes, ready for ``torch.distributed`` send or all-gather; ``Frame.from_buffer``
+    rebuilds (and validates) a frame from such a buffer on the receiving side.
+    """
+
+    __slots__ = ("buffer", "_h")
+
+    def __init__(self, buffer: torch.Tensor, header: _Header):
+        self.buffer = buffer
+        self._h = header
+
+    @classmethod
+    def from_buffer(cls, buffer) -> Frame:
+        """Validate and wrap a frame held in a uint8 tensor, numpy array or bytes-like.
+
+        Raises FrameError if the bytes are not exactly one valid frame.
+        """
+        t = _as_uint8_tensor(buffer)
+        return cls(t, _parse(t.numpy()))
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the frame on the wire, in bytes."""
+        return self._h.nbytes
+
+    def __len__(self) -> int:
+        return self._h.nbytes
+
+    @property
+    def numel(self) -> int:
+        return self._h.numel
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._h.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._h.dtype
+
+    @property
+    def tag(self) -> int:
+        """The 32-bit tag the encoder was given (ggcomm.ddp stores a settings fingerprint)."""
+        return self._h.tag
+
+    @property
+    def steps(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in self._h.steps)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Frame bits per tensor element, everything included."""
+        return 8.0 * self._h.nbytes / self._h.numel if self._h.numel else float("nan")
+
+    def tobytes(self) -> bytes:
+        return self.buffer.numpy().tobytes()
+
+    def __repr__(self) -> str:
+        return (f"Frame(shape={tuple(self._h.shape)}, dtype={self._h.dtype}, "
+                f"nbytes={self._h.nbytes}, bits_per_element={self.bits_per_element:.3f})")
+
+
+# --------------------------------------------------------------------------- encode
+
+_scratch = threading.local()
+
+
+def _chunk_buffer(i: int, size: int) -> np.ndarray:
+    """A reusable per-calling-thread output buffer for chunk i (avoids page faults)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = []
+    while len(bufs) <= i:
+        bufs.append(np.empty(0, np.uint8))
+    if bufs[i].size < size:
+        bufs[i] = np.empty(size, np.uint8)
+    return bufs[i]
+
+
+def _steps_and_bounds(step, segments, numel: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(step, torch.Tensor):
+        step = step.detach().cpu().double().reshape(-1).tolist()
+    if isinstance(step, (int, float, np.floating, np.integer)):
+        steps = [float(step)]
+        if segments is None:
+            segments = [numel]
+    else:
+        steps = [float(s) for s in step]
+        if segments is None:
+            if len(steps) != 1:
+                raise ValueError("several steps need `segments`: the element count of each")
+            segments = [numel]
+    lengths = [int(n) for n in segments]
+    if len(lengths) != len(steps):
+        raise ValueError(f"{len(steps)} steps for {len(lengths)} segments")
+    if len(lengths) == 0:
+        raise ValueError("at least one segment is needed")
+    if any(n < 0 for n in lengths) or sum(lengths) != numel:
+        raise ValueError(f"segment lengths {lengths[:8]}... must be >= 0 and sum to {numel}")
+    for s in steps:
+        if not (math.isfinite(s) and s > 0.0 and math.isfinite(1.0 / s)):
+            raise ValueError(f"quantization step must be finite and > 0, got {s!r}")
+    bounds = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    return np.asarray(steps, np.float64), bounds
+
+
+def encode(
+    x: torch.Tensor,
+    step,
+    *,
+    k: int | str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    zero_runs: bool | str = "auto",
+    segments: Sequence[int] | None = None,
+    tag: int = 0,
+) -> Frame:
+    """Quantize ``x`` with ``step`` and Exp-Golomb-code it into a :class:`Frame`.
+
+    Args:
+        x: float32, float16, bfloat16 or float64 tensor of any shape (empty and 0-d too).
+            Non-finite values and values too large for the code travel exactly in the
+            frame's exception list.
+        step: quantization step, or one step per segment (with ``segments``): a DDP bucket
+            holds parameters whose gradients differ in scale by orders of magnitude.
+        k: Exp-Golomb order 0..30, or "auto" to pick, per block, the order that minimises
+            that block's bits (exact, from a histogram; costs one pass over the block).
+        block_size: elements per block (1 .. 2**22). Blocks are coded independently, so
+            they run in parallel and adapt k locally; each costs 8 header bytes.
+        zero_runs: "auto" codes a block as runs of zeros when that is smaller (sparse
+            data then goes below 1 bit per element); False never, True always.
+        segments: element counts of consecutive segments of the flattened tensor, one
+            per step.
+        tag: any 32-bit value carried in the header (for example a settings fingerprint).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"encode supports float32/float16/bfloat16/float64, not {x.dtype}")
+    if k != "auto" and not (isinstance(k, (int, np.integer)) and 0 <= int(k) <= eg.K_MAX):
+        raise ValueError(f"k must be 'auto' or an int in 0..{eg.K_MAX}, got {k!r}")
+    if not (isinstance(block_size, (int, np.integer))
+            and 1 <= int(block_size) <= eg.MAX_BLOCK_SIZE):
+        raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}, "
+                         f"got {block_size!r}")
+    zr = {"auto": 1, False: 0, True: 2}.get(zero_runs) if isinstance(zero_runs, (str, bool)) \
+        else None
+    if zr is None:
+        raise ValueError(f"zero_runs must be 'auto', True or False, got {zero_runs!r}")
+    if not (isinstance(tag, (int, np.integer)) and 0 <= int(tag) < 2**32):
+        raise ValueError(f"tag must be an int in 0..2**32-1, got {tag!r}")
+    if x.dim() > MAX_NDIM:
+        raise ValueError(f"at most {MAX_NDIM} dimensions")
+
+    dtype = x.dtype
+    shape = tuple(x.shape)
+    src = x.detach()
+    if src.device.type != "cpu":
+        src = src.cpu()
+    src = src.contiguous().reshape(-1)
+    numel = src.numel()
+    work = src if dtype in (torch.float32, torch.float64) else src.float()
+    xs = work.numpy()
+    steps, bounds = _steps_and_bounds(step, segments, numel)
+    invs = 1.0 / steps
+    block_size = int(block_size)
+    k_fixed = -1 if k == "auto" else int(k)
+
+    n_blocks = -(-numel // block_size)
+    meta = np.zeros((n_blocks, 5), np.int64)
+    ranges = _parallel.split(n_blocks, _MIN_BLOCKS_PER_TASK)
+
+    def capacity(lo: int, hi: int) -> int:
+        last = min(block_size, numel - (hi - 1) * block_size)
+        return (hi - lo - 1) * eg.worst_case_bytes(block_size, zr) + eg.worst_case_bytes(last, zr)
+
+    # Buffers are picked on the calling thread: pool threads serve every caller.
+    work_items = [(_chunk_buffer(i, capacity(lo, hi)), lo, hi) for i, (lo, hi) in
+                  enumerate(ranges) if hi > lo]
+
+    def encode_range(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        used = eg.encode_blocks(xs, bounds, invs, block_size, lo, hi, k_fixed, zr, buf, meta)
+        if used < 0:
+            raise RuntimeError("ggcomm internal error: encode buffer too small")
+        return buf, used
+
+    chunks = _parallel.run(encode_range, work_items) if work_items else []
+    if n_blocks and (meta[:, 3] < 0).any():
+        raise RuntimeError("ggcomm internal error: block bit count disagrees with its cost")
+
+    n_exc = int(meta[:, 4].sum()) if n_blocks else 0
+    exc_pos = np.empty(n_exc, np.int64)
+    if n_exc:
+        found = eg.find_exceptions(xs, bounds, invs, exc_pos)
+        assert found == n_exc
+    payload_len = sum(used for _, used in chunks)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+
+    header_len = (_FIXED.size + 8 * len(shape) + _SEGMENT.itemsize * len(steps)
+                  + _BLOCK.itemsize * n_blocks + n_exc * (8 + itemsize))
+    total = header_len + payload_len + _CRC.size
+    out_t = torch.empty(total, dtype=torch.uint8)
+    out = out_t.numpy()
+    _FIXED.pack_into(out, 0, MAGIC, VERSION, _DTYPE_CODES[dtype], len(shape), 0, int(tag),
+                     block_size, numel, len(steps), n_blocks, n_exc, payload_len)
+    o = _FIXED.size
+    out[o:o + 8 * len(shape)] = np.asarray(shape, "<u8").view(np.uint8)
+    o += 8 * len(shape)
+    seg = np.empty(len(steps), _SEGMENT)
+    seg["length"] = np.diff(bounds)
+    seg["step"] = steps
+    out[o:o + seg.nbytes] = seg.view(np.uint8)
+    o += seg.nbytes
+    blk = np.zeros(n_blocks, _BLOCK)
+    if n_blocks:
+        blk["mode"] = meta[:, 0]
+        blk["k"] = meta[:, 1]
+        blk["k_run"] = meta[:, 2]
+        blk["bits"] = meta[:, 3]
+    out[o:o + blk.nbytes] = blk.view(np.uint8)
+    o += blk.nbytes
+    if n_exc:
+        out[o:o + 8 * n_exc] = exc_pos.astype("<u8").view(np.uint8)
+        o += 8 * n_exc
+        raw = src.view(_RAW_INT[dtype])[torch.from_numpy(exc_pos)].numpy()
+        out[o:o + n_exc * itemsize] = raw.astype(raw.dtype.newbyteorder("<")).view(np.uint8)
+        o += n_exc * itemsize
+    for buf, used in chunks:
+        out[o:o + used] = buf[:used]
+        o += used
+    _CRC.pack_into(out, o, zlib.crc32(out[:o]))
+
+    seg_bounds = bounds
+    header = _Header(dtype, shape, numel, int(tag), block_size, seg_bounds, steps, blk,
+                     exc_pos, header_len - n_exc * itemsize, header_len, payload_len, total)
+    return Frame(out_t, header)
+
+
+# --------------------------------------------------------------------------- parse
+
+
+def _as_uint8_tensor(buffer) -> torch.Tensor:
+    if isinstance(buffer, Frame):
+        return buffer.buffer
+    if isinstance(buffer, torch.Tensor):
+        if buffer.dtype != torch.uint8:
+            raise TypeError(f"a frame buffer is a uint8 tensor, got {buffer.dtype}")
+        t = buffer.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous().reshape(-1)
+    if isinstance(buffer, np.ndarray):
+        if buffer.dtype != np.uint8:
+            raise TypeError(f"a frame buffer is a uint8 array, got {buffer.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(buffer).reshape(-1))
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        arr = np.frombuffer(bytes(buffer), np.uint8).copy()
+        return torch.from_numpy(arr)
+    raise TypeError(f"cannot read a frame from {type(buffer).__name__}")
+
+
+def _parse(buf: np.ndarray) -> _Header:
+    n = buf.size
+    if n < _FIXED.size + _CRC.size:
+        raise FrameError(f"truncated frame: {n} bytes, a frame has at least "
+                         f"{_FIXED.size + _CRC.size}")
+    magic, version, dcode, ndim, flags, tag, block_size, numel, n_seg, n_blocks, n_exc, \
+        payload_len = _FIXED.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FrameError(f"not a ggcomm frame: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise FrameError(f"frame version {version}, this ggcomm reads version {VERSION}")
+    (crc,) = _CRC.unpack_from(buf, n - _CRC.size)
+    if zlib.crc32(buf[: n - _CRC.size]) != crc:
+        raise FrameError(f"checksum mismatch: the {n}-byte frame is corrupt or truncated")
+    if dcode not in _DTYPES:
+        raise FrameError(f"unknown dtype code {dcode}")
+    if ndim > MAX_NDIM:
+        raise FrameError(f"{ndim} dimensions, at most {MAX_NDIM}")
+    if flags != 0:
+        raise FrameError(f"unknown flags {flags:#x}")
+    if not 1 <= block_size <= eg.MAX_BLOCK_SIZE:
+        raise FrameError(f"block size {block_size} outside 1..{eg.MAX_BLOCK_SIZE}")
+    dtype = _DTYPES[dcode]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if n_seg < 1:
+        raise FrameError("a frame has at least one segment")
+    if n_blocks != -(-numel // block_size):
+        raise FrameError(f"{n_blocks} blocks for {numel} elements of block size {block_size}")
+    if n_exc > numel:
+        raise FrameError(f"{n_exc} exceptions for {numel} elements")
+    header_len = (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_seg
+                  + _BLOCK.itemsize * n_blocks + n_exc * (8 + itemsize))
+    expected = header_len + payload_len + _CRC.size
+    if expected != n:
+        raise FrameError(f"frame is {n} bytes but its header describes {expected}")
+
+    o = _FIXED.size
+    shape = tuple(int(d) for d in buf[o:o + 8 * ndim].view("<u8"))
+    o += 8 * ndim
+    if math.prod(shape) != numel:
+        raise FrameError(f"shape {shape} does not hold {numel} elements")
+    seg = buf[o:o + _SEGMENT.itemsize * n_seg].view(_SEGMENT)
+    o += seg.nbytes
+    lengths = seg["length"].astype(np.int64)
+    if (seg["length"] > numel).any() or int(seg["length"].sum(dtype=np.uint64)) != numel:
+        raise FrameError(f"segment lengths do not add up to {numel} elements")
+    steps = seg["step"].astype(np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        ok = np.isfinite(steps) & (steps > 0) & np.isfinite(1.0 / steps)
+    if not ok.all():
+        raise FrameError(f"invalid quantization step {steps[~ok][0]!r}")
+    bounds = np.zeros(n_seg + 1, np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    blocks = buf[o:o + _BLOCK.itemsize * n_blocks].view(_BLOCK)
+    o += blocks.nbytes
+    if n_blocks:
+        if (blocks["mode"] > eg.MODE_ZERO_RUNS).any():
+            raise FrameError(f"unknown block mode {int(blocks['mode'].max())}")
+        if (blocks["k"] > eg.K_MAX).any() or (blocks["k_run"] > eg.K_MAX).any():
+            raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
+        if (blocks["reserved"] != 0).any():
+            raise FrameError("reserved block-table bytes are not zero")
+        if int(((blocks["bits"].astype(np.int64) + 7) >> 3).sum()) != payload_len:
+            raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
+    exc_pos = buf[o:o + 8 * n_exc].view("<u8").astype(np.int64)
+    o += 8 * n_exc
+    if n_exc and ((exc_pos < 0).any() or (exc_pos >= numel).any()
+                  or (np.diff(exc_pos) <= 0).any()):
+        raise FrameError("exception positions are not increasing positions inside the tensor")
+    exc_off = o
+    o += n_exc * itemsize
+    return _Header(dtype, shape, numel, tag, block_size, bounds, steps, blocks, exc_pos,
+                   exc_off, o, payload_len, n)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
+
+    Returns ``q * step`` with the frame's dtype and shape: ``float64(q) * step`` rounded
+    to float32 (float64 for float64 frames), then to the dtype. Values that travelled as
+    exceptions come back bit for bit. With ``out`` (a CPU tensor of the frame's dtype and
+    element count) the result is written there and ``out`` is returned.
+
+    Raises FrameError if the buffer is not a valid frame.
+    """
+    if isinstance(frame, Frame):
+        buf_t, h = frame.buffer, frame._h
+    else:
+        buf_t = _as_uint8_tensor(frame)
+        h = _parse(buf_t.numpy())
+    buf = buf_t.numpy()
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != h.dtype or \
+                out.numel() != h.numel or out.device.type != "cpu":
+            raise ValueError(f"out must be a CPU {h.dtype} tensor of {h.numel} elements")
+    work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if out is not None and out.dtype == work_dtype and out.is_contiguous():
+        work = out.view(-1)
+    else:
+        work = torch.empty(h.numel, dtype=work_dtype)
+    w = work.numpy()
+    if h.numel:
+        blocks = h.blocks
+        bits = blocks["bits"].astype(np.int64)
+        offsets = np.zeros(bits.size, np.int64)
+        np.cumsum((bits[:-1] + 7) >> 3, out=offsets[1:])
+        modes = blocks["mode"].astype(np.int64)
+        ks = blocks["k"].astype(np.int64)
+        kruns = blocks["k_run"].astype(np.int64)
+        payload = buf[h.payload_off:h.payload_off + h.payload_len]
+        ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
+        results = _parallel.run(
+            lambda lo, hi: eg.decode_blocks(payload, h.block_size, h.numel, lo, hi, modes, ks,
+                                            kruns, bits, offsets, h.seg_bounds, h.steps, w),
+            ranges)
+        for err, b in results:
+            if err:
+                raise FrameError(f"block {b}: {_ERRORS[err]}")
+    n_exc = h.exc_pos.size
+    if n_exc and (w[h.exc_pos] != 0).any():
+        raise FrameError("an exception position holds a nonzero code")
+    result = work if work.dtype == h.dtype else work.to(h.dtype)
+    if n_exc:
+        raw_dt = _RAW_INT[h.dtype]
+        itemsize = torch.empty(0, dtype=h.dtype).element_size()
+        raw = np.frombuffer(buf[h.exc_off:h.exc_off + n_exc * itemsize].tobytes(),
+                            np.dtype(f"<i{itemsize}"))
+        result.view(raw_dt)[torch.from_numpy(h.exc_pos)] = torch.from_numpy(
+            raw.astype(raw.dtype.newbyteorder("=")))
+    result = result.view(h.shape)
+    if out is not None:
+        if result.data_ptr() != out.data_ptr():
+            out.copy_(result.view(out.shape))
+        return out
+    return result
+
+
+def inspect(frame) -> FrameInfo:
+    """The frame's header as data (validating it as ``Frame.from_buffer`` does)."""
+    if isinstance(frame, Frame):
+        buf_t, h = frame.buffer, frame._h
+    else:
+        buf_t = _as_uint8_tensor(frame)
+        h = _parse(buf_t.numpy())
+    buf = buf_t.numpy()
+    blocks = []
+    bit_off = 0
+    for b, rec in enumerate(h.blocks):
+        first = b * h.block_size
+        nbits = int(rec["bits"])
+        blocks.append(BlockInfo(first, min(h.block_size, h.numel - first),
+                                "eg" if rec["mode"] == eg.MODE_EG else "zero_runs",
+                                int(rec["k"]), int(rec["k_run"]), bit_off, nbits))
+        bit_off += (nbits + 7) // 8 * 8
+    return FrameInfo(
+        version=VERSION, dtype=h.dtype, shape=h.shape, numel=h.numel, tag=h.tag,
+        block_size=h.block_size,
+        segment_lengths=tuple(int(v) for v in np.diff(h.seg_bounds)),
+        steps=tuple(float(s) for s in h.steps), blocks=tuple(blocks),
+        exception_positions=tuple(int(p) for p in h.exc_pos),
+        header_bytes=h.payload_off,
+        payload=buf[h.payload_off:h.payload_off + h.payload_len].tobytes(),
+        nbytes=h.nbytes)

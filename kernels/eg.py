@@ -1,0 +1,499 @@
+"""numba kernels: quantize, choose codes, and bit-pack blocks of Exp-Golomb codewords.
+
+The wire format is specified in ``docs/FORMAT.md``; ``ggcomm.kernels.reference`` is a
+slow pure-Python implementation of the same format that the tests hold these kernels to,
+bit for bit.
+
+Every kernel works on a range of blocks ``[b_lo, b_hi)`` and releases the GIL, so callers
+run disjoint block ranges on several threads. numba does not check array bounds: every
+read of untrusted bytes here goes through :func:`_peek`, which never reads outside the
+buffer, and every length read from the stream is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._intrinsics import clz64, data_ptr, load_be64, load_u8, lshr, store_be64
+
+# Largest |q| the code carries; larger magnitudes (and non-finite values) travel in the
+# frame's exception list. With |q| <= 2**30 - 1 the mapped u is at most 2**31 - 2, so
+# with k <= K_MAX every codeword value u + 2**k fits in 32 bits.
+QMAX = (1 << 30) - 1
+UMAX = (1 << 31) - 2
+K_MAX = 30
+MAX_BLOCK_SIZE = 1 << 22
+
+MODE_EG = 0  # each element: EG_k(u)
+MODE_ZERO_RUNS = 1  # (EG_krun(run of zeros), EG_k(u - 1)) pairs, see FORMAT.md
+
+# Decoder error codes (0 = ok). ggcomm.codec turns them into FrameError messages.
+ERR_CODE_TOO_LONG = 1
+ERR_OVERRUN = 2
+ERR_VALUE_RANGE = 3
+ERR_RUN_LENGTH = 4
+ERR_LENGTH_MISMATCH = 5
+ERR_PADDING = 6
+
+_QMAXF = float(QMAX)
+_NBINS = 33  # bit lengths 0..32
+_HCOLS = 2 * _NBINS + 1  # histogram, row total, suffix sums (see _summarize)
+_SMALL = 64  # symbols below this are histogrammed by table
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@njit(nogil=True, cache=True)
+def _u_of_q(q):
+    return 2 * q - 1 if q > 0 else -2 * q
+
+
+@njit(nogil=True, cache=True)
+def _q_of_u(u):
+    """Inverse of _u_of_q, branch-free: odd u -> (u + 1) / 2, even u -> -u / 2."""
+    h = (u + 1) >> 1
+    s = (u & 1) - 1  # 0 for odd u, -1 for even u
+    return (h ^ s) - s
+
+
+@njit(nogil=True, cache=True)
+def _segment_of(seg_bounds, i):
+    """Index s with seg_bounds[s] <= i < seg_bounds[s + 1] (skipping empty segments)."""
+    lo = 0
+    hi = seg_bounds.size - 2
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if seg_bounds[mid] <= i:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@njit(nogil=True, cache=True)
+def _quantize(x, start, end, seg_bounds, invs, scratch):
+    """u-symbols of x[start:end] into scratch[0:end-start]; returns the exception count.
+
+    q = rint(float64(x) * inv_step); values with |x * inv| > QMAX or non-finite get u = 0
+    here and travel in the frame's exception list.
+    """
+    nexc = 0
+    i = start
+    s = _segment_of(seg_bounds, start)
+    while i < end:
+        while seg_bounds[s + 1] <= i:
+            s += 1
+        e = min(seg_bounds[s + 1], end)
+        inv = invs[s]
+        xs = x[i:e]
+        us = scratch[i - start:e - start]
+        for j in range(e - i):  # indices from 0: no wraparound checks, so it vectorizes
+            v = np.float64(xs[j]) * inv
+            ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+            nexc += np.int64(not ok)
+            q = np.int32(np.rint(v if ok else 0.0))
+            us[j] = 2 * q - 1 if q > 0 else -2 * q
+        i = e
+    return nexc
+
+
+@njit(nogil=True, cache=True)
+def _hist_add(H, u):
+    """Histogram of (bit length m of u, leading one bits t of u); see _eg_cost."""
+    if u == 0:
+        H[0, 0] += 1
+    else:
+        m = 64 - clz64(u)
+        y = u << (64 - m)
+        H[m, clz64(~y)] += 1
+
+
+@njit(nogil=True, cache=True)
+def _histogram(scratch, cnt, H, T):
+    """H := the (m, t) histogram of scratch[:cnt].
+
+    Small symbols, the common case, are counted in four interleaved tables T (so that
+    repeats of one value do not serialise on one counter) and folded into H at the end.
+    """
+    H[:, :] = 0
+    T[:] = 0
+    for j in range(cnt):
+        u = np.uint64(scratch[j])  # u >= 0; unsigned indices skip wraparound checks
+        if u < _SMALL:
+            T[(np.uint64(j) & np.uint64(3)) * np.uint64(_SMALL) + u] += 1
+        else:
+            _hist_add(H, np.int64(u))
+    for u in range(_SMALL):
+        c = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
+        if c:
+            if u == 0:
+                H[0, 0] += c
+            else:
+                m = 64 - clz64(u)
+                H[m, clz64(~(np.int64(u) << (64 - m)))] += c
+
+
+@njit(nogil=True, cache=True)
+def _eg_cost(H, k):
+    """Exact bits of EG_k over the symbols histogrammed in H (see _summarize).
+
+    For u with bit length m: if m <= k the codeword has k + 1 bits. Otherwise
+    floor(log2(u + 2**k)) is m - 1, or m when the top m - k bits of u are all ones,
+    i.e. when the leading-ones count t >= m - k; the length is 2*floor(log2(u+2**k)) - k + 1.
+    H[m, 33] holds the row total and H[m, 34 + j] the count with t >= j.
+    """
+    total = 0
+    for m in range(_NBINS):
+        c = H[m, _NBINS]
+        if c == 0:
+            continue
+        if m <= k:
+            total += c * (k + 1)
+        else:
+            total += c * (2 * m - k - 1) + 2 * H[m, _NBINS + 1 + m - k]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _summarize(H):
+    """Row totals and suffix sums of H[:, :33] into H[:, 33:]; returns the largest m seen."""
+    maxm = 0
+    for m in range(_NBINS):
+        acc = 0
+        for t in range(_NBINS - 1, -1, -1):
+            acc += H[m, t]
+            H[m, _NBINS + 1 + t] = acc
+        H[m, _NBINS] = acc
+        if acc:
+            maxm = m
+    return maxm
+
+
+@njit(nogil=True, cache=True)
+def _best_k(H):
+    """(k, bits) minimising EG_k bits for the histogram; ties go to the smaller k."""
+    maxm = _summarize(H)
+    best_k = 0
+    best = _eg_cost(H, 0)
+    for k in range(1, min(maxm, K_MAX) + 1):
+        c = _eg_cost(H, k)
+        if c < best:
+            best = c
+            best_k = k
+    return best_k, best
+
+
+@njit(nogil=True, cache=True)
+def _zero_run_hists(scratch, cnt, Hrun, Hval):
+    """Histograms of the zero-run mode's two symbol streams."""
+    Hrun[:, :] = 0
+    Hval[:, :] = 0
+    run = 0
+    for j in range(cnt):
+        u = np.int64(scratch[j])
+        if u == 0:
+            run += 1
+        else:
+            _hist_add(Hrun, run)
+            _hist_add(Hval, u - 1)
+            run = 0
+    if run > 0:
+        _hist_add(Hrun, run)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+@njit(nogil=True, cache=True)
+def _put(ptr, p, acc, nacc, val, nbits):
+    """Append nbits (1..32) bits of val, MSB first, at byte p holding nacc (< 8) bits.
+
+    Branch-free: the pending bits are stored as a whole 64-bit word every time and the
+    partial last byte is rewritten by the next store, so out needs 8 bytes of slack.
+    """
+    acc = (acc << nbits) | val
+    nacc += nbits
+    store_be64(ptr, p, acc << (64 - nacc))
+    p += nacc >> 3
+    return p, acc, nacc & 7
+
+
+@njit(nogil=True, cache=True)
+def _put_eg(ptr, p, acc, nacc, u, k):
+    """Append the order-k Exp-Golomb codeword of u: (nb - 1 - k) zeros, then u + 2**k."""
+    c = u + (np.int64(1) << k)
+    nb = 64 - clz64(c)
+    length = 2 * nb - 1 - k
+    if length <= 32:
+        return _put(ptr, p, acc, nacc, c, length)
+    p, acc, nacc = _put(ptr, p, acc, nacc, np.int64(0), length - nb)
+    return _put(ptr, p, acc, nacc, c, nb)
+
+
+@njit(nogil=True, cache=True)
+def _write_block(scratch, cnt, mode, k, krun, out, p):
+    """Write one block's codewords at byte p of out; returns (new p, bits written)."""
+    p0 = p
+    ptr = data_ptr(out)
+    acc = np.int64(0)
+    nacc = np.int64(0)
+    if mode == MODE_EG:
+        for j in range(cnt):
+            p, acc, nacc = _put_eg(ptr, p, acc, nacc, np.int64(scratch[j]), k)
+    else:
+        run = np.int64(0)
+        for j in range(cnt):
+            u = np.int64(scratch[j])
+            if u == 0:
+                run += 1
+            else:
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
+                run = 0
+        if run > 0:
+            p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
+    bits = (p - p0) * 8 + nacc
+    # The last store already wrote the partial byte, zero-padded.
+    return p + (nacc > 0), bits
+
+
+@njit(nogil=True, cache=True)
+def worst_case_bytes(cnt, zero_runs):
+    """Upper bound of one block's bytes, padding included.
+
+    An EG codeword has at most 63 bits. In zero-run mode a nonzero costs its value
+    codeword (<= 63 bits) plus the run before it (runs <= MAX_BLOCK_SIZE: <= 45 bits);
+    the mode is only chosen automatically when it is no longer than plain EG.
+    """
+    per = 108 if zero_runs == 2 else 63
+    return (cnt * per + 7) // 8 + 8
+
+
+@njit(nogil=True, cache=True)
+def encode_blocks(x, seg_bounds, invs, block_size, b_lo, b_hi, k_fixed, zero_runs, out, meta):
+    """Quantize and encode blocks [b_lo, b_hi) of x back to back into out.
+
+    k_fixed: -1 picks each block's k; 0..K_MAX forces it (for values; runs always auto).
+    zero_runs: 0 never, 1 when it saves bits, 2 always.
+    meta[b] receives (mode, k, k_run, bit length, exception count).
+    out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
+    written, or -1 if out is too small (nothing is written past its end).
+    """
+    n = x.size
+    scratch = np.empty(block_size, np.int32)
+    H = np.zeros((_NBINS, _HCOLS), np.int64)
+    Hrun = np.zeros((_NBINS, _HCOLS), np.int64)
+    Hval = np.zeros((_NBINS, _HCOLS), np.int64)
+    T = np.zeros(4 * _SMALL, np.int64)
+    p = 0
+    for b in range(b_lo, b_hi):
+        start = b * block_size
+        end = min(start + block_size, n)
+        cnt = end - start
+        nexc = _quantize(x, start, end, seg_bounds, invs, scratch)
+        _histogram(scratch, cnt, H, T)
+        if k_fixed >= 0:
+            _summarize(H)
+            k = k_fixed
+            bits = _eg_cost(H, k)
+        else:
+            k, bits = _best_k(H)
+        mode = MODE_EG
+        krun = 0
+        zeros = H[0, 0]
+        if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0):
+            _zero_run_hists(scratch, cnt, Hrun, Hval)
+            krun, run_bits = _best_k(Hrun)
+            if k_fixed >= 0:
+                _summarize(Hval)
+                kv = k_fixed
+                val_bits = _eg_cost(Hval, kv)
+            else:
+                kv, val_bits = _best_k(Hval)
+            if zero_runs == 2 or run_bits + val_bits < bits:
+                mode = MODE_ZERO_RUNS
+                k = kv
+                bits = run_bits + val_bits
+        if p + worst_case_bytes(cnt, zero_runs) > out.size:
+            return -1
+        p, written = _write_block(scratch, cnt, mode, k, krun, out, p)
+        meta[b, 0] = mode
+        meta[b, 1] = k
+        meta[b, 2] = krun
+        meta[b, 3] = written
+        meta[b, 4] = nexc
+        if written != bits:  # the cost model and the writer disagree: a bug, never data
+            meta[b, 3] = -1
+    return p
+
+
+@njit(nogil=True, cache=True)
+def find_exceptions(x, seg_bounds, invs, positions):
+    """Positions of the values the code cannot carry, in increasing order."""
+    m = 0
+    s = 0
+    for i in range(x.size):
+        while seg_bounds[s + 1] <= i:
+            s += 1
+        v = np.float64(x[i]) * invs[s]
+        if not abs(v) <= _QMAXF:
+            positions[m] = i
+            m += 1
+    return m
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@njit(nogil=True, cache=True)
+def _peek(ptr, nbuf, pos):
+    """The 64 bits of the nbuf-byte buffer at ptr from bit pos, MSB first.
+
+    Bits past the buffer read as 0: nothing outside it is ever read.
+    """
+    byte = pos >> 3
+    if byte + 8 <= nbuf:
+        w = load_be64(ptr, byte)
+    else:
+        w = np.int64(0)
+        for j in range(8):
+            w = w << 8
+            if byte + j < nbuf:
+                w |= load_u8(ptr, byte + j)
+    return w << (pos & 7)
+
+
+@njit(nogil=True, cache=True)
+def _read_eg(ptr, nbuf, pos, k):
+    """Read one EG_k codeword at bit pos: (value, new pos, error code)."""
+    w = _peek(ptr, nbuf, pos)
+    z = clz64(w)
+    if z > 31 - k:
+        return np.int64(0), pos, ERR_CODE_TOO_LONG
+    length = 2 * z + k + 1
+    nb = z + k + 1
+    if length <= 57:
+        c = lshr(w, 64 - length)
+    else:
+        c = lshr(_peek(ptr, nbuf, pos + z), 64 - nb)
+    return c - (np.int64(1) << k), pos + length, 0
+
+
+@njit(nogil=True, cache=True)
+def _decode_eg(ptr, nbuf, pos, k, out, o_lo, o_hi, step):
+    """Decode o_hi - o_lo EG_k symbols from bit pos into out[o_lo:o_hi] as q * step.
+
+    Returns (new pos, error code). The fast path keeps a 64-bit window in a register,
+    so the serial dependency per codeword is one clz and one shift; the window is
+    refilled from memory when it holds fewer than 32 bits.
+    """
+    # Fast path: codewords of at most 32 bits, which the window always holds and whose
+    # values are always in range; anything longer (or corrupt) goes through _read_eg.
+    zfast = (31 - k) >> 1
+    kp1 = k + 1
+    one_k = np.int64(1) << k
+    w = _peek(ptr, nbuf, pos)
+    avail = 64 - (pos & 7)
+    for j in range(o_lo, o_hi):
+        if avail < 32:
+            w = _peek(ptr, nbuf, pos)
+            avail = 64 - (pos & 7)
+        z = clz64(w)
+        if z <= zfast:
+            length = 2 * z + kp1
+            u = lshr(w, 64 - length) - one_k
+            w = w << length
+            avail -= length
+            pos += length
+        else:
+            u, pos, err = _read_eg(ptr, nbuf, pos, k)
+            if err:
+                return pos, err
+            if u > UMAX:
+                return pos, ERR_VALUE_RANGE
+            w = _peek(ptr, nbuf, pos)
+            avail = 64 - (pos & 7)
+        out[j] = np.float64(_q_of_u(u)) * step
+    return pos, 0
+
+
+@njit(nogil=True, cache=True)
+def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch):
+    i = 0
+    while i < cnt:
+        run, pos, err = _read_eg(ptr, nbuf, pos, krun)
+        if err:
+            return pos, err
+        if run > cnt - i:
+            return pos, ERR_RUN_LENGTH
+        for j in range(i, i + run):
+            scratch[j] = 0
+        i += run
+        if i == cnt:
+            break
+        v, pos, err = _read_eg(ptr, nbuf, pos, k)
+        if err:
+            return pos, err
+        if v >= UMAX:
+            return pos, ERR_VALUE_RANGE
+        scratch[i] = v + 1
+        i += 1
+    return pos, 0
+
+
+@njit(nogil=True, cache=True)
+def _dequantize(scratch, start, end, seg_bounds, steps, out):
+    i = start
+    s = _segment_of(seg_bounds, start)
+    while i < end:
+        while seg_bounds[s + 1] <= i:
+            s += 1
+        e = min(seg_bounds[s + 1], end)
+        step = steps[s]
+        for j in range(i, e):
+            out[j] = np.float64(_q_of_u(np.int64(scratch[j - start]))) * step
+        i = e
+
+
+@njit(nogil=True, cache=True)
+def decode_blocks(payload, block_size, n, b_lo, b_hi, modes, ks, kruns, bits, offsets,
+                  seg_bounds, steps, out):
+    """Decode blocks [b_lo, b_hi) into out (float32 or float64, n elements).
+
+    offsets[b] is the block's first byte in payload; its bits are
+    [8*offsets[b], 8*offsets[b] + bits[b]). Returns (error code, block), (0, -1) if ok.
+    The block table itself (modes, ks, lengths adding up) is validated by the caller.
+    """
+    nbuf = payload.size
+    ptr = data_ptr(payload)
+    scratch = np.empty(block_size, np.int32)
+    for b in range(b_lo, b_hi):
+        start = b * block_size
+        end = min(start + block_size, n)
+        cnt = end - start
+        pos = offsets[b] * 8
+        stop = pos + bits[b]
+        if modes[b] == MODE_EG:
+            i = start
+            s = _segment_of(seg_bounds, start)
+            err = 0
+            while i < end and not err:
+                while seg_bounds[s + 1] <= i:
+                    s += 1
+                e = min(seg_bounds[s + 1], end)
+                pos, err = _decode_eg(ptr, nbuf, pos, ks[b], out, i, e, steps[s])
+                i = e
+        else:
+            pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, ks[b], kruns[b], scratch)
+        if err:
+            return err, b
+        if pos != stop:
+            return ERR_LENGTH_MISMATCH, b
+        pad = (8 - (stop & 7)) & 7
+        if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
+            return ERR_PADDING, b
+        if modes[b] != MODE_EG:
+            _dequantize(scratch, start, end, seg_bounds, steps, out)
+    return 0, -1

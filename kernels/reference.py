@@ -1,0 +1,159 @@
+"""Slow, obviously-correct reference of the block coder in ``ggcomm.kernels.eg``.
+
+Written from ``docs/FORMAT.md`` with Python integers and bit strings; the tests hold the
+numba kernels to it bit for bit. Not used on any hot path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .eg import K_MAX, MODE_EG, MODE_ZERO_RUNS, QMAX, UMAX
+
+
+def quantize(x: np.ndarray, seg_bounds: np.ndarray, steps: np.ndarray) -> tuple[list, list]:
+    """(u symbols, exception positions) for a flat float array, per FORMAT.md."""
+    us, exc = [], []
+    for s in range(len(steps)):
+        inv = 1.0 / float(steps[s])
+        for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
+            v = float(np.float64(x[i]) * inv)
+            if abs(v) <= QMAX:
+                q = int(np.rint(v))
+                us.append(2 * q - 1 if q > 0 else -2 * q)
+            else:
+                us.append(0)
+                exc.append(i)
+    return us, exc
+
+
+def eg_codeword(u: int, k: int) -> str:
+    """The order-k Exp-Golomb codeword of u >= 0 as a string of '0'/'1'."""
+    c = u + (1 << k)
+    body = bin(c)[2:]
+    return "0" * (len(body) - 1 - k) + body
+
+
+def eg_len(u: int, k: int) -> int:
+    return len(eg_codeword(u, k))
+
+
+def _runs_and_values(us: list) -> tuple[list, list]:
+    runs, vals, run = [], [], 0
+    for u in us:
+        if u == 0:
+            run += 1
+        else:
+            runs.append(run)
+            vals.append(u - 1)
+            run = 0
+    if run > 0:
+        runs.append(run)
+    return runs, vals
+
+
+def _best(symbols: list) -> tuple[int, int]:
+    """(k, bits) minimising the EG_k bits of symbols; ties to the smaller k."""
+    top = max(symbols, default=0).bit_length()
+    costs = [sum(eg_len(s, k) for s in symbols) for k in range(min(top, K_MAX) + 1)]
+    k = min(range(len(costs)), key=lambda i: (costs[i], i))
+    return k, costs[k]
+
+
+def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, int]:
+    """(mode, k, k_run) the encoder picks for a block; same rules as encode_blocks."""
+    if k_fixed >= 0:
+        k, bits = k_fixed, sum(eg_len(u, k_fixed) for u in us)
+    else:
+        k, bits = _best(us)
+    mode, krun = MODE_EG, 0
+    zeros = sum(1 for u in us if u == 0)
+    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= len(us) and len(us) > 0):
+        runs, vals = _runs_and_values(us)
+        krun, run_bits = _best(runs)
+        if k_fixed >= 0:
+            kv, val_bits = k_fixed, sum(eg_len(v, k_fixed) for v in vals)
+        else:
+            kv, val_bits = _best(vals)
+        if zero_runs == 2 or run_bits + val_bits < bits:
+            mode, k = MODE_ZERO_RUNS, kv
+    return mode, k, krun
+
+
+def encode_block(us: list, mode: int, k: int, krun: int) -> tuple[bytes, int]:
+    """(bytes, bit length) of one block."""
+    if mode == MODE_EG:
+        bits = "".join(eg_codeword(u, k) for u in us)
+    else:
+        parts = []
+        run = 0
+        for u in us:
+            if u == 0:
+                run += 1
+            else:
+                parts.append(eg_codeword(run, krun))
+                parts.append(eg_codeword(u - 1, k))
+                run = 0
+        if run > 0:
+            parts.append(eg_codeword(run, krun))
+        bits = "".join(parts)
+    n = len(bits)
+    padded = bits + "0" * (-n % 8)
+    return bytes(int(padded[i : i + 8], 2) for i in range(0, len(padded), 8)), n
+
+
+class _Reader:
+    def __init__(self, data: bytes, nbits: int):
+        self.bits = "".join(f"{b:08b}" for b in data)[:nbits]
+        self.pos = 0
+
+    def eg(self, k: int) -> int:
+        z = 0
+        while self.pos + z < len(self.bits) and self.bits[self.pos + z] == "0":
+            z += 1
+        if z > 31 - k:
+            raise ValueError("codeword prefix too long")
+        length = 2 * z + k + 1
+        if self.pos + length > len(self.bits):
+            raise ValueError("codeword runs past the block")
+        c = int(self.bits[self.pos + z : self.pos + length], 2)
+        self.pos += length
+        return c - (1 << k)
+
+
+def decode_block(data: bytes, nbits: int, count: int, mode: int, k: int, krun: int) -> list:
+    """u symbols of one block; raises ValueError on anything malformed."""
+    r = _Reader(data, nbits)
+    us: list = []
+    if mode == MODE_EG:
+        for _ in range(count):
+            u = r.eg(k)
+            if u > UMAX:
+                raise ValueError("value out of range")
+            us.append(u)
+    else:
+        while len(us) < count:
+            run = r.eg(krun)
+            if run > count - len(us):
+                raise ValueError("zero run past the block")
+            us.extend([0] * run)
+            if len(us) == count:
+                break
+            v = r.eg(k)
+            if v + 1 > UMAX:
+                raise ValueError("value out of range")
+            us.append(v + 1)
+    if r.pos != nbits:
+        raise ValueError("block length mismatch")
+    return us
+
+
+def dequantize(us: list, seg_bounds: np.ndarray, steps: np.ndarray, dtype) -> np.ndarray:
+    """float64(q) * step, rounded once to dtype (float32 or float64)."""
+    out = np.empty(len(us), dtype)
+    for s in range(len(steps)):
+        for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
+            u = us[i]
+            q = (u + 1) >> 1 if u & 1 else -(u >> 1)
+            out[i] = np.float64(q) * np.float64(steps[s])
+    return out
