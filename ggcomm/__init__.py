@@ -18,6 +18,19 @@ from .codec import (
 
 __version__ = "0.1.0"
 
+# Submodules load on first use: `import ggcomm` stays cheap for a training script that
+# only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
+_SUBMODULES = {"gg", "rate", "kernels"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "BlockInfo",

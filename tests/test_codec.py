@@ -1,0 +1,390 @@
+"""The wire codec: round trips, kernels against the pure reference, robustness."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ggcomm
+from ggcomm import FrameError, decode, encode, inspect
+from ggcomm.kernels import eg, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16, torch.float64: torch.int64}
+
+
+def expected(x: torch.Tensor, steps, lengths) -> torch.Tensor:
+    """What decode must return, computed straight from FORMAT.md's rules."""
+    flat = x.detach().reshape(-1)
+    xd = flat.double().numpy()
+    out = np.empty(xd.size, np.float64)
+    o = 0
+    for step, n in zip(steps, lengths):
+        v = xd[o:o + n] * (1.0 / step)
+        with np.errstate(invalid="ignore"):
+            ok = np.abs(v) <= eg.QMAX
+        q = np.rint(np.where(ok, v, 0.0)).astype(np.int64)  # an integer: no -0.0
+        out[o:o + n] = q.astype(np.float64) * step
+        o += n
+    if x.dtype == torch.float64:
+        res = torch.from_numpy(out)
+    else:
+        res = torch.from_numpy(out.astype(np.float32)).to(x.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv = 1.0 / np.repeat(np.asarray(steps, np.float64), lengths)
+        bad = ~torch.from_numpy(np.isfinite(xd) & (np.abs(np.nan_to_num(xd) * inv) <= eg.QMAX))
+    res = res.clone()
+    res.view(INT_VIEW[x.dtype])[bad] = flat.view(INT_VIEW[x.dtype])[bad]
+    return res.reshape(x.shape)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(INT_VIEW[a.dtype]), b.reshape(-1).view(INT_VIEW[b.dtype]))
+
+
+# --------------------------------------------------------------------------- strategies
+
+special = st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e30, 0.0,
+                           -0.0, 1e-30])
+
+
+@st.composite
+def tensors(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(st.sampled_from([(), (0,), (1,), (5,), (3, 7), (2, 3, 11), (257,), (1000,),
+                                  (4, 0, 3), (2500,)]))
+    n = math.prod(shape)
+    beta = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    scale = draw(st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = ggcomm.gg.sample((n,), beta, std=scale, generator=g, dtype=torch.float64)
+    if n and draw(st.booleans()):  # sparse
+        x[torch.rand(n, generator=g) < 0.9] = 0.0
+    if n and draw(st.booleans()):  # specials and outliers
+        m = draw(st.integers(1, max(1, n // 4)))
+        pos = torch.randint(0, n, (m,), generator=g)
+        vals = draw(st.lists(special, min_size=m, max_size=m))
+        x[pos] = torch.tensor(vals, dtype=torch.float64)
+    return x.to(dtype).reshape(shape), scale
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=tensors(), rel_step=st.sampled_from([0.01, 0.1, 0.5, 2.0, 1e6]),
+       k=st.one_of(st.just("auto"), st.integers(0, eg.K_MAX)),
+       block_size=st.sampled_from([1, 3, 64, 1000, 16384]),
+       zero_runs=st.sampled_from(["auto", True, False]),
+       n_seg=st.integers(1, 4))
+def test_round_trip_property(data, rel_step, k, block_size, zero_runs, n_seg):
+    x, scale = data
+    n = x.numel()
+    step = rel_step * scale
+    if n_seg > 1 and n >= n_seg:
+        lengths = [n // n_seg] * (n_seg - 1)
+        lengths.append(n - sum(lengths))
+        steps = [step * (i + 1) for i in range(n_seg)]
+        frame = encode(x, steps, segments=lengths, k=k, block_size=block_size,
+                       zero_runs=zero_runs)
+    else:
+        lengths, steps = [n], [step]
+        frame = encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)
+    y = decode(frame)
+    assert same_bits(y, expected(x, steps, lengths))
+    # and again from the raw bytes, as a receiving rank sees them
+    assert same_bits(decode(frame.tobytes()), y)
+    info = inspect(frame)
+    assert info.numel == n and info.shape == tuple(x.shape) and info.dtype == x.dtype
+    if k != "auto":
+        assert all(b.k == k for b in info.blocks)
+    if zero_runs is False:
+        assert all(b.mode == "eg" for b in info.blocks)
+    if zero_runs is True:
+        assert all(b.mode == "zero_runs" for b in info.blocks)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_frame_parts(x: torch.Tensor, steps, lengths, block_size, k_fixed, zr):
+    """Per block (mode, k, k_run, bytes, bits) from the pure-Python reference."""
+    xs = x.reshape(-1)
+    xs = (xs if x.dtype in (torch.float32, torch.float64) else xs.float()).numpy()
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    us, exc = reference.quantize(xs, bounds, np.asarray(steps, np.float64))
+    parts = []
+    for start in range(0, len(us), block_size):
+        blk = us[start:start + block_size]
+        mode, k, krun = reference.choose(blk, k_fixed, zr)
+        data, nbits = reference.encode_block(blk, mode, k, krun)
+        parts.append((mode, k, krun, data, nbits))
+    return parts, exc
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 700),
+       beta=st.sampled_from([0.3, 0.7, 1.0, 2.0]), rel_step=st.sampled_from([0.05, 0.3, 1.5]),
+       block_size=st.sampled_from([1, 5, 100, 256]), k=st.sampled_from([-1, 0, 2, 7]),
+       zr=st.sampled_from([0, 1, 2]), sparse=st.booleans())
+def test_kernels_equal_reference_bit_for_bit(seed, n, beta, rel_step, block_size, k, zr,
+                                             sparse):
+    g = torch.Generator().manual_seed(seed)
+    x = ggcomm.gg.sample((n,), beta, generator=g)
+    if sparse and n:
+        x[torch.rand(n, generator=g) < 0.8] = 0.0
+    if n > 3:
+        x[1] = float("nan")
+        x[3] = 1e12
+    frame = encode(x, rel_step, k="auto" if k < 0 else k, block_size=block_size,
+                   zero_runs={0: False, 1: "auto", 2: True}[zr])
+    info = inspect(frame)
+    parts, exc = reference_frame_parts(x, [rel_step], [n], block_size, k, zr)
+    assert list(info.exception_positions) == exc
+    assert [(0 if b.mode == "eg" else 1, b.k, b.k_run, b.bit_length) for b in info.blocks] == \
+        [(m, kk, kr, nb) for m, kk, kr, _, nb in parts]
+    assert info.payload == b"".join(p[3] for p in parts)
+    # the reference decoder reads the kernels' payload back to the same symbols
+    off = 0
+    xs = x.numpy()
+    us, _ = reference.quantize(xs, np.array([0, n], np.int64), np.array([rel_step]))
+    for b, (mode, kk, kr, data, nb) in zip(info.blocks, parts):
+        got = reference.decode_block(info.payload[off:off + len(data)], nb, b.count, mode, kk,
+                                     kr)
+        assert got == us[b.first:b.first + b.count]
+        off += len(data)
+
+
+def test_reference_codewords_are_h264_ue():
+    # k = 0 is H.264 ue(v): 1, 010, 011, 00100, 00101, ...
+    assert [reference.eg_codeword(u, 0) for u in range(7)] == \
+        ["1", "010", "011", "00100", "00101", "00110", "00111"]
+    assert reference.eg_codeword(0, 2) == "100" and reference.eg_codeword(4, 2) == "01000"
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_shapes_and_edge_sizes(dtype):
+    for shape in [(), (0,), (1,), (2, 0), (3, 4, 5), (16385,)]:
+        x = torch.randn(shape, dtype=torch.float64).to(dtype)
+        f = encode(x, 0.01)
+        y = decode(f)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert same_bits(y, expected(x, [0.01], [x.numel()]))
+
+
+def test_quantization_matches_rate_module():
+    x = torch.randn(10000, dtype=torch.float64) * 3
+    q = ggcomm.rate.quantize(x, 0.37)
+    assert torch.equal(decode(encode(x, 0.37)), q.double() * 0.37)
+
+
+def test_code_range_boundary_and_exceptions():
+    step = 1.0
+    qmax = float(eg.QMAX)
+    x = torch.tensor([qmax, -qmax, qmax + 1, -(qmax + 1), float("nan"), float("inf"),
+                      -float("inf"), 0.5, 1.5], dtype=torch.float64)
+    f = encode(x, step)
+    info = inspect(f)
+    assert info.exception_positions == (2, 3, 4, 5, 6)
+    y = decode(f)
+    assert y[0] == qmax and y[1] == -qmax and y[2] == qmax + 1 and y[3] == -(qmax + 1)
+    assert math.isnan(y[4]) and y[5] == math.inf and y[6] == -math.inf
+    assert y[7] == 0.0 and y[8] == 2.0  # round half to even
+    # NaN payload bits survive
+    nan_bits = torch.tensor([0x7FC01234], dtype=torch.int32).view(torch.float32)
+    assert torch.equal(decode(encode(nan_bits, 1.0)).view(torch.int32),
+                       torch.tensor([0x7FC01234], dtype=torch.int32))
+
+
+def test_segments_use_their_own_steps():
+    x = torch.cat([torch.randn(1000) * 1e-4, torch.randn(10) * 10, torch.randn(3000)])
+    steps, lengths = [1e-5, 0.1, 0.01], [1000, 10, 3000]
+    f = encode(x, steps, segments=lengths, block_size=512)
+    assert inspect(f).segment_lengths == tuple(lengths)
+    assert inspect(f).steps == tuple(steps)
+    assert same_bits(decode(f), expected(x, steps, lengths))
+    # one step for everything would have zeroed the small segment out
+    assert decode(encode(x, 0.01))[:1000].abs().max() == 0
+
+
+def test_sparse_data_goes_below_one_bit():
+    # 90% of the quantized symbols are zero, the rest are small GG-like integers
+    g = torch.Generator().manual_seed(0)
+    q = torch.round(ggcomm.gg.sample((1 << 18,), 1.0, std=3.0, generator=g))
+    q[q == 0] = 1
+    q[torch.rand(q.numel(), generator=g) < 0.9] = 0
+    step = 0.01
+    x = q * step
+    sparse = encode(x, step)
+    assert sparse.bits_per_element < 1.0
+    assert all(b.mode == "zero_runs" for b in inspect(sparse).blocks)
+    plain = encode(x, step, zero_runs=False)
+    assert plain.bits_per_element >= 1.0
+    assert torch.equal(decode(sparse), decode(plain))
+
+
+def test_auto_k_beats_every_fixed_k():
+    x = ggcomm.gg.sample((20000,), 1.0, generator=torch.Generator().manual_seed(1))
+    auto = encode(x, 0.1, zero_runs=False).nbytes
+    assert all(auto <= encode(x, 0.1, k=k, zero_runs=False).nbytes for k in range(0, 10))
+
+
+def test_header_overhead_under_one_percent_at_256k():
+    x = ggcomm.gg.sample((65536,), 1.0, generator=torch.Generator().manual_seed(2))
+    info = inspect(encode(x, 0.3))
+    assert (info.nbytes - len(info.payload)) / info.nbytes < 0.01
+
+
+def test_frame_buffer_forms_and_out():
+    x = torch.randn(3, 333)
+    f = encode(x, 0.02, tag=0xDEADBEEF)
+    assert f.buffer.dtype == torch.uint8 and f.buffer.dim() == 1
+    assert f.buffer.numel() == f.nbytes == len(f)
+    for form in (f.buffer, f.buffer.numpy(), f.tobytes(), bytearray(f.tobytes()),
+                 memoryview(f.tobytes())):
+        g = ggcomm.Frame.from_buffer(form)
+        assert g.tag == 0xDEADBEEF and g.shape == x.shape
+        assert torch.equal(decode(g), decode(f))
+    out = torch.empty(3, 333)
+    r = decode(f, out=out)
+    assert r is out and torch.equal(out, decode(f))
+    out16 = torch.empty(999, dtype=torch.float16)
+    decode(encode(x.half(), 0.02), out=out16)
+    assert torch.equal(out16.view(3, 333), decode(encode(x.half(), 0.02)))
+    with pytest.raises(ValueError, match="out must be"):
+        decode(f, out=torch.empty(5))
+
+
+def test_threads_do_not_change_the_bytes():
+    x = torch.randn(300000)
+    before = ggcomm.get_num_threads()
+    try:
+        ggcomm.set_num_threads(1)
+        one = encode(x, 0.05, block_size=1024).tobytes()
+        ggcomm.set_num_threads(3)
+        three = encode(x, 0.05, block_size=1024)
+        assert three.tobytes() == one
+        assert torch.equal(decode(three), decode(one))
+    finally:
+        ggcomm.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(step=0.0), dict(step=-1.0), dict(step=float("nan")), dict(step=float("inf")),
+    dict(step=1e-320), dict(k=31), dict(k=-1), dict(k="best"), dict(block_size=0),
+    dict(block_size=(1 << 22) + 1), dict(zero_runs="yes"), dict(tag=-1),
+    dict(step=[0.1, 0.2]), dict(step=[0.1, 0.2], segments=[5, 4]),
+])
+def test_bad_arguments_raise_value_error(bad):
+    kwargs = dict(step=0.1)
+    kwargs.update(bad)
+    step = kwargs.pop("step")
+    with pytest.raises(ValueError):
+        encode(torch.randn(10), step, **kwargs)
+
+
+def test_non_float_input_raises_type_error():
+    with pytest.raises(TypeError):
+        encode(torch.arange(10), 1.0)
+    with pytest.raises(TypeError):
+        encode(np.zeros(3), 1.0)
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+def _sample_frames():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(700, generator=g)
+    x[5] = float("nan")
+    sparse = torch.randn(900, generator=g)
+    sparse[torch.rand(900, generator=g) < 0.9] = 0
+    return [encode(x, 0.1, block_size=128), encode(sparse, 0.05, block_size=300),
+            encode(torch.randn(2, 5, dtype=torch.bfloat16), 0.5),
+            encode(torch.tensor(1.5), 0.25)]
+
+
+def test_every_truncation_raises():
+    for f in _sample_frames():
+        data = f.tobytes()
+        for cut in range(len(data)):
+            with pytest.raises(FrameError):
+                decode(data[:cut])
+        with pytest.raises(FrameError):
+            decode(data + b"\0")
+
+
+def test_random_bit_flips_raise():
+    rng = np.random.default_rng(0)
+    for f in _sample_frames():
+        data = np.frombuffer(f.tobytes(), np.uint8)
+        for _ in range(1000):
+            bad = data.copy()
+            for bit in rng.choice(data.size * 8, rng.integers(1, 4), replace=False):
+                bad[bit // 8] ^= np.uint8(1 << (bit % 8))
+            with pytest.raises(FrameError):
+                decode(bad)
+
+
+def _recrc(buf: np.ndarray) -> np.ndarray:
+    buf[-4:] = np.frombuffer(zlib.crc32(buf[:-4].tobytes()).to_bytes(4, "little"), np.uint8)
+    return buf
+
+
+def test_corruption_behind_a_valid_checksum_never_crashes():
+    """With the CRC recomputed, the structure checks and the kernels' bounds checks alone
+    must stand between garbage and memory: a FrameError or a tensor of the frame's shape."""
+    rng = np.random.default_rng(1)
+    frames = _sample_frames()
+    outcomes = {"error": 0, "decoded": 0}
+    for f in frames:
+        data = np.frombuffer(f.tobytes(), np.uint8)
+        for _ in range(1500):
+            bad = data.copy()
+            for _ in range(rng.integers(1, 6)):
+                i = rng.integers(0, data.size - 4)
+                bad[i] = rng.integers(0, 256) if rng.random() < 0.3 else bad[i] ^ (
+                    1 << rng.integers(0, 8))
+            _recrc(bad)
+            try:
+                y = decode(bad)
+            except FrameError:
+                outcomes["error"] += 1
+            else:
+                outcomes["decoded"] += 1
+                assert y.numel() == math.prod(y.shape)
+    assert outcomes["error"] > 0
+
+
+@pytest.mark.parametrize("field,offset,value,message", [
+    ("magic", 0, b"XXXX", "magic"),
+    ("version", 4, b"\x07", "version"),
+    ("dtype", 5, b"\x09", "dtype"),
+    ("flags", 7, b"\x01", "flags"),
+])
+def test_header_errors_name_the_problem(field, offset, value, message):
+    buf = np.frombuffer(encode(torch.randn(100), 0.1).tobytes(), np.uint8).copy()
+    buf[offset:offset + len(value)] = np.frombuffer(value, np.uint8)
+    _recrc(buf)
+    with pytest.raises(FrameError, match=message):
+        decode(buf)
+
+
+def test_payload_errors_are_frame_errors():
+    f = encode(torch.randn(1000), 0.1, block_size=250)
+    info = inspect(f)
+    buf = np.frombuffer(f.tobytes(), np.uint8).copy()
+    start = info.header_bytes
+    buf[start:start + len(info.payload)] = 0  # all-zero payload: endless zero prefixes
+    _recrc(buf)
+    with pytest.raises(FrameError, match="block 0"):
+        decode(buf)

@@ -1,0 +1,678 @@
+"""An independent ggcomm frame reader, written from docs/FORMAT.md alone.
+
+The reader below uses nothing from ggcomm: it parses the header, tables and payload with
+``struct`` and ``zlib``, decodes every Exp-Golomb codeword bit by bit, and reconstructs the
+values as the spec describes. ggcomm is used only to produce frames and as a comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+import ggcomm
+
+# --------------------------------------------------------------------------------------
+# The reader (spec: docs/FORMAT.md)
+# --------------------------------------------------------------------------------------
+
+HEADER = struct.Struct("<4sBBBBIIQIIQQ")
+assert HEADER.size == 48
+
+MAGIC = b"GGEG"
+MAX_SYMBOL = 2**31 - 2
+MAX_Q = 2**30 - 1
+MAX_BLOCK_SIZE = 2**22
+
+# dtype code -> (torch dtype, itemsize, integer torch dtype of the same size)
+DTYPES = {
+    1: (torch.float32, 4, torch.int32),
+    2: (torch.float16, 2, torch.int16),
+    3: (torch.bfloat16, 2, torch.int16),
+    4: (torch.float64, 8, torch.int64),
+}
+DTYPE_CODE = {v[0]: code for code, v in DTYPES.items()}
+INT_VIEW = {v[0]: v[2] for v in DTYPES.values()}
+
+
+@dataclass
+class Block:
+    mode: int
+    k: int
+    k_run: int
+    reserved: int
+    bit_length: int
+    offset: int = 0  # payload byte offset
+    symbols: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ParsedFrame:
+    version: int
+    dtype_code: int
+    flags: int
+    tag: int
+    block_size: int
+    numel: int
+    shape: tuple[int, ...]
+    segments: list[tuple[int, float]]
+    blocks: list[Block]
+    exc_positions: list[int]
+    exc_raw: bytes
+    payload: bytes
+    symbols: list[int]  # u for every element
+    crc: int
+
+
+class BitReader:
+    """MSB-first reader over exactly ``nbits`` bits of ``data``."""
+
+    def __init__(self, data: bytes, nbits: int) -> None:
+        self.bits = format(int.from_bytes(data, "big"), f"0{8 * len(data)}b") if data else ""
+        assert len(self.bits) == 8 * len(data)
+        self.n = nbits
+        self.pos = 0
+
+    def eg(self, k: int) -> int:
+        """One order-k Exp-Golomb codeword."""
+        one = self.bits.find("1", self.pos, self.n)
+        if one < 0:
+            raise ValueError("codeword overruns the block's bit length")
+        z = one - self.pos
+        if z > 31 - k:
+            raise ValueError(f"EG prefix of {z} zeros is too long for k={k}")
+        end = one + z + k + 1
+        if end > self.n:
+            raise ValueError("codeword overruns the block's bit length")
+        c = int(self.bits[one:end], 2)
+        self.pos = end
+        return c - (1 << k)
+
+    def padding_is_zero(self) -> bool:
+        return "1" not in self.bits[self.n :]
+
+
+def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
+    br = BitReader(data, blk.bit_length)
+    out: list[int] = []
+    if blk.mode == 0:
+        for _ in range(count):
+            u = br.eg(blk.k)
+            if u > MAX_SYMBOL:
+                raise ValueError(f"symbol {u} out of range")
+            out.append(u)
+    elif blk.mode == 1:
+        i = 0
+        while i < count:
+            r = br.eg(blk.k_run)
+            if r > count - i:
+                raise ValueError(f"run {r} overruns the block ({count - i} left)")
+            out.extend([0] * r)
+            i += r
+            if i == count:
+                break
+            v = br.eg(blk.k)
+            if v + 1 > MAX_SYMBOL:
+                raise ValueError(f"symbol {v + 1} out of range")
+            out.append(v + 1)
+            i += 1
+    else:
+        raise ValueError(f"unknown block mode {blk.mode}")
+    if br.pos != blk.bit_length:
+        raise ValueError("block leaves bits unread")
+    if not br.padding_is_zero():
+        raise ValueError("nonzero padding")
+    assert len(out) == count
+    return out
+
+
+def u_to_q(u: int) -> int:
+    return (u + 1) // 2 if u & 1 else -(u // 2)
+
+
+def q_to_u(q: int) -> int:
+    return 2 * q - 1 if q > 0 else -2 * q
+
+
+def parse_frame(data: bytes) -> ParsedFrame:
+    data = bytes(data)
+    if len(data) < HEADER.size + 4:
+        raise ValueError("frame too short")
+    (magic, version, dtype_code, ndim, flags, tag, block_size, numel, n_seg, n_blocks,
+     n_exc, payload_len) = HEADER.unpack_from(data, 0)  # fmt: skip
+    if magic != MAGIC:
+        raise ValueError(f"bad magic {magic!r}")
+    if version != 1:
+        raise ValueError(f"unknown version {version}")
+    if dtype_code not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_code}")
+    if ndim > 64:
+        raise ValueError(f"ndim {ndim} > 64")
+    if flags != 0:
+        raise ValueError(f"unknown flags {flags}")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size {block_size} out of range")
+    if n_seg < 1:
+        raise ValueError("no segments")
+    if n_blocks != -(-numel // block_size):
+        raise ValueError("n_blocks disagrees with numel and block_size")
+    if n_exc > numel:
+        raise ValueError("more exceptions than elements")
+    itemsize = DTYPES[dtype_code][1]
+    expected_len = (HEADER.size + 8 * ndim + 16 * n_seg + 8 * n_blocks + 8 * n_exc
+                    + itemsize * n_exc + payload_len + 4)  # fmt: skip
+    if len(data) != expected_len:
+        raise ValueError(f"frame length {len(data)} != {expected_len} from the header")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != crc:
+        raise ValueError("checksum mismatch")
+
+    off = HEADER.size
+    shape = struct.unpack_from(f"<{ndim}Q", data, off)
+    off += 8 * ndim
+    if math.prod(shape) != numel:
+        raise ValueError("shape disagrees with numel")
+
+    segments = []
+    for _ in range(n_seg):
+        length, step = struct.unpack_from("<Qd", data, off)
+        off += 16
+        if not (math.isfinite(step) and step > 0 and math.isfinite(1.0 / step)):
+            raise ValueError(f"bad step {step!r}")
+        segments.append((length, step))
+    if sum(s[0] for s in segments) != numel:
+        raise ValueError("segments disagree with numel")
+
+    blocks = []
+    pos = 0
+    for _ in range(n_blocks):
+        mode, k, k_run, reserved, bit_length = struct.unpack_from("<BBBBI", data, off)
+        off += 8
+        if reserved != 0:
+            raise ValueError("nonzero reserved byte in the block table")
+        if mode not in (0, 1):
+            raise ValueError(f"unknown block mode {mode}")
+        if k > 30 or k_run > 30:
+            raise ValueError("EG order above 30")
+        if mode == 0 and k_run != 0:
+            raise ValueError("mode-0 block with nonzero k_run")
+        blocks.append(Block(mode, k, k_run, reserved, bit_length, offset=pos))
+        pos += -(-bit_length // 8)
+    if pos != payload_len:
+        raise ValueError("block lengths disagree with payload_len")
+
+    exc_positions = list(struct.unpack_from(f"<{n_exc}Q", data, off))
+    off += 8 * n_exc
+    for a, b in zip(exc_positions, exc_positions[1:]):
+        if b <= a:
+            raise ValueError("exception positions not strictly increasing")
+    if exc_positions and exc_positions[-1] >= numel:
+        raise ValueError("exception position out of range")
+    exc_raw = data[off : off + itemsize * n_exc]
+    off += itemsize * n_exc
+    payload = data[off : off + payload_len]
+    off += payload_len
+    assert off == len(data) - 4
+
+    symbols: list[int] = []
+    for b, blk in enumerate(blocks):
+        count = min((b + 1) * block_size, numel) - b * block_size
+        nbytes = -(-blk.bit_length // 8)
+        blk.symbols = decode_block(blk, payload[blk.offset : blk.offset + nbytes], count)
+        symbols.extend(blk.symbols)
+    assert len(symbols) == numel
+    for p in exc_positions:
+        if symbols[p] != 0:
+            raise ValueError("nonzero code at an exception position")
+
+    return ParsedFrame(version, dtype_code, flags, tag, block_size, numel, tuple(shape),
+                       segments, blocks, exc_positions, exc_raw, payload, symbols, crc)  # fmt: skip
+
+
+def reconstruct(pf: ParsedFrame) -> torch.Tensor:
+    dtype, itemsize, int_dtype = DTYPES[pf.dtype_code]
+    q = np.array([u_to_q(u) for u in pf.symbols], dtype=np.float64)  # |q| < 2^30: exact
+    steps = np.concatenate([np.full(n, s, dtype=np.float64) for n, s in pf.segments])
+    prod = q * steps  # binary64 multiply
+    if dtype == torch.float64:
+        out = torch.from_numpy(prod.copy())
+    else:
+        out = torch.from_numpy(prod.astype(np.float32)).to(dtype)  # RNE twice
+    if pf.exc_positions:
+        np_int = {2: "<i2", 4: "<i4", 8: "<i8"}[itemsize]
+        raw = torch.from_numpy(np.frombuffer(pf.exc_raw, dtype=np_int).copy())
+        out.view(int_dtype)[torch.tensor(pf.exc_positions, dtype=torch.int64)] = raw
+    return out.reshape(pf.shape)
+
+
+def read_frame(data: bytes) -> torch.Tensor:
+    """Decode a ggcomm frame from its bytes, following docs/FORMAT.md only."""
+    return reconstruct(parse_frame(data))
+
+
+# --------------------------------------------------------------------------------------
+# Spec-side helpers: expected values and canonical codewords
+# --------------------------------------------------------------------------------------
+
+
+def eg_bits(v: int, k: int) -> str:
+    c = v + (1 << k)
+    nb = c.bit_length()
+    return "0" * (nb - 1 - k) + format(c, "b")
+
+
+def bits_to_bytes(bits: str) -> bytes:
+    if not bits:
+        return b""
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def block_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> str:
+    """The codewords the spec says an encoder emits for a block."""
+    if mode == 0:
+        return "".join(eg_bits(u, k) for u in symbols)
+    out = []
+    run = 0
+    for u in symbols:
+        if u == 0:
+            run += 1
+        else:
+            out.append(eg_bits(run, k_run) + eg_bits(u - 1, k))
+            run = 0
+    if run or not symbols:
+        out.append(eg_bits(run, k_run))
+    return "".join(out)
+
+
+def expected_from_input(x: torch.Tensor, steps: list[float], seg_lens: list[int]):
+    """(values, exception mask, q) straight from the spec's quantization rule."""
+    xf = x.detach().reshape(-1).to(torch.float64).numpy()
+    st = np.concatenate([np.full(n, s, dtype=np.float64) for n, s in zip(seg_lens, steps)])
+    inv = 1.0 / st
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = xf * inv
+        exc = ~np.isfinite(xf) | (np.abs(p) > MAX_Q)
+    q = np.where(exc, 0.0, np.rint(np.where(exc, 0.0, p)))  # rint: ties to even
+    prod = q * st
+    if x.dtype == torch.float64:
+        vals = torch.from_numpy(prod.copy())
+    else:
+        vals = torch.from_numpy(prod.astype(np.float32)).to(x.dtype)
+    vi = vals.view(INT_VIEW[x.dtype])
+    xi = x.detach().reshape(-1).contiguous().view(INT_VIEW[x.dtype])
+    m = torch.from_numpy(exc)
+    vi[m] = xi[m]
+    return vals.reshape(x.shape), exc, q.astype(np.int64)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    it = INT_VIEW[a.dtype]
+    return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
+
+
+# --------------------------------------------------------------------------------------
+# Test data
+# --------------------------------------------------------------------------------------
+
+
+def make_data(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    if kind == "laplace":
+        x = x * torch.rand(n, generator=g, dtype=torch.float64).log()
+    elif kind == "sparse":
+        x = x * (torch.rand(n, generator=g) < 0.1)
+    elif kind == "special":
+        if n:
+            big = {torch.float16: 6e4, torch.bfloat16: 1e30, torch.float32: 1e30}.get(dtype, 1e300)
+            specials = torch.tensor([math.nan, math.inf, -math.inf, big, -big, -0.0, 0.0],
+                                    dtype=torch.float64)  # fmt: skip
+            idx = torch.randint(0, n, (max(1, n // 20),), generator=g)
+            x[idx] = specials[torch.randint(0, len(specials), idx.shape, generator=g)]
+    elif kind == "ties":
+        # multiples of step/2: exercises round half to even (used with step 0.5)
+        x = torch.randint(-40, 41, (n,), generator=g).to(torch.float64) * 0.25
+    x = x.to(dtype).reshape(shape)
+    if kind == "special" and n and dtype != torch.float64:
+        # a NaN with a non-default payload must survive bit for bit
+        xi = x.reshape(-1).view(INT_VIEW[dtype])
+        xi[0] = {torch.float32: 0x7FC12345, torch.float16: 0x7E01, torch.bfloat16: -0x7F3F}[dtype]
+    return x
+
+
+DTYPE_LIST = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+CASES = [
+    # (shape, kind, step, kwargs)
+    ((), "gauss", 0.01, {}),
+    ((0,), "gauss", 0.01, {}),
+    ((7,), "gauss", 0.1, {"k": 0, "block_size": 1}),
+    ((7,), "special", 1e-3, {"block_size": 7}),
+    ((3, 5, 17), "laplace", 0.05, {}),
+    ((3, 5, 17), "laplace", 0.003, {"k": 3, "block_size": 64, "zero_runs": False}),
+    ((3, 5, 17), "sparse", 0.01, {"block_size": 64, "zero_runs": "auto"}),
+    ((3, 5, 17), "sparse", 0.01, {"block_size": 7, "zero_runs": True}),
+    ((3, 5, 17), "special", 0.02, {"block_size": 64}),
+    ((2000,), "sparse", 0.001, {"block_size": 16384, "zero_runs": True, "k": 2}),
+    ((2000,), "special", 0.5, {"block_size": 16384}),
+    ((40, 50), "ties", 0.5, {"block_size": 64, "zero_runs": False}),
+    ((1500,), "gauss", 1e-4, {"block_size": 7, "zero_runs": True}),
+]
+
+
+def check_frame(x, steps, seg_lens, frame_bytes, *, tag=0, block_size=16384):
+    ours = read_frame(frame_bytes)
+    theirs = ggcomm.decode(frame_bytes)
+    assert bits_equal(ours, theirs), "independent reader disagrees with ggcomm.decode"
+    exp, exc, q = expected_from_input(x, steps, seg_lens)
+    assert bits_equal(ours, exp), "reader output disagrees with the spec's quantization"
+
+    pf = parse_frame(frame_bytes)
+    assert pf.tag == tag
+    assert pf.shape == tuple(x.shape)
+    assert pf.dtype_code == DTYPE_CODE[x.dtype]
+    assert pf.numel == x.numel()
+    assert pf.block_size == block_size
+    assert len(pf.blocks) == -(-x.numel() // block_size)
+    assert pf.segments == [(n, float(s)) for n, s in zip(seg_lens, steps)]
+    assert pf.exc_positions == np.flatnonzero(exc).tolist()
+    assert [u_to_q(u) for u in pf.symbols] == q.tolist()
+    # the payload is exactly the canonical codewords of the decoded symbols
+    for blk in pf.blocks:
+        bits = block_bits(blk.mode, blk.k, blk.k_run, blk.symbols)
+        assert len(bits) == blk.bit_length
+        nbytes = -(-blk.bit_length // 8)
+        assert pf.payload[blk.offset : blk.offset + nbytes] == bits_to_bytes(bits)
+    return pf
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_reader_matches_ggcomm_and_spec(dtype: torch.dtype, case: int) -> None:
+    shape, kind, step, kw = CASES[case]
+    x = make_data(kind, shape, dtype, seed=case)
+    tag = 0x9E3779B9 ^ case
+    frame = ggcomm.encode(x, step, tag=tag, **kw)
+    data = frame.tobytes()
+    assert data == bytes(frame.buffer.numpy())
+    pf = check_frame(x, [step], [x.numel()], data, tag=tag,
+                     block_size=kw.get("block_size", 16384))  # fmt: skip
+    if isinstance(kw.get("k"), int):
+        assert all(b.k == kw["k"] for b in pf.blocks)
+    if kw.get("zero_runs") is True:
+        assert all(b.mode == 1 for b in pf.blocks)
+    if kw.get("zero_runs") is False:
+        assert all(b.mode == 0 and b.k_run == 0 for b in pf.blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
+@pytest.mark.parametrize("zero_runs", [True, False, "auto"])
+def test_segments_with_different_steps(dtype: torch.dtype, zero_runs) -> None:
+    g = torch.Generator().manual_seed(7)
+    seg_lens = [100, 0, 333, 1, 250, 316]
+    scales = [1e-3, 1.0, 10.0, 0.2, 1e-2, 3.0]
+    steps = [1e-5, 0.5, 0.25, 0.01, 1e-4, 0.03]
+    parts = [torch.randn(n, generator=g, dtype=torch.float64) * s for n, s in zip(seg_lens, scales)]
+    x = torch.cat(parts)
+    x[torch.rand(x.numel(), generator=g) < 0.5] = 0.0
+    x[5] = math.nan
+    x[500] = math.inf
+    x = x.to(dtype).reshape(10, 100)
+    frame = ggcomm.encode(x, steps, segments=seg_lens, block_size=64, zero_runs=zero_runs, tag=3)
+    check_frame(x, steps, seg_lens, frame.tobytes(), tag=3, block_size=64)
+
+
+def test_quantization_threshold_edges() -> None:
+    """|x/step| exactly at 2^30 - 1 is coded; anything above travels as an exception."""
+    step = 2.0**-10
+    qs = [MAX_Q, -MAX_Q, MAX_Q - 0.5, MAX_Q + 0.25, -(MAX_Q + 0.25), MAX_Q + 0.5, 2.0**30]
+    x = torch.tensor([q * step for q in qs] + [0.0, 1.5 * step, 2.5 * step], dtype=torch.float64)
+    frame = ggcomm.encode(x, step, block_size=4)
+    pf = check_frame(x, [step], [x.numel()], frame.tobytes(), block_size=4)
+    assert pf.exc_positions == [3, 4, 5, 6]
+    assert [u_to_q(u) for u in pf.symbols[:3]] == [MAX_Q, -MAX_Q, MAX_Q - 1 + 1]
+    assert [u_to_q(u) for u in pf.symbols[7:]] == [0, 2, 2]  # ties to even
+
+
+def test_float32_huge_and_tiny_steps() -> None:
+    x = torch.tensor([2.0**30 - 64, 2.0**30, -(2.0**30), 3.0, 1e38, -1e-38], dtype=torch.float32)
+    check_frame(x, [1.0], [6], ggcomm.encode(x, 1.0).tobytes())
+    y = torch.tensor([1e-300, -3e-300, 1e-290, 0.0], dtype=torch.float64)
+    check_frame(y, [1e-300], [4], ggcomm.encode(y, 1e-300).tobytes())
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+def test_k0_mode0_is_h264_ue(block_size: int) -> None:
+    """k = 0, mode 0 codewords are exactly H.264 ue(v) of u = se(v) mapping of q."""
+    ue = {0: "1", 1: "010", 2: "011", 3: "00100", 4: "00101", 5: "00110", 6: "00111",
+          7: "0001000", 8: "0001001", 14: "0001111", 15: "000010000",
+          MAX_SYMBOL: "0" * 30 + "1" * 31}  # fmt: skip
+    qs = [0, 1, -1, 2, -2, 3, -3, 4, -4, -7, 8, MAX_Q, 0, 2, 0]
+    us = [q_to_u(q) for q in qs]
+    assert us == [0, 1, 2, 3, 4, 5, 6, 7, 8, 14, 15, MAX_SYMBOL, 0, 3, 0]
+    step = 0.125
+    x = torch.tensor([q * step for q in qs], dtype=torch.float64)
+    frame = ggcomm.encode(x, step, k=0, zero_runs=False, block_size=block_size)
+    data = frame.tobytes()
+    pf = parse_frame(data)
+    assert not pf.exc_positions
+    payload = b""
+    for b in range(0, len(us), block_size):
+        bits = "".join(ue[u] for u in us[b : b + block_size])
+        blk = pf.blocks[b // block_size]
+        assert (blk.mode, blk.k, blk.k_run, blk.reserved) == (0, 0, 0, 0)
+        assert blk.bit_length == len(bits)
+        payload += bits_to_bytes(bits)
+    assert pf.payload == payload
+    assert bits_equal(read_frame(data), x)
+    assert bits_equal(ggcomm.decode(data), x)
+
+
+def test_k0_ue_hand_built_bytes() -> None:
+    """Spelled out: q = 0, 1, -1, 2 -> ue '1' '010' '011' '00100' -> 0xA6 0x40, 13 bits."""
+    x = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float32)
+    data = ggcomm.encode(x, 1.0, k=0, zero_runs=False).tobytes()
+    pf = parse_frame(data)
+    assert [(b.mode, b.k, b.bit_length) for b in pf.blocks] == [(0, 0, 13)]
+    assert pf.payload == bytes([0b10100110, 0b01000000])
+
+
+def test_header_fields() -> None:
+    x = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5) * 0.1
+    data = ggcomm.encode(x, [0.5, 0.25], segments=[11, 49], block_size=7, tag=0xDEADBEEF).tobytes()
+    fields = HEADER.unpack_from(data, 0)
+    assert fields[:5] == (b"GGEG", 1, 1, 3, 0)
+    assert fields[5] == 0xDEADBEEF  # tag
+    assert fields[6] == 7  # block_size
+    assert fields[7] == 60  # numel
+    assert fields[8] == 2  # n_segments
+    assert fields[9] == 9  # n_blocks = ceil(60 / 7)
+    assert fields[10] == 0  # n_exceptions
+    assert struct.unpack_from("<3Q", data, 48) == (3, 4, 5)
+    assert struct.unpack_from("<QdQd", data, 72) == (11, 0.5, 49, 0.25)
+    assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
+    for code, dt in [(2, torch.float16), (3, torch.bfloat16), (4, torch.float64)]:
+        assert ggcomm.encode(x.to(dt), 0.5).tobytes()[5] == code
+    scalar = ggcomm.encode(torch.tensor(2.0), 1.0).tobytes()
+    assert scalar[6] == 0 and HEADER.unpack_from(scalar, 0)[7] == 1
+    assert read_frame(scalar).shape == ()
+
+
+def test_flipped_payload_bit_is_rejected() -> None:
+    x = make_data("laplace", (500,), torch.float32, seed=11)
+    data = ggcomm.encode(x, 0.01, block_size=64).tobytes()
+    pf = parse_frame(data)
+    start = len(data) - 4 - len(pf.payload)
+    for pos in (start, start + len(pf.payload) // 2, len(data) - 5):
+        for bit in (0, 5):
+            bad = bytearray(data)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(ValueError, match="checksum"):
+                read_frame(bytes(bad))
+            with pytest.raises(ggcomm.FrameError):
+                ggcomm.decode(bytes(bad))
+
+
+def _with_crc(buf: bytearray) -> bytes:
+    buf[-4:] = struct.pack("<I", zlib.crc32(bytes(buf[:-4])))
+    return bytes(buf)
+
+
+def _tamper_cases():
+    """Frames broken in one way each, with a valid checksum (so structure is checked)."""
+    x = torch.tensor([0.0, 1.0, 0.0, -2.0, math.nan, 0.0, 3.0, 0.5, 0.0, 0.0], dtype=torch.float32)
+    base = ggcomm.encode(x, 0.5, block_size=4, zero_runs=False, k=0).tobytes()
+    pf = parse_frame(base)
+    assert pf.exc_positions == [4]
+    seg_off = 48 + 8
+    bt_off = seg_off + 16
+    exc_off = bt_off + 8 * len(pf.blocks)
+    pay_off = len(base) - 4 - len(pf.payload)
+
+    def patch(off: int, fmt: str, *vals) -> bytes:
+        b = bytearray(base)
+        struct.pack_into(fmt, b, off, *vals)
+        return _with_crc(b)
+
+    # a block whose bit_length is not a multiple of 8, for padding / overrun cases
+    pad_blk = next(i for i, b in enumerate(pf.blocks) if b.bit_length % 8)
+    pad_byte = pay_off + pf.blocks[pad_blk].offset + pf.blocks[pad_blk].bit_length // 8
+    shift = 7 - pf.blocks[pad_blk].bit_length % 8
+    cases = {
+        "magic": patch(0, "4s", b"GGEH"),
+        "version": patch(4, "B", 2),
+        "dtype": patch(5, "B", 5),
+        "flags": patch(7, "B", 1),
+        "block_size_0": patch(12, "I", 0),
+        "numel": patch(16, "Q", 11),
+        "n_blocks": patch(28, "I", 2),
+        "shape": patch(48, "Q", 9),
+        "segment_len": patch(seg_off, "Q", 9),
+        "step_zero": patch(seg_off + 8, "d", 0.0),
+        "step_neg": patch(seg_off + 8, "d", -0.5),
+        "step_inf": patch(seg_off + 8, "d", math.inf),
+        "step_nan": patch(seg_off + 8, "d", math.nan),
+        "mode": patch(bt_off, "B", 2),
+        "k_31": patch(bt_off + 1, "B", 31),
+        "reserved": patch(bt_off + 3, "B", 1),
+        "bit_length": patch(bt_off + 4, "I", pf.blocks[0].bit_length + 8),
+        "exc_pos": patch(exc_off, "Q", 10),
+        "padding": (lambda b: (b.__setitem__(pad_byte, b[pad_byte] | (1 << shift)),
+                               _with_crc(b))[1])(bytearray(base)),  # fmt: skip
+        "trailing": _with_crc(bytearray(base) + b"\0\0\0\0"),
+        "truncated": _with_crc(bytearray(base[:-5]) + b"\0\0\0\0"),
+        "n_exceptions": patch(32, "Q", 0),
+    }
+    # a subnormal step has an infinite reciprocal
+    cases["step_subnormal"] = patch(seg_off + 8, "d", 5e-324)
+    # a block that decodes to too few bits: shorten bit_length by one (leaves a codeword cut)
+    cases["overrun"] = patch(bt_off + 8 * pad_blk + 4, "I", pf.blocks[pad_blk].bit_length - 1)
+    # nonzero code at the exception position: exception moved onto element 3 (q = -2)
+    cases["exc_on_nonzero"] = patch(exc_off, "Q", 3)
+    return base, cases
+
+
+def test_tampered_frames_are_rejected_by_both() -> None:
+    base, cases = _tamper_cases()
+    read_frame(base)
+    ggcomm.decode(base)
+    failures = []
+    for name, bad in cases.items():
+        with pytest.raises(ValueError):
+            read_frame(bad)
+        try:
+            ggcomm.decode(bad)
+        except ggcomm.FrameError:
+            pass
+        else:
+            failures.append(name)
+    assert not failures, f"ggcomm.decode accepted frames the spec rejects: {failures}"
+
+
+def test_reader_rejects_out_of_range_codewords() -> None:
+    """Hand-built frames: too-long EG prefix, symbol above 2^31 - 2, run past the block."""
+
+    def frame(mode: int, k: int, k_run: int, bits: str, numel: int) -> bytes:
+        payload = bits_to_bytes(bits)
+        head = HEADER.pack(MAGIC, 1, 4, 1, 0, 0, numel, numel, 1, 1, 0, len(payload))
+        body = (head + struct.pack("<Q", numel) + struct.pack("<Qd", numel, 1.0)
+                + struct.pack("<BBBBI", mode, k, k_run, 0, len(bits)) + payload)  # fmt: skip
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    ok = frame(0, 0, 0, "1" + "010" + "011", 3)
+    assert read_frame(ok).tolist() == [0.0, 1.0, -1.0]
+    assert ggcomm.decode(ok).tolist() == [0.0, 1.0, -1.0]
+    bad = {
+        "prefix_32_k0": frame(0, 0, 0, "0" * 32 + "1" + "0" * 32, 1),
+        "prefix_30_k2": frame(0, 2, 0, "0" * 30 + "1" + "0" * 32, 1),
+        "u_2^31-1": frame(0, 0, 0, eg_bits(2**31 - 1, 0), 1),
+        "u_2^32-2": frame(0, 0, 0, eg_bits(2**32 - 2, 0), 1),
+        "run_past_end": frame(1, 0, 0, eg_bits(4, 0), 3),
+        "mode1_v_too_big": frame(1, 0, 0, eg_bits(0, 0) + eg_bits(2**31 - 2, 0), 1),
+        "unread_bits": frame(0, 0, 0, "1" + "1", 1),
+    }
+    accepted = []
+    for name, data in bad.items():
+        with pytest.raises(ValueError):
+            read_frame(data)
+        try:
+            ggcomm.decode(data)
+        except ggcomm.FrameError:
+            pass
+        else:
+            accepted.append(name)
+    assert not accepted, f"ggcomm.decode accepted: {accepted}"
+
+
+def _mode0_bits(us: np.ndarray, k: int) -> int:
+    nb = np.floor(np.log2(us.astype(np.float64) + 2.0**k)).astype(np.int64) + 1
+    return int((2 * nb - 1 - k).sum())
+
+
+@pytest.mark.parametrize("kind", ["laplace", "sparse"])
+def test_encoder_choices_documented(kind: str) -> None:
+    """The spec's description of ggcomm's per-block choices (not needed by readers)."""
+    x = make_data(kind, (2048,), torch.float32, seed=5)
+    pf = parse_frame(ggcomm.encode(x, 0.01, block_size=256).tobytes())
+    for blk in pf.blocks:
+        us = np.array(blk.symbols, dtype=np.int64)
+        costs0 = [_mode0_bits(us, k) for k in range(31)]
+        best0 = min(costs0)
+        k0 = costs0.index(best0)
+        runs, nz, run = [], [], 0
+        for u in blk.symbols:
+            if u == 0:
+                run += 1
+            else:
+                runs.append(run)
+                nz.append(u - 1)
+                run = 0
+        if run:
+            runs.append(run)
+        r_costs = [_mode0_bits(np.array(runs), k) for k in range(31)]
+        v_costs = [_mode0_bits(np.array(nz, dtype=np.int64), k) for k in range(31)]
+        best1 = min(r_costs) + min(v_costs)
+        third = 3 * int((us == 0).sum()) >= len(us)
+        if third and best1 < best0:
+            assert blk.mode == 1
+            assert blk.k_run == r_costs.index(min(r_costs))
+            assert blk.k == v_costs.index(min(v_costs))
+            assert blk.bit_length == best1
+        else:
+            assert (blk.mode, blk.k, blk.k_run) == (0, k0, 0)
+            assert blk.bit_length == best0
