@@ -12,6 +12,7 @@ length they read, so no input can crash, hang or read out of bounds.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import threading
@@ -455,6 +456,8 @@ def _parse(buf: np.ndarray) -> _Header:
             raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
         if (blocks["reserved"] != 0).any():
             raise FrameError("reserved block-table bytes are not zero")
+        if ((blocks["mode"] == eg.MODE_EG) & (blocks["k_run"] != 0)).any():
+            raise FrameError("an EG-mode block has a nonzero k_run")
         if int(((blocks["bits"].astype(np.int64) + 7) >> 3).sum()) != payload_len:
             raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
     exc_pos = buf[o:o + 8 * n_exc].view("<u8").astype(np.int64)
@@ -469,6 +472,12 @@ def _parse(buf: np.ndarray) -> _Header:
 
 
 # --------------------------------------------------------------------------- decode
+
+
+@functools.cache
+def _luts() -> np.ndarray:
+    return eg.build_luts()
+
 
 
 def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -507,9 +516,11 @@ def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
         kruns = blocks["k_run"].astype(np.int64)
         payload = buf[h.payload_off:h.payload_off + h.payload_len]
         ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
+        luts = _luts()
         results = _parallel.run(
             lambda lo, hi: eg.decode_blocks(payload, h.block_size, h.numel, lo, hi, modes, ks,
-                                            kruns, bits, offsets, h.seg_bounds, h.steps, w),
+                                            kruns, bits, offsets, h.seg_bounds, h.steps, luts,
+                                            w),
             ranges)
         for err, b in results:
             if err:

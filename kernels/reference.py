@@ -77,6 +77,8 @@ def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, i
             kv, val_bits = _best(vals)
         if zero_runs == 2 or run_bits + val_bits < bits:
             mode, k = MODE_ZERO_RUNS, kv
+        else:
+            krun = 0
     return mode, k, krun
 
 

@@ -209,7 +209,7 @@ def parse_frame(data: bytes) -> ParsedFrame:
 
     exc_positions = list(struct.unpack_from(f"<{n_exc}Q", data, off))
     off += 8 * n_exc
-    for a, b in zip(exc_positions, exc_positions[1:]):
+    for a, b in zip(exc_positions, exc_positions[1:], strict=False):
         if b <= a:
             raise ValueError("exception positions not strictly increasing")
     if exc_positions and exc_positions[-1] >= numel:
@@ -294,12 +294,14 @@ def block_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> str:
 def expected_from_input(x: torch.Tensor, steps: list[float], seg_lens: list[int]):
     """(values, exception mask, q) straight from the spec's quantization rule."""
     xf = x.detach().reshape(-1).to(torch.float64).numpy()
-    st = np.concatenate([np.full(n, s, dtype=np.float64) for n, s in zip(seg_lens, steps)])
+    pairs = zip(seg_lens, steps, strict=True)
+    st = np.concatenate([np.full(n, s, dtype=np.float64) for n, s in pairs])
     inv = 1.0 / st
     with np.errstate(over="ignore", invalid="ignore"):
         p = xf * inv
         exc = ~np.isfinite(xf) | (np.abs(p) > MAX_Q)
-    q = np.where(exc, 0.0, np.rint(np.where(exc, 0.0, p)))  # rint: ties to even
+    # rint: ties to even; + 0.0 because q is an integer (no -0): float64(0) is +0.0
+    q = np.where(exc, 0.0, np.rint(np.where(exc, 0.0, p))) + 0.0
     prod = q * st
     if x.dtype == torch.float64:
         vals = torch.from_numpy(prod.copy())
@@ -343,10 +345,12 @@ def make_data(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) 
         # multiples of step/2: exercises round half to even (used with step 0.5)
         x = torch.randint(-40, 41, (n,), generator=g).to(torch.float64) * 0.25
     x = x.to(dtype).reshape(shape)
-    if kind == "special" and n and dtype != torch.float64:
+    if kind == "special" and n and dtype != torch.float64:  # 0xFFC3 for bfloat16
         # a NaN with a non-default payload must survive bit for bit
         xi = x.reshape(-1).view(INT_VIEW[dtype])
-        xi[0] = {torch.float32: 0x7FC12345, torch.float16: 0x7E01, torch.bfloat16: -0x7F3F}[dtype]
+        xi[0] = {torch.float32: 0x7FC12345, torch.float16: 0x7E01, torch.bfloat16: -61}[dtype]
+    if kind == "special" and n and dtype == torch.float64:
+        x.reshape(-1).view(torch.int64)[0] = 0x7FF0000000000001  # signalling NaN
     return x
 
 
@@ -363,6 +367,7 @@ CASES = [
     ((3, 5, 17), "sparse", 0.01, {"block_size": 64, "zero_runs": "auto"}),
     ((3, 5, 17), "sparse", 0.01, {"block_size": 7, "zero_runs": True}),
     ((3, 5, 17), "special", 0.02, {"block_size": 64}),
+    ((3, 5, 17), "special", 1e-5, {}),
     ((2000,), "sparse", 0.001, {"block_size": 16384, "zero_runs": True, "k": 2}),
     ((2000,), "special", 0.5, {"block_size": 16384}),
     ((40, 50), "ties", 0.5, {"block_size": 64, "zero_runs": False}),
@@ -384,7 +389,7 @@ def check_frame(x, steps, seg_lens, frame_bytes, *, tag=0, block_size=16384):
     assert pf.numel == x.numel()
     assert pf.block_size == block_size
     assert len(pf.blocks) == -(-x.numel() // block_size)
-    assert pf.segments == [(n, float(s)) for n, s in zip(seg_lens, steps)]
+    assert pf.segments == [(n, float(s)) for n, s in zip(seg_lens, steps, strict=True)]
     assert pf.exc_positions == np.flatnonzero(exc).tolist()
     assert [u_to_q(u) for u in pf.symbols] == q.tolist()
     # the payload is exactly the canonical codewords of the decoded symbols
@@ -427,7 +432,8 @@ def test_segments_with_different_steps(dtype: torch.dtype, zero_runs) -> None:
     seg_lens = [100, 0, 333, 1, 250, 316]
     scales = [1e-3, 1.0, 10.0, 0.2, 1e-2, 3.0]
     steps = [1e-5, 0.5, 0.25, 0.01, 1e-4, 0.03]
-    parts = [torch.randn(n, generator=g, dtype=torch.float64) * s for n, s in zip(seg_lens, scales)]
+    pairs = zip(seg_lens, scales, strict=True)
+    parts = [torch.randn(n, generator=g, dtype=torch.float64) * s for n, s in pairs]
     x = torch.cat(parts)
     x[torch.rand(x.numel(), generator=g) < 0.5] = 0.0
     x[5] = math.nan
@@ -442,11 +448,30 @@ def test_quantization_threshold_edges() -> None:
     step = 2.0**-10
     qs = [MAX_Q, -MAX_Q, MAX_Q - 0.5, MAX_Q + 0.25, -(MAX_Q + 0.25), MAX_Q + 0.5, 2.0**30]
     x = torch.tensor([q * step for q in qs] + [0.0, 1.5 * step, 2.5 * step], dtype=torch.float64)
-    frame = ggcomm.encode(x, step, block_size=4)
+    frame = ggcomm.encode(x, step, block_size=4, zero_runs=False)
     pf = check_frame(x, [step], [x.numel()], frame.tobytes(), block_size=4)
     assert pf.exc_positions == [3, 4, 5, 6]
-    assert [u_to_q(u) for u in pf.symbols[:3]] == [MAX_Q, -MAX_Q, MAX_Q - 1 + 1]
+    assert [u_to_q(u) for u in pf.symbols[:3]] == [MAX_Q, -MAX_Q, MAX_Q - 1]
     assert [u_to_q(u) for u in pf.symbols[7:]] == [0, 2, 2]  # ties to even
+
+
+@pytest.mark.parametrize("zero_runs", ["auto", False])
+@pytest.mark.parametrize("n", [3, 4, 64])
+def test_mode0_blocks_have_k_run_zero(n: int, zero_runs) -> None:
+    """FORMAT.md, mode 0: "k_run is 0". In an all-zero block the zero-run code can tie
+    with mode 0 (3 zeros: 3 bits either way with k_run = 2; 4 zeros: 4 bits with
+    k_run = 1); the block is then mode 0 and its k_run must still be 0."""
+    x = torch.zeros(n, dtype=torch.float32)
+    if n > 4:
+        x[0] = 2.0  # first block not all zero, the others are
+    data = ggcomm.encode(x, 1.0, block_size=4, zero_runs=zero_runs).tobytes()
+    fields = HEADER.unpack_from(data, 0)
+    ndim, n_seg, n_blocks = fields[3], fields[8], fields[9]
+    off = HEADER.size + 8 * ndim + 16 * n_seg
+    rows = [struct.unpack_from("<BBBBI", data, off + 8 * i) for i in range(n_blocks)]
+    bad = [(i, r) for i, r in enumerate(rows) if r[0] == 0 and r[2] != 0]
+    assert not bad, f"mode-0 blocks (mode, k, k_run, reserved, bit_length) with k_run != 0: {bad}"
+    assert bits_equal(read_frame(data), x)
 
 
 def test_float32_huge_and_tiny_steps() -> None:
@@ -462,7 +487,7 @@ def test_k0_mode0_is_h264_ue(block_size: int) -> None:
     ue = {0: "1", 1: "010", 2: "011", 3: "00100", 4: "00101", 5: "00110", 6: "00111",
           7: "0001000", 8: "0001001", 14: "0001111", 15: "000010000",
           MAX_SYMBOL: "0" * 30 + "1" * 31}  # fmt: skip
-    qs = [0, 1, -1, 2, -2, 3, -3, 4, -4, -7, 8, MAX_Q, 0, 2, 0]
+    qs = [0, 1, -1, 2, -2, 3, -3, 4, -4, -7, 8, -MAX_Q, 0, 2, 0]
     us = [q_to_u(q) for q in qs]
     assert us == [0, 1, 2, 3, 4, 5, 6, 7, 8, 14, 15, MAX_SYMBOL, 0, 3, 0]
     step = 0.125
@@ -484,11 +509,11 @@ def test_k0_mode0_is_h264_ue(block_size: int) -> None:
 
 
 def test_k0_ue_hand_built_bytes() -> None:
-    """Spelled out: q = 0, 1, -1, 2 -> ue '1' '010' '011' '00100' -> 0xA6 0x40, 13 bits."""
+    """Spelled out: q = 0, 1, -1, 2 -> ue '1' '010' '011' '00100' -> 0xA6 0x40, 12 bits."""
     x = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float32)
     data = ggcomm.encode(x, 1.0, k=0, zero_runs=False).tobytes()
     pf = parse_frame(data)
-    assert [(b.mode, b.k, b.bit_length) for b in pf.blocks] == [(0, 0, 13)]
+    assert [(b.mode, b.k, b.bit_length) for b in pf.blocks] == [(0, 0, 12)]
     assert pf.payload == bytes([0b10100110, 0b01000000])
 
 
@@ -572,8 +597,7 @@ def _tamper_cases():
         "reserved": patch(bt_off + 3, "B", 1),
         "bit_length": patch(bt_off + 4, "I", pf.blocks[0].bit_length + 8),
         "exc_pos": patch(exc_off, "Q", 10),
-        "padding": (lambda b: (b.__setitem__(pad_byte, b[pad_byte] | (1 << shift)),
-                               _with_crc(b))[1])(bytearray(base)),  # fmt: skip
+        "padding": patch(pad_byte, "B", base[pad_byte] | (1 << shift)),
         "trailing": _with_crc(bytearray(base) + b"\0\0\0\0"),
         "truncated": _with_crc(bytearray(base[:-5]) + b"\0\0\0\0"),
         "n_exceptions": patch(32, "Q", 0),
