@@ -26,7 +26,7 @@ def expected(x: torch.Tensor, steps, lengths) -> torch.Tensor:
     xd = flat.double().numpy()
     out = np.empty(xd.size, np.float64)
     o = 0
-    for step, n in zip(steps, lengths):
+    for step, n in zip(steps, lengths, strict=True):
         v = xd[o:o + n] * (1.0 / step)
         with np.errstate(invalid="ignore"):
             ok = np.abs(v) <= eg.QMAX
@@ -154,7 +154,7 @@ def test_kernels_equal_reference_bit_for_bit(seed, n, beta, rel_step, block_size
     off = 0
     xs = x.numpy()
     us, _ = reference.quantize(xs, np.array([0, n], np.int64), np.array([rel_step]))
-    for b, (mode, kk, kr, data, nb) in zip(info.blocks, parts):
+    for b, (mode, kk, kr, data, nb) in zip(info.blocks, parts, strict=True):
         got = reference.decode_block(info.payload[off:off + len(data)], nb, b.count, mode, kk,
                                      kr)
         assert got == us[b.first:b.first + b.count]
