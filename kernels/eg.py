@@ -440,28 +440,27 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
     lookup or a clz, not a load. Within 8 bytes of the buffer's end, and for codewords
     the fast paths do not cover, _read_eg (bounds-checked) takes over.
     """
-    bytep = pos >> 3
-    bitbuf = np.int64(0)
-    bitcount = 0
     j = 0
-    use_lut = k <= LUT_K_MAX
+    jlim = cnt - 3  # the table path stores three symbols at a time
+    blim = nbuf - 8  # last byte an 8-byte load may start at
     zfast = (31 - k) >> 1
     kp1 = k + 1
     one_k = np.int64(1) << k
-    first = True
-    while j + 3 <= cnt and bytep + 8 <= nbuf:
-        bitbuf |= lshr(load_be64(ptr, bytep), bitcount)
-        bytep += (63 - bitcount) >> 3
-        bitcount |= 56
-        if first:  # the block may start inside a byte
-            skip = pos & 7
-            bitbuf <<= skip
-            bitcount -= skip
-            first = False
-        if use_lut:
-            e = lut[lshr(bitbuf, 64 - LUT_BITS)]
-            n = e & 3
-            if n:
+    while j <= jlim and (pos >> 3) <= blim:
+        # 8 * bytep == pos + bitcount, and bitcount < 64, hold from here on
+        bytep = pos >> 3
+        bitbuf = load_be64(ptr, bytep) << (pos & 7)
+        bitcount = 56 - (pos & 7)
+        bytep += 7
+        if k <= LUT_K_MAX:
+            while j <= jlim and bytep <= blim:
+                bitbuf |= lshr(load_be64(ptr, bytep), bitcount)
+                bytep += (63 - bitcount) >> 3
+                bitcount |= 56
+                e = lut[lshr(bitbuf, 64 - LUT_BITS)]
+                n = e & 3
+                if n == 0:
+                    break
                 used = (e >> 2) & 15
                 scratch[j] = (e >> 8) & 0xFFFF
                 scratch[j + 1] = (e >> 24) & 0xFFFF
@@ -470,9 +469,8 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
                 bitbuf <<= used
                 bitcount -= used
                 pos += used
-                continue
         z = clz64(bitbuf)
-        if z > zfast:  # long (or corrupt) codeword: the careful reader decides
+        if z > zfast or bitcount < 32:  # long (or corrupt) codeword, or a short window
             u, pos, err = _read_eg(ptr, nbuf, pos, k)
             if err:
                 return pos, err
@@ -480,16 +478,10 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
                 return pos, ERR_VALUE_RANGE
             scratch[j] = u
             j += 1
-            bytep = pos >> 3
-            bitbuf = np.int64(0)
-            bitcount = 0
-            first = True
             continue
         length = 2 * z + kp1
         scratch[j] = lshr(bitbuf, 64 - length) - one_k
         j += 1
-        bitbuf <<= length
-        bitcount -= length
         pos += length
     return _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, cnt)
 
