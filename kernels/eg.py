@@ -469,6 +469,8 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
                 bitbuf <<= used
                 bitcount -= used
                 pos += used
+            if j > jlim:
+                break
         z = clz64(bitbuf)
         if z > zfast or bitcount < 32:  # long (or corrupt) codeword, or a short window
             u, pos, err = _read_eg(ptr, nbuf, pos, k)

@@ -131,7 +131,8 @@ def reference_frame_parts(x: torch.Tensor, steps, lengths, block_size, k_fixed, 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 700),
        beta=st.sampled_from([0.3, 0.7, 1.0, 2.0]), rel_step=st.sampled_from([0.05, 0.3, 1.5]),
-       block_size=st.sampled_from([1, 5, 100, 256]), k=st.sampled_from([-1, 0, 2, 7]),
+       block_size=st.sampled_from([1, 2, 3, 4, 5, 100, 256]),
+       k=st.sampled_from([-1, 0, 2, 7, 8, 9]),
        zr=st.sampled_from([0, 1, 2]), sparse=st.booleans())
 def test_kernels_equal_reference_bit_for_bit(seed, n, beta, rel_step, block_size, k, zr,
                                              sparse):
