@@ -240,7 +240,22 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
     acc = np.int64(0)
     nacc = np.int64(0)
     if mode == MODE_EG:
-        for j in range(cnt):
+        # Two codewords per store when together they fit in 32 bits (the common case at
+        # a few bits per element): the store and its bookkeeping are the cost.
+        one_k = np.int64(1) << k
+        j = 0
+        while j + 1 < cnt:
+            c1 = np.int64(scratch[j]) + one_k
+            c2 = np.int64(scratch[j + 1]) + one_k
+            l1 = 2 * (64 - clz64(c1)) - 1 - k
+            l2 = 2 * (64 - clz64(c2)) - 1 - k
+            if l1 + l2 <= 32:
+                p, acc, nacc = _put(ptr, p, acc, nacc, (c1 << l2) | c2, l1 + l2)
+            else:
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, c1 - one_k, k)
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, c2 - one_k, k)
+            j += 2
+        if j < cnt:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, np.int64(scratch[j]), k)
     else:
         run = np.int64(0)
