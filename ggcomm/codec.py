@@ -82,6 +82,7 @@ class BlockInfo:
 
     first: int  # index of the block's first element in the flattened tensor
     count: int  # elements in the block
+    segment: int  # the segment the block belongs to (blocks never span segments)
     mode: str  # "eg" or "zero_runs"
     k: int  # Exp-Golomb order of the values
     k_run: int  # order of the zero-run lengths (zero_runs mode only)
@@ -122,6 +123,7 @@ class _Header:
     block_size: int
     seg_bounds: np.ndarray  # int64, n_segments + 1 cumulative bounds
     steps: np.ndarray  # float64, one per segment
+    layout: tuple[np.ndarray, np.ndarray, np.ndarray]  # per block: start, count, segment
     blocks: np.ndarray  # _BLOCK records
     exc_pos: np.ndarray  # int64 positions
     exc_off: int  # byte offset of the raw exception values
@@ -240,6 +242,18 @@ def _steps_and_bounds(step, segments, numel: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(steps, np.float64), bounds
 
 
+def _block_layout(bounds: np.ndarray, block_size: int):
+    """Per block (start, count, segment): each segment is cut into blocks of block_size."""
+    lengths = np.diff(bounds)
+    per_seg = -(-lengths // block_size)
+    seg = np.repeat(np.arange(lengths.size, dtype=np.int64), per_seg)
+    first_block = np.cumsum(per_seg) - per_seg
+    local = np.arange(seg.size, dtype=np.int64) - np.repeat(first_block, per_seg)
+    starts = bounds[seg] + local * block_size
+    counts = np.minimum(block_size, bounds[seg + 1] - starts)
+    return starts, counts, seg
+
+
 def encode(
     x: torch.Tensor,
     step,
@@ -301,20 +315,22 @@ def encode(
     block_size = int(block_size)
     k_fixed = -1 if k == "auto" else int(k)
 
-    n_blocks = -(-numel // block_size)
+    starts, counts, seg_of_block = _block_layout(bounds, block_size)
+    block_invs = invs[seg_of_block]
+    n_blocks = starts.size
     meta = np.zeros((n_blocks, 5), np.int64)
     ranges = _parallel.split(n_blocks, _MIN_BLOCKS_PER_TASK)
 
     def capacity(lo: int, hi: int) -> int:
-        last = min(block_size, numel - (hi - 1) * block_size)
-        return (hi - lo - 1) * eg.worst_case_bytes(block_size, zr) + eg.worst_case_bytes(last, zr)
+        return int(sum(eg.worst_case_bytes(int(c), zr) for c in counts[lo:hi])) if hi - lo < 16 \
+            else int(((counts[lo:hi] * (108 if zr == 2 else 63) + 7) // 8 + 8).sum())
 
     # Buffers are picked on the calling thread: pool threads serve every caller.
     work_items = [(_chunk_buffer(i, capacity(lo, hi)), lo, hi) for i, (lo, hi) in
                   enumerate(ranges) if hi > lo]
 
     def encode_range(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int]:
-        used = eg.encode_blocks(xs, bounds, invs, block_size, lo, hi, k_fixed, zr, buf, meta)
+        used = eg.encode_blocks(xs, starts, counts, block_invs, lo, hi, k_fixed, zr, buf, meta)
         if used < 0:
             raise RuntimeError("ggcomm internal error: encode buffer too small")
         return buf, used
@@ -326,7 +342,7 @@ def encode(
     n_exc = int(meta[:, 4].sum()) if n_blocks else 0
     exc_pos = np.empty(n_exc, np.int64)
     if n_exc:
-        found = eg.find_exceptions(xs, bounds, invs, exc_pos)
+        found = eg.find_exceptions(xs, starts, counts, block_invs, exc_pos)
         assert found == n_exc
     payload_len = sum(used for _, used in chunks)
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -366,8 +382,9 @@ def encode(
     _CRC.pack_into(out, o, zlib.crc32(out[:o]))
 
     seg_bounds = bounds
-    header = _Header(dtype, shape, numel, int(tag), block_size, seg_bounds, steps, blk,
-                     exc_pos, header_len - n_exc * itemsize, header_len, payload_len, total)
+    header = _Header(dtype, shape, numel, int(tag), block_size, seg_bounds, steps,
+                     (starts, counts, seg_of_block), blk, exc_pos,
+                     header_len - n_exc * itemsize, header_len, payload_len, total)
     return Frame(out_t, header)
 
 
@@ -420,8 +437,6 @@ def _parse(buf: np.ndarray) -> _Header:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if n_seg < 1:
         raise FrameError("a frame has at least one segment")
-    if n_blocks != -(-numel // block_size):
-        raise FrameError(f"{n_blocks} blocks for {numel} elements of block size {block_size}")
     if n_exc > numel:
         raise FrameError(f"{n_exc} exceptions for {numel} elements")
     header_len = (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_seg
@@ -447,6 +462,11 @@ def _parse(buf: np.ndarray) -> _Header:
         raise FrameError(f"invalid quantization step {steps[~ok][0]!r}")
     bounds = np.zeros(n_seg + 1, np.int64)
     np.cumsum(lengths, out=bounds[1:])
+    implied = int((-(-lengths // block_size)).sum())  # before any per-block allocation
+    if implied != n_blocks:
+        raise FrameError(f"{n_blocks} blocks, but the segments in blocks of {block_size} "
+                         f"make {implied}")
+    layout = _block_layout(bounds, block_size)
     blocks = buf[o:o + _BLOCK.itemsize * n_blocks].view(_BLOCK)
     o += blocks.nbytes
     if n_blocks:
@@ -467,8 +487,8 @@ def _parse(buf: np.ndarray) -> _Header:
         raise FrameError("exception positions are not increasing positions inside the tensor")
     exc_off = o
     o += n_exc * itemsize
-    return _Header(dtype, shape, numel, tag, block_size, bounds, steps, blocks, exc_pos,
-                   exc_off, o, payload_len, n)
+    return _Header(dtype, shape, numel, tag, block_size, bounds, steps, layout, blocks,
+                   exc_pos, exc_off, o, payload_len, n)
 
 
 # --------------------------------------------------------------------------- decode
@@ -517,10 +537,11 @@ def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
         payload = buf[h.payload_off:h.payload_off + h.payload_len]
         ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
         luts = _luts()
+        starts, counts, seg = h.layout
+        block_steps = h.steps[seg]
         results = _parallel.run(
-            lambda lo, hi: eg.decode_blocks(payload, h.block_size, h.numel, lo, hi, modes, ks,
-                                            kruns, bits, offsets, h.seg_bounds, h.steps, luts,
-                                            w),
+            lambda lo, hi: eg.decode_blocks(payload, starts, counts, block_steps, lo, hi, modes,
+                                            ks, kruns, bits, offsets, luts, w),
             ranges)
         for err, b in results:
             if err:
@@ -554,10 +575,10 @@ def inspect(frame) -> FrameInfo:
     buf = buf_t.numpy()
     blocks = []
     bit_off = 0
+    starts, counts, seg = h.layout
     for b, rec in enumerate(h.blocks):
-        first = b * h.block_size
         nbits = int(rec["bits"])
-        blocks.append(BlockInfo(first, min(h.block_size, h.numel - first),
+        blocks.append(BlockInfo(int(starts[b]), int(counts[b]), int(seg[b]),
                                 "eg" if rec["mode"] == eg.MODE_EG else "zero_runs",
                                 int(rec["k"]), int(rec["k_run"]), bit_off, nbits))
         bit_off += (nbits + 7) // 8 * 8

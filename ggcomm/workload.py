@@ -204,7 +204,7 @@ def stdlib_corpus(max_bytes: int = 8_000_000) -> bytes:
     differs between environments) and the test suites ``test`` / ``tests`` / ``idlelib/idle_test``
     (large, full of odd fixtures, and removed by some distributions, so leaving them out keeps
     the corpus the same across installs of one Python version). ``idlelib`` itself is kept: it
-    is ordinary application code. CPython 3.11 gives about 12.6 MB this way.
+    is ordinary application code. CPython 3.11 gives about 12 MB this way.
 
     Deterministic for a given interpreter version and installation; nothing is downloaded or
     cached on disk.

@@ -59,43 +59,20 @@ def _q_of_u(u):
 
 
 @njit(nogil=True, cache=True)
-def _segment_of(seg_bounds, i):
-    """Index s with seg_bounds[s] <= i < seg_bounds[s + 1] (skipping empty segments)."""
-    lo = 0
-    hi = seg_bounds.size - 2
-    while lo < hi:
-        mid = (lo + hi + 1) >> 1
-        if seg_bounds[mid] <= i:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-@njit(nogil=True, cache=True)
-def _quantize(x, start, end, seg_bounds, invs, scratch):
-    """u-symbols of x[start:end] into scratch[0:end-start]; returns the exception count.
+def _quantize(x, start, cnt, inv, scratch):
+    """u-symbols of x[start:start+cnt] into scratch[:cnt]; returns the exception count.
 
     q = rint(float64(x) * inv_step); values with |x * inv| > QMAX or non-finite get u = 0
     here and travel in the frame's exception list.
     """
     nexc = 0
-    i = start
-    s = _segment_of(seg_bounds, start)
-    while i < end:
-        while seg_bounds[s + 1] <= i:
-            s += 1
-        e = min(seg_bounds[s + 1], end)
-        inv = invs[s]
-        xs = x[i:e]
-        us = scratch[i - start:e - start]
-        for j in range(e - i):  # indices from 0: no wraparound checks, so it vectorizes
-            v = np.float64(xs[j]) * inv
-            ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
-            nexc += np.int64(not ok)
-            q = np.int32(np.rint(v if ok else 0.0))
-            us[j] = 2 * q - 1 if q > 0 else -2 * q
-        i = e
+    xs = x[start:start + cnt]
+    for j in range(cnt):  # indices from 0: no wraparound checks, so it vectorizes
+        v = np.float64(xs[j]) * inv
+        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+        nexc += np.int64(not ok)
+        q = np.int32(np.rint(v if ok else 0.0))
+        scratch[j] = 2 * q - 1 if q > 0 else -2 * q
     return nexc
 
 
@@ -287,8 +264,10 @@ def worst_case_bytes(cnt, zero_runs):
 
 
 @njit(nogil=True, cache=True)
-def encode_blocks(x, seg_bounds, invs, block_size, b_lo, b_hi, k_fixed, zero_runs, out, meta):
+def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """Quantize and encode blocks [b_lo, b_hi) of x back to back into out.
+
+    Block b holds x[starts[b] : starts[b] + counts[b]], quantized with step 1 / invs[b].
 
     k_fixed: -1 picks each block's k; 0..K_MAX forces it (for values; runs always auto).
     zero_runs: 0 never, 1 when it saves bits, 2 always.
@@ -296,18 +275,15 @@ def encode_blocks(x, seg_bounds, invs, block_size, b_lo, b_hi, k_fixed, zero_run
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).
     """
-    n = x.size
-    scratch = np.empty(block_size, np.int32)
+    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
     H = np.zeros((_NBINS, _HCOLS), np.int64)
     Hrun = np.zeros((_NBINS, _HCOLS), np.int64)
     Hval = np.zeros((_NBINS, _HCOLS), np.int64)
     T = np.zeros(4 * _SMALL, np.int64)
     p = 0
     for b in range(b_lo, b_hi):
-        start = b * block_size
-        end = min(start + block_size, n)
-        cnt = end - start
-        nexc = _quantize(x, start, end, seg_bounds, invs, scratch)
+        cnt = counts[b]
+        nexc = _quantize(x, starts[b], cnt, invs[b], scratch)
         _histogram(scratch, cnt, H, T)
         if k_fixed >= 0:
             _summarize(H)
@@ -347,17 +323,15 @@ def encode_blocks(x, seg_bounds, invs, block_size, b_lo, b_hi, k_fixed, zero_run
 
 
 @njit(nogil=True, cache=True)
-def find_exceptions(x, seg_bounds, invs, positions):
+def find_exceptions(x, starts, counts, invs, positions):
     """Positions of the values the code cannot carry, in increasing order."""
     m = 0
-    s = 0
-    for i in range(x.size):
-        while seg_bounds[s + 1] <= i:
-            s += 1
-        v = np.float64(x[i]) * invs[s]
-        if not abs(v) <= _QMAXF:
-            positions[m] = i
-            m += 1
+    for b in range(starts.size):
+        inv = invs[b]
+        for i in range(starts[b], starts[b] + counts[b]):
+            if not abs(np.float64(x[i]) * inv) <= _QMAXF:
+                positions[m] = i
+                m += 1
     return m
 
 
@@ -528,31 +502,24 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch):
 
 
 @njit(nogil=True, cache=True)
-def _dequantize(scratch, start, end, seg_bounds, steps, out):
-    """out[start:end] = float64(q) * step, from the block's symbols in scratch."""
-    i = start
-    s = _segment_of(seg_bounds, start)
-    while i < end:
-        while seg_bounds[s + 1] <= i:
-            s += 1
-        e = min(seg_bounds[s + 1], end)
-        step = steps[s]
-        us = scratch[i - start:e - start]
-        o = out[i:e]
-        for j in range(e - i):  # indices from 0: no wraparound checks, so it vectorizes
-            # q from u in float64 (exact below 2**53): AVX2 has no packed int64 -> float64
-            # conversion, so the integer form of _q_of_u would not vectorize.
-            half = np.float64(us[j]) * 0.5
-            fl = np.floor(half)
-            q = fl + 1.0 if half != fl else 0.0 - half  # 0.0 - 0.0 is +0.0, -0.0 is not
-            o[j] = q * step
-        i = e
+def _dequantize(scratch, start, cnt, step, out):
+    """out[start:start+cnt] = float64(q) * step, from the block's symbols in scratch."""
+    o = out[start:start + cnt]
+    for j in range(cnt):  # indices from 0: no wraparound checks, so it vectorizes
+        # q from u in float64 (exact below 2**53): AVX2 has no packed int64 -> float64
+        # conversion, so the integer form of _q_of_u would not vectorize.
+        half = np.float64(scratch[j]) * 0.5
+        fl = np.floor(half)
+        q = fl + 1.0 if half != fl else 0.0 - half  # 0.0 - 0.0 is +0.0, -0.0 is not
+        o[j] = q * step
 
 
 @njit(nogil=True, cache=True)
-def decode_blocks(payload, block_size, n, b_lo, b_hi, modes, ks, kruns, bits, offsets,
-                  seg_bounds, steps, luts, out):
-    """Decode blocks [b_lo, b_hi) into out (float32 or float64, n elements).
+def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, bits, offsets,
+                  luts, out):
+    """Decode blocks [b_lo, b_hi) into out (float32 or float64).
+
+    Block b fills out[starts[b] : starts[b] + counts[b]] with q * steps[b].
 
     offsets[b] is the block's first byte in payload; its bits are
     [8*offsets[b], 8*offsets[b] + bits[b]). Returns (error code, block), (0, -1) if ok.
@@ -561,11 +528,9 @@ def decode_blocks(payload, block_size, n, b_lo, b_hi, modes, ks, kruns, bits, of
     """
     nbuf = payload.size
     ptr = data_ptr(payload)
-    scratch = np.empty(block_size, np.int32)
+    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
     for b in range(b_lo, b_hi):
-        start = b * block_size
-        end = min(start + block_size, n)
-        cnt = end - start
+        cnt = counts[b]
         pos = offsets[b] * 8
         stop = pos + bits[b]
         if modes[b] == MODE_EG:
@@ -580,7 +545,7 @@ def decode_blocks(payload, block_size, n, b_lo, b_hi, modes, ks, kruns, bits, of
         pad = (8 - (stop & 7)) & 7
         if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
             return ERR_PADDING, b
-        _dequantize(scratch, start, end, seg_bounds, steps, out)
+        _dequantize(scratch, starts[b], cnt, steps[b], out)
     return 0, -1
 
 

@@ -27,6 +27,15 @@ def quantize(x: np.ndarray, seg_bounds: np.ndarray, steps: np.ndarray) -> tuple[
     return us, exc
 
 
+def block_layout(seg_bounds, block_size: int) -> list[tuple[int, int]]:
+    """(start, count) of every block: each segment is cut into blocks of block_size."""
+    out = []
+    for s in range(len(seg_bounds) - 1):
+        for start in range(int(seg_bounds[s]), int(seg_bounds[s + 1]), block_size):
+            out.append((start, min(block_size, int(seg_bounds[s + 1]) - start)))
+    return out
+
+
 def eg_codeword(u: int, k: int) -> str:
     """The order-k Exp-Golomb codeword of u >= 0 as a string of '0'/'1'."""
     c = u + (1 << k)

@@ -120,8 +120,8 @@ def reference_frame_parts(x: torch.Tensor, steps, lengths, block_size, k_fixed, 
     bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     us, exc = reference.quantize(xs, bounds, np.asarray(steps, np.float64))
     parts = []
-    for start in range(0, len(us), block_size):
-        blk = us[start:start + block_size]
+    for start, count in reference.block_layout(bounds, block_size):
+        blk = us[start:start + count]
         mode, k, krun = reference.choose(blk, k_fixed, zr)
         data, nbits = reference.encode_block(blk, mode, k, krun)
         parts.append((mode, k, krun, data, nbits))

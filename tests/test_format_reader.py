@@ -160,8 +160,6 @@ def parse_frame(data: bytes) -> ParsedFrame:
         raise ValueError(f"block_size {block_size} out of range")
     if n_seg < 1:
         raise ValueError("no segments")
-    if n_blocks != -(-numel // block_size):
-        raise ValueError("n_blocks disagrees with numel and block_size")
     if n_exc > numel:
         raise ValueError("more exceptions than elements")
     itemsize = DTYPES[dtype_code][1]
@@ -220,9 +218,13 @@ def parse_frame(data: bytes) -> ParsedFrame:
     off += payload_len
     assert off == len(data) - 4
 
+    # each segment, in order, is cut into blocks of block_size; blocks never span segments
+    counts = [min(block_size, seg_len - i) for seg_len, _ in segments
+              for i in range(0, seg_len, block_size)]
+    if len(counts) != n_blocks:
+        raise ValueError("n_blocks disagrees with the segments and block_size")
     symbols: list[int] = []
-    for b, blk in enumerate(blocks):
-        count = min((b + 1) * block_size, numel) - b * block_size
+    for blk, count in zip(blocks, counts, strict=True):
         nbytes = -(-blk.bit_length // 8)
         blk.symbols = decode_block(blk, payload[blk.offset : blk.offset + nbytes], count)
         symbols.extend(blk.symbols)
@@ -388,7 +390,7 @@ def check_frame(x, steps, seg_lens, frame_bytes, *, tag=0, block_size=16384):
     assert pf.dtype_code == DTYPE_CODE[x.dtype]
     assert pf.numel == x.numel()
     assert pf.block_size == block_size
-    assert len(pf.blocks) == -(-x.numel() // block_size)
+    assert len(pf.blocks) == sum(-(-n // block_size) for n in seg_lens)
     assert pf.segments == [(n, float(s)) for n, s in zip(seg_lens, steps, strict=True)]
     assert pf.exc_positions == np.flatnonzero(exc).tolist()
     assert [u_to_q(u) for u in pf.symbols] == q.tolist()
