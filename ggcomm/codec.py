@@ -33,6 +33,7 @@ __all__ = [
     "FrameError",
     "FrameInfo",
     "decode",
+    "decode_symbols",
     "encode",
     "inspect",
 ]
@@ -188,6 +189,16 @@ class Frame:
     def bits_per_element(self) -> float:
         """Frame bits per tensor element, everything included."""
         return 8.0 * self._h.nbytes / self._h.numel if self._h.numel else float("nan")
+
+    def segment_bits(self) -> np.ndarray:
+        """Payload bits of each segment (its blocks' codewords; headers excluded).
+
+        Blocks never span segments, so this is exact per segment and does not depend on
+        how segments were grouped into frames.
+        """
+        seg = self._h.layout[2]
+        return np.bincount(seg, weights=self._h.blocks["bits"].astype(np.float64),
+                           minlength=self._h.steps.size).astype(np.int64)
 
     def tobytes(self) -> bytes:
         return self.buffer.numpy().tobytes()
@@ -500,6 +511,50 @@ def _luts() -> np.ndarray:
 
 
 
+def _frame_and_header(frame) -> tuple[np.ndarray, _Header]:
+    if isinstance(frame, Frame):
+        return frame.buffer.numpy(), frame._h
+    buf_t = _as_uint8_tensor(frame)
+    buf = buf_t.numpy()
+    return buf, _parse(buf)
+
+
+def _decode_into(buf: np.ndarray, h: _Header, w: np.ndarray, steps: np.ndarray) -> None:
+    """Decode every block into w (float32/float64), block b scaled by steps[segment of b]."""
+    if not h.numel:
+        return
+    blocks = h.blocks
+    bits = blocks["bits"].astype(np.int64)
+    offsets = np.zeros(bits.size, np.int64)
+    np.cumsum((bits[:-1] + 7) >> 3, out=offsets[1:])
+    modes = blocks["mode"].astype(np.int64)
+    ks = blocks["k"].astype(np.int64)
+    kruns = blocks["k_run"].astype(np.int64)
+    payload = buf[h.payload_off:h.payload_off + h.payload_len]
+    ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
+    luts = _luts()
+    starts, counts, seg = h.layout
+    block_steps = steps[seg]
+    results = _parallel.run(
+        lambda lo, hi: eg.decode_blocks(payload, starts, counts, block_steps, lo, hi, modes, ks,
+                                        kruns, bits, offsets, luts, w),
+        ranges)
+    for err, b in results:
+        if err:
+            raise FrameError(f"block {b}: {_ERRORS[err]}")
+    if h.exc_pos.size and (w[h.exc_pos] != 0).any():
+        raise FrameError("an exception position holds a nonzero code")
+
+
+def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
+    """The raw exceptional values, in the frame's dtype."""
+    itemsize = torch.empty(0, dtype=h.dtype).element_size()
+    n = h.exc_pos.size
+    raw = np.frombuffer(buf[h.exc_off:h.exc_off + n * itemsize].tobytes(),
+                        np.dtype(f"<i{itemsize}"))
+    return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="))).view(h.dtype)
+
+
 def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
 
@@ -510,12 +565,7 @@ def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
 
     Raises FrameError if the buffer is not a valid frame.
     """
-    if isinstance(frame, Frame):
-        buf_t, h = frame.buffer, frame._h
-    else:
-        buf_t = _as_uint8_tensor(frame)
-        h = _parse(buf_t.numpy())
-    buf = buf_t.numpy()
+    buf, h = _frame_and_header(frame)
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != h.dtype or \
                 out.numel() != h.numel or out.device.type != "cpu":
@@ -525,38 +575,10 @@ def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
         work = out.view(-1)
     else:
         work = torch.empty(h.numel, dtype=work_dtype)
-    w = work.numpy()
-    if h.numel:
-        blocks = h.blocks
-        bits = blocks["bits"].astype(np.int64)
-        offsets = np.zeros(bits.size, np.int64)
-        np.cumsum((bits[:-1] + 7) >> 3, out=offsets[1:])
-        modes = blocks["mode"].astype(np.int64)
-        ks = blocks["k"].astype(np.int64)
-        kruns = blocks["k_run"].astype(np.int64)
-        payload = buf[h.payload_off:h.payload_off + h.payload_len]
-        ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
-        luts = _luts()
-        starts, counts, seg = h.layout
-        block_steps = h.steps[seg]
-        results = _parallel.run(
-            lambda lo, hi: eg.decode_blocks(payload, starts, counts, block_steps, lo, hi, modes,
-                                            ks, kruns, bits, offsets, luts, w),
-            ranges)
-        for err, b in results:
-            if err:
-                raise FrameError(f"block {b}: {_ERRORS[err]}")
-    n_exc = h.exc_pos.size
-    if n_exc and (w[h.exc_pos] != 0).any():
-        raise FrameError("an exception position holds a nonzero code")
+    _decode_into(buf, h, work.numpy(), h.steps)
     result = work if work.dtype == h.dtype else work.to(h.dtype)
-    if n_exc:
-        raw_dt = _RAW_INT[h.dtype]
-        itemsize = torch.empty(0, dtype=h.dtype).element_size()
-        raw = np.frombuffer(buf[h.exc_off:h.exc_off + n_exc * itemsize].tobytes(),
-                            np.dtype(f"<i{itemsize}"))
-        result.view(raw_dt)[torch.from_numpy(h.exc_pos)] = torch.from_numpy(
-            raw.astype(raw.dtype.newbyteorder("=")))
+    if h.exc_pos.size:
+        result[torch.from_numpy(h.exc_pos)] = _exception_values(buf, h)
     result = result.view(h.shape)
     if out is not None:
         if result.data_ptr() != out.data_ptr():
@@ -565,14 +587,25 @@ def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
     return result
 
 
+def decode_symbols(frame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frame's integers: (q as float64, exception positions, exception values).
+
+    q is exact (|q| < 2**30) and 0 at exception positions; the exceptional values come
+    back as float64. Summing the q of several frames that share steps is exact, which is
+    how ggcomm.ddp gives every rank bit-identical averages.
+    """
+    buf, h = _frame_and_header(frame)
+    q = torch.empty(h.numel, dtype=torch.float64)
+    _decode_into(buf, h, q.numpy(), np.ones_like(h.steps))
+    pos = torch.from_numpy(h.exc_pos)
+    vals = _exception_values(buf, h).double() if h.exc_pos.size else \
+        torch.empty(0, dtype=torch.float64)
+    return q, pos, vals
+
+
 def inspect(frame) -> FrameInfo:
     """The frame's header as data (validating it as ``Frame.from_buffer`` does)."""
-    if isinstance(frame, Frame):
-        buf_t, h = frame.buffer, frame._h
-    else:
-        buf_t = _as_uint8_tensor(frame)
-        h = _parse(buf_t.numpy())
-    buf = buf_t.numpy()
+    buf, h = _frame_and_header(frame)
     blocks = []
     bit_off = 0
     starts, counts, seg = h.layout

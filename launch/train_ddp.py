@@ -10,7 +10,10 @@ sends per step, so compression can be judged on both traffic and training qualit
 
 * ``none``: no hook, DDP's own fp32 allreduce.
 * ``fp16``: ``default_hooks.fp16_compress_hook`` (cast to fp16, allreduce, cast back).
-* ``quant8``: ``quantization_hooks.quantization_pertensor_hook`` (uint8, allgather).
+* ``quant8``: torch's ``quantization_hooks.quantization_pertensor_hook`` (uint8, allgather),
+  as :func:`quant8_pertensor_hook`: the same algorithm, but the upstream function fails under
+  gloo in torch 2.13 (it indexes the allgather future's value as ``[[t_0, ..., t_W-1]]``;
+  gloo's future holds the flat ``[t_0, ..., t_W-1]``), so the copy reads its own output lists.
 * ``powersgd``: ``powerSGD_hook.powerSGD_hook`` with
   ``PowerSGDState(matrix_approximation_rank=--psgd-rank, start_powerSGD_iter=--psgd-start)``.
 * ``gg``: :func:`ggcomm.ddp.gg_hook` with ``GGCommState(rate=--rate | step=--step |
@@ -77,7 +80,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-from torch.distributed.algorithms.ddp_comm_hooks import quantization_hooks as quant_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ggcomm.workload import (
@@ -140,6 +142,51 @@ def _powersgd_bytes(
         else:
             uncompressed += n * m
     return sum(allreduce_bytes(k * itemsize, world_size) for k in (uncompressed, p_size, q_size))
+
+
+def quant8_pertensor_hook(
+    process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """torch's ``quantization_pertensor_hook``, working on every backend.
+
+    Each rank computes a per-tensor ``(scale, zero_point)`` for its bucket with a
+    ``MinMaxObserver``, allgathers them, quantizes its bucket to uint8 with its own pair,
+    allgathers the uint8 tensors, then dequantizes every rank's tensor with that rank's pair and
+    returns the mean. Unlike upstream, the gathered tensors are read from the output lists
+    passed to ``all_gather`` rather than from the future's value, whose layout differs between
+    backends.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    assert group is not None
+    rank, world_size = group.rank(), group.size()
+    tensor = bucket.buffer()
+
+    observer = torch.ao.quantization.MinMaxObserver().to(tensor.device)
+    observer(tensor)
+    scale, zero_point = observer.calculate_qparams()
+    s_and_z = torch.cat([scale.reshape(1).float(), zero_point.reshape(1).float()]).to(tensor.device)
+    all_s_and_z = [torch.zeros_like(s_and_z) for _ in range(world_size)]
+    all_quantized = [
+        torch.zeros(tensor.numel(), dtype=torch.uint8, device=tensor.device)
+        for _ in range(world_size)
+    ]
+
+    def quantize_and_allgather(fut: torch.futures.Future) -> Any:
+        fut.wait()
+        s, z = all_s_and_z[rank]
+        quantized = torch.clamp(torch.round(tensor / s) + z, 0, 255).to(torch.uint8)
+        work = dist.all_gather(all_quantized, quantized, group=group, async_op=True)
+        return work.get_future().wait()
+
+    def dequantize_and_aggregate(fut: torch.futures.Future) -> torch.Tensor:
+        fut.wait()
+        total = torch.zeros_like(tensor, dtype=torch.float32)
+        for (s, z), quantized in zip(all_s_and_z, all_quantized, strict=True):
+            total += s * (quantized.to(torch.float32) - z)
+        return total / world_size
+
+    fut = dist.all_gather(all_s_and_z, s_and_z, group=group, async_op=True).get_future()
+    return fut.then(quantize_and_allgather).then(dequantize_and_aggregate)
 
 
 class ByteCounter:
@@ -267,7 +314,7 @@ def _register_hook(
     if args.hook == "fp16":
         counter = ByteCounter(default_hooks.fp16_compress_hook, _fp16_bytes, world_size)
     elif args.hook == "quant8":
-        counter = ByteCounter(quant_hooks.quantization_pertensor_hook, _quant8_bytes, world_size)
+        counter = ByteCounter(quant8_pertensor_hook, _quant8_bytes, world_size)
     elif args.hook == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None,
@@ -294,6 +341,14 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def _gg_stats(state: Any) -> dict[str, Any]:
+    """The gg hook's cumulative statistics (with ratio and bits per element when offered)."""
+    stats = state.stats
+    if hasattr(stats, "summary"):
+        return stats.summary()
+    return {"total": stats.total, "last_step": stats.last_step}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -461,7 +516,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "final_train_loss": losses[-1] if losses else None,
         "val_loss": val_loss,
         "val_accuracy": val_acc,
-        "gg_stats": hook_state.stats.total if args.hook == "gg" else None,
+        "gg_stats": _gg_stats(hook_state) if args.hook == "gg" else None,
     }
     summary = _jsonable(summary)
     if rank == 0 and args.json:

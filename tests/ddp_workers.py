@@ -1,0 +1,287 @@
+"""Rank functions for tests/test_ddp.py (spawned processes import them from here)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ggcomm.ddp import GGCommState, SettingsMismatchError
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32, unused_branch: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.LayerNorm(256),
+                                  nn.Linear(256, 10)).to(dtype)
+        self.unused = nn.Linear(10, 10).to(dtype) if unused_branch else None
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make(rank: int, dtype=torch.float32, unused_branch=False, bucket_cap_mb=0.05, **ddp_kw):
+    torch.manual_seed(0)
+    model = Net(dtype, unused_branch)
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, **ddp_kw)
+    return model, ddp
+
+
+def batch(g: torch.Generator, dtype=torch.float32):
+    return torch.randn(64, 32, generator=g).to(dtype), torch.randint(0, 10, (64,), generator=g)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def train(ddp, opt, g, steps, dtype=torch.float32):
+    losses = []
+    for _ in range(steps):
+        x, y = batch(g, dtype)
+        loss = nn.functional.cross_entropy(ddp(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def identical_params_many(rank, world, cases):
+    return [identical_params(rank, world, *c) for c in cases]
+
+
+def identical_params(rank, world, exchange, steps, hook, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    model, ddp = make(rank, dtype)
+    state = None
+    if hook:
+        state = GGCommState(rate=3.0, exchange=exchange)
+        state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)
+    losses = train(ddp, opt, g, steps, dtype)
+    return flat_params(model), losses, state.stats.summary() if state else None
+
+
+class ByteCounter:
+    """Wraps the torch.distributed calls ggcomm.ddp makes and counts their tensors."""
+
+    def __init__(self, world: int):
+        self.n = world
+        self.sent = 0.0
+        self.received = 0.0
+        self._orig = {}
+
+    def install(self):
+        for name in ("all_gather", "all_to_all_single", "all_reduce"):
+            self._orig[name] = getattr(dist, name)
+            setattr(dist, name, getattr(self, name))
+
+    def uninstall(self):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+
+    def all_gather(self, parts, t, group=None, async_op=False):
+        self.sent += (self.n - 1) * t.numel() * t.element_size()
+        self.received += (self.n - 1) * t.numel() * t.element_size()
+        return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
+
+    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None,
+                          group=None, async_op=False):
+        rank = dist.get_rank(group)
+        item = inp.element_size()
+        ins = input_split_sizes or [inp.numel() // self.n] * self.n
+        outs = output_split_sizes or [out.numel() // self.n] * self.n
+        self.sent += (sum(ins) - ins[rank]) * item
+        self.received += (sum(outs) - outs[rank]) * item
+        return self._orig["all_to_all_single"](out, inp, output_split_sizes=output_split_sizes,
+                                               input_split_sizes=input_split_sizes,
+                                               group=group, async_op=async_op)
+
+    def all_reduce(self, t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        b = t.numel() * t.element_size()
+        self.sent += 2 * (self.n - 1) / self.n * b
+        self.received += 2 * (self.n - 1) / self.n * b
+        return self._orig["all_reduce"](t, op=op, group=group, async_op=async_op)
+
+
+def bytes_counted(rank, world, exchanges):
+    return [_bytes_counted(rank, world, ex) for ex in exchanges]
+
+
+def _bytes_counted(rank, world, exchange):
+    model, ddp = make(rank)
+    counter = ByteCounter(world)
+    counter.install()
+    try:
+        state = GGCommState(rel_step=0.3, exchange=exchange, overlap=False)
+        state.register(ddp)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        train(ddp, opt, torch.Generator().manual_seed(rank), 6)
+    finally:
+        counter.uninstall()
+    total = state.stats.summary()["total"]
+    return counter.sent, counter.received, total["bytes_sent"], total["bytes_received"]
+
+
+def error_feedback(rank, world):
+    """One gg step: n * average == sum over ranks of (gradient + old residual - new residual)."""
+    model, ddp = make(rank)
+    state = GGCommState(rel_step=0.5, start_iter=0)
+    state.register(ddp)
+    g = torch.Generator().manual_seed(rank)
+    checks = []
+    for _ in range(3):
+        x, y = batch(g)
+        old = {k: v.clone() for k, v in state.residuals.items()}
+        # the local gradient, computed without DDP's reduction
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        local = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        lhs, rhs = [], []
+        for name, p in model.named_parameters():
+            resid_new = state.residuals[name]
+            resid_old = old.get(name, torch.zeros_like(resid_new))
+            contrib = local[name].reshape(-1) + resid_old - resid_new
+            parts = [torch.empty_like(contrib) for _ in range(world)]
+            dist.all_gather(parts, contrib)
+            lhs.append(p.grad.reshape(-1) * world)
+            rhs.append(torch.stack(parts).double().sum(0).float())
+        lhs, rhs = torch.cat(lhs), torch.cat(rhs)
+        nonzero_resid = sum(float(v.abs().sum()) for v in state.residuals.values())
+        checks.append((float((lhs - rhs).abs().max()), float(rhs.abs().max()), nonzero_resid))
+    return checks
+
+
+def resume(rank, world, cases):
+    return [_resume(rank, world, ex, mode) for ex, mode in cases]
+
+
+def _resume(rank, world, exchange, mode):
+    kw = {mode: {"rate": 3.0, "rel_step": 0.3, "step": 0.002}[mode]}
+    g = torch.Generator().manual_seed(7 + rank)
+
+    # uninterrupted: 10 steps
+    model_a, ddp_a = make(rank)
+    st_a = GGCommState(exchange=exchange, **kw)
+    st_a.register(ddp_a)
+    opt_a = torch.optim.Adam(ddp_a.parameters(), lr=1e-3)
+    batches = [batch(g) for _ in range(10)]
+
+    def run(ddp, opt, bs):
+        for x, y in bs:
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+
+    run(ddp_a, opt_a, batches)
+
+    # 5 steps, checkpoint, a fresh DDP + state + optimizer from it, 5 more steps
+    model_b, ddp_b = make(rank)
+    st_b = GGCommState(exchange=exchange, **kw)
+    st_b.register(ddp_b)
+    opt_b = torch.optim.Adam(ddp_b.parameters(), lr=1e-3)
+    run(ddp_b, opt_b, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
+                "ggcomm": st_b.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    model_c, ddp_c = make(rank)
+    model_c.load_state_dict(ck["model"])
+    opt_c = torch.optim.Adam(ddp_c.parameters(), lr=1e-3)
+    opt_c.load_state_dict(ck["opt"])
+    st_c = GGCommState(exchange=exchange, **kw)
+    st_c.load_state_dict(ck["ggcomm"])
+    st_c.register(ddp_c)
+    run(ddp_c, opt_c, batches[5:])
+    # pickling keeps what matters and drops the process group
+    st_p = pickle.loads(pickle.dumps(st_b))
+    pickled_ok = (st_p.iteration == st_b.iteration and st_p.process_group is None
+                  and all(torch.equal(st_p.residuals[k], v) for k, v in st_b.residuals.items()))
+    return (torch.equal(flat_params(model_a), flat_params(model_c)),
+            float((flat_params(model_a) - flat_params(model_c)).abs().max()), pickled_ok)
+
+
+def mismatch(rank, world):
+    model, ddp = make(rank)
+    state = GGCommState(rate=3.0 if rank == 0 else 4.0)
+    state.register(ddp)
+    x, y = batch(torch.Generator().manual_seed(rank))
+    try:
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    except SettingsMismatchError as e:
+        return str(e)
+    except RuntimeError as e:  # DDP may wrap the future's exception
+        if "settings differ" in str(e):
+            return str(e)
+        raise
+    return None
+
+
+def nonfinite(rank, world):
+    model, ddp = make(rank)
+    state = GGCommState(rate=3.0, start_iter=0)
+    state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(rank)
+    x, y = batch(g)
+    if rank == 0:
+        x[0, 0] = float("inf")
+    opt.zero_grad()
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    bad = all(not torch.isfinite(p.grad).all() for p in model.parameters()
+              if p.grad is not None and p.dim() > 1)
+    scaler_like = any(not torch.isfinite(p.grad).all() for p in model.parameters())
+    # the next, clean step is finite again: the residual did not keep the poison
+    x, y = batch(g)
+    opt.zero_grad()
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    clean = all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return bad, scaler_like, clean
+
+
+def accumulation_and_unused(rank, world, as_view):
+    model, ddp = make(rank, unused_branch=True, find_unused_parameters=True,
+                      gradient_as_bucket_view=as_view)
+    state = GGCommState(rate=3.0)
+    state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        opt.zero_grad()
+        with ddp.no_sync():
+            for _ in range(2):
+                x, y = batch(g)
+                nn.functional.cross_entropy(ddp(x), y).backward()
+        x, y = batch(g)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    return flat_params(model), state.iteration
+
+
+def static_graph(rank, world):
+    model, ddp = make(rank, static_graph=True, gradient_as_bucket_view=True)
+    state = GGCommState(rate=3.0)
+    state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    train(ddp, opt, torch.Generator().manual_seed(rank), 5)
+    return flat_params(model), state.iteration
+
+
+def expect_error(fn, *args):
+    try:
+        fn(*args)
+    except (SettingsMismatchError, ValueError) as e:
+        return type(e).__name__
+    return None

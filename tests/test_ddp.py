@@ -1,0 +1,121 @@
+"""The DDP hook on real gloo ranks (spawned processes on localhost)."""
+
+from __future__ import annotations
+
+import pickle
+
+import ddp_workers as w
+import dist_utils
+import pytest
+import torch
+import torch.nn as nn
+
+from ggcomm.ddp import GGCommState, SettingsMismatchError
+
+
+@pytest.mark.parametrize("world,exchange", [(2, "allgather"), (2, "reduce_scatter"),
+                                            (4, "allgather"), (4, "reduce_scatter")])
+def test_parameters_bit_identical_on_all_ranks_after_50_steps(world, exchange):
+    res = dist_utils.values(dist_utils.run(w.identical_params, world, exchange, 50, True,
+                                           "float32"))
+    params = [r[0] for r in res]
+    assert all(torch.equal(params[0], p) for p in params[1:])
+    losses = res[0][1]
+    assert sum(losses[-10:]) < sum(losses[:10])  # it trains
+    total = res[0][2]["total"]
+    assert total["ratio"] > 4  # a tiny model: headers and statistics weigh in
+    assert 2.0 < total["payload_bits_per_element"] < 4.0  # rate 3 target
+
+
+def test_training_tracks_plain_allreduce_and_half_precision_gradients():
+    base, gg, bf16, fp16 = dist_utils.values(dist_utils.run(
+        w.identical_params_many, 2, [("allgather", 40, False, "float32"),
+                                     ("allgather", 40, True, "float32"),
+                                     ("allgather", 10, True, "bfloat16"),
+                                     ("allgather", 10, True, "float16")]))[0]
+    b, g = sum(base[1][-10:]) / 10, sum(gg[1][-10:]) / 10
+    assert abs(g - b) < 0.05 * b
+    for params, losses, _ in (bf16, fp16):
+        assert torch.isfinite(params).all() and all(map(torch.isfinite, map(torch.tensor,
+                                                                             losses)))
+
+
+def test_half_precision_gradients_identical_on_ranks():
+    res = dist_utils.values(dist_utils.run(w.identical_params_many, 2,
+                                           [("allgather", 5, True, "bfloat16"),
+                                            ("reduce_scatter", 5, True, "float16")]))
+    for case in range(2):
+        assert torch.equal(res[0][case][0], res[1][case][0])
+
+
+def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
+    for per_rank in dist_utils.values(dist_utils.run(w.bytes_counted, 3,
+                                                     ["allgather", "reduce_scatter"])):
+        for sent, received, counted_sent, counted_received in per_rank:
+            assert counted_sent == pytest.approx(sent, rel=1e-12)
+            assert counted_received == pytest.approx(received, rel=1e-12)
+
+
+def test_error_feedback_carries_the_residual():
+    for checks in dist_utils.values(dist_utils.run(w.error_feedback, 2)):
+        for max_err, scale, resid in checks:
+            assert max_err <= 1e-5 * scale
+            assert resid > 0  # quantization did leave something to carry
+
+
+def test_checkpoint_resume_is_bit_exact():
+    cases = [("allgather", "rate"), ("reduce_scatter", "rate"), ("allgather", "rel_step"),
+             ("allgather", "step")]
+    for per_rank in dist_utils.values(dist_utils.run(w.resume, 2, cases)):
+        for case, (same, diff, pickled_ok) in zip(cases, per_rank, strict=True):
+            assert same, f"{case}: resumed run differs by {diff}"
+            assert pickled_ok
+
+
+def test_mismatched_settings_raise_on_every_rank():
+    msgs = dist_utils.values(dist_utils.run(w.mismatch, 2, timeout=120))
+    assert all(m is not None and "settings differ" in m for m in msgs)
+
+
+def test_nonfinite_gradients_propagate_then_clear():
+    for bad, any_nonfinite, clean in dist_utils.values(dist_utils.run(w.nonfinite, 2)):
+        assert bad and any_nonfinite  # GradScaler would see them and skip the step
+        assert clean
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+def test_no_sync_accumulation_and_unused_parameters(as_view):
+    res = dist_utils.values(dist_utils.run(w.accumulation_and_unused, 2, as_view))
+    assert torch.equal(res[0][0], res[1][0])
+    assert res[0][1] == 4  # one reduction per synchronised step, none in no_sync
+
+
+def test_static_graph():
+    res = dist_utils.values(dist_utils.run(w.static_graph, 2))
+    assert torch.equal(res[0][0], res[1][0]) and res[0][1] == 5
+
+
+def test_state_validates_settings():
+    with pytest.raises(ValueError):
+        GGCommState(rate=3.0, step=0.1)
+    with pytest.raises(ValueError):
+        GGCommState(rate=0.5)
+    with pytest.raises(ValueError):
+        GGCommState(step=-1.0)
+    with pytest.raises(ValueError):
+        GGCommState(exchange="ring")
+    with pytest.raises(ValueError):
+        GGCommState(k=99)
+    s = GGCommState(rel_step=0.2)
+    assert GGCommState(rel_step=0.2).fingerprint == s.fingerprint
+    assert GGCommState(rel_step=0.3).fingerprint != s.fingerprint
+    other = GGCommState(rate=4.0)
+    with pytest.raises(SettingsMismatchError):
+        other.load_state_dict(s.state_dict())
+    restored = pickle.loads(pickle.dumps(s))
+    assert restored.settings() == s.settings() and restored.process_group is None
+
+
+def test_register_needs_a_ddp_model():
+    with pytest.raises(AttributeError):
+        GGCommState().register(nn.Linear(2, 2))
