@@ -38,10 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(method: str, steps: int, out: Path) -> dict:
+def run(method: str, steps: int, out: Path, seed: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", str(ROOT / "launch" / "train_ddp.py"),
-           *METHODS[method], "--steps", str(steps), "--threads", "1", "--log-every", "50",
+           *METHODS[method], "--steps", str(steps), "--seed", str(seed), "--threads", "1",
+           "--log-every", "50",
            "--json", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())
@@ -52,43 +53,67 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=["none", "fp16", "gg-rate3"],
                    choices=sorted(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-    rows = {}
+    runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for m in args.methods:
-            t = time.time()
-            rows[m] = run(m, args.steps, Path(tmp) / f"{m}.json")
-            print(f"{m}: {time.time() - t:.0f} s", file=sys.stderr)
-    base = rows.get("none")
+        for seed in args.seeds:
+            for m in args.methods:
+                t = time.time()
+                runs.setdefault(seed, {})[m] = run(m, args.steps, Path(tmp) / f"{m}.json", seed)
+                print(f"{m} seed {seed}: {time.time() - t:.0f} s", file=sys.stderr)
+    base = runs[args.seeds[0]].get("none")
+    def final(r: dict) -> float:
+        losses = r["steps"]["loss"]
+        return sum(losses[-20:]) / len(losses[-20:])
+
     lines = [
         "# DDP convergence: GPT workload, 2 gloo ranks on localhost",
         "",
         f"Command: `python benchmarks/convergence_ddp.py --steps {args.steps} --methods "
-        f"{' '.join(args.methods)}`  ",
+        f"{' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.  ",
         f"Model: byte-level GPT, {base['num_parameters'] if base else '?'} parameters; "
-        f"{args.steps} steps, batch 16 x 128 tokens per rank, AdamW lr 3e-3, seed 0.",
+        f"{args.steps} steps, batch 16 x 128 tokens per rank, AdamW lr 3e-3; seeds "
+        f"{', '.join(map(str, args.seeds))} (model init and data both follow the seed).",
         "",
-        "| method | final train loss (last 20) | vs fp32 | val loss | val acc | "
+        "Final train loss is the mean of the last 20 steps; 'vs fp32' compares it with the "
+        "no-hook run of the same seed, and the summary row of each method averages over seeds.",
+        "",
+        "| method | seed | final train loss | vs fp32 | val loss | val acc | "
         "bytes/rank/step | fewer bytes than fp32 | wire bits/elem | median step ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, r in rows.items():
-        losses = r["steps"]["loss"]
-        final = sum(losses[-20:]) / len(losses[-20:])
-        ref = sum(base["steps"]["loss"][-20:]) / 20 if base else float("nan")
-        sent = r["steps"]["bytes_sent_per_rank"][5:]  # after warm-up / first plain steps
-        mean_sent = sum(sent) / len(sent)
-        fewer = r["fp32_allreduce_bytes_per_rank"] / mean_sent
-        bits = 8 * mean_sent / r["num_parameters"]
-        r["summary"] = dict(final_train_loss=final, vs_fp32=final / ref - 1,
-                            bytes_per_rank_per_step=mean_sent, fewer_than_fp32=fewer,
-                            wire_bits_per_element=bits)
-        lines.append(f"| {m} | {final:.4f} | {100 * (final / ref - 1):+.2f}% | "
-                     f"{r['val_loss']:.4f} | {r['val_accuracy']:.4f} | {mean_sent / 1e3:.1f} kB"
-                     f" | {fewer:.1f}x | {bits:.2f} | {1e3 * r['median_step_time_s']:.0f} |")
+    summary: dict[str, dict] = {}
+    for m in args.methods:
+        gaps, vals, fewer_all, bits_all, finals = [], [], [], [], []
+        for seed in args.seeds:
+            r = runs[seed][m]
+            ref = runs[seed].get("none")
+            f = final(r)
+            gap = f / final(ref) - 1 if ref else float("nan")
+            sent = r["steps"]["bytes_sent_per_rank"][5:]  # after ggcomm's first plain step
+            mean_sent = sum(sent) / len(sent)
+            fewer = r["fp32_allreduce_bytes_per_rank"] / mean_sent
+            bits = 8 * mean_sent / r["num_parameters"]
+            gaps.append(gap)
+            vals.append(r["val_loss"])
+            fewer_all.append(fewer)
+            bits_all.append(bits)
+            finals.append(f)
+            lines.append(f"| {m} | {seed} | {f:.4f} | {100 * gap:+.2f}% | {r['val_loss']:.4f} | "
+                         f"{r['val_accuracy']:.4f} | {mean_sent / 1e3:.1f} kB | {fewer:.1f}x | "
+                         f"{bits:.2f} | {1e3 * r['median_step_time_s']:.0f} |")
+        k = len(args.seeds)
+        summary[m] = dict(final_train_loss=sum(finals) / k, vs_fp32=sum(gaps) / k,
+                          val_loss=sum(vals) / k, fewer_than_fp32=sum(fewer_all) / k,
+                          wire_bits_per_element=sum(bits_all) / k)
+        s_ = summary[m]
+        lines.append(f"| **{m}** | mean | {s_['final_train_loss']:.4f} | "
+                     f"{100 * s_['vs_fp32']:+.2f}% | {s_['val_loss']:.4f} | | | "
+                     f"{s_['fewer_than_fp32']:.1f}x | {s_['wire_bits_per_element']:.2f} | |")
     lines += [
         "",
         "Bytes per step are averaged over steps 6 onwards (ggcomm's first step is a plain "
@@ -96,6 +121,7 @@ def main(argv=None) -> None:
         "the hook hands to torch.distributed (frames, headers, size and statistics "
         "exchanges) over the model's parameter count.",
     ]
+    rows = {"summary": summary, "runs": {str(k): v for k, v in runs.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence_ddp.md").write_text("\n".join(lines) + "\n")

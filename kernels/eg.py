@@ -102,6 +102,12 @@ def _histogram(scratch, cnt, H, T):
             T[(np.uint64(j) & np.uint64(3)) * np.uint64(_SMALL) + u] += 1
         else:
             _hist_add(H, np.int64(u))
+    _fold_small(T, H)
+
+
+@njit(nogil=True, cache=True)
+def _fold_small(T, H):
+    """Add the four interleaved small-symbol tables T into the (m, t) histogram H."""
     for u in range(_SMALL):
         c = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
         if c:
@@ -163,21 +169,39 @@ def _best_k(H):
 
 
 @njit(nogil=True, cache=True)
-def _zero_run_hists(scratch, cnt, Hrun, Hval):
-    """Histograms of the zero-run mode's two symbol streams."""
+def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
+    """Histograms of the zero-run mode's two symbol streams.
+
+    Branch-free where the data is unpredictable: the nonzero positions are compacted
+    first (always store, advance on nonzero), then runs are their gaps.
+    """
     Hrun[:, :] = 0
     Hval[:, :] = 0
-    run = 0
+    Trun[:] = 0
+    Tval[:] = 0
+    m = np.uint64(0)  # unsigned indices: no wraparound checks in the loops
     for j in range(cnt):
-        u = np.int64(scratch[j])
-        if u == 0:
-            run += 1
+        pos[m] = j
+        m += np.uint64(scratch[j] != 0)
+    prev = -1
+    for i in range(m):
+        p = np.int64(pos[i])
+        run = np.uint64(p - prev - 1)
+        v = np.uint64(scratch[np.uint64(p)] - 1)
+        lane = (np.uint64(i) & np.uint64(3)) * np.uint64(_SMALL)
+        if run < _SMALL:
+            Trun[lane + run] += 1
         else:
-            _hist_add(Hrun, run)
-            _hist_add(Hval, u - 1)
-            run = 0
-    if run > 0:
-        _hist_add(Hrun, run)
+            _hist_add(Hrun, np.int64(run))
+        if v < _SMALL:
+            Tval[lane + v] += 1
+        else:
+            _hist_add(Hval, np.int64(v))
+        prev = p
+    if cnt - 1 - prev > 0:
+        _hist_add(Hrun, cnt - 1 - prev)
+    _fold_small(Trun, Hrun)
+    _fold_small(Tval, Hval)
 
 
 # --------------------------------------------------------------------------- writer
@@ -280,6 +304,8 @@ def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, 
     Hrun = np.zeros((_NBINS, _HCOLS), np.int64)
     Hval = np.zeros((_NBINS, _HCOLS), np.int64)
     T = np.zeros(4 * _SMALL, np.int64)
+    T2 = np.zeros(4 * _SMALL, np.int64)
+    pos = np.empty(scratch.size, np.int32)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
@@ -295,7 +321,7 @@ def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, 
         krun = 0
         zeros = H[0, 0]
         if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0):
-            _zero_run_hists(scratch, cnt, Hrun, Hval)
+            _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
             krun, run_bits = _best_k(Hrun)
             if k_fixed >= 0:
                 _summarize(Hval)
