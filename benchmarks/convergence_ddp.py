@@ -28,6 +28,7 @@ METHODS = {
     "quant8": ["--hook", "quant8"],
     "powersgd-r4": ["--hook", "powersgd", "--psgd-rank", "4"],
     "gg-rate3": ["--hook", "gg", "--rate", "3"],
+    "gg-rate2.9": ["--hook", "gg", "--rate", "2.9"],
     "gg-rate2.5": ["--hook", "gg", "--rate", "2.5"],
 }
 
@@ -53,7 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=["none", "fp16", "gg-rate3"],
                    choices=sorted(METHODS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--name", default="convergence_ddp", help="results file name (no suffix)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     runs: dict[int, dict[str, dict]] = {}
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
         "# DDP convergence: GPT workload, 2 gloo ranks on localhost",
         "",
         f"Command: `python benchmarks/convergence_ddp.py --steps {args.steps} --methods "
-        f"{' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}`  ",
+        f"{' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))} --name "
+        f"{args.name}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.  ",
         f"Model: byte-level GPT, {base['num_parameters'] if base else '?'} parameters; "
@@ -124,8 +127,8 @@ def main(argv=None) -> None:
     rows = {"summary": summary, "runs": {str(k): v for k, v in runs.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "convergence_ddp.md").write_text("\n".join(lines) + "\n")
-    (out / "convergence_ddp.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 

@@ -132,10 +132,19 @@ def _bytes_counted(rank, world, exchange):
     return counter.sent, counter.received, total["bytes_sent"], total["bytes_received"]
 
 
-def error_feedback(rank, world):
+def error_feedback(rank, world, log_path):
     """One gg step: n * average == sum over ranks of (gradient + old residual - new residual)."""
     model, ddp = make(rank)
-    state = GGCommState(rel_step=0.5, start_iter=0)
+
+    class Board:  # the add_scalar interface of a TensorBoard SummaryWriter
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    board = Board()
+    state = GGCommState(rel_step=0.5, start_iter=0, log_path=log_path, tb_writer=board)
     state.register(ddp)
     g = torch.Generator().manual_seed(rank)
     checks = []
@@ -160,7 +169,7 @@ def error_feedback(rank, world):
         lhs, rhs = torch.cat(lhs), torch.cat(rhs)
         nonzero_resid = sum(float(v.abs().sum()) for v in state.residuals.values())
         checks.append((float((lhs - rhs).abs().max()), float(rhs.abs().max()), nonzero_resid))
-    return checks
+    return checks, board.scalars
 
 
 def resume(rank, world, cases):

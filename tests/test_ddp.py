@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import ddp_workers as w
@@ -56,11 +57,18 @@ def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
             assert counted_received == pytest.approx(received, rel=1e-12)
 
 
-def test_error_feedback_carries_the_residual():
-    for checks in dist_utils.values(dist_utils.run(w.error_feedback, 2)):
+def test_error_feedback_carries_the_residual_and_stats_are_logged(tmp_path):
+    log = tmp_path / "ggcomm.jsonl"
+    res = dist_utils.values(dist_utils.run(w.error_feedback, 2, str(log)))
+    for checks, _ in res:
         for max_err, scale, resid in checks:
             assert max_err <= 1e-5 * scale
             assert resid > 0  # quantization did leave something to carry
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["iteration"] for d in lines] == [1, 2, 3]  # rank 0 only, one per iteration
+    assert all(d["bytes_sent"] > 0 and d["ratio"] > 1 for d in lines)
+    board0, board1 = res[0][1], res[1][1]
+    assert {t for t, _, _ in board0} >= {"ggcomm/bytes_sent", "ggcomm/ratio"} and not board1
 
 
 def test_checkpoint_resume_is_bit_exact():
