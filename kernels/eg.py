@@ -488,12 +488,9 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
                 break
         z = clz64(bitbuf)
         if z > zfast or bitcount < 32:  # long (or corrupt) codeword, or a short window
-            u, pos, err = _read_eg(ptr, nbuf, pos, k)
+            pos, err = _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, j + 1)
             if err:
                 return pos, err
-            if u > UMAX:
-                return pos, ERR_VALUE_RANGE
-            scratch[j] = u
             j += 1
             continue
         length = 2 * z + kp1
