@@ -333,8 +333,7 @@ def encode(
     ranges = _parallel.split(n_blocks, _MIN_BLOCKS_PER_TASK)
 
     def capacity(lo: int, hi: int) -> int:
-        return int(sum(eg.worst_case_bytes(int(c), zr) for c in counts[lo:hi])) if hi - lo < 16 \
-            else int(((counts[lo:hi] * (108 if zr == 2 else 63) + 7) // 8 + 8).sum())
+        return int(eg.worst_case_bytes(counts[lo:hi], zr).sum())  # elementwise over blocks
 
     # Buffers are picked on the calling thread: pool threads serve every caller.
     work_items = [(_chunk_buffer(i, capacity(lo, hi)), lo, hi) for i, (lo, hi) in
@@ -392,8 +391,7 @@ def encode(
         o += used
     _CRC.pack_into(out, o, zlib.crc32(out[:o]))
 
-    seg_bounds = bounds
-    header = _Header(dtype, shape, numel, int(tag), block_size, seg_bounds, steps,
+    header = _Header(dtype, shape, numel, int(tag), block_size, bounds, steps,
                      (starts, counts, seg_of_block), blk, exc_pos,
                      header_len - n_exc * itemsize, header_len, payload_len, total)
     return Frame(out_t, header)

@@ -643,10 +643,8 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> None:
         for key, length in zip(keys, lengths, strict=True):
             state.residuals[key] = resid[o:o + length].clone()
             o += length
-    o = 0
     for key, length, bits in zip(keys, lengths, seg_bits, strict=True):
         state.last_bits[key] = float(bits) / max(length, 1)
-        o += length
     result /= n
     buf.copy_(result.to(buf.dtype).view_as(buf))
     elapsed = time.perf_counter() - t0
