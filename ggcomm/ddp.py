@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
-from . import rate as _rate
+from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE, encode
 
 __all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
@@ -112,39 +112,6 @@ class GGCommStats:
         return self.summary()[key]
 
 
-# --------------------------------------------------------------------------- step model
-
-# log-spaced grid of GG shapes for the rate model's step table
-_BETA_GRID = np.exp(np.linspace(math.log(0.1), math.log(4.0), 60))
-
-
-@functools.cache
-def _unit_step(beta_index: int, target_bits: float) -> float:
-    """Step that gives target_bits EG bits per element for a unit-variance GG source."""
-    from .gg import GGFit, scale_for_std
-
-    beta = float(_BETA_GRID[beta_index])
-    fit = GGFit(loc=0.0, scale=scale_for_std(1.0, beta), beta=beta, n=1)
-    return float(_rate.step_for_rate(fit, target_bits))
-
-
-@functools.cache
-def _ratio_table() -> tuple[np.ndarray, np.ndarray]:
-    from scipy.special import gammaln
-
-    b = _BETA_GRID
-    log_rho = gammaln(1 / b) + gammaln(3 / b) - 2 * gammaln(2 / b)
-    return log_rho[::-1].copy(), np.arange(b.size)[::-1].astype(np.float64)
-
-
-def _beta_index(mean_sq: float, mean_abs: float) -> int:
-    """Nearest grid shape from the moment ratio E[x^2] / E[|x|]^2 (see ggcomm.gg.fit)."""
-    if not (mean_abs > 0 and mean_sq > 0):
-        return int(np.argmin(np.abs(_BETA_GRID - 1.0)))
-    log_rho, idx = _ratio_table()
-    return int(round(float(np.interp(math.log(mean_sq / mean_abs**2), log_rho, idx))))
-
-
 # --------------------------------------------------------------------------- state
 
 
@@ -200,20 +167,7 @@ class GGCommState:
         tb_writer: Any = None,
         overlap: bool = True,
     ):
-        chosen = [name for name, v in (("rate", rate), ("step", step), ("rel_step", rel_step))
-                  if v is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"choose one of rate, step, rel_step (got {', '.join(chosen)})")
-        if not chosen:
-            rate = 3.0
-            chosen = ["rate"]
-        self.mode = chosen[0]
-        value = {"rate": rate, "step": step, "rel_step": rel_step}[self.mode]
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{self.mode} must be a positive number, got {value!r}")
-        if self.mode == "rate" and value <= 1.0:
-            raise ValueError("rate must be above 1 bit per element (an EG code's minimum)")
-        self.value = float(value)
+        self.mode, self.value = _stepping.parse_mode(rate, step, rel_step)
         if exchange not in ("auto", "allgather", "reduce_scatter"):
             raise ValueError(f"exchange must be auto, allgather or reduce_scatter, "
                              f"not {exchange!r}")
@@ -493,20 +447,13 @@ def _param_steps(state: GGCommState, keys: list[str], lengths: list[int], x: tor
     for i, length in enumerate(lengths):
         count = n * max(length, 1)
         mean_sq, mean_abs = total[i, 0] / count, total[i, 1] / count
-        rms = math.sqrt(mean_sq)
-        if not (rms > 0 and math.isfinite(rms)):
-            steps[i] = 1.0  # all zeros: any step codes them exactly
-            continue
-        if state.mode == "rel_step":
-            s = state.value * rms
-        else:
+        corr = 0.0
+        if state.mode == "rate" and math.sqrt(mean_sq) > 0 and math.isfinite(mean_sq):
             measured = total[i, 2] / n  # mean over ranks of last iteration's bits
-            corr = state.rate_corr.get(keys[i], 0.0)
-            if math.isfinite(measured):
-                corr = min(8.0, max(-8.0, corr + state.rate_gain * (measured - state.value)))
-                state.rate_corr[keys[i]] = corr
-            s = rms * _unit_step(_beta_index(mean_sq, mean_abs), state.value) * 2.0**corr
-        steps[i] = min(max(s, 1e-30), 1e30)
+            corr = _stepping.correct(state.rate_corr.get(keys[i], 0.0), measured,
+                                     state.value, state.rate_gain)
+            state.rate_corr[keys[i]] = corr
+        steps[i] = _stepping.step_for(state.mode, state.value, mean_sq, mean_abs, corr)
     return steps
 
 

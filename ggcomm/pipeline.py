@@ -1,0 +1,580 @@
+"""Pipeline-parallel send/recv with Exp-Golomb-coded tensors on the wire.
+
+In pipeline parallelism every micro-batch's activations cross a stage boundary forward and
+their gradients cross it backward. These functions are drop-in replacements for
+``torch.distributed.send`` / ``recv`` / ``isend`` / ``irecv`` that quantize a floating-point
+tensor, encode it with :func:`ggcomm.encode`, send the real variable-length frame and decode
+it on the receiving rank::
+
+    from ggcomm.pipeline import PipeComm
+    comm = PipeComm(rate=4.0)                    # or step=..., rel_step=...
+    comm.send(activations, dst=next_rank)        # on one stage
+    x = comm.recv(src=prev_rank, out=buffer)     # on the next
+    print(comm.stats.summary())
+
+(The module-level :func:`send`, :func:`recv`, :func:`isend`, :func:`irecv` use one default
+:class:`PipeComm`, set up with :func:`configure`.)
+
+What goes over the wire, per floating-point tensor: a 16-byte preamble (the payload's
+length and a fingerprint of the sender's protocol settings) and then the payload, which is
+a ggcomm frame, or the raw bytes for tensors below ``min_numel`` elements (a frame's
+header would cost more than it saves, and small tensors such as a pipeline's loss scalar
+stay exact). Non-float tensors (masks, indices, the integer metadata pipeline engines
+exchange) go through ``torch.distributed`` untouched, as one message, and are counted
+apart as ``passthrough``.
+
+The receiver needs nothing but the source rank: a frame carries its shape and dtype. With
+``out`` it checks that the frame fits (shape and dtype) and decodes into it, which is how
+engines with preallocated receive buffers (DeepSpeed, ``torch.distributed.pipelining``)
+use it. Anything wrong with a message (a corrupt or truncated frame, a frame that does not
+fit ``out``, a peer configured differently) raises a typed error naming the peer.
+
+Quantization is lossy: activations and activation gradients come back with an error of
+at most half a step per element (exact for non-finite values, which travel raw). There is
+no error feedback here (an activation is sent once), so choose the rate for the accuracy
+the model tolerates; ACT (:mod:`ggcomm.act`) trains models whose activations need fewer
+bits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import __version__, codec
+from . import stepping as _stepping
+from .codec import DEFAULT_BLOCK_SIZE, FrameError
+
+__all__ = [
+    "PipeComm",
+    "PipeSettingsError",
+    "PipeStats",
+    "RecvHandle",
+    "SendHandle",
+    "configure",
+    "default_comm",
+    "irecv",
+    "isend",
+    "recv",
+    "send",
+]
+
+DEFAULT_MIN_NUMEL = 1024
+_PREAMBLE_WORDS = 2  # int64 payload length, int64 (fingerprint << 1) | compressed
+_MAX_PAYLOAD = 1 << 44  # 16 TiB: anything larger is a corrupt preamble
+DIRECTIONS = ("forward", "backward")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what frames hold
+
+
+class PipeSettingsError(RuntimeError):
+    """The two ends of a pipeline link were configured differently (settings or versions)."""
+
+
+# --------------------------------------------------------------------------- raw messages
+#
+# A tensor below min_numel travels raw, behind a small header of int64 words: the dtype's
+# frame code, ndim, then the dims; the receiver needs no shape, as with a frame.
+
+
+def _raw_message(host: torch.Tensor) -> torch.Tensor:
+    head = torch.tensor([codec._DTYPE_CODES[host.dtype], host.dim(), *host.shape],
+                        dtype=torch.int64)
+    return torch.cat([head.view(torch.uint8), host.reshape(-1).view(torch.uint8)])
+
+
+def _parse_raw(buf: torch.Tensor, src: int, tag: int) -> torch.Tensor:
+    def bad(why: str) -> FrameError:
+        return FrameError(f"raw message from rank {src} (tag {tag}): {why}")
+
+    if buf.numel() < 16:
+        raise bad(f"{buf.numel()} bytes is shorter than its header")
+    code, ndim = (int(v) for v in buf[:16].view(torch.int64))
+    if code not in codec._DTYPES or not 0 <= ndim <= codec.MAX_NDIM or \
+            buf.numel() < 8 * (2 + ndim):
+        raise bad(f"corrupt header (dtype code {code}, ndim {ndim})")
+    shape = [int(v) for v in buf[16:8 * (2 + ndim)].view(torch.int64)]
+    dtype = codec._DTYPES[code]
+    data = buf[8 * (2 + ndim):]
+    if any(d < 0 for d in shape) or data.numel() != math.prod(shape) * dtype.itemsize:
+        raise bad(f"{data.numel()} data bytes do not hold a {dtype} tensor of shape "
+                  f"{tuple(shape)}")
+    return data.clone().view(dtype).view(shape)
+
+
+def _check_fits(what: str, got_dtype, got_shape, dtype, shape, src: int, tag: int) -> None:
+    """The receiver asked for ``dtype`` / ``shape`` (None: anything); the message must fit."""
+    if (shape is not None and got_shape != shape) or (dtype is not None and got_dtype != dtype):
+        raise FrameError(
+            f"{what} from rank {src} (tag {tag}) holds a {got_dtype} tensor of shape "
+            f"{tuple(got_shape)}, expected {dtype or got_dtype} of shape "
+            f"{tuple(shape) if shape is not None else tuple(got_shape)}")
+
+
+# --------------------------------------------------------------------------- stats
+
+_COUNTERS = ("messages_sent", "messages_received", "bytes_sent", "bytes_received",
+             "raw_bytes_sent", "raw_bytes_received", "elements_sent", "elements_received",
+             "passthrough_bytes_sent", "passthrough_bytes_received", "encode_s", "decode_s")
+
+
+class PipeStats:
+    """Counters per direction (``"forward"``: activations, ``"backward"``: their gradients).
+
+    ``bytes_sent`` / ``bytes_received`` count every byte of the float traffic handed to
+    ``torch.distributed`` (preambles and frame headers included); ``raw_bytes_*`` are what
+    the same tensors would have cost uncompressed (elements x element size). Non-float
+    tensors are counted in ``passthrough_bytes_*`` only.
+    """
+
+    def __init__(self) -> None:
+        self.counts = {d: dict.fromkeys(_COUNTERS, 0.0) for d in DIRECTIONS}
+
+    def add(self, direction: str, **counts: float) -> None:
+        d = self.counts[direction]
+        for name, v in counts.items():
+            d[name] += v
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per direction: the counters plus ``ratio`` (raw / wire) and ``bits_per_element``
+        (wire bits over elements), each for what this rank sent and what it received."""
+        out = {}
+        for direction, c in self.counts.items():
+            s = dict(c)
+            for side in ("sent", "received"):
+                wire, raw, n = c[f"bytes_{side}"], c[f"raw_bytes_{side}"], c[f"elements_{side}"]
+                s[f"ratio_{side}"] = raw / wire if wire else float("nan")
+                s[f"bits_per_element_{side}"] = 8.0 * wire / n if n else float("nan")
+            out[direction] = s
+        return out
+
+    def __getitem__(self, direction: str) -> dict[str, float]:
+        return self.summary()[direction]
+
+
+# --------------------------------------------------------------------------- handles
+
+
+class SendHandle:
+    """What :meth:`PipeComm.isend` returns: ``wait()`` blocks until the tensor has left."""
+
+    def __init__(self, works: list[Any]):
+        self._works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works = []
+
+
+class RecvHandle:
+    """What :meth:`PipeComm.irecv` returns: ``wait()`` returns the received tensor.
+
+    The preamble's receive is posted at once; the payload's, whose size the preamble gives,
+    when the handle is waited on (or when a later receive from the same peer needs the link
+    in order).
+    """
+
+    def __init__(self, comm: PipeComm, src: int, tag: int, direction: str, out, shape, dtype):
+        self._comm, self._src, self._tag, self._direction = comm, src, tag, direction
+        self._out, self._shape, self._dtype = out, shape, dtype
+        self._result: torch.Tensor | None = None
+        self._done = False
+        self._preamble = torch.empty(_PREAMBLE_WORDS, dtype=torch.int64,
+                                     device=comm._device())
+        self._work = dist.irecv(self._preamble, src, group=comm.group, tag=tag)
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            self._done = True
+            pending = self._comm._pending[self._src]
+            if self in pending:
+                pending.remove(self)
+            self._work.wait()
+            self._result = self._comm._finish_recv(
+                self._preamble, self._src, self._tag, self._direction, self._out,
+                self._shape, self._dtype)
+        assert self._result is not None
+        return self._result
+
+    def is_completed(self) -> bool:
+        return self._done
+
+
+class _PassthroughRecv:
+    """Receive of an uncompressed tensor; copies into ``target`` if it was staged."""
+
+    def __init__(self, work: Any, buf: torch.Tensor, target: torch.Tensor):
+        self._work, self._buf, self._target = work, buf, target
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        if self._buf is not self._target:
+            self._target.copy_(self._buf)
+            self._buf = self._target
+        return self._target
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
+# --------------------------------------------------------------------------- comm
+
+
+class PipeComm:
+    """Compressed point-to-point messages between pipeline stages, and their statistics.
+
+    Args:
+        group: the process group the ranks belong to (default: the whole world); ``dst``
+            and ``src`` are global ranks, as in ``torch.distributed.send``.
+        rate: target bits per element (the default, 4.0). The GG model picks each
+            tensor's step from its shape and scale, and a feedback loop per stream (peer,
+            tag and direction) corrects it from the bits actually coded. Activations
+            change slowly between micro-batches, so the loop settles within a few.
+        step: a fixed quantization step for every tensor, instead of ``rate``: the
+            maximum error is known in advance (``step / 2``), the rate is not.
+        rel_step: step = ``rel_step`` x RMS of each tensor, instead of ``rate``: error
+            proportional to the tensor's scale, no statistics kept.
+        k, block_size: passed to :func:`ggcomm.encode` (``k="auto"`` picks the
+            Exp-Golomb order per block).
+        min_numel: float tensors with fewer elements travel raw (exact); a frame's
+            48-byte header and block table only pay off on larger tensors.
+        rate_gain: how strongly the rate loop corrects the step (log2 units per bit of
+            error): higher tracks the target faster but oscillates more.
+
+    Both ends must be configured alike (the preamble carries a fingerprint of ``min_numel``
+    and the versions, and a mismatch raises :class:`PipeSettingsError`); the step rule is
+    the sender's own business, since every frame carries its steps.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        rate: float | None = None,
+        step: float | None = None,
+        rel_step: float | None = None,
+        k: int | str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        min_numel: int = DEFAULT_MIN_NUMEL,
+        rate_gain: float = 0.5,
+    ):
+        self.group = group
+        self.mode, self.value = _stepping.parse_mode(rate, step, rel_step, default_rate=4.0)
+        codec.encode(torch.zeros(1), 1.0, k=k, block_size=block_size)  # validates both
+        self.k, self.block_size = k, int(block_size)
+        if not (isinstance(min_numel, int) and min_numel >= 0):
+            raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+        self.min_numel = min_numel
+        self.rate_gain = float(rate_gain)
+        self.stats = PipeStats()
+        self.rate_corr: dict[str, float] = {}  # per stream: log2 step correction
+        self.last_bits: dict[str, float] = {}  # per stream: payload bits per element
+        self._pending: dict[int, collections.deque[RecvHandle]] = collections.defaultdict(
+            collections.deque)
+
+    # ------------------------------------------------------------------ settings
+
+    def protocol_settings(self) -> dict[str, Any]:
+        """What both ends of a link must agree on (hashed into every preamble)."""
+        return {"ggcomm": __version__, "format": codec.VERSION, "min_numel": self.min_numel}
+
+    @property
+    def fingerprint(self) -> int:
+        return zlib.crc32(json.dumps(self.protocol_settings(), sort_keys=True).encode())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rate loop's per-stream state (settings are constructor arguments)."""
+        return {"version": 1, "mode": self.mode, "value": self.value,
+                "rate_corr": dict(self.rate_corr), "last_bits": dict(self.last_bits)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("version") != 1:
+            raise ValueError(f"unsupported PipeComm state version {sd.get('version')!r}")
+        if (sd["mode"], sd["value"]) != (self.mode, self.value):
+            raise ValueError(f"state was saved with {sd['mode']}={sd['value']}, this PipeComm "
+                             f"uses {self.mode}={self.value}")
+        self.rate_corr = dict(sd["rate_corr"])
+        self.last_bits = dict(sd["last_bits"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _device(self) -> torch.device:
+        """Where tensors handed to torch.distributed must live (NCCL: the current GPU)."""
+        backend = dist.get_backend(self.group)
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _direction(self, peer: int, sending: bool, direction: str | None) -> str:
+        if direction is not None:
+            if direction not in DIRECTIONS:
+                raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+            return direction
+        me = dist.get_rank()
+        return "forward" if (peer > me) == sending else "backward"
+
+    def _stream(self, peer: int, tag: int, direction: str) -> str:
+        return f"{direction}:{peer}:{tag}"
+
+    def _step(self, x: torch.Tensor, stream: str) -> float:
+        if self.mode == "step":
+            return self.value
+        finite = x.detach().reshape(-1).double()
+        finite = torch.nan_to_num(finite, nan=0.0, posinf=0.0, neginf=0.0)
+        n = max(finite.numel(), 1)
+        mean_sq = float(finite.square().sum()) / n
+        mean_abs = float(finite.abs().sum()) / n
+        corr = 0.0
+        if self.mode == "rate":
+            corr = _stepping.correct(self.rate_corr.get(stream, 0.0),
+                                     self.last_bits.get(stream, float("nan")),
+                                     self.value, self.rate_gain)
+            self.rate_corr[stream] = corr
+        return _stepping.step_for(self.mode, self.value, mean_sq, mean_abs, corr)
+
+    def _encode(self, tensor: torch.Tensor, stream: str) -> tuple[torch.Tensor, bool, float]:
+        """(payload on the host, compressed?, encode seconds)."""
+        t0 = time.perf_counter()
+        host = tensor.detach()
+        if host.device.type != "cpu":
+            host = host.cpu()
+        host = host.contiguous()
+        if host.numel() < self.min_numel:
+            return _raw_message(host), False, time.perf_counter() - t0
+        step = self._step(host, stream)
+        frame = codec.encode(host, step, k=self.k, block_size=self.block_size,
+                             tag=self.fingerprint)
+        if self.mode == "rate":
+            self.last_bits[stream] = float(frame.segment_bits().sum()) / host.numel()
+        return frame.buffer, True, time.perf_counter() - t0
+
+    def _send_payload(self, payload: torch.Tensor, compressed: bool, dst: int, tag: int,
+                      async_op: bool) -> list[Any]:
+        dev = self._device()
+        preamble = torch.tensor([payload.numel(), (self.fingerprint << 1) | int(compressed)],
+                                dtype=torch.int64, device=dev)
+        payload = payload.to(dev)
+        if async_op:
+            return [dist.isend(preamble, dst, group=self.group, tag=tag),
+                    dist.isend(payload, dst, group=self.group, tag=tag)]
+        dist.send(preamble, dst, group=self.group, tag=tag)
+        dist.send(payload, dst, group=self.group, tag=tag)
+        return []
+
+    def _drain(self, src: int) -> None:
+        """Finish earlier receives from ``src``: messages on a link arrive in order."""
+        pending = self._pending[src]
+        while pending:
+            pending[0].wait()
+
+    # ------------------------------------------------------------------ send
+
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int, direction: str | None,
+              async_op: bool) -> list[Any]:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(tensor).__name__}")
+        direction = self._direction(dst, True, direction)
+        if tensor.dtype not in _FLOAT_DTYPES:
+            t = tensor.contiguous().to(self._device())
+            self.stats.add(direction, passthrough_bytes_sent=t.numel() * t.element_size())
+            if async_op:
+                return [dist.isend(t, dst, group=self.group, tag=tag)]
+            dist.send(t, dst, group=self.group, tag=tag)
+            return []
+        payload, compressed, enc_s = self._encode(tensor, self._stream(dst, tag, direction))
+        works = self._send_payload(payload, compressed, dst, tag, async_op)
+        self.stats.add(direction, messages_sent=1,
+                       bytes_sent=8 * _PREAMBLE_WORDS + payload.numel(),
+                       raw_bytes_sent=tensor.numel() * tensor.element_size(),
+                       elements_sent=tensor.numel(), encode_s=enc_s)
+        return works
+
+    def send(self, tensor: torch.Tensor, dst: int, *, tag: int = 0,
+             direction: str | None = None) -> None:
+        """Send ``tensor`` to rank ``dst``; returns when it has been handed over.
+
+        ``direction`` (``"forward"`` or ``"backward"``) only picks the statistics counter;
+        by default a message to a higher rank is forward.
+        """
+        self._send(tensor, dst, tag, direction, async_op=False)
+
+    def isend(self, tensor: torch.Tensor, dst: int, *, tag: int = 0,
+              direction: str | None = None) -> SendHandle:
+        """Like :meth:`send`, but returns at once; ``handle.wait()`` completes it.
+
+        The tensor is encoded before this returns, so it may be modified afterwards.
+        """
+        return SendHandle(self._send(tensor, dst, tag, direction, async_op=True))
+
+    # ------------------------------------------------------------------ recv
+
+    @staticmethod
+    def _check_target(out, shape, dtype) -> tuple[Any, Any]:
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+            if shape is not None and torch.Size(shape) != out.shape:
+                raise ValueError(f"shape {tuple(shape)} disagrees with out {tuple(out.shape)}")
+            if dtype is not None and dtype != out.dtype:
+                raise ValueError(f"dtype {dtype} disagrees with out {out.dtype}")
+            return out.shape, out.dtype
+        return (torch.Size(shape) if shape is not None else None), dtype
+
+    def _passthrough(self, src: int, tag: int, direction: str, out, shape, dtype,
+                     async_op: bool):
+        if out is None and shape is None:
+            raise ValueError(f"receiving a {dtype} tensor (passed through uncompressed) "
+                             f"needs out= or shape=")
+        target = out if out is not None else torch.empty(shape, dtype=dtype)
+        buf = target if target.device == self._device() and target.is_contiguous() else \
+            torch.empty(target.shape, dtype=target.dtype, device=self._device())
+        self.stats.add(direction, passthrough_bytes_received=buf.numel() * buf.element_size())
+        handle = _PassthroughRecv(dist.irecv(buf, src, group=self.group, tag=tag), buf, target)
+        return handle if async_op else handle.wait()
+
+    def _recv(self, src, tag, direction, out, shape, dtype, async_op):
+        direction = self._direction(src, False, direction)
+        shape, dtype = self._check_target(out, shape, dtype)
+        self._drain(src)
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            return self._passthrough(src, tag, direction, out, shape, dtype, async_op)
+        handle = RecvHandle(self, src, tag, direction, out, shape, dtype)
+        if not async_op:
+            return handle.wait()
+        self._pending[src].append(handle)
+        return handle
+
+    def recv(self, src: int, *, out: torch.Tensor | None = None,
+             shape: torch.Size | tuple[int, ...] | None = None,
+             dtype: torch.dtype | None = None, tag: int = 0,
+             direction: str | None = None) -> torch.Tensor:
+        """Receive the next tensor from rank ``src`` and return it.
+
+        A float tensor's frame carries its shape and dtype, so none of ``out``, ``shape``,
+        ``dtype`` is needed; if given, the frame must match them (else :class:`FrameError`).
+        With ``out`` the tensor is decoded into it (any device) and ``out`` is returned.
+        Non-float tensors (``dtype`` or ``out`` of an integer or bool type) are received
+        untouched, and need ``out`` or ``shape``.
+
+        Raises:
+            FrameError: the frame is corrupt, truncated or does not fit; names the peer.
+            PipeSettingsError: the sender was configured differently.
+        """
+        return self._recv(src, tag, direction, out, shape, dtype, async_op=False)
+
+    def irecv(self, src: int, *, out: torch.Tensor | None = None,
+              shape: torch.Size | tuple[int, ...] | None = None,
+              dtype: torch.dtype | None = None, tag: int = 0,
+              direction: str | None = None) -> RecvHandle:
+        """Like :meth:`recv`, but returns a handle whose ``wait()`` returns the tensor."""
+        return self._recv(src, tag, direction, out, shape, dtype, async_op=True)
+
+    def _finish_recv(self, preamble: torch.Tensor, src: int, tag: int, direction: str,
+                     out, shape, dtype) -> torch.Tensor:
+        length, word = (int(v) for v in preamble.cpu().tolist())
+        fingerprint, compressed = word >> 1, word & 1
+        if not 0 <= length <= _MAX_PAYLOAD:
+            raise FrameError(f"message from rank {src}: implausible payload length {length} "
+                             f"(corrupt preamble, or the peer does not speak this protocol)")
+        dev = self._device()
+        payload = torch.empty(length, dtype=torch.uint8, device=dev)
+        # Take the payload off the link before judging it, so that after any error below
+        # the next message is received in step.
+        dist.recv(payload, src, group=self.group, tag=tag)
+        if fingerprint != self.fingerprint:
+            raise PipeSettingsError(
+                f"rank {src} sent a message with settings fingerprint {fingerprint:#010x}, "
+                f"this rank expects {self.fingerprint:#010x} ({self.protocol_settings()}): "
+                f"configure both ends of the link alike")
+        t0 = time.perf_counter()
+        host = payload.cpu() if payload.device.type != "cpu" else payload
+        if compressed:
+            try:
+                frame = codec.Frame.from_buffer(host)
+            except FrameError as e:
+                raise FrameError(f"frame from rank {src} (tag {tag}): {e}") from e
+            _check_fits("frame", frame.dtype, frame.shape, dtype, shape, src, tag)
+            if frame.tag != self.fingerprint:
+                raise PipeSettingsError(f"frame from rank {src} carries tag {frame.tag:#010x}, "
+                                        f"expected {self.fingerprint:#010x}")
+            cpu_out = out if out is not None and out.device.type == "cpu" else None
+            result = codec.decode(frame, out=cpu_out)
+            numel, nbytes_raw = frame.numel, frame.numel * frame.dtype.itemsize
+        else:
+            result = _parse_raw(host, src, tag)
+            numel, nbytes_raw = result.numel(), result.numel() * result.element_size()
+            _check_fits("raw message", result.dtype, result.shape, dtype, shape, src, tag)
+        if out is not None and result is not out:
+            out.copy_(result.view(out.shape))
+            result = out
+        self.stats.add(direction, messages_received=1,
+                       bytes_received=8 * _PREAMBLE_WORDS + length, raw_bytes_received=nbytes_raw,
+                       elements_received=numel, decode_s=time.perf_counter() - t0)
+        return result
+
+
+# --------------------------------------------------------------------------- module level
+
+_default: PipeComm | None = None
+
+
+def configure(**kwargs: Any) -> PipeComm:
+    """Replace the default :class:`PipeComm` (same arguments) used by the module functions."""
+    global _default
+    _default = PipeComm(**kwargs)
+    return _default
+
+
+def default_comm() -> PipeComm:
+    """The :class:`PipeComm` behind :func:`send` and friends (made on first use)."""
+    global _default
+    if _default is None:
+        _default = PipeComm()
+    return _default
+
+
+def _with_group(group):
+    comm = default_comm()
+    if group is not None and group is not comm.group:
+        raise ValueError("the module-level functions use the default PipeComm's group; "
+                         "call configure(group=...) or use a PipeComm of your own")
+    return comm
+
+
+def send(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, *,
+         tag: int = 0, direction: str | None = None) -> None:
+    """:meth:`PipeComm.send` on the default comm."""
+    _with_group(group).send(tensor, dst, tag=tag, direction=direction)
+
+
+def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, *,
+          tag: int = 0, direction: str | None = None) -> SendHandle:
+    """:meth:`PipeComm.isend` on the default comm."""
+    return _with_group(group).isend(tensor, dst, tag=tag, direction=direction)
+
+
+def recv(src: int, group: dist.ProcessGroup | None = None, *, out=None, shape=None,
+         dtype=None, tag: int = 0, direction: str | None = None) -> torch.Tensor:
+    """:meth:`PipeComm.recv` on the default comm."""
+    return _with_group(group).recv(src, out=out, shape=shape, dtype=dtype, tag=tag,
+                                   direction=direction)
+
+
+def irecv(src: int, group: dist.ProcessGroup | None = None, *, out=None, shape=None,
+          dtype=None, tag: int = 0, direction: str | None = None) -> RecvHandle:
+    """:meth:`PipeComm.irecv` on the default comm."""
+    return _with_group(group).irecv(src, out=out, shape=shape, dtype=dtype, tag=tag,
+                                    direction=direction)
