@@ -37,7 +37,11 @@ __all__ = [
     "GPT",
     "ByteDataset",
     "GPTConfig",
+    "GPTEmbed",
+    "GPTHead",
     "WideMLP",
+    "gpt_layers",
+    "lm_loss",
     "make_mlp_workload",
     "mlp_batch",
     "next_token_accuracy",
@@ -181,6 +185,44 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+class GPTEmbed(nn.Module):
+    """A GPT's input layer as a module of its own: token ids ``(B, T)`` -> hidden states."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.tok_emb, self.pos_emb, self.drop = gpt.tok_emb, gpt.pos_emb, gpt.drop
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+
+
+class GPTHead(nn.Module):
+    """A GPT's output layer as a module of its own: hidden states -> logits."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.ln_f, self.head = gpt.ln_f, gpt.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(x))
+
+
+def gpt_layers(gpt: GPT) -> list[nn.Module]:
+    """``gpt`` as a flat list of layers, for pipeline engines that cut a model into stages.
+
+    ``[GPTEmbed, Block, ..., Block, GPTHead]``, sharing ``gpt``'s parameters:
+    ``nn.Sequential(*gpt_layers(gpt))(idx)`` equals ``gpt(idx)[0]``. Every activation
+    between two layers is a float ``(B, T, n_embd)`` tensor, what a stage boundary sends.
+    """
+    return [GPTEmbed(gpt), *gpt.blocks, GPTHead(gpt)]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits ``(B, T, V)`` against targets ``(B, T)``."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def next_token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
