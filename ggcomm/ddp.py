@@ -143,6 +143,16 @@ class GGCommState:
         block_size, k: passed to :func:`ggcomm.encode`.
         rate_gain: how strongly the feedback loop corrects the step (log2 units per bit of
             error per iteration): higher tracks the target faster but oscillates more.
+        warmup_iters, warmup_rate: in rate mode, the target starts at ``warmup_rate`` bits
+            per element on the first compressed iteration and falls linearly to ``rate``
+            over ``warmup_iters`` iterations (0, the default, disables it). Adam-type
+            optimizers need it: at a low rate most small gradients are sent as zeros and
+            then, through error feedback, as an occasional whole quantization step, and an
+            Adam second moment that never saw their real size turns those bursts into
+            updates several times the learning rate. A few iterations at a high rate seed
+            the second moments with the real early gradients (PowerSGD's uncompressed
+            warm-up does the same at full cost). Costs about ``warmup_iters *
+            (warmup_rate - rate) / 2`` extra bits per element in total.
         log_path: if given, rank 0 appends one JSON line of per-iteration stats there.
         tb_writer: an object with ``add_scalar(tag, value, step)`` (e.g. a TensorBoard
             SummaryWriter) that rank 0 sends the per-iteration stats to.
@@ -163,6 +173,8 @@ class GGCommState:
         block_size: int = DEFAULT_BLOCK_SIZE,
         k: int | str = "auto",
         rate_gain: float = 0.5,
+        warmup_iters: int = 0,
+        warmup_rate: float = 8.0,
         log_path: str | None = None,
         tb_writer: Any = None,
         overlap: bool = True,
@@ -180,6 +192,14 @@ class GGCommState:
         self.k = k
         codec.encode(torch.zeros(1), 1.0, k=k, block_size=self.block_size)  # validate
         self.rate_gain = float(rate_gain)
+        if not (isinstance(warmup_iters, int) and warmup_iters >= 0):
+            raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+        if warmup_iters and self.mode != "rate":
+            raise ValueError("warmup_iters needs rate mode (a target rate to warm up to)")
+        if warmup_iters and not (math.isfinite(warmup_rate) and warmup_rate > self.value):
+            raise ValueError(f"warmup_rate ({warmup_rate!r}) must be above rate ({self.value})")
+        self.warmup_iters = warmup_iters
+        self.warmup_rate = float(warmup_rate) if warmup_iters else None
         self.log_path = log_path
         self.tb_writer = tb_writer
         self.overlap = bool(overlap)
@@ -208,7 +228,18 @@ class GGCommState:
         return {"ggcomm": __version__, "format": codec.VERSION, "mode": self.mode,
                 "value": self.value, "exchange": self.exchange,
                 "error_feedback": self.error_feedback, "start_iter": self.start_iter,
-                "block_size": self.block_size, "k": self.k, "rate_gain": self.rate_gain}
+                "block_size": self.block_size, "k": self.k, "rate_gain": self.rate_gain,
+                "warmup_iters": self.warmup_iters, "warmup_rate": self.warmup_rate}
+
+    def target_rate(self, iteration: int | None = None) -> float:
+        """The rate-mode target (bits per element) at ``iteration`` (default: this one)."""
+        it = self.iteration if iteration is None else iteration
+        done = it - self.start_iter
+        if self.mode != "rate" or done >= self.warmup_iters:
+            return self.value
+        frac = max(done, 0) / self.warmup_iters
+        # on a 1/16-bit grid: the step model caches one solve per (shape, target)
+        return round(16 * (self.warmup_rate + (self.value - self.warmup_rate) * frac)) / 16
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -444,6 +475,8 @@ def _param_steps(state: GGCommState, keys: list[str], lengths: list[int], x: tor
         total += p
     total = total.view(n_params, 3).numpy()
     steps = np.empty(n_params)
+    target = state.target_rate()
+    previous_target = state.target_rate(state.iteration - 1)
     for i, length in enumerate(lengths):
         count = n * max(length, 1)
         mean_sq, mean_abs = total[i, 0] / count, total[i, 1] / count
@@ -451,9 +484,9 @@ def _param_steps(state: GGCommState, keys: list[str], lengths: list[int], x: tor
         if state.mode == "rate" and math.sqrt(mean_sq) > 0 and math.isfinite(mean_sq):
             measured = total[i, 2] / n  # mean over ranks of last iteration's bits
             corr = _stepping.correct(state.rate_corr.get(keys[i], 0.0), measured,
-                                     state.value, state.rate_gain)
+                                     previous_target, state.rate_gain)
             state.rate_corr[keys[i]] = corr
-        steps[i] = _stepping.step_for(state.mode, state.value, mean_sq, mean_abs, corr)
+        steps[i] = _stepping.step_for(state.mode, target, mean_sq, mean_abs, corr)
     return steps
 
 

@@ -231,6 +231,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="learning-rate schedule after warm-up: cosine decay to --min-lr-ratio, or constant",
+    )
+    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="cosine schedule's final lr / --lr"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--log-every", type=int, default=10)
@@ -254,10 +264,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--exchange", choices=("auto", "allgather", "reduce_scatter"))
     g.add_argument("--no-error-feedback", action="store_true")
     g.add_argument("--gg-start-iter", type=int, help="plain allreduce before this iteration")
+    g.add_argument("--gg-warmup-iters", type=int, help="rate warm-up iterations (rate mode)")
+    g.add_argument("--gg-warmup-rate", type=float, help="rate at the start of the warm-up")
     args = p.parse_args(argv)
     if args.rate is None and args.step is None and args.rel_step is None:
         args.rate = 3.0
     return args
+
+
+def lr_factor(args: argparse.Namespace):
+    """The schedule as a multiplier of ``--lr`` for ``LambdaLR``: step 0 is the first step.
+
+    Linear warm-up over ``--warmup`` steps, then constant or a cosine decay that reaches
+    ``--min-lr-ratio`` at the last step. Decay makes the final loss far less sensitive to when
+    a run happens to leave a plateau, so runs compared at the same step are comparable.
+    """
+    warmup, total, floor = max(args.warmup, 0), args.steps, args.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _init_process_group(backend: str) -> bool:
@@ -307,6 +339,10 @@ def _register_hook(
             kwargs["error_feedback"] = False
         if args.gg_start_iter is not None:
             kwargs["start_iter"] = args.gg_start_iter
+        if args.gg_warmup_iters is not None:
+            kwargs["warmup_iters"] = args.gg_warmup_iters
+        if args.gg_warmup_rate is not None:
+            kwargs["warmup_rate"] = args.gg_warmup_rate
         state = GGCommState(process_group=None, **kwargs)
         ddp_model.register_comm_hook(state, gg_hook)
         return None, state
@@ -423,6 +459,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     )
     counter, hook_state = _register_hook(args, ddp_model, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     gen = torch.Generator().manual_seed(args.seed + 1_000_003 * (rank + 1))
 
     if rank == 0:
@@ -452,6 +489,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - t0)

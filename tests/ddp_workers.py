@@ -294,3 +294,13 @@ def expect_error(fn, *args):
     except (SettingsMismatchError, ValueError) as e:
         return type(e).__name__
     return None
+
+
+def rate_warmup(rank, world, log_path):
+    """Rate mode with a warm-up: the coded bits per element follow the falling target."""
+    model, ddp = make(rank, bucket_cap_mb=25)
+    state = GGCommState(rate=3.0, warmup_iters=8, warmup_rate=7.0, log_path=log_path)
+    state.register(ddp)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    train(ddp, opt, torch.Generator().manual_seed(rank), 20, torch.float32)
+    return [state.target_rate(i) for i in range(12)]

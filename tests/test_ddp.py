@@ -71,6 +71,15 @@ def test_error_feedback_carries_the_residual_and_stats_are_logged(tmp_path):
     assert {t for t, _, _ in board0} >= {"ggcomm/bytes_sent", "ggcomm/ratio"} and not board1
 
 
+def test_rate_warmup_starts_high_and_settles_on_the_target(tmp_path):
+    log = tmp_path / "ggcomm.jsonl"
+    targets = dist_utils.values(dist_utils.run(w.rate_warmup, 2, str(log)))[0]
+    # iteration 0 is a plain allreduce (start_iter=1); then 7 bits falling to 3 over 8
+    assert targets[:3] == [7.0, 7.0, 6.5] and targets[9:] == [3.0, 3.0, 3.0]
+    bits = [json.loads(line)["payload_bits_per_element"] for line in log.read_text().splitlines()]
+    assert bits[1] > 5.0 and all(2.5 < b < 3.6 for b in bits[12:]), bits
+
+
 def test_checkpoint_resume_is_bit_exact():
     cases = [("allgather", "rate"), ("reduce_scatter", "rate"), ("allgather", "rel_step"),
              ("allgather", "step")]
@@ -114,6 +123,11 @@ def test_state_validates_settings():
         GGCommState(exchange="ring")
     with pytest.raises(ValueError):
         GGCommState(k=99)
+    with pytest.raises(ValueError, match="rate mode"):
+        GGCommState(rel_step=0.2, warmup_iters=5)
+    with pytest.raises(ValueError, match="above rate"):
+        GGCommState(rate=3.0, warmup_iters=5, warmup_rate=2.0)
+    assert GGCommState(rate=3, warmup_iters=4).fingerprint != GGCommState(rate=3).fingerprint
     s = GGCommState(rel_step=0.2)
     assert GGCommState(rel_step=0.2).fingerprint == s.fingerprint
     assert GGCommState(rel_step=0.3).fingerprint != s.fingerprint
