@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,6 +15,15 @@ from ggcomm.gct import DEFAULT_REL_STEP, GCT, GCTStateError
 from ggcomm.workload import make_mlp_workload, mlp_batch
 
 WIDTH = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Models this small train fastest on one thread (and far faster on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _grad_bits(params: list[nn.Parameter], rel_step: float = DEFAULT_REL_STEP) -> float:
