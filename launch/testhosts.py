@@ -637,10 +637,15 @@ class TestHosts:
 
     def _write_hosts_file(self, i: int) -> None:
         """/etc/hosts of host ``i``: every host by name, and this machine's hostname as host
-        ``i`` itself (so code that resolves its own hostname finds its shaped link)."""
+        ``i`` itself (so code that resolves its own hostname finds its shaped link). The
+        IPv4-mapped IPv6 forms name the peers that dual-stack servers (c10d's store) see."""
+        named = list(zip(self.addresses, self.namespaces, strict=True))
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-        for j, (addr, name) in enumerate(zip(self.addresses, self.namespaces, strict=True)):
-            lines.append(f"{addr}\t{name}" + (f" {socket.gethostname()}" if j == i else ""))
+        lines += [
+            f"{addr}\t{name}" + (f" {socket.gethostname()}" if j == i else "")
+            for j, (addr, name) in enumerate(named)
+        ]
+        lines += [f"::ffff:{addr}\t{name}" for addr, name in named]
         etc = os.path.join(_NETNS_ETC, self.namespaces[i])
         os.makedirs(etc, exist_ok=True)
         with open(os.path.join(etc, "hosts"), "w") as f:

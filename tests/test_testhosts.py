@@ -82,9 +82,9 @@ def crashed_owner_leaves_hosts(prefix: str) -> int:
     returns that process's id."""
     code = (
         IMPORT_IN_CHILD + f"h = th.TestHosts(2, {RATE!r}, {prefix!r}); h.up()\n"
-        f"quiet = dict(start_new_session=True, stdout=-3, stderr=-3)  # DEVNULL: no pipes held\n"
-        f"print(h.popen(1, ['sleep', '600'], **quiet).pid, flush=True)\n"
-        f"os._exit(0)\n"
+        "quiet = dict(start_new_session=True, stdout=-3, stderr=-3)  # DEVNULL: no pipes held\n"
+        "print(h.popen(1, ['sleep', '600'], **quiet).pid, flush=True)\n"
+        "os._exit(0)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     if r.returncode != 0 and "HostsBusy" in r.stderr:
@@ -220,18 +220,13 @@ def test_hosts_are_addressed_named_and_shaped_both_ways(hosts):
             check=True,
         )
         assert json.loads(r.stdout)[0]["options"]["rate"] * 8 == RATE_BPS
-    peer = hosts.run(
-        1,
-        [
-            sys.executable,
-            "-c",
-            f"import socket; print(socket.gethostbyname({hosts.namespaces[0]!r}))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    # peers resolve by name, and back from the IPv4-mapped form dual-stack servers see
+    lookup = (
+        f"import socket; a = socket.gethostbyname({hosts.namespaces[0]!r}); "
+        "print(a, socket.getnameinfo(('::ffff:' + a, 0, 0, 0), socket.NI_NAMEREQD)[0])"
     )
-    assert peer.stdout.strip() == hosts.addresses[0]
+    peer = hosts.run(1, [sys.executable, "-c", lookup], capture_output=True, text=True)
+    assert peer.stdout.split() == [hosts.addresses[0], hosts.namespaces[0]], peer.stderr
 
 
 @needs_hosts
@@ -332,8 +327,8 @@ def test_hosts_of_a_running_owner_are_not_taken():
 def test_removed_when_interrupted_or_terminated(sig):
     code = (
         IMPORT_IN_CHILD + f"with th.TestHosts(2, {RATE!r}, {OTHER!r}):\n"
-        f"    print('up', flush=True)\n"
-        f"    time.sleep(60)\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(60)\n"
     )
     p = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
