@@ -357,3 +357,94 @@ def test_surrogate_gradient() -> None:
     assert out.dtype == torch.float32
     out.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- codec-matched rate
+
+
+def _codec_cases():
+    """Tensors and settings that exercise every choice the encoder makes."""
+    gen = torch.Generator().manual_seed(11)
+    from ggcomm.gg import sample
+
+    spiky = torch.randn(3000, generator=gen)
+    spiky[::97] *= 1e3
+    odd = torch.randn(5000, generator=gen)
+    odd[7], odd[70], odd[700] = float("nan"), float("inf"), 1e12  # exceptions
+    sparse = sample(20_000, 0.3, generator=gen)
+    for x, block_size in (
+        (sample((64, 300), 1.0, generator=gen), 16384),
+        (sample(4097, 2.0, generator=gen).to(torch.bfloat16), 512),
+        (sparse.to(torch.float16), 1000),
+        (spiky.double(), 64),
+        (odd, 333),
+        (torch.zeros(2, 3, 4), 5),
+        (torch.tensor(2.5), 1),
+    ):
+        for step in (0.02, 2.0):
+            for k, zero_runs in (("auto", "auto"), (2, "auto"), ("auto", True), (0, False)):
+                yield x, step, k, block_size, zero_runs
+
+
+def test_codec_bits_is_the_frame_size() -> None:
+    from ggcomm import codec
+    from ggcomm.rate import _plan_codec, _plan_torch, codec_bits
+
+    for x, step, k, block_size, zero_runs in _codec_cases():
+        frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)
+        args = (x, step, k, block_size, zero_runs)
+        assert codec_bits(*args[:2], k=k, block_size=block_size, zero_runs=zero_runs) == (
+            8 * frame.nbytes
+        )
+        # The torch reproduction (used off the CPU) agrees with the codec block by block.
+        mine, ref = _plan_torch(*args), _plan_codec(*args)
+        for field in ("order", "zero_run", "count", "frame_bits", "payload_bits"):
+            assert torch.equal(getattr(mine, field), getattr(ref, field)), (field, args[1:])
+
+
+def test_eg_rate_value_and_gradient() -> None:
+    from ggcomm import codec
+    from ggcomm.rate import eg_rate, rms
+
+    x = torch.from_numpy(gennorm_data(1.0)[:50_000]).requires_grad_(True)
+    step, one_block = 0.05, {"zero_runs": False, "block_size": 1 << 16}
+    r = eg_rate(x, step, **one_block)
+    assert r.dtype == torch.float64 and r.ndim == 0
+    assert float(r.detach()) == codec.encode(x.detach(), step, **one_block).bits_per_element
+    payload = eg_rate(x, step, overhead=False, **one_block)
+    u = signed_to_unsigned(quantize(x, step))
+    best, k = eg_bits(u)
+    assert float(payload.detach()) == pytest.approx(best, rel=1e-12)
+    r.backward()
+    # The gradient is the smooth bound's at the codec's order (straight-through floor).
+    y = x.detach().clone().requires_grad_(True)
+    eg_rate_surrogate(y, step, k, exact_forward=True).backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-15)
+
+    # Zero-run blocks code nonzero symbols as u - 1: the slope follows.
+    s = torch.tensor([0.0] * 30 + [0.26, -0.26], dtype=torch.float64, requires_grad=True)
+    eg_rate(s, 0.25).backward()
+    assert codec.inspect(codec.encode(s.detach(), 0.25)).blocks[0].mode == "zero_runs"
+    slope = 4.0 / (math.log(2.0) * 0.25 * 32)  # u - 1 + 2^0 = 1 for q = 1 and 2 for q = -1
+    torch.testing.assert_close(s.grad[-2:], torch.tensor([slope, -slope / 2], dtype=s.dtype))
+
+    z = (5.0 * torch.randn(40, 50)).requires_grad_(True)
+    rel = eg_rate(z, rel_step=0.1)
+    want = codec.encode(z.detach(), 0.1 * rms(z)).bits_per_element
+    assert float(rel.detach()) == pytest.approx(want, rel=1e-6)  # float32 like z
+    rel.backward()
+    assert abs(float((z.grad * z.detach()).sum())) < 1e-6 * float(z.grad.norm() * z.detach().norm())
+
+    with pytest.raises(ValueError):
+        eg_rate(z, 0.1, rel_step=0.1)
+    with pytest.raises(ValueError):
+        eg_rate(z)
+    with pytest.raises(ValueError):
+        eg_rate(torch.zeros(3), rel_step=0.1)
+    with pytest.raises(ValueError):
+        eg_rate(z, 0.1, block_size=0)
+    with pytest.raises(TypeError):
+        eg_rate(torch.arange(4), 0.1)
+    assert rms(torch.tensor([3.0, float("nan"), -4.0, float("inf")])) == pytest.approx(
+        math.sqrt(12.5)
+    )
