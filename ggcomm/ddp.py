@@ -234,12 +234,10 @@ class GGCommState:
     def target_rate(self, iteration: int | None = None) -> float:
         """The rate-mode target (bits per element) at ``iteration`` (default: this one)."""
         it = self.iteration if iteration is None else iteration
-        done = it - self.start_iter
+        done = max(it - self.start_iter, 0)
         if self.mode != "rate" or done >= self.warmup_iters:
             return self.value
-        frac = max(done, 0) / self.warmup_iters
-        # on a 1/16-bit grid: the step model caches one solve per (shape, target)
-        return round(16 * (self.warmup_rate + (self.value - self.warmup_rate) * frac)) / 16
+        return self.warmup_rate + (self.value - self.warmup_rate) * done / self.warmup_iters
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -486,7 +484,10 @@ def _param_steps(state: GGCommState, keys: list[str], lengths: list[int], x: tor
             corr = _stepping.correct(state.rate_corr.get(keys[i], 0.0), measured,
                                      previous_target, state.rate_gain)
             state.rate_corr[keys[i]] = corr
-        steps[i] = _stepping.step_for(state.mode, target, mean_sq, mean_abs, corr)
+        # Above the target, each extra bit halves the step (the high-rate law; the feedback
+        # loop trims what it misses), so a warm-up needs no new solve of the GG model.
+        steps[i] = _stepping.step_for(state.mode, state.value, mean_sq, mean_abs,
+                                      corr - (target - state.value))
     return steps
 
 

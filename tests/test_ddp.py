@@ -76,6 +76,7 @@ def test_rate_warmup_starts_high_and_settles_on_the_target(tmp_path):
     targets = dist_utils.values(dist_utils.run(w.rate_warmup, 2, str(log)))[0]
     # iteration 0 is a plain allreduce (start_iter=1); then 7 bits falling to 3 over 8
     assert targets[:3] == [7.0, 7.0, 6.5] and targets[9:] == [3.0, 3.0, 3.0]
+    assert GGCommState(rate=3.0).target_rate(0) == 3.0
     bits = [json.loads(line)["payload_bits_per_element"] for line in log.read_text().splitlines()]
     assert bits[1] > 5.0 and all(2.5 < b < 3.6 for b in bits[12:]), bits
 
