@@ -10,7 +10,11 @@ import importlib
 import sys
 
 # name -> (module whose main(argv) runs it, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ggcomm.demo", "train a GPT on 2 local ranks with plain DDP and with ggcomm, "
+                            "side by side"),
+    "bench": ("ggcomm.bench", "DDP comm hooks side by side on localhost and shaped links"),
+}
 
 
 def _usage() -> str:
