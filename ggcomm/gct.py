@@ -191,16 +191,21 @@ class GCT:
 
     def _rate_gradients(
         self, grads: list[torch.Tensor], steps: list[float]
-    ) -> tuple[float, tuple[torch.Tensor, ...]]:
-        """Exact EG bits per element over all ``grads`` and ``dR/dg`` for each."""
-        total = sum(g.numel() for g in grads)
+    ) -> tuple[float, list[torch.Tensor]]:
+        """The rate ``R`` of all ``grads`` (bits per element) and ``dR/dg`` for each.
+
+        Each gradient is divided by its own step and all are rated as one tensor with unit
+        step: the mean over the concatenation is the element-weighted mean of the
+        per-tensor rates, in one call instead of one per tensor.
+        """
+        pairs = zip(grads, steps, strict=True)
+        scaled = torch.cat([g.detach().float().reshape(-1) / s for g, s in pairs])
         with torch.enable_grad():
-            leaves = [g.detach().float().requires_grad_() for g in grads]
-            rate = sum(
-                eg_rate_surrogate(leaf, s, self.k, exact_forward=True) * (leaf.numel() / total)
-                for leaf, s in zip(leaves, steps, strict=True)
-            )
-            d_rate = torch.autograd.grad(rate, leaves)
+            scaled.requires_grad_()
+            rate = eg_rate_surrogate(scaled, 1.0, self.k)
+            (d_scaled,) = torch.autograd.grad(rate, scaled)
+        pieces = d_scaled.split([g.numel() for g in grads])
+        d_rate = [d.view(g.shape) / s for d, g, s in zip(pieces, grads, steps, strict=True)]
         return float(rate), d_rate
 
     @torch.no_grad()
@@ -216,8 +221,10 @@ class GCT:
         next secant spans the last real weight change.
 
         Returns:
-            The exact ``k``-th order EG bits per element of the gradients received,
-            quantized with their steps, or ``None`` if the gradients were passed through.
+            The rate ``R`` of the gradients received (bits per element: the smooth bound
+            :func:`ggcomm.rate.eg_rate_surrogate`, at most 2 bits and typically a few
+            tenths above the exact order-``k`` EG length), or ``None`` if the gradients
+            were passed through.
         """
         items = [(key, p) for key, p in self._params if p.grad is not None]
         if not items:
