@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ggcomm.demo", "train a GPT on 2 local ranks with plain DDP and with ggcomm, "
                             "side by side"),
     "bench": ("ggcomm.bench", "DDP comm hooks side by side on localhost and shaped links"),
+    "analyze": ("ggcomm.analyze", "GG vs Gaussian fits and FL/EG/Huffman bits of GPT tensors"),
 }
 
 
