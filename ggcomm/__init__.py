@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
-_SUBMODULES = {"gg", "rate", "kernels", "init", "gct", "backslash", "act", "analyze"}
+_SUBMODULES = {"gg", "rate", "kernels", "init", "gct", "backslash", "act", "analyze", "pipelining"}
 
 
 def __getattr__(name: str):
