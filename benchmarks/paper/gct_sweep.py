@@ -1,0 +1,256 @@
+"""GCT lambda sweep and training dynamics (paper Fig. 3 and Fig. 4c-d), small scale.
+
+The built-in byte-level GPT is trained with AdamW, conventionally and with
+:class:`ggcomm.gct.GCT` at several initial multipliers ``lam0`` (decayed by ``gamma`` per
+epoch, an epoch being a tenth of the run), plus one run at the middle ``lam0`` without
+decay. Every step the gradient the optimizer's step is computed from, before GCT rewrites
+it (what a data-parallel rank sends), is encoded with the real codec
+(:func:`ggcomm.codec.encode`, pure Exp-Golomb with the best order per block, no zero-run
+mode), each parameter with step ``REL_STEP`` x its gradient's RMS, the rule GCT
+constrains; its payload bits per element are the gradient EG bits.
+
+Reported: per run the mean gradient EG bits over all steps and over the last quarter,
+held-out next-byte accuracy and loss (Fig. 3: accuracy against gradient bits), and the
+per-step loss and gradient bits of conventional training against GCT with and without
+lambda decay (Fig. 4c-d).
+
+    python benchmarks/paper/gct_sweep.py            # results/paper/gct_sweep.*
+    python benchmarks/paper/gct_sweep.py --quick    # smoke run: gct_sweep-quick.*
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import (  # noqa: E402
+    Setup,
+    environment,
+    evaluate,
+    load_data,
+    markdown_table,
+    optimizer,
+    parser,
+    setup_dict,
+    write,
+)
+
+from ggcomm.codec import encode, inspect  # noqa: E402
+from ggcomm.gct import GCT  # noqa: E402
+from ggcomm.workload import GPT  # noqa: E402
+
+DEFAULT_STEPS = 1000
+QUICK_STEPS = 10
+EPOCHS = 10
+"""Epochs per run: GCT's lambda decays by GAMMA after each tenth of the steps."""
+LAMS = (0.001, 0.01, 0.1, 1.0)
+"""Initial multipliers of the sweep (loss units per bit per element), a decade apart."""
+NO_DECAY_LAM = 0.1
+"""lam0 of the run without decay, compared with the decayed run in Fig. 4."""
+GAMMA = 0.7
+"""Decay per epoch: after the 10 epochs lambda is 0.7^10 = 3% of lam0."""
+REL_STEP = 0.25
+"""Quantization step as a fraction of each gradient tensor's RMS, for GCT and the bits."""
+SMOOTH = 20
+"""Steps averaged per point of the per-step curves in the figure."""
+
+
+def gradient_bits(grads: list[torch.Tensor]) -> float:
+    """Payload bits per element of the gradients coded with the real codec (pure EG, best
+    order per block), each parameter quantized with REL_STEP x its RMS."""
+    flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+    steps = []
+    for g in grads:
+        rms = float(g.detach().double().pow(2).mean().sqrt())
+        steps.append(REL_STEP * rms if rms > 0 else 1.0)
+    frame = encode(flat, steps, segments=[g.numel() for g in grads], zero_runs=False)
+    return sum(b.bit_length for b in inspect(frame).blocks) / flat.numel()
+
+
+def train(
+    setup: Setup, data: Any, lam: float | None, gamma: float, steps: int, seed: int
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = GPT(setup.config())
+    opt, schedule = optimizer(model, setup, steps)
+    params = list(model.parameters())
+    gct = None
+    if lam is not None:
+        gct = GCT(model.named_parameters(), lam=lam, gamma=gamma, rel_step=REL_STEP)
+    epoch_len = max(1, steps // EPOCHS)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses, bits, lams = [], [], []
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = data.batch("train", setup.batch_size, gen)
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        bits.append(gradient_bits([p.grad for p in params]))
+        losses.append(loss.item())
+        if gct is not None:
+            lams.append(gct.lam)
+            gct.apply_()
+        opt.step()
+        schedule.step()
+        if gct is not None and (i + 1) % epoch_len == 0:
+            gct.epoch_end()
+    seconds = time.perf_counter() - start
+    tail = max(1, steps // 4)
+    return {
+        "method": "conventional" if lam is None else "gct",
+        "lam0": lam,
+        "gamma": gamma if lam is not None else None,
+        **evaluate(model, data, setup, seed),
+        "grad_bits_mean": float(np.mean(bits)),
+        "grad_bits_last_quarter": float(np.mean(bits[-tail:])),
+        "train_loss_last_quarter": float(np.mean(losses[-tail:])),
+        "loss": losses,
+        "grad_bits": bits,
+        "lam": lams,
+        "skipped": 0 if gct is None else gct.skipped,
+        "seconds": seconds,
+    }
+
+
+def label(r: dict[str, Any]) -> str:
+    if r["method"] == "conventional":
+        return "conventional"
+    decay = f"gamma {r['gamma']:g}" if r["gamma"] < 1 else "no decay"
+    return f"GCT lam0 {r['lam0']:g}, {decay}"
+
+
+def report(runs: list[dict[str, Any]], setup: Setup, steps: int) -> list[str]:
+    lines = [
+        "# GCT, gradient-constrained training, small scale (paper Fig. 3, Fig. 4c-d)",
+        "",
+        f"Byte-level GPT ({setup.n_layer} layers, width {setup.n_embd}), AdamW lr "
+        f"{setup.lr:g} (warm-up over {setup.warmup:.0%} of the steps, cosine decay to 0), "
+        f"weight decay {setup.weight_decay:g}, batch {setup.batch_size} x "
+        f"{setup.block_size} bytes, {steps} steps per run on Python standard-library "
+        f"sources. GCT: rate step {REL_STEP:g} x RMS per gradient tensor, EG order 0, "
+        f"eps 1e-6, lambda x gamma every {max(1, steps // EPOCHS)} steps (an epoch). "
+        f"Gradient bits: the real codec's Exp-Golomb payload (best order per block) of "
+        f"the gradient each step computes, before GCT rewrites it, at the same step rule. "
+        f"Accuracy: next-byte accuracy on {setup.eval_batches * setup.eval_batch_size} "
+        "held-out windows.",
+        "",
+        "## Lambda sweep (Fig. 3)",
+        "",
+    ]
+    header = [
+        "run", "grad EG bits (mean)", "last quarter", "train loss (last quarter)",
+        "val loss", "accuracy",
+    ]  # fmt: skip
+    rows = [
+        [
+            label(r),
+            f"{r['grad_bits_mean']:.3f}",
+            f"{r['grad_bits_last_quarter']:.3f}",
+            f"{r['train_loss_last_quarter']:.3f}",
+            f"{r['val_loss']:.3f}",
+            f"{r['accuracy']:.2%}",
+        ]  # fmt: skip
+        for r in runs
+    ]
+    lines += markdown_table(header, rows)
+    conv = runs[0]
+    lines += [
+        "",
+        "Paper (BERT-110M on IMDB and three other model/task pairs): gradient EG bits "
+        "2.47-3.43 with GCT against 4.66-7.58 unconstrained, at about the same accuracy; "
+        "lambda decay follows conventional training's loss, no decay oscillates late.",
+        "",
+        f"Here, change against conventional training ({conv['grad_bits_mean']:.3f} bits, "
+        f"accuracy {conv['accuracy']:.2%}):",
+        "",
+    ]
+    rows = [
+        [
+            label(r),
+            f"{r['grad_bits_mean'] - conv['grad_bits_mean']:+.3f}",
+            f"{r['grad_bits_last_quarter'] - conv['grad_bits_last_quarter']:+.3f}",
+            f"{(r['accuracy'] - conv['accuracy']) * 100:+.2f} points",
+        ]
+        for r in runs[1:]
+    ]
+    lines += markdown_table(["run", "bits (mean)", "bits (last quarter)", "accuracy"], rows)
+    return lines
+
+
+def smooth(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v) // SMOOTH * SMOOTH
+    if n == 0:
+        return np.arange(len(v)), v
+    return np.arange(n // SMOOTH) * SMOOTH + SMOOTH / 2, v[:n].reshape(-1, SMOOTH).mean(1)
+
+
+def figure(runs: list[dict[str, Any]]) -> Any:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for r in runs:
+        marker = "o" if r["method"] == "conventional" else ("^" if r["gamma"] < 1 else "s")
+        ax.scatter(r["grad_bits_mean"], r["accuracy"], marker=marker, label=label(r))
+    ax.set_xlabel("gradient EG bits per element (mean over the run)")
+    ax.set_ylabel("next-byte accuracy")
+    ax.set_title("Fig. 3: accuracy vs gradient bits")
+    ax.legend(fontsize=7)
+    fig4 = [r for r in runs if r["method"] == "conventional" or r["lam0"] == NO_DECAY_LAM]
+    for ax, key, title in (
+        (axes[1], "loss", "Fig. 4c: training loss"),
+        (axes[2], "grad_bits", "Fig. 4d: gradient EG bits per element"),
+    ):
+        for r in fig4:
+            ax.plot(*smooth(r[key]), label=label(r))
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{key.replace('_', ' ')} (mean of {SMOOTH} steps)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> list[Any]:
+    args = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS).parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    setup = Setup(eval_batches=2) if args.quick else Setup()
+    data = load_data(setup)
+    plan: list[tuple[float | None, float]] = [(None, 1.0)]
+    plan += [(lam, GAMMA) for lam in LAMS]
+    plan += [(NO_DECAY_LAM, 1.0)]
+    runs = []
+    for lam, gamma in plan:
+        r = train(setup, data, lam, gamma, steps, args.seed)
+        runs.append(r)
+        print(
+            f"{label(r):32s} grad bits {r['grad_bits_mean']:.3f} "
+            f"(last quarter {r['grad_bits_last_quarter']:.3f})  acc {r['accuracy']:.3f}  "
+            f"({r['seconds']:.0f} s)",
+            flush=True,
+        )
+    name = "gct_sweep" + ("-quick" if args.quick else "")
+    payload = {
+        "benchmark": "gct_sweep",
+        "steps": steps,
+        "seed": args.seed,
+        "setup": setup_dict(setup),
+        "epochs": EPOCHS,
+        "rel_step": REL_STEP,
+        "environment": environment(),
+        "runs": runs,
+    }
+    paths = write(args.out, name, report(runs, setup, steps), payload, figure(runs))
+    print("wrote", *map(str, paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
