@@ -53,10 +53,12 @@ Logged and reported
 Rank 0 prints its training loss, next-token accuracy (GPT only), bytes sent and step time every
 ``--log-every`` steps, evaluates the final model on ``--eval-batches`` fixed validation batches
 (the same for every hook and seed), and with ``--json PATH`` writes a summary: the
-configuration, per-step ``loss`` / ``accuracy`` / ``step_time_s`` / ``bytes_sent_per_rank``,
-their means, the fp32-allreduce bytes for reference, the final validation loss and accuracy,
-and for ``gg`` the hook's cumulative statistics. Step time is the wall time of forward,
-backward (which waits for the gradient exchange) and the optimizer step.
+configuration, per-step ``loss`` / ``accuracy`` / ``step_time_s`` / ``bytes_sent_per_rank``
+(and for ``gg`` the hook's ``encode_s`` / ``decode_s``), their means, the fp32-allreduce bytes
+for reference, the final validation loss and accuracy, and for ``gg`` the hook's cumulative
+statistics. Step time is the wall time of forward, backward (which waits for the gradient
+exchange) and the optimizer step: ``time.perf_counter`` on the CPU, CUDA events under
+``--backend nccl``.
 
 All ranks build the model from the same ``--seed``; each draws its batches from its own
 generator (seeded from ``--seed`` and the rank). ``train(args)`` runs in-process (it creates the
@@ -399,6 +401,39 @@ def _fmt_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class _StepTimer:
+    """Wall time of one training step, in seconds.
+
+    On the CPU: ``time.perf_counter`` around the step. On CUDA: a pair of CUDA events on the
+    current stream, recorded after a device synchronize (so batch preparation is not counted)
+    and read after the end event completes: the GPU-side time from the start of the forward to
+    the end of the optimizer step, gradient exchange included (backward returns only after
+    every bucket's future, so the end event is queued after it).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._begin.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            return self._begin.elapsed_time(self._end) / 1e3  # elapsed_time is in ms
+        return time.perf_counter() - self._t0
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -474,6 +509,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     accuracies: list[float | None] = []
     step_times: list[float] = []
     sent: list[float] = []
+    encode_s: list[float] = []
+    decode_s: list[float] = []
+    timer = _StepTimer(device)
     t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
         if dataset is not None:
@@ -482,17 +520,13 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
             x, y = mlp_batch(args.batch_size, args.mlp_width, gen)
         x, y = x.to(device), y.to(device)
 
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        timer.start()
         out, loss = ddp_model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - t0)
+        step_times.append(timer.stop())
 
         losses.append(loss.item())
         accuracies.append(next_token_accuracy(out.detach(), y) if is_gpt else None)
@@ -501,6 +535,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         elif args.hook == "gg":
             last = hook_state.stats.last_step
             sent.append(float(last["bytes_sent"]) if last else 0.0)
+            encode_s.append(float(last["encode_s"]) if last else 0.0)
+            decode_s.append(float(last["decode_s"]) if last else 0.0)
         else:
             assert counter is not None
             sent.append(counter.reset())
@@ -545,6 +581,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": accuracies,
             "step_time_s": step_times,
             "bytes_sent_per_rank": sent,
+            "encode_s": encode_s if args.hook == "gg" else None,
+            "decode_s": decode_s if args.hook == "gg" else None,
         },
         "mean_step_time_s": statistics.fmean(step_times[skip:]) if step_times else None,
         "median_step_time_s": statistics.median(step_times) if step_times else None,

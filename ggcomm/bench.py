@@ -1,0 +1,1224 @@
+"""``ggcomm bench``: gradient-communication methods side by side, over real links.
+
+Trains the same model for the same steps with every method, on every link and number of ranks
+asked for, and reports what each method costs and gains::
+
+    ggcomm bench                                   # the full matrix (as root for shaped links)
+    ggcomm bench --quick                           # smoke test, well under a minute
+    ggcomm bench --links localhost 1gbit --methods fp32 fp16 gg3-allgather --ranks 2
+
+Methods (:data:`METHODS`): ``fp32`` (no hook: DDP's own fp32 allreduce), ``fp16``
+(``fp16_compress_hook``), ``quant8`` (``quantization_pertensor_hook``: uint8, allgather),
+``powersgd-r1`` / ``powersgd-r4`` (``powerSGD_hook`` at rank 1 and 4 after ``--psgd-start``
+fp32 warm-up steps), and ggcomm at 2, 3 and 4 bits per element with each exchange
+(``gg3-allgather``, ``gg3-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`): ``gpt``, the
+byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP, whose step is
+mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
+``1gbit``, ``100mbit``: one network namespace per rank, joined by a bridge, every link shaped
+with ``tc tbf`` (``launch/testhosts.py``; needs root, and without it the benchmark says why
+and runs on localhost only). Ranks: ``--ranks 2 4``.
+
+Measured per run (see ``launch/train_ddp.py`` for how bytes are counted): median step time;
+bytes each rank sends per step (ggcomm: the real frames; built-in hooks: computed from the
+tensors they pass, ring collectives); ggcomm's encode and decode time as a share of the step;
+the validation loss after the fixed number of steps. Step time and bytes are taken over the
+steady-state steps: every method's first step (DDP rebuilds its buckets, ggcomm sends it
+uncompressed), PowerSGD's fp32 warm-up and ggcomm's rate warm-up are left out. Across runs:
+how bytes per rank grow from 2 to 4 ranks for each method and exchange, and whether the
+targets in :data:`TARGETS` are met.
+
+Writes ``ddp_bench.json`` (every run, per-step series included), ``ddp_bench.md`` (tables and
+the targets' verdicts), ``ddp_bench-step_time.png`` (step time against link speed, per
+method) and ``ddp_bench-loss_vs_bytes.png`` (final loss against bytes sent) under ``--out``
+(default ``benchmarks/results``); ``--quick`` names end in ``-quick`` and are not committed.
+
+How it runs: one launch per (workload, link, ranks) group. Each rank is a process (``python -m
+ggcomm.bench --worker SPEC``, in its own test host on shaped links) that joins one process group
+and trains every method of the group in turn through ``launch/train_ddp.py``'s ``train``, so
+the start-up (interpreter, torch and numba imports, process group) is paid once per group
+rather than once per run. Localhost ranks meet through a file store (no port to pick) over the
+loopback interface. With CUDA (``--backend auto`` finds it) the ranks run NCCL, one GPU each,
+and time steps with CUDA events; on test hosts NCCL is confined to the shaped link (its
+peer-to-peer and shared-memory transports off). The CUDA path is untested.
+
+Costs: the full default matrix is 176 runs in 16 launches; on a quiet 2-core machine it should
+take about 20-25 minutes (estimated from per-run CPU time: about 4.5 s per GPT run and 3.5 s
+per MLP run at 2 ranks on localhost, twice that at 4 ranks, 5-10 s of start-up per launch,
+plus the exchanges at 100 Mbit/s). The GPT runs on 4 ranks are the largest part, then the
+MLP at 100 Mbit/s. ``--steps``, ``--mlp-width`` and the subset options trade coverage for
+time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_DDP = ROOT / "launch" / "train_ddp.py"
+TESTHOSTS = ROOT / "launch" / "testhosts.py"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+NAME = "ddp_bench"
+
+# Steps per run. Every step costs its full exchange, and the GPT runs their full compute, so
+# steps set most of the benchmark's length: 16 leave 14 or 15 steady-state steps per run for
+# the medians and finish the full matrix in about 20-25 minutes on 2 cores. More steps tighten
+# the medians and let the final losses separate further.
+DEFAULT_STEPS = 16
+# Learning-rate warm-up of every run as a share of its steps (train_ddp's --warmup, whose
+# default of 20 steps is longer than a benchmark run): a quarter leaves the rest of the run at
+# full rate and then cosine decay, so the final losses reflect real training.
+LR_WARMUP_FRACTION = 0.25
+# PowerSGD's warm-up (start_powerSGD_iter) as a share of the steps: the hook's own advice is
+# to start from 10% of training and raise it until accuracy is satisfactory (its default,
+# 1000 iterations, is for full-length training, which a short run would never leave).
+# Longer warm-ups give PowerSGD a better start and cost that many fp32 exchanges.
+PSGD_START_FRACTION = 0.1
+# powerSGD_hook refuses to compress before DDP's third iteration.
+PSGD_MIN_START = 2
+# ggcomm's rate warm-up (GGCommState.warmup_iters) as a share of the steps: its target falls
+# from 8 bits per element to the method's rate over these iterations, which seeds AdamW's
+# second moments with near-exact gradients (see ggcomm.ddp). The same share as PowerSGD's
+# warm-up, so both compressors start alike; longer warm-ups converge more safely at low rates
+# and send more bytes early on.
+GG_WARMUP_FRACTION = PSGD_START_FRACTION
+# GPT batch per rank (sequences of 128 tokens). Gradients, hence bytes, do not depend on it;
+# 8 halves train_ddp's default compute per step so that the full matrix stays affordable.
+GPT_BATCH = 8
+# Width of the MLP workload (3 square layers: 3 (w^2 + w) parameters, 3.15M at 1024 = 12.6 MB
+# of fp32 gradients). Wide enough that its fp32 exchange (0.1 s per step at 1 Gbit/s, 2 ranks)
+# takes over twice its compute on one core, narrow enough that one fp32 step at 100 Mbit/s
+# takes ~1 s rather than 16 s at the workload's own default width of 4096.
+MLP_WIDTH = 1024
+# Fixed validation batches behind the final loss: more average out more batch noise, each
+# costs one forward pass of the model.
+EVAL_BATCHES = 4
+# Steady-state steps a run must have at least (steps after every method's warm-up).
+MIN_STEADY_STEPS = 2
+# Wall-clock limit of one launch (a group of runs); a rank that hangs in a collective would
+# otherwise wait for gloo's 30-minute timeout.
+GROUP_TIMEOUT_S = 3600.0
+# How often the launcher polls its ranks and the finished runs.
+POLL_S = 0.2
+# Test-host name prefix: distinct from testhosts' default so that the benchmark never touches
+# hosts someone brought up by hand.
+HOSTS_PREFIX = "ggcbench"
+# Two final losses this close (relative) count as equal for the bytes-at-equal-loss target:
+# runs of a few dozen steps differ by about this much from batch noise alone.
+EQUAL_LOSS_REL_TOL = 0.01
+
+# --quick: enough to see every code path work, not to measure anything.
+QUICK_STEPS = 4
+QUICK_MLP_WIDTH = 256
+QUICK_EVAL_BATCHES = 1
+QUICK_GPT = ("--batch-size", "4", "--block-size", "32", "--corpus-bytes", "200000")
+QUICK_METHODS = ("fp32", "fp16", "quant8", "powersgd-r1", "gg3-allgather", "gg3-reduce_scatter")
+QUICK_WORKLOADS = ("mlp",)
+QUICK_LINKS = ("localhost",)
+QUICK_RANKS = (2,)
+
+
+class BenchError(RuntimeError):
+    """A launch failed or could not start; the message names the group and what went wrong."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A gradient-communication method: ``launch/train_ddp.py`` options and its label."""
+
+    name: str
+    label: str
+    argv: tuple[str, ...]
+
+    @property
+    def hook(self) -> str:
+        """``train_ddp``'s ``--hook``."""
+        return self.argv[1]
+
+    def train_argv(self, psgd_start: int, gg_warmup: int) -> list[str]:
+        extra: list[str] = []
+        if self.hook == "powersgd":
+            extra = ["--psgd-start", str(psgd_start)]
+        elif self.hook == "gg" and gg_warmup:
+            extra = ["--gg-warmup-iters", str(gg_warmup)]
+        return [*self.argv, *extra]
+
+    def warmup_steps(self, psgd_start: int, gg_warmup: int) -> int:
+        """Leading steps that are not steady state: step 1 for every method (DDP rebuilds its
+        buckets; ggcomm sends it uncompressed), PowerSGD's fp32 warm-up, ggcomm's rate
+        warm-up."""
+        if self.hook == "powersgd":
+            return max(1, psgd_start)
+        if self.hook == "gg":
+            return 1 + gg_warmup
+        return 1
+
+
+def _methods() -> dict[str, Method]:
+    methods = [
+        Method("fp32", "no hook (fp32 allreduce)", ("--hook", "none")),
+        Method("fp16", "fp16_compress_hook", ("--hook", "fp16")),
+        Method("quant8", "quantization_pertensor_hook (uint8)", ("--hook", "quant8")),
+    ]
+    for rank in (1, 4):
+        methods.append(
+            Method(
+                f"powersgd-r{rank}",
+                f"powerSGD_hook rank {rank}",
+                ("--hook", "powersgd", "--psgd-rank", str(rank)),
+            )
+        )
+    for bits in (2, 3, 4):
+        for exchange in ("allgather", "reduce_scatter"):
+            methods.append(
+                Method(
+                    f"gg{bits}-{exchange}",
+                    f"ggcomm {bits} bits/element, {exchange}",
+                    ("--hook", "gg", "--rate", str(bits), "--exchange", exchange),
+                )
+            )
+    return {m.name: m for m in methods}
+
+
+METHODS = _methods()
+WORKLOADS = {
+    "gpt": "byte-level GPT (4 layers, width 128)",
+    "mlp": "wide MLP (3 square layers)",
+}
+LINKS = ("localhost", "10gbit", "1gbit", "100mbit")
+# What the markdown checks the results against (reported, not enforced).
+TARGET_LINK = "1gbit"
+TARGET_WORKLOAD = "mlp"
+TARGET_BITS = 3
+TARGET_SPEEDUP = 3.0
+TARGET_GROWTH = 1.2
+TARGETS = {
+    "speed": f"at {TARGET_LINK} on the {TARGET_WORKLOAD} workload, ggcomm at {TARGET_BITS} bits "
+    f"gives a step >= {TARGET_SPEEDUP:g}x faster than fp32 allreduce and faster than the fp16 "
+    "hook",
+    "bytes_at_equal_loss": "at equal final loss ggcomm sends fewer bytes than the uint8 "
+    "quantization hook",
+    "reduce_scatter_growth": f"with reduce_scatter, bytes per rank at 4 ranks within "
+    f"{TARGET_GROWTH:g}x of those at 2 ranks",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ggcomm bench",
+        description="DDP gradient-communication methods side by side: step time, bytes per "
+        "rank, encode/decode share and final loss, on localhost and shaped test-host links.",
+    )
+    for option, choices, default in (
+        ("--links", LINKS, "all; shaped links need root"),
+        ("--methods", tuple(METHODS), "all"),
+        ("--workloads", tuple(WORKLOADS), "both"),
+    ):
+        p.add_argument(
+            option,
+            nargs="+",
+            choices=choices,
+            metavar=option[2:-1].upper(),
+            help=f"any of {', '.join(choices)} (default: {default})",
+        )
+    p.add_argument(
+        "--ranks", nargs="+", type=int, metavar="N", help="numbers of ranks (default: 2 4)"
+    )
+    p.add_argument("--steps", type=int, help=f"steps per run (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--psgd-start",
+        type=int,
+        help=f"PowerSGD's fp32 warm-up steps (default {100 * PSGD_START_FRACTION:g}%% of the "
+        f"steps, at least {PSGD_MIN_START})",
+    )
+    p.add_argument(
+        "--gg-warmup",
+        type=int,
+        help=f"ggcomm's rate warm-up iterations, 0 for none (default "
+        f"{100 * GG_WARMUP_FRACTION:g}%% of the steps)",
+    )
+    p.add_argument("--mlp-width", type=int, help=f"MLP workload width (default {MLP_WIDTH})")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        help=f"validation batches behind the final loss (default {EVAL_BATCHES})",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch and codec threads per rank (default 0: CPUs / ranks, at least 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="auto: nccl when CUDA is available, else gloo",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK_STEPS} steps, a small matrix and model, results "
+        "named *-quick.* (options given explicitly still apply)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=GROUP_TIMEOUT_S,
+        help=f"seconds one launch may take (default {GROUP_TIMEOUT_S:g})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options with the defaults filled in (``--quick`` picks its own); exits with status 2
+    and a message saying what is wrong on invalid ones."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.worker:
+        return args
+    quick = args.quick
+    defaults = {
+        "links": QUICK_LINKS if quick else LINKS,
+        "methods": QUICK_METHODS if quick else tuple(METHODS),
+        "workloads": QUICK_WORKLOADS if quick else tuple(WORKLOADS),
+        "ranks": QUICK_RANKS if quick else (2, 4),
+        "steps": QUICK_STEPS if quick else DEFAULT_STEPS,
+        "mlp_width": QUICK_MLP_WIDTH if quick else MLP_WIDTH,
+        "eval_batches": QUICK_EVAL_BATCHES if quick else EVAL_BATCHES,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.psgd_start is None:
+        args.psgd_start = max(PSGD_MIN_START, round(PSGD_START_FRACTION * args.steps))
+    if args.gg_warmup is None:
+        args.gg_warmup = round(GG_WARMUP_FRACTION * args.steps)
+    # keep the matrix's canonical order whatever order the options were given in
+    args.links = [x for x in LINKS if x in args.links]
+    args.methods = [x for x in METHODS if x in args.methods]
+    args.workloads = [x for x in WORKLOADS if x in args.workloads]
+    args.ranks = sorted(set(args.ranks))
+    if any(r < 2 for r in args.ranks):
+        p.error(f"--ranks must all be at least 2 (one rank exchanges nothing), got {args.ranks}")
+    if args.psgd_start < PSGD_MIN_START:
+        p.error(
+            f"--psgd-start must be >= {PSGD_MIN_START} (powerSGD_hook compresses only after "
+            f"DDP's first two iterations), got {args.psgd_start}"
+        )
+    if args.gg_warmup < 0:
+        p.error(f"--gg-warmup must be >= 0, got {args.gg_warmup}")
+    longest = max(
+        args.methods, key=lambda m: METHODS[m].warmup_steps(args.psgd_start, args.gg_warmup)
+    )
+    warmup = METHODS[longest].warmup_steps(args.psgd_start, args.gg_warmup)
+    if args.steps < warmup + MIN_STEADY_STEPS:
+        p.error(
+            f"--steps {args.steps} leaves fewer than {MIN_STEADY_STEPS} steady-state steps after "
+            f"the longest warm-up ({warmup} steps, {longest}); use --steps "
+            f"{warmup + MIN_STEADY_STEPS} or more, or shorter --psgd-start / --gg-warmup"
+        )
+    if args.mlp_width < 1:
+        p.error(f"--mlp-width must be positive, got {args.mlp_width}")
+    if args.eval_batches < 1:
+        p.error(f"--eval-batches must be positive, got {args.eval_batches}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0: automatic), got {args.threads}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be positive, got {args.timeout}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """One launch: every method of the benchmark for one workload, link and number of ranks."""
+
+    workload: str
+    link: str
+    ranks: int
+
+    def __str__(self) -> str:
+        return f"{self.workload}/{self.link}/{self.ranks} ranks"
+
+
+def _load_script(path: Path, name: str) -> ModuleType:
+    """A module from one of the repository's launch scripts (cached in ``sys.modules``)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if not path.is_file():
+        raise BenchError(
+            f"{path} is missing: ggcomm bench runs from a checkout of the repository "
+            "(pip install -e .), whose launch/ folder holds the training and test-host scripts"
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_testhosts() -> ModuleType:
+    """``launch/testhosts.py`` as a module."""
+    return _load_script(TESTHOSTS, "testhosts")
+
+
+def _train_argv(method: Method, workload: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """``launch/train_ddp.py`` options of one run."""
+    argv = [*method.train_argv(args.psgd_start, args.gg_warmup), "--model", workload]
+    argv += f"--steps {args.steps} --seed {args.seed} --log-every {args.steps}".split()
+    argv += f"--eval-batches {args.eval_batches} --backend {args.backend}".split()
+    argv += ["--warmup", str(max(1, round(LR_WARMUP_FRACTION * args.steps)))]
+    argv += ["--threads", str(args.threads), "--json", str(out)]
+    if workload == "mlp":
+        argv += ["--mlp-width", str(args.mlp_width)]
+    else:
+        argv += ["--batch-size", str(GPT_BATCH), *(QUICK_GPT if args.quick else ())]
+    return argv
+
+
+def _resolve_backend(args: argparse.Namespace) -> list[str]:
+    """Fix ``args.backend`` and ``args.threads``; returns notes on rank counts left out."""
+    notes = []
+    gpus = 0
+    if args.backend != "gloo":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.backend == "nccl" and not gpus:
+            raise BenchError("--backend nccl needs CUDA, and no GPU is visible")
+        args.backend = "nccl" if gpus else "gloo"
+    if args.backend == "nccl":
+        fit = [r for r in args.ranks if r <= gpus]
+        if len(fit) < len(args.ranks):
+            left = [r for r in args.ranks if r > gpus]
+            notes.append(
+                f"{', '.join(map(str, left))} ranks left out: NCCL needs one GPU per rank and "
+                f"{gpus} are visible"
+            )
+        if not fit:
+            raise BenchError(f"no rank count of {args.ranks} fits on {gpus} GPU(s)")
+        args.ranks = fit
+    if args.threads == 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = max(1, (cpus or 1) // max(args.ranks))
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _rank_env(rank: int, world: int, threads: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": str(threads),
+    }
+
+
+def _nccl_host_env(hosts: Any, i: int) -> dict[str, str]:
+    """NCCL in test host ``i``: its own GPU, sockets over its shaped link only."""
+    return {
+        "CUDA_VISIBLE_DEVICES": _visible_gpus()[i],
+        "LOCAL_RANK": "0",
+        "NCCL_SOCKET_IFNAME": hosts.interfaces[i],
+        "NCCL_NET": "Socket",
+        "NCCL_IB_DISABLE": "1",
+        "NCCL_P2P_DISABLE": "1",
+        "NCCL_SHM_DISABLE": "1",
+        "NCCL_NVLS_ENABLE": "0",
+    }
+
+
+def worker_command(spec_path: Path) -> list[str]:
+    """The command line of one rank: this module's worker, reading ``spec_path``."""
+    return [sys.executable, "-m", "ggcomm.bench", "--worker", str(spec_path)]
+
+
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def run_group(
+    group: Group,
+    runs: Sequence[tuple[Method, list[str], Path]],
+    args: argparse.Namespace,
+    workdir: Path,
+    hosts: Any = None,
+    on_run_done: Any = None,
+) -> None:
+    """Launch ``group.ranks`` workers (in ``hosts`` when given, else on localhost) that train
+    every run of ``runs`` in turn; calls ``on_run_done(method)`` as each result appears.
+    Raises :class:`BenchError` with the failing rank's log when a rank fails or the launch
+    takes longer than ``args.timeout``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "backend": args.backend,
+        "threads": args.threads,
+        "init_method": "env://" if hosts else f"file://{workdir / 'store'}",
+        "runs": [{"method": m.name, "argv": argv} for m, argv, _ in runs],
+    }
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = worker_command(spec_path)
+    procs: list[subprocess.Popen] = []
+    logs = [workdir / f"rank{r}.log" for r in range(group.ranks)]
+    try:
+        for r in range(group.ranks):
+            env = _rank_env(r, group.ranks, args.threads)
+            with open(logs[r], "w") as log:
+                if hosts is not None:
+                    env.pop("RANK")  # the hosts set their own, with MASTER_ADDR and ifname
+                    env.pop("WORLD_SIZE")
+                    env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+                    if args.backend == "nccl":
+                        env.update(_nccl_host_env(hosts, r))
+                    procs.append(
+                        hosts.popen(r, cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                    )
+                else:
+                    if sys.platform.startswith("linux"):
+                        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                    procs.append(
+                        subprocess.Popen(
+                            cmd,
+                            env={**os.environ, **env},
+                            cwd=ROOT,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+        done = 0
+        deadline = time.monotonic() + args.timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            while done < len(runs) and runs[done][2].exists():
+                if on_run_done is not None:
+                    on_run_done(runs[done][0])
+                done += 1
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                _stop(procs)
+                r = failed[0]
+                raise BenchError(
+                    f"{group}: rank {r} exited with status {codes[r]} during "
+                    f"{runs[min(done, len(runs) - 1)][0].name}; its log ends:\n"
+                    f"{_tail(logs[r])}"
+                )
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                _stop(procs)
+                raise BenchError(
+                    f"{group}: no result after {args.timeout:g} s (--timeout); rank 0's log "
+                    f"ends:\n{_tail(logs[0])}"
+                )
+            time.sleep(POLL_S)
+        missing = [m.name for m, _, out in runs if not out.exists()]
+        if missing:
+            raise BenchError(f"{group}: ranks exited without results for {', '.join(missing)}")
+    finally:
+        _stop(procs)
+
+
+def _worker(spec_path: str) -> int:
+    """One rank of a group: join the process group, train every run of the spec in turn."""
+    import torch
+    import torch.distributed as dist
+
+    from . import set_num_threads
+
+    spec = json.loads(Path(spec_path).read_text())
+    train_ddp = _load_script(TRAIN_DDP, "train_ddp")
+    set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["threads"])
+    backend = spec["backend"]
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if spec["init_method"] == "env://":
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(
+            backend,
+            init_method=spec["init_method"],
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    try:
+        for run in spec["runs"]:
+            train_ddp.train(train_ddp.parse_args(run["argv"]))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def summarize_run(
+    summary: dict[str, Any], method: Method, group: Group, psgd_start: int, gg_warmup: int
+) -> dict[str, Any]:
+    """The benchmark's record of one run, from ``train_ddp``'s summary: steady-state figures
+    (warm-up steps left out) and the per-step series."""
+    steps = summary["steps"]
+    warmup = method.warmup_steps(psgd_start, gg_warmup)
+    times = steps["step_time_s"][warmup:]
+    sent = steps["bytes_sent_per_rank"][warmup:]
+    fp32 = summary["fp32_allreduce_bytes_per_rank"]
+    bytes_per_rank = statistics.fmean(sent)
+    record: dict[str, Any] = {
+        "workload": group.workload,
+        "link": group.link,
+        "ranks": group.ranks,
+        "method": method.name,
+        "backend": summary["backend"],
+        "num_parameters": summary["num_parameters"],
+        "steps": len(steps["step_time_s"]),
+        "warmup_steps": warmup,
+        "median_step_s": statistics.median(times),
+        "mean_step_s": statistics.fmean(times),
+        "bytes_per_rank": bytes_per_rank,
+        "fp32_bytes_per_rank": fp32,
+        "bytes_vs_fp32": bytes_per_rank / fp32 if fp32 else None,
+        "run_bytes_per_rank": float(sum(steps["bytes_sent_per_rank"])),
+        "encode_s_per_step": None,
+        "decode_s_per_step": None,
+        "codec_share": None,
+        "final_loss": _finite(summary["val_loss"]),
+        "final_train_loss": _finite(steps["loss"][-1]),
+        "series": {
+            k: steps[k]
+            for k in ("loss", "step_time_s", "bytes_sent_per_rank", "encode_s", "decode_s")
+            if steps.get(k) is not None
+        },
+    }
+    if steps.get("encode_s") is not None:
+        enc = steps["encode_s"][warmup:]
+        dec = steps["decode_s"][warmup:]
+        record["encode_s_per_step"] = statistics.fmean(enc)
+        record["decode_s_per_step"] = statistics.fmean(dec)
+        record["codec_share"] = (sum(enc) + sum(dec)) / sum(times) if sum(times) > 0 else None
+    return record
+
+
+def _index(records: Sequence[dict]) -> dict[tuple[str, str, int, str], dict]:
+    return {(r["workload"], r["link"], r["ranks"], r["method"]): r for r in records}
+
+
+def _reference_link(records: Sequence[dict], workload: str, ranks: int) -> str | None:
+    """The link whose runs stand for bytes and loss (they do not depend on the link):
+    the fastest one measured, localhost when it ran."""
+    links = {r["link"] for r in records if r["workload"] == workload and r["ranks"] == ranks}
+    return next((link for link in LINKS if link in links), None)
+
+
+def growth(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Bytes per rank per step at the most and the fewest ranks measured, per workload and
+    method, and their ratio (on each one's reference link)."""
+    idx = _index(records)
+    out = []
+    for workload in WORKLOADS:
+        ranks = sorted({r["ranks"] for r in records if r["workload"] == workload})
+        if len(ranks) < 2:
+            continue
+        lo, hi = ranks[0], ranks[-1]
+        link_lo, link_hi = (
+            _reference_link(records, workload, lo),
+            _reference_link(records, workload, hi),
+        )
+        for m in METHODS:
+            a, b = idx.get((workload, link_lo, lo, m)), idx.get((workload, link_hi, hi, m))
+            if a and b:
+                out.append(
+                    {
+                        "workload": workload,
+                        "method": m,
+                        "ranks": [lo, hi],
+                        "bytes_per_rank": [a["bytes_per_rank"], b["bytes_per_rank"]],
+                        "ratio": b["bytes_per_rank"] / a["bytes_per_rank"],
+                    }
+                )
+    return out
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "not measured"}[met]
+
+
+def evaluate_targets(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Each target of :data:`TARGETS`: what was measured, and whether it is met (``None``: the
+    runs it needs were not in the benchmark)."""
+    idx = _index(records)
+    results = []
+
+    # speed: per rank count, the faster of the two exchanges
+    details, verdicts = [], []
+    for ranks in sorted({r["ranks"] for r in records}):
+        key = (TARGET_WORKLOAD, TARGET_LINK, ranks)
+        fp32, fp16 = idx.get((*key, "fp32")), idx.get((*key, "fp16"))
+        ggs = [idx.get((*key, f"gg{TARGET_BITS}-{x}")) for x in ("allgather", "reduce_scatter")]
+        ggs = [g for g in ggs if g]
+        if not (fp32 and fp16 and ggs):
+            continue
+        best = min(ggs, key=lambda g: g["median_step_s"])
+        speedup = fp32["median_step_s"] / best["median_step_s"]
+        ok = speedup >= TARGET_SPEEDUP and best["median_step_s"] < fp16["median_step_s"]
+        verdicts.append(ok)
+        details.append(
+            f"{ranks} ranks: {best['method']} {1e3 * best['median_step_s']:.0f} ms vs fp32 "
+            f"{1e3 * fp32['median_step_s']:.0f} ms ({speedup:.2f}x) and fp16 "
+            f"{1e3 * fp16['median_step_s']:.0f} ms"
+        )
+    results.append(
+        {
+            "target": "speed",
+            "statement": TARGETS["speed"],
+            "measured": "; ".join(details)
+            or "needs fp32, fp16 and a "
+            f"gg{TARGET_BITS} method on {TARGET_LINK}, {TARGET_WORKLOAD} workload",
+            "met": all(verdicts) if verdicts else None,
+        }
+    )
+
+    # bytes at equal loss: per workload and rank count, on the reference link
+    details, verdicts = [], []
+    for workload in WORKLOADS:
+        for ranks in sorted({r["ranks"] for r in records if r["workload"] == workload}):
+            link = _reference_link(records, workload, ranks)
+            q = idx.get((workload, link, ranks, "quant8"))
+            ggs = [
+                r
+                for (w, lk, n, m), r in idx.items()
+                if (w, lk, n) == (workload, link, ranks) and m.startswith("gg")
+            ]
+            if not q or not ggs or q["final_loss"] is None:
+                continue
+            limit = q["final_loss"] * (1 + EQUAL_LOSS_REL_TOL)
+            equal = [g for g in ggs if g["final_loss"] is not None and g["final_loss"] <= limit]
+            if not equal:
+                verdicts.append(False)
+                details.append(
+                    f"{workload}, {ranks} ranks: no ggcomm run reaches quant8's loss "
+                    f"{q['final_loss']:.4f} (+{100 * EQUAL_LOSS_REL_TOL:g}%)"
+                )
+                continue
+            best = min(equal, key=lambda g: g["bytes_per_rank"])
+            verdicts.append(best["bytes_per_rank"] < q["bytes_per_rank"])
+            details.append(
+                f"{workload}, {ranks} ranks: {best['method']} loss {best['final_loss']:.4f}, "
+                f"{best['bytes_per_rank'] / 1e3:.1f} kB vs quant8 loss {q['final_loss']:.4f}, "
+                f"{q['bytes_per_rank'] / 1e3:.1f} kB "
+                f"({q['bytes_per_rank'] / best['bytes_per_rank']:.2f}x fewer)"
+            )
+    results.append(
+        {
+            "target": "bytes_at_equal_loss",
+            "statement": TARGETS["bytes_at_equal_loss"],
+            "measured": "; ".join(details) or "needs quant8 and ggcomm runs",
+            "met": all(verdicts) if verdicts else None,
+        }
+    )
+
+    # reduce_scatter growth from 2 to 4 ranks
+    details, verdicts = [], []
+    for g in growth(records):
+        if g["method"].endswith("reduce_scatter") and g["ranks"] == [2, 4]:
+            verdicts.append(g["ratio"] <= TARGET_GROWTH)
+            details.append(f"{g['workload']} {g['method']}: {g['ratio']:.2f}x")
+    results.append(
+        {
+            "target": "reduce_scatter_growth",
+            "statement": TARGETS["reduce_scatter_growth"],
+            "measured": "; ".join(details) or "needs a gg reduce_scatter method at 2 and 4 ranks",
+            "met": all(verdicts) if verdicts else None,
+        }
+    )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _machine(backend: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "backend": backend,
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if backend == "nccl":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as markdown: set-up, targets, step times, bytes and loss, codec share."""
+    cfg, machine, records = result["config"], result["machine"], result["runs"]
+    idx = _index(records)
+    workloads = [w for w in cfg["workloads"] if any(r["workload"] == w for r in records)]
+    gpus = f", GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ""
+    lines = [
+        "# DDP gradient communication: methods side by side",
+        "",
+        f"Command: `{cfg['command']}`  ",
+        f"Machine: {machine['processor']}, {machine['cpus']} logical CPUs; Python "
+        f"{machine['python']}, torch {machine['torch']}; backend {machine['backend']}{gpus}; "
+        f"{cfg['threads']} torch and codec thread(s) per rank; load average "
+        f"{', '.join(f'{x:.1f}' for x in machine['load_average_start'] or [])} at the start, "
+        f"{', '.join(f'{x:.1f}' for x in result.get('load_average_end') or [])} at the end; "
+        f"{result['date']}; {result['wall_s'] / 60:.1f} min.  ",
+        f"Runs: {cfg['steps']} steps each (AdamW lr 3e-3: linear warm-up over the first "
+        f"{LR_WARMUP_FRACTION:.0%} of the steps, then cosine decay; `launch/train_ddp.py`), "
+        f"seed {cfg['seed']}; medians and means over the steady steps: "
+        f"step 1 left out for every method (DDP's bucket rebuild; ggcomm sends it "
+        f"uncompressed), PowerSGD's first {cfg['psgd_start']} steps (its fp32 warm-up)"
+        + (
+            f" and, after step 1, ggcomm's rate warm-up of {cfg['gg_warmup']} step(s) (from 8 "
+            "bits per element down to its rate, for AdamW).  "
+            if cfg["gg_warmup"]
+            else ".  "
+        ),
+    ]
+    for w in workloads:
+        n = next(r["num_parameters"] for r in records if r["workload"] == w)
+        if w == "mlp":
+            desc = f"{WORKLOADS[w]}, width {cfg['mlp_width']}, batch 16 per rank"
+        elif cfg["quick"]:
+            desc = f"{WORKLOADS[w]}, batch 4 x 32 tokens per rank"
+        else:
+            desc = f"{WORKLOADS[w]}, batch {GPT_BATCH} x 128 tokens per rank"
+        lines.append(
+            f"Workload `{w}`: {desc}; {n / 1e6:.2f}M parameters, "
+            f"{_fmt_bytes(4 * n)} of fp32 gradients.  "
+        )
+    ran = [m for m in cfg["methods"] if any(r["method"] == m for r in records)]
+    lines.append(
+        "Methods: " + "; ".join(f"`{m}` {METHODS[m].label}" for m in ran) + ".  "
+        if ran
+        else "Methods: none finished.  "
+    )
+    lines.append(
+        "Links: `localhost` is loopback; shaped links are one network namespace per rank joined "
+        "by a bridge, each link shaped with `tc tbf` both ways (`launch/testhosts.py`; no latency "
+        "emulation; every byte crosses the kernel on the same CPUs that train)."
+    )
+    for note in result["notes"]:
+        lines += ["", f"Note: {note}"]
+    for f in result["failures"]:
+        lines += ["", f"**Failed:** {f['error'].splitlines()[0]}"]
+
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['statement']} | {t['measured']} | {_verdict(t['met'])} |")
+    lines += [
+        "",
+        "Speed: the faster of the two exchanges per rank count. Equal loss: ggcomm runs whose "
+        f"final loss is at most {100 * EQUAL_LOSS_REL_TOL:g}% above quant8's, the cheapest of "
+        "them. Growth: any bandwidth-optimal allreduce sends 2 (N - 1) / N times its "
+        "message per rank, 1.5x more at 4 ranks than at 2 (fp32's own growth below), so "
+        "growth under 1.5x needs a message that shrinks with the number of ranks.",
+    ]
+
+    methods = ran
+
+    def step_cell(r: dict) -> str:
+        base = idx.get((r["workload"], r["link"], r["ranks"], "fp32"))
+        speed = f" ({base['median_step_s'] / r['median_step_s']:.2f}x)" if base else ""
+        return f"{1e3 * r['median_step_s']:.0f}{speed}"
+
+    def codec_cell(r: dict) -> str:
+        if r["codec_share"] is None:
+            return ""
+        codec = r["encode_s_per_step"] + r["decode_s_per_step"]
+        return f"{1e3 * codec:.1f} ({100 * r['codec_share']:.0f}%)"
+
+    for w in workloads:
+        cols = [
+            (n, link)
+            for n in cfg["ranks"]
+            for link in cfg["links_run"]
+            if any((w, link, n) == (r["workload"], r["link"], r["ranks"]) for r in records)
+        ]
+        if not cols:
+            continue
+        title = f"`{w}`: median step time, ms (speed-up vs fp32 on the same link)"
+        lines += _link_table(title, w, cols, methods, idx, step_cell)
+
+        ranks = [n for n in cfg["ranks"] if _reference_link(records, w, n)]
+        grow = {g["method"]: g for g in result["growth"] if g["workload"] == w}
+        head = ["method"]
+        for n in ranks:
+            head += [
+                f"bytes/rank/step, {n} ranks",
+                f"fewer than fp32, {n} ranks",
+                f"final loss, {n} ranks",
+            ]
+        if grow:
+            head.append(f"bytes growth {ranks[0]} -> {ranks[-1]} ranks")
+        refs = ", ".join(f"{n} ranks: {_reference_link(records, w, n)}" for n in ranks)
+        lines += [
+            "",
+            f"## `{w}`: bytes each rank sends per step, and final loss",
+            "",
+            f"From the runs on the fastest link measured ({refs}); neither depends on the link.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---|" * (len(head) - 1),
+        ]
+        for m in methods:
+            cells = [m]
+            for n in ranks:
+                r = idx.get((w, _reference_link(records, w, n), n, m))
+                if not r:
+                    cells += ["", "", ""]
+                    continue
+                fewer = 1 / r["bytes_vs_fp32"] if r["bytes_vs_fp32"] else float("nan")
+                loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "n/a"
+                cells += [_fmt_bytes(r["bytes_per_rank"]), f"{fewer:.1f}x", loss]
+            if grow:
+                cells.append(f"{grow[m]['ratio']:.2f}x" if m in grow else "")
+            lines.append("| " + " | ".join(cells) + " |")
+
+        gg = [m for m in methods if m.startswith("gg")]
+        if gg:
+            title = f"`{w}`: ggcomm encode + decode per step, ms (share of the step time)"
+            lines += _link_table(title, w, cols, gg, idx, codec_cell)
+    lines += [
+        "",
+        "Bytes: what each rank hands to torch.distributed per step, as a bandwidth-optimal "
+        "(ring) collective moves it: ggcomm counts its real frames, size and statistics "
+        "exchanges; the built-in hooks are counted from the tensors they pass "
+        "(`launch/train_ddp.py` explains each). Final loss: validation loss on "
+        f"{cfg['eval_batches']} fixed batches after the last step. Encode + decode: time the "
+        "ggcomm hook spends coding (it runs on a background thread, partly under the rest of "
+        "backward); the share is that time over the step time.",
+        "",
+        f"Plots: `{result['plots']['step_time']}` (step time against link speed, per method), "
+        f"`{result['plots']['loss_vs_bytes']}` (final loss against bytes sent).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _link_table(
+    title: str, workload: str, cols: list[tuple[int, str]], methods: list[str], idx: dict, cell: Any
+) -> list[str]:
+    """A markdown section: one row per method, one column per (ranks, link), cells from
+    ``cell(record)`` (empty where the run is missing)."""
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| method | " + " | ".join(f"{n} ranks, {link}" for n, link in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for m in methods:
+        cells = []
+        for n, link in cols:
+            r = idx.get((workload, link, n, m))
+            cells.append(cell(r) if r else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _link_order(links: Sequence[str]) -> list[str]:
+    """Slowest link first, localhost last."""
+    testhosts = load_testhosts()
+    shaped = sorted((x for x in links if x != "localhost"), key=testhosts.parse_rate)
+    return shaped + (["localhost"] if "localhost" in links else [])
+
+
+# Plot colours: built-in hooks in greys and browns, PowerSGD in purples, ggcomm one hue per
+# rate with allgather solid and reduce_scatter dashed.
+_COLORS = {
+    "fp32": "black",
+    "fp16": "tab:gray",
+    "quant8": "tab:brown",
+    "powersgd-r1": "tab:purple",
+    "powersgd-r4": "tab:pink",
+    "gg2": "tab:blue",
+    "gg3": "tab:green",
+    "gg4": "tab:orange",
+}
+
+
+def _style(method: str) -> tuple[str, str, str]:
+    """(colour, marker, line style) of a method in the plots."""
+    base, _, exchange = method.partition("-")
+    if base.startswith("gg"):
+        return (
+            _COLORS[base],
+            "o" if exchange == "allgather" else "^",
+            ("-" if exchange == "allgather" else "--"),
+        )
+    return _COLORS[method], "s", ":"
+
+
+def plot(result: dict[str, Any], step_time_path: Path, loss_path: Path) -> None:
+    """Two PNGs: median step time against link speed per method; final loss against bytes
+    per rank per step. One panel per workload and rank count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["runs"]
+    panels = [
+        (w, n)
+        for w in WORKLOADS
+        for n in sorted({r["ranks"] for r in records})
+        if any(r["workload"] == w and r["ranks"] == n for r in records)
+    ]
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    style = {m: _style(m) for m in methods}
+    links = _link_order(sorted({r["link"] for r in records}))
+    idx = _index(records)
+
+    def step_times(ax: Any, w: str, n: int) -> None:
+        for m in methods:
+            pts = [
+                (i, idx[(w, link, n, m)]["median_step_s"])
+                for i, link in enumerate(links)
+                if (w, link, n, m) in idx
+            ]
+            if pts:
+                color, marker, line = style[m]
+                ax.plot(*zip(*pts, strict=True), marker=marker, ls=line, color=color, label=m)
+        ax.set_xticks(range(len(links)), links)
+        ax.set_yscale("log")
+        ax.set_xlabel("link")
+        ax.set_ylabel("median step time (s)")
+        ax.set_title(f"{w}, {n} ranks")
+
+    def loss_vs_bytes(ax: Any, w: str, n: int) -> None:
+        link = _reference_link(records, w, n)
+        for m in methods:
+            r = idx.get((w, link, n, m))
+            if r and r["final_loss"] is not None:
+                color, marker, _ = style[m]
+                ax.scatter(
+                    r["bytes_per_rank"], r["final_loss"], color=color, marker=marker, label=m
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per rank per step")
+        ax.set_ylabel("final validation loss")
+        ax.set_title(f"{w}, {n} ranks ({link})")
+
+    for draw, path in ((step_times, step_time_path), (loss_vs_bytes, loss_path)):
+        _panel_figure(plt, panels, draw, methods, path)
+
+
+def _panel_figure(plt: Any, panels: list, draw: Any, methods: list[str], path: Path) -> None:
+    """One panel per (workload, ranks), a column per rank count; one legend for all."""
+    cols = len({n for _, n in panels}) or 1
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    legend: dict[str, Any] = {}
+    for ax, (w, n) in zip(axes.flat, panels, strict=False):
+        draw(ax, w, n)
+        ax.grid(True, which="both", alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    labels = [m for m in methods if m in legend]
+    fig.legend([legend[m] for m in labels], labels, loc="center right", fontsize="small")
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (from :func:`parse_args`) and write its files;
+    returns the result (what ``ddp_bench.json`` holds)."""
+    started = time.time()
+    notes = _resolve_backend(args)
+    links = list(args.links)
+    shaped = [x for x in links if x != "localhost"]
+    testhosts = load_testhosts() if shaped else None
+    if shaped and (why := testhosts.unavailable_reason(HOSTS_PREFIX)):
+        msg = (
+            f"test hosts unavailable ({why}); shaped links {', '.join(shaped)} left out, "
+            "running on localhost only"
+        )
+        print(f"ggcomm bench: {msg}", file=sys.stderr)
+        notes.append(msg)
+        links = ["localhost"]
+    args.links_run = links
+    groups = [Group(w, link, n) for w in args.workloads for link in links for n in args.ranks]
+    methods = [METHODS[m] for m in args.methods]
+    machine = _machine(args.backend)
+
+    from tqdm import tqdm
+
+    records: list[dict] = []
+    failures: list[dict] = []
+    launches: list[dict] = []
+    errors = (BenchError, testhosts.HostsError) if testhosts else (BenchError,)
+    bar = tqdm(total=len(groups) * len(methods), unit="run", disable=args.no_progress)
+    with tempfile.TemporaryDirectory(prefix="ggcomm-bench-") as tmp:
+        for gi, group in enumerate(groups):
+            workdir = Path(tmp) / f"group{gi}"
+            outs = [workdir / f"{m.name}.json" for m in methods]
+            runs = [
+                (m, _train_argv(m, group.workload, args, out), out)
+                for m, out in zip(methods, outs, strict=True)
+            ]
+            bar.set_description(str(group))
+            t0, cpu0 = time.monotonic(), _children_cpu_s()
+            try:
+                if group.link == "localhost":
+                    run_group(group, runs, args, workdir, on_run_done=lambda m: bar.update())
+                else:
+                    with testhosts.TestHosts(group.ranks, group.link, HOSTS_PREFIX) as hosts:
+                        run_group(group, runs, args, workdir, hosts, lambda m: bar.update())
+            except errors as e:
+                failures.append({"group": str(group), "error": str(e)})
+                bar.write(f"ggcomm bench: {e}", file=sys.stderr)
+            for m, _, out in runs:
+                if out.exists():
+                    summary = json.loads(out.read_text())
+                    records.append(
+                        summarize_run(summary, m, group, args.psgd_start, args.gg_warmup)
+                    )
+            wall, cpu = time.monotonic() - t0, _children_cpu_s() - cpu0
+            launches.append({"group": str(group), "runs": len(runs), "wall_s": wall, "cpu_s": cpu})
+            bar.update((gi + 1) * len(methods) - bar.n)  # failed runs count as done
+            bar.write(f"{group}: {wall:.0f} s, {cpu:.0f} CPU s", file=sys.stderr)
+    bar.close()
+
+    suffix = "-quick" if args.quick else ""
+    paths = {
+        "json": args.out / f"{NAME}{suffix}.json",
+        "md": args.out / f"{NAME}{suffix}.md",
+        "step_time": args.out / f"{NAME}-step_time{suffix}.png",
+        "loss_vs_bytes": args.out / f"{NAME}-loss_vs_bytes{suffix}.png",
+    }
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
+    result: dict[str, Any] = {
+        "config": {**config, "command": command},
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_s": time.time() - started,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "notes": notes,
+        "failures": failures,
+        "launches": launches,
+        "targets": evaluate_targets(records),
+        "growth": growth(records),
+        "plots": {k: paths[k].name for k in ("step_time", "loss_vs_bytes")},
+        "runs": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    if records:
+        plot(result, paths["step_time"], paths["loss_vs_bytes"])
+    paths["md"].write_text(markdown(result))
+    paths["json"].write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ggcomm bench``: parse ``argv``, run, print the markdown; status 1 if a launch failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    try:
+        result = run(args, " ".join(["ggcomm bench", *argv]))
+    except BenchError as e:
+        print(f"ggcomm bench: {e}", file=sys.stderr)
+        return 1
+    print(markdown(result), end="")
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
