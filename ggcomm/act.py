@@ -305,7 +305,10 @@ class ACT:
                 if not output or not isinstance(output[0], torch.Tensor):
                     raise TypeError(f"tap {name!r}: output's first element is not a tensor")
                 first = self.record(name, output[0])
-                return type(output)([first, *output[1:]]) if first is not output[0] else None
+                if first is output[0]:
+                    return None
+                items = [first, *output[1:]]
+                return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"tap {name!r}: output is a {type(output).__name__}")
             out = self.record(name, output)

@@ -526,7 +526,8 @@ def _smooth_gradient(x: torch.Tensor, step: float, plan: _Plan) -> torch.Tensor:
     block) and the block's order ``k``, the bound ``2 log2(u / 2^k + 1) + k + 1`` has slope
     ``4 sign(q) / (ln 2 step (u + 2^k))`` through the straight-through quantizer. The
     zero-run shift is applied to every element of such a block: where ``q = 0`` the slope
-    is 0 anyway, and so it is for non-finite elements (coded as 0).
+    is 0 anyway (the denominator is kept positive there), and so it is for non-finite
+    elements (coded as 0).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     q = torch.round(_finite(x, dtype).mul_(1.0 / step))
@@ -535,7 +536,9 @@ def _smooth_gradient(x: torch.Tensor, step: float, plan: _Plan) -> torch.Tensor:
         offset: torch.Tensor | float = float(base[0])
     else:
         offset = base.to(q.device).repeat_interleave(plan.count.to(q.device), output_size=q.numel())
-    denom = torch.abs(q * 2.0 - 0.5).add_(offset)
+    # u + 2^k >= 1 wherever q != 0; the clamp only keeps q = 0 of a zero-run block (whose
+    # shifted u + 2^k is 0) from 0 / 0.
+    denom = torch.abs(q * 2.0 - 0.5).add_(offset).clamp_(min=0.5)
     return torch.sign(q).div_(denom).mul_(4.0 / (math.log(2.0) * step * q.numel()))
 
 

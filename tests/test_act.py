@@ -40,6 +40,11 @@ def test_rate_tracks_codec_on_sparse_blocks() -> None:
     act.record("a", x.requires_grad_(True))
     assert codec.inspect(codec.encode(x.detach(), step)).blocks[0].mode == "zero_runs"
     assert act.rate().item() == pytest.approx(codec_bpe(x, step), rel=1e-6)
+    act.penalty().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    coded = torch.round(x.detach() / step) != 0
+    assert (torch.sign(x.grad[coded]) == torch.sign(x.detach()[coded])).all()
+    assert (x.grad[~coded] == 0).all()
 
 
 def test_gradient_shrinks_activations() -> None:
@@ -234,3 +239,27 @@ def test_quantize_forward_passes_decoded_values() -> None:
     assert torch.equal(x.grad, torch.ones_like(x))  # straight through
     with torch.no_grad():
         assert torch.equal(act.record("a", x), decoded)
+
+
+def test_hook_on_tuple_outputs() -> None:
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "hidden cache")
+
+    class Block(nn.Module):
+        def __init__(self, wrap) -> None:
+            super().__init__()
+            self.wrap = wrap
+
+        def forward(self, x: torch.Tensor):
+            return self.wrap(x * 3.0, "cache")
+
+    x = torch.randn(50, requires_grad=True)
+    for wrap in (lambda h, c: (h, c), lambda h, c: [h, c], Pair):
+        act = ACT(1.0, step=0.5, quantize_forward=True)
+        block = Block(wrap)
+        act.attach(block)
+        out = block(x)
+        assert type(out) is type(wrap(x, "c")) and out[1] == "cache"
+        assert torch.equal(out[0].detach(), codec.decode(codec.encode(3.0 * x.detach(), 0.5)))
+        assert act.stats()["tap0"].numel == 50

@@ -427,6 +427,7 @@ def test_eg_rate_value_and_gradient() -> None:
     assert codec.inspect(codec.encode(s.detach(), 0.25)).blocks[0].mode == "zero_runs"
     slope = 4.0 / (math.log(2.0) * 0.25 * 32)  # u - 1 + 2^0 = 1 for q = 1 and 2 for q = -1
     torch.testing.assert_close(s.grad[-2:], torch.tensor([slope, -slope / 2], dtype=s.dtype))
+    assert (s.grad[:-2] == 0).all()  # zeros of a zero-run block: no slope, and not 0 / 0
 
     z = (5.0 * torch.randn(40, 50)).requires_grad_(True)
     rel = eg_rate(z, rel_step=0.1)
@@ -448,3 +449,21 @@ def test_eg_rate_value_and_gradient() -> None:
     assert rms(torch.tensor([3.0, float("nan"), -4.0, float("inf")])) == pytest.approx(
         math.sqrt(12.5)
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eg_rate_on_cuda_matches_cpu() -> None:
+    from ggcomm import codec
+    from ggcomm.rate import codec_bits, eg_rate
+
+    x = torch.from_numpy(gennorm_data(0.5)[:70_000]).float()
+    for step in (0.02, 3.0):  # plain EG blocks, then zero-run blocks
+        cpu = x.clone().requires_grad_(True)
+        gpu = x.cuda().requires_grad_(True)
+        eg_rate(cpu, step).backward()
+        r = eg_rate(gpu, step)
+        r.backward()
+        assert r.device.type == "cuda"
+        assert float(r.detach()) == pytest.approx(codec.encode(x, step).bits_per_element)
+        assert codec_bits(gpu, step) == 8 * codec.encode(x, step).nbytes
+        torch.testing.assert_close(gpu.grad.cpu(), cpu.grad)
