@@ -42,11 +42,11 @@ and time steps with CUDA events; on test hosts NCCL is confined to the shaped li
 peer-to-peer and shared-memory transports off). The CUDA path is untested.
 
 Costs: the full default matrix is 176 runs in 16 launches; on a quiet 2-core machine it should
-take about 20-25 minutes (estimated from per-run CPU time: about 4.5 s per GPT run and 3.5 s
-per MLP run at 2 ranks on localhost, twice that at 4 ranks, 5-10 s of start-up per launch,
-plus the exchanges at 100 Mbit/s). The GPT runs on 4 ranks are the largest part, then the
-MLP at 100 Mbit/s. ``--steps``, ``--mlp-width`` and the subset options trade coverage for
-time.
+take about 20-25 minutes (estimated from per-run CPU time: about 4 s per GPT run and 3 s per
+MLP run at 2 ranks on localhost, twice that at 4 ranks; 5-10 s of start-up and 5-10 s of
+step-model solves per launch; plus the exchanges themselves at 100 Mbit/s). The GPT runs on
+4 ranks are the largest part, then the MLP at 100 Mbit/s. ``--steps``, ``--mlp-width`` and
+the subset options trade coverage for time.
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 NAME = "ddp_bench"
 
 # Steps per run. Every step costs its full exchange, and the GPT runs their full compute, so
-# steps set most of the benchmark's length: 16 leave 14 or 15 steady-state steps per run for
+# steps set most of the benchmark's length: 14 leave 12 or 13 steady-state steps per run for
 # the medians and finish the full matrix in about 20-25 minutes on 2 cores. More steps tighten
 # the medians and let the final losses separate further.
-DEFAULT_STEPS = 16
+DEFAULT_STEPS = 14
 # Learning-rate warm-up of every run as a share of its steps (train_ddp's --warmup, whose
 # default of 20 steps is longer than a benchmark run): a quarter leaves the rest of the run at
 # full rate and then cosine decay, so the final losses reflect real training.
@@ -105,6 +105,10 @@ GPT_BATCH = 8
 # takes over twice its compute on one core, narrow enough that one fp32 step at 100 Mbit/s
 # takes ~1 s rather than 16 s at the workload's own default width of 4096.
 MLP_WIDTH = 1024
+# GG shapes the step model is solved for before the first run (see prefill_step_model): from,
+# to, and how many log-spaced points; the model tabulates 60 shapes from 0.1 to 4, and four
+# points per table entry make sure every entry is met.
+STEP_MODEL_BETAS = (0.1, 4.0, 240)
 # Fixed validation batches behind the final loss: more average out more batch noise, each
 # costs one forward pass of the model.
 EVAL_BATCHES = 4
@@ -122,7 +126,8 @@ HOSTS_PREFIX = "ggcbench"
 # runs of a few dozen steps differ by about this much from batch noise alone.
 EQUAL_LOSS_REL_TOL = 0.01
 
-# --quick: enough to see every code path work, not to measure anything.
+# --quick: enough to see every code path work, not to measure anything (nor is the step model
+# solved up front).
 QUICK_STEPS = 4
 QUICK_MLP_WIDTH = 256
 QUICK_EVAL_BATCHES = 1
@@ -149,6 +154,11 @@ class Method:
     def hook(self) -> str:
         """``train_ddp``'s ``--hook``."""
         return self.argv[1]
+
+    @property
+    def rate(self) -> float | None:
+        """ggcomm's target bits per element (``None`` for other methods)."""
+        return float(self.argv[self.argv.index("--rate") + 1]) if "--rate" in self.argv else None
 
     def train_argv(self, psgd_start: int, gg_warmup: int) -> list[str]:
         extra: list[str] = []
@@ -515,6 +525,9 @@ def run_group(
         "threads": args.threads,
         "init_method": "env://" if hosts else f"file://{workdir / 'store'}",
         "runs": [{"method": m.name, "argv": argv} for m, argv, _ in runs],
+        "step_model_rates": []
+        if args.quick
+        else sorted({m.rate for m, _, _ in runs if m.rate is not None}),
     }
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -603,11 +616,38 @@ def _worker(spec_path: str) -> int:
             world_size=int(os.environ["WORLD_SIZE"]),
         )
     try:
+        if spec["step_model_rates"]:
+            t0 = time.perf_counter()
+            prefill_step_model(spec["step_model_rates"])
+            print(f"step model solved in {time.perf_counter() - t0:.1f} s", flush=True)
         for run in spec["runs"]:
             train_ddp.train(train_ddp.parse_args(run["argv"]))
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def prefill_step_model(rates: Sequence[float]) -> None:
+    """Solve ggcomm's rate-mode step model for every GG shape at each of ``rates``.
+
+    :func:`ggcomm.stepping.model_step` solves each (shape, rate) pair the first time a gradient
+    of that shape asks for it (tens of ms on a CPU core) and caches it for the process. A long
+    training run has met every shape its gradients take within its first few dozen steps; a
+    benchmark run of a few dozen steps would time those solves inside its steady-state steps,
+    and the first ggcomm run of each rate in a launch would pay for the runs after it. Calling
+    the model once for shapes :data:`STEP_MODEL_BETAS` apart over the range it tabulates solves
+    them all up front (about 60 solves per rate, per rank).
+    """
+    from scipy.special import gammaln
+
+    from .stepping import model_step
+
+    lo, hi, points = STEP_MODEL_BETAS
+    for beta in (lo * (hi / lo) ** (i / (points - 1)) for i in range(points)):
+        # moment ratio E[x^2] / E[|x|]^2 of a GG of shape beta (PAPER-NOTES section 1)
+        ratio = math.exp(gammaln(1 / beta) + gammaln(3 / beta) - 2 * gammaln(2 / beta))
+        for rate in rates:
+            model_step(ratio, 1.0, rate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,7 +889,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{LR_WARMUP_FRACTION:.0%} of the steps, then cosine decay; `launch/train_ddp.py`), "
         f"seed {cfg['seed']}; medians and means over the steady steps: "
         f"step 1 left out for every method (DDP's bucket rebuild; ggcomm sends it "
-        f"uncompressed), PowerSGD's first {cfg['psgd_start']} steps (its fp32 warm-up)"
+        "uncompressed)"
+        + (
+            f", PowerSGD's first {cfg['psgd_start']} steps (its fp32 warm-up)"
+            if any(m.startswith("powersgd") for m in cfg["methods"])
+            else ""
+        )
         + (
             f" and, after step 1, ggcomm's rate warm-up of {cfg['gg_warmup']} step(s) (from 8 "
             "bits per element down to its rate, for AdamW).  "

@@ -87,8 +87,8 @@ def test_methods_map_to_train_ddp_options() -> None:
 # Launcher failures (fake ranks: no torch start-up)
 
 
-def _launch_args(tmp_path: Path, timeout: float = 60.0) -> argparse.Namespace:
-    return argparse.Namespace(backend="gloo", threads=1, timeout=timeout)
+def _launch_args(timeout: float = 60.0) -> argparse.Namespace:
+    return argparse.Namespace(backend="gloo", threads=1, timeout=timeout, quick=False)
 
 
 def test_a_failing_rank_stops_the_others_and_its_log_is_reported(tmp_path, monkeypatch) -> None:
@@ -102,7 +102,7 @@ def test_a_failing_rank_stops_the_others_and_its_log_is_reported(tmp_path, monke
     group = bench.Group("mlp", "localhost", 2)
     runs = [(bench.METHODS["fp32"], [], tmp_path / "fp32.json")]
     with pytest.raises(bench.BenchError, match="rank 1 exited with status 3") as e:
-        bench.run_group(group, runs, _launch_args(tmp_path), tmp_path / "g")
+        bench.run_group(group, runs, _launch_args(), tmp_path / "g")
     assert "rank one gives up" in str(e.value) and "mlp/localhost/2 ranks" in str(e.value)
 
 
@@ -113,14 +113,39 @@ def test_a_launch_past_its_timeout_is_stopped(tmp_path, monkeypatch) -> None:
     group = bench.Group("gpt", "localhost", 2)
     runs = [(bench.METHODS["fp16"], [], tmp_path / "fp16.json")]
     with pytest.raises(bench.BenchError, match="no result after 0.5 s"):
-        bench.run_group(group, runs, _launch_args(tmp_path, timeout=0.5), tmp_path / "g")
+        bench.run_group(group, runs, _launch_args(timeout=0.5), tmp_path / "g")
 
 
 def test_ranks_that_exit_without_results_are_an_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(bench, "worker_command", lambda spec: [sys.executable, "-c", "pass"])
     runs = [(bench.METHODS["quant8"], [], tmp_path / "quant8.json")]
     with pytest.raises(bench.BenchError, match="without results for quant8"):
-        bench.run_group(bench.Group("mlp", "localhost", 2), runs, _launch_args(tmp_path), tmp_path)
+        bench.run_group(bench.Group("mlp", "localhost", 2), runs, _launch_args(), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step model solved before the first run
+
+
+def test_prefill_solves_every_shape_a_gradient_can_take(monkeypatch) -> None:
+    import numpy as np
+    from scipy.special import gammaln
+
+    from ggcomm import rate, stepping
+
+    # Count the solves instead of running them (their values are not under test); the rate is
+    # one no other test asks for, since the model caches per process.
+    solves = []
+    monkeypatch.setattr(rate, "step_for_rate", lambda fit, bits, k="auto": solves.append(bits) or 1)
+    target = 2.6875
+    bench.prefill_step_model([target])
+    assert solves and set(solves) == {target}
+    solves.clear()
+    rng = np.random.default_rng(0)
+    for beta in [0.02, 0.1, 4.0, 9.0, *rng.uniform(0.1, 4.0, 200)]:
+        ratio = np.exp(gammaln(1 / beta) + gammaln(3 / beta) - 2 * gammaln(2 / beta))
+        stepping.model_step(float(ratio) * 7.0, 7.0**0.5 * 1.0, target)  # any scale
+    assert solves == []
 
 
 # ---------------------------------------------------------------------------------------------
