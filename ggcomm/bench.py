@@ -1107,9 +1107,9 @@ def plot(result: dict[str, Any], step_time_path: Path, loss_path: Path) -> None:
                 color, marker, line = style[m]
                 ax.plot(*zip(*pts, strict=True), marker=marker, ls=line, color=color, label=m)
         ax.set_xticks(range(len(links)), links)
-        ax.set_yscale("log")
+        _log_axis(ax, "y", "s")
         ax.set_xlabel("link")
-        ax.set_ylabel("median step time (s)")
+        ax.set_ylabel("median step time")
         ax.set_title(f"{w}, {n} ranks")
 
     def loss_vs_bytes(ax: Any, w: str, n: int) -> None:
@@ -1121,13 +1121,25 @@ def plot(result: dict[str, Any], step_time_path: Path, loss_path: Path) -> None:
                 ax.scatter(
                     r["bytes_per_rank"], r["final_loss"], color=color, marker=marker, label=m
                 )
-        ax.set_xscale("log")
+        _log_axis(ax, "x", "B")
         ax.set_xlabel("bytes per rank per step")
         ax.set_ylabel("final validation loss")
         ax.set_title(f"{w}, {n} ranks ({link})")
 
     for draw, path in ((step_times, step_time_path), (loss_vs_bytes, loss_path)):
         _panel_figure(plt, panels, draw, methods, path)
+
+
+def _log_axis(ax: Any, which: str, unit: str) -> None:
+    """Axis ``which`` ("x" or "y") of ``ax`` on a log scale, labelled at 1, 2 and 5 times
+    powers of ten in SI units."""
+    from matplotlib import ticker
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.EngFormatter(unit=unit))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _panel_figure(plt: Any, panels: list, draw: Any, methods: list[str], path: Path) -> None:
