@@ -30,6 +30,7 @@ METHODS = {
     "gg-rate3": ["--hook", "gg", "--rate", "3"],
     "gg-rate2.9": ["--hook", "gg", "--rate", "2.9"],
     "gg-rate2.5": ["--hook", "gg", "--rate", "2.5"],
+    "gg-rate2.75-w20": ["--hook", "gg", "--rate", "2.75", "--gg-warmup-iters", "20"],
 }
 
 
@@ -79,7 +80,8 @@ def main(argv=None) -> None:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.  ",
         f"Model: byte-level GPT, {base['num_parameters'] if base else '?'} parameters; "
-        f"{args.steps} steps, batch 16 x 128 tokens per rank, AdamW lr 3e-3; seeds "
+        f"{args.steps} steps, batch 16 x 128 tokens per rank, AdamW lr 3e-3 (20 warm-up "
+        f"steps, cosine decay to 10%); seeds "
         f"{', '.join(map(str, args.seeds))} (model init and data both follow the seed).",
         "",
         "Final train loss is the mean of the last 20 steps; 'vs fp32' compares it with the "
