@@ -31,9 +31,13 @@ per element, the paper's Eq. 6 literally (each boundary counts equally, whatever
 
 Non-finite activations: the codec sends them raw in its exception list, and the rate's
 value counts them so; they are left out of the step's RMS and get no rate gradient, so
-one overflow never turns the penalty or its gradient into NaN. A tensor with no finite
-nonzero element (no scale for a relative step) is not recorded and is counted in
-:attr:`ACT.skipped`.
+one overflow never turns the penalty or its gradient into NaN. With a relative step, a
+tensor with no finite nonzero element has no scale to set the step from: it is not
+recorded and is counted in :attr:`ACT.skipped`.
+
+Schedule ("progressive" ACT): lambda is 0 before ``start_step``, then rises linearly to
+``lam`` over ``warmup_steps`` calls of :meth:`ACT.step`; :meth:`ACT.state_dict` keeps the
+position so a resumed run continues the ramp.
 """
 
 from __future__ import annotations
