@@ -3,25 +3,26 @@
 BackSlash (Wu et al., 2025) models the weights as generalized Gaussian, ``GG(0, alpha,
 beta)``, whose code length per weight is ``(|w| / alpha)^beta`` nats plus a constant, and
 adds that rate to the training objective. It is applied as a separate step after each
-optimizer step, a gradient step on the rate::
+optimizer step: a gradient step on the code length, of size ``strength * sigma^2``::
 
-    w <- w - strength * beta * alpha * sign(w) * (|w| / alpha + clip)^(beta - 1)
+    w <- w - strength * beta * sigma^2 / alpha^beta * sign(w) * (|w| + clip * sigma)^(beta - 1)
 
-with ``beta`` and ``alpha`` fitted to all the constrained weights together
-(:func:`ggcomm.gg.fit`) and refitted every ``refit_every`` steps. A weight never crosses
-zero: one whose shrink exceeds its magnitude is set to exactly zero.
+with ``beta``, ``alpha`` and the standard deviation ``sigma`` fitted to all the constrained
+weights together (:func:`ggcomm.gg.fit`) and refitted every ``refit_every`` steps. A weight
+never crosses zero: one whose shrink exceeds its magnitude is set to exactly zero.
 
 How this relates to the reference code, ``w <- w - c * beta / n * sign(w) * (|w| +
 clip)^(beta - 1)`` with ``n`` the number of weights: that is a step on the *mean* of
-``|w|^beta``, so ``c`` has to grow with the model size and depends on the units of the
-weights. Here the step is taken on the per-weight code length in units of the fitted scale
-(``c / n = strength * alpha^(2 - beta)``, absolute clip ``= clip * alpha``), which makes
-``strength`` independent of both: at ``|w| = alpha`` a weight loses ``strength * beta`` of
-``alpha`` per step. For ``beta = 2`` the update is exactly decoupled weight decay with
-factor ``2 * strength``; for ``beta = 1`` a soft threshold of ``strength * alpha``; for
-``beta < 1`` small weights are pushed hardest, so the weights become sparse. Stopping at
-zero (the reference code lets weights overshoot and oscillate around it) is the proximal
-form of the same step; it produces exact zeros, which cost the fewest bits.
+``|w|^beta``, so ``c`` has to grow with the model size, and its effect depends on the units
+of the weights and, through ``alpha^beta``, steeply on the shape. Here
+``c / n = strength * sigma^2 / alpha^beta`` and the absolute clip is ``clip * sigma``, which
+makes ``strength`` independent of all three: for ``beta = 2`` the update is exactly
+decoupled weight decay, ``w <- (1 - strength) w`` (up to the clip); for ``beta = 1`` a
+soft threshold of ``sqrt(2) * strength * sigma``; for ``beta < 1`` small weights are pushed
+hardest, so the weights become sparse. At ``|w| = sigma`` the shrink is between 1 and 2
+times ``strength * sigma`` for every shape from 0.1 to 2. Stopping at zero (the reference
+code lets weights overshoot and oscillate around it) is the proximal form of the same step;
+it produces exact zeros, which cost the fewest bits.
 
 Usage, after :func:`ggcomm.init.apply_gg_init` or any initialization::
 
@@ -73,14 +74,14 @@ class BackSlash:
     Args:
         params: the weights to constrain (tensors or ``(name, tensor)`` pairs), usually
             the weight matrices and embeddings, not biases or normalization parameters.
-        strength: step size on the per-weight GG code length, as described in the module
-            docstring: the fraction ``strength * beta`` of the fitted scale a typical
-            weight loses per step. Larger compresses more and sooner, at some cost in
-            task loss; around ``1 / training_steps`` moves a typical weight by about one
-            scale over a run.
-        clip: added to ``|w| / alpha`` before the power, so that for ``beta < 1`` the
+        strength: step size on the per-weight GG code length in units of the weight
+            variance (see the module docstring); at ``beta = 2`` the fraction of every
+            weight removed per step, like decoupled weight decay. Larger compresses more
+            and sooner; too large shrinks weights faster than the task gradient can hold
+            them.
+        clip: added to ``|w| / sigma`` before the power, so that for ``beta < 1`` the
             push near zero stays finite (at most ``clip^(beta - 1)`` times that at
-            ``|w| = alpha``). Smaller zeroes small weights more aggressively.
+            ``|w| = sigma``). Smaller zeroes small weights more aggressively.
         refit_every: steps between refits of ``beta`` and ``alpha``. The distribution moves
             slowly, so refitting rarely costs little accuracy; 1 refits every step.
         max_fit_samples: at most this many weights (an even stride through each tensor)
@@ -140,11 +141,14 @@ class BackSlash:
         if self.beta is None or self.scale is None or self.strength == 0.0:
             return
         beta, alpha = self.beta, self.scale
-        coef = self.strength * beta * alpha
+        sigma = math.sqrt(gg.variance(alpha, beta))
+        # strength * beta * sigma^2 / alpha^beta * (|w| + clip sigma)^(beta - 1), written in
+        # units of sigma: alpha^beta underflows for small shapes, (sigma / alpha)^beta not
+        coef = self.strength * beta * sigma * math.exp(beta * math.log(sigma / alpha))
         for p in self._params:
             w = p.float() if p.dtype in _LOW_PRECISION else p
             mag = w.abs()
-            shrink = coef * (mag / alpha + self.clip).pow(beta - 1.0)
+            shrink = coef * (mag / sigma + self.clip).pow(beta - 1.0)
             p.copy_(torch.sign(w) * (mag - shrink).clamp_min(0.0))
 
     def state_dict(self) -> dict[str, Any]:

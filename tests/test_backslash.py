@@ -43,8 +43,8 @@ def test_update_formula_and_stop_at_zero() -> None:
     bs.step()
     fit = gg.fit(w.double().numpy())
     assert bs.beta == pytest.approx(fit.beta) and bs.scale == pytest.approx(fit.scale)
-    beta, alpha = bs.beta, bs.scale
-    shrink = 0.02 * beta * alpha * (w.abs() / alpha + 0.05) ** (beta - 1)
+    beta, alpha, sigma = bs.beta, bs.scale, fit.std
+    shrink = 0.02 * beta * sigma**2 / alpha**beta * (w.abs() + 0.05 * sigma) ** (beta - 1)
     expected = torch.sign(w) * (w.abs() - shrink).clamp_min(0)
     torch.testing.assert_close(p.detach(), expected)
     zeroed = (w.abs() <= shrink) & (w != 0)
@@ -52,6 +52,25 @@ def test_update_formula_and_stop_at_zero() -> None:
     assert ((p.detach() * w) >= 0).all()  # no weight changed sign
     assert (p.detach().abs() <= w.abs()).all()  # every weight shrank (or stayed at zero)
     assert bs.steps == 1
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0, 2.0])
+def test_strength_means_the_same_at_every_shape(beta: float) -> None:
+    """At beta = 2 the step is decoupled weight decay with factor ``strength``; at any
+    shape a weight of one standard deviation loses 1-2 x ``strength`` of it."""
+    w = gg.sample(200_000, beta, std=0.02, generator=torch.Generator().manual_seed(1))
+    p = nn.Parameter(w.clone())
+    bs = BackSlash([p], strength=1e-3, clip=1e-6)
+    bs.step()
+    sigma = gg.GGFit(0.0, bs.scale, bs.beta, 1).std
+    assert bs.beta == pytest.approx(beta, rel=0.05) and sigma == pytest.approx(0.02, rel=0.02)
+    shrink = (w.abs() - p.detach().abs()) / (1e-3 * sigma)
+    near_sigma = (w.abs() / sigma - 1).abs() < 0.05
+    assert 0.95 <= shrink[near_sigma].mean().item() <= 2.0
+    if beta == 2.0:
+        big = w.abs() > 0.5 * sigma
+        ratio = (w - p.detach())[big] / w[big]
+        assert ratio.mean().item() == pytest.approx(1e-3, rel=0.1)
 
 
 def test_refit_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
