@@ -32,8 +32,8 @@ With ``torch.amp.GradScaler`` call ``scaler.unscale_(optimizer)`` before ``gct.a
 clipping, if any, goes after ``apply_()``.
 
 What it costs: two extra copies of the parameters (``w_t-1`` and ``g_t-1``), about ten
-elementwise passes over the gradients per step and one host synchronization (the finiteness
-check and the per-tensor RMS). No extra forward or backward pass, no communication: under
+elementwise passes over the gradients per step and two host synchronizations (finiteness
+and RMS of the gradients, then the rate). No extra forward or backward pass, no communication: under
 DDP every rank computes the same ``g^`` from the same averaged gradients.
 
 What it gains, and when: where the diagonal secant tracks the curvature (nearly separable
@@ -182,10 +182,10 @@ class GCT:
 
     # ------------------------------------------------------------------ the step
 
-    def _steps(self, grads: list[torch.Tensor]) -> list[float]:
+    def _steps(self, mean_sq: list[float]) -> list[float]:
+        """Quantization steps of the gradients with mean squares ``mean_sq``."""
         if self.step_mode == "step":
-            return [self.step_value] * len(grads)
-        mean_sq = torch.stack([g.detach().float().pow(2).mean() for g in grads]).tolist()
+            return [self.step_value] * len(mean_sq)
         # an all-zero gradient is coded exactly by any step
         return [self.step_value * math.sqrt(m) if m > 0 else 1.0 for m in mean_sq]
 
@@ -233,10 +233,14 @@ class GCT:
         sparse = [key for key, p in items if p.grad.layout != torch.strided]
         if sparse:
             raise TypeError(f"GCT needs dense gradients; sparse for {sparse[:5]}")
-        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        # one host synchronization for the finiteness check and the mean squares
+        stats = torch.stack(
+            [torch.stack((torch.isfinite(g).all().float(), g.float().pow(2).mean())) for g in grads]
+        ).tolist()
+        if not all(finite == 1.0 for finite, _ in stats):
             self.skipped += 1
             return None
-        steps = self._steps(grads)
+        steps = self._steps([mean_sq for _, mean_sq in stats])
         bits, d_rate = self._rate_gradients(grads, steps)
         lam = self.lam
         for (key, p), d in zip(items, d_rate, strict=True):
