@@ -51,8 +51,9 @@ DEFAULT_STEPS = 1200
 QUICK_STEPS = 10
 STRENGTH = 1e-4
 """BackSlash strength (weight decay per step at shape 2). Tried on shapes 1 and 0.1 at 1200
-steps: 1e-4 compresses with little or no accuracy cost; 3e-4 to 1e-3 zero 60-97% of the
-weights and lose 4-30 points of accuracy."""
+steps: 1e-4 compresses with little accuracy cost; 3e-4 to 1e-3 zero 57-97% of the weights
+and lose 3.5-31 points of accuracy (``--shapes 1 0.1 --strength 3e-4``, ``--strength 1e-3
+--clip 0.01``)."""
 CLIP = 0.1
 """BackSlash clip, in units of the weights' standard deviation (0.01 compressed shape 0.1
 further, at a further point of accuracy)."""
@@ -100,14 +101,22 @@ def build(setup: Setup, shape: float, seed: int) -> tuple[GPT, dict[str, torch.n
 
 
 def train(
-    setup: Setup, data: Any, shape: float, method: str, steps: int, seed: int, q_step: float
+    setup: Setup,
+    data: Any,
+    shape: float,
+    method: str,
+    steps: int,
+    seed: int,
+    q_step: float,
+    strength: float = STRENGTH,
+    clip: float = CLIP,
 ) -> dict[str, Any]:
     model, weights = build(setup, shape, seed)
     initial = weight_stats(flat(weights.values()), q_step)
     opt, schedule = optimizer(model, setup, steps)
     bs = None
     if method == "backslash":
-        bs = BackSlash(weights.items(), strength=STRENGTH, clip=CLIP)
+        bs = BackSlash(weights.items(), strength=strength, clip=clip)
     gen = torch.Generator().manual_seed(seed + 1)
     losses: list[float] = []
     start = time.perf_counter()
@@ -155,6 +164,8 @@ def report(
     q_step: float,
     setup: Setup,
     steps: int,
+    strength: float,
+    clip: float,
 ) -> list[str]:
     by = {(r["shape"], r["method"]): r for r in runs}
     shapes = sorted({r["shape"] for r in runs})
@@ -166,7 +177,7 @@ def report(
         f"{setup.lr:g} (warm-up over {setup.warmup:.0%} of the steps, cosine decay to 0), weight "
         f"decay {setup.weight_decay:g}, batch {setup.batch_size} x {setup.block_size} "
         f"bytes, {steps} steps per run on Python standard-library sources; BackSlash "
-        f"strength {STRENGTH:g}, clip {CLIP:g}, refit every 100 steps. Accuracy: next-byte "
+        f"strength {strength:g}, clip {clip:g}, refit every 100 steps. Accuracy: next-byte "
         f"accuracy on {setup.eval_batches * setup.eval_batch_size} held-out windows.",
         "",
         f"Quantization: step {q_step:.4g} for every weight and run, calibrated so that the "
@@ -284,7 +295,18 @@ def figure(runs: list[dict[str, Any]]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> list[Any]:
-    args = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS).parse_args(argv)
+    p = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS)
+    p.add_argument(
+        "--shapes",
+        type=float,
+        nargs="+",
+        default=list(SHAPES),
+        choices=SHAPES,
+        help="GG-init shapes to run (default: all four)",
+    )
+    p.add_argument("--strength", type=float, default=STRENGTH, help="BackSlash strength")
+    p.add_argument("--clip", type=float, default=CLIP, help="BackSlash clip")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     setup = Setup(eval_batches=2) if args.quick else Setup()
@@ -295,9 +317,11 @@ def main(argv: list[str] | None = None) -> list[Any]:
     n_weights = sum(p.numel() for p in gaussian.values())
 
     runs = []
-    for shape in SHAPES:
+    for shape in args.shapes:
         for method in METHODS:
-            r = train(setup, data, shape, method, steps, args.seed, q_step)
+            r = train(
+                setup, data, shape, method, steps, args.seed, q_step, args.strength, args.clip
+            )
             r["n_weights"] = n_weights
             runs.append(r)
             progress(r)
@@ -310,8 +334,8 @@ def main(argv: list[str] | None = None) -> list[Any]:
         "steps": steps,
         "seed": args.seed,
         "setup": setup_dict(setup),
-        "backslash_strength": STRENGTH,
-        "backslash_clip": CLIP,
+        "backslash_strength": args.strength,
+        "backslash_clip": args.clip,
         "quantization_step": q_step,
         "calibration_entropy": CALIBRATION_ENTROPY,
         "n_weights": n_weights,
@@ -319,7 +343,7 @@ def main(argv: list[str] | None = None) -> list[Any]:
         "runs": runs,
         "seed_reference": reference,
     }
-    lines = report(runs, reference, q_step, setup, steps)
+    lines = report(runs, reference, q_step, setup, steps, args.strength, args.clip)
     paths = write(args.out, name, lines, payload, figure(runs))
     print("wrote", *map(str, paths))
     return paths
