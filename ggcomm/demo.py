@@ -39,7 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     p.add_argument("--init-shape", type=float, default=1.0,
                    help="GG shape of the initial weights in the ggcomm run (2: Gaussian)")
-    p.add_argument("--gct-lam", type=float, default=0.01, help="GCT multiplier (0: off)")
+    p.add_argument("--gct-lam", type=float, default=0.001,
+                   help="GCT multiplier (0: off); benchmarks/results/paper has the sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="ggcomm-demo", help="where the plot and JSON go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
