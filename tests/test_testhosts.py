@@ -342,7 +342,7 @@ def test_removed_when_interrupted_or_terminated(sig):
         assert line == "up\n"
         assert len(leftovers(OTHER)) == 3
         p.send_signal(sig)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=120)
         # Python ends on Ctrl-C by killing itself with SIGINT; SIGTERM becomes SystemExit(143)
         assert p.returncode == (-sig if sig == signal.SIGINT else 128 + sig), err
         assert ("KeyboardInterrupt" in err) == (sig == signal.SIGINT)
