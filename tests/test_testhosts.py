@@ -325,8 +325,11 @@ def test_hosts_of_a_running_owner_are_not_taken():
 @needs_hosts
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_removed_when_interrupted_or_terminated(sig):
+    # A suite started in the background (`cmd &`) runs with SIGINT ignored, which the child
+    # would inherit: give it Python's own handler back, as an interactive run would have.
     code = (
-        IMPORT_IN_CHILD + f"with th.TestHosts(2, {RATE!r}, {OTHER!r}):\n"
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        + IMPORT_IN_CHILD + f"with th.TestHosts(2, {RATE!r}, {OTHER!r}):\n"
         "    print('up', flush=True)\n"
         "    time.sleep(60)\n"
     )
