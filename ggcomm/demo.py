@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import queue as queue_mod
 import socket
@@ -56,23 +55,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _lr_factor(steps: int, warmup: int = 20, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import ggcomm
-    from ggcomm.workload import GPT, ByteDataset, next_token_accuracy
+    from ggcomm.workload import GPT, ByteDataset, lr_factor, next_token_accuracy
 
     torch.set_num_threads(1)  # two ranks share the machine's cores
     ggcomm.set_num_threads(1)
@@ -96,7 +85,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: An
             if args.gct_lam > 0:
                 gct = GCT(model.named_parameters(), lam=args.gct_lam)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(args.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.steps))
         data = ByteDataset.from_stdlib(128)
         gen = torch.Generator().manual_seed(args.seed + 1_000_003 * (rank + 1))
         fp32_bytes = 2 * (WORLD - 1) / WORLD * 4 * n_params  # ring allreduce, per rank

@@ -41,6 +41,7 @@ __all__ = [
     "GPTHead",
     "WideMLP",
     "gpt_layers",
+    "lr_factor",
     "lm_loss",
     "make_mlp_workload",
     "mlp_batch",
@@ -223,6 +224,27 @@ def gpt_layers(gpt: GPT) -> list[nn.Module]:
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits ``(B, T, V)`` against targets ``(B, T)``."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def lr_factor(steps: int, warmup: int = 20, floor: float = 0.1, cosine: bool = True):
+    """Learning-rate multiplier for ``torch.optim.lr_scheduler.LambdaLR`` (step 0 first).
+
+    Linear warm-up over ``warmup`` steps, then a cosine decay that reaches ``floor`` at step
+    ``steps`` (or constant with ``cosine=False``). Decay makes the final loss far less
+    sensitive to when a run happens to leave a plateau, so runs compared at the same step
+    are comparable.
+    """
+    warmup = max(warmup, 0)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def next_token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

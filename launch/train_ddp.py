@@ -92,6 +92,7 @@ from ggcomm.workload import (
     mlp_batch,
     next_token_accuracy,
 )
+from ggcomm.workload import lr_factor as workload_lr_factor
 
 HOOKS = ("none", "fp16", "quant8", "powersgd", "gg")
 MODELS = ("gpt", "gpt-small", "mlp")
@@ -275,23 +276,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def lr_factor(args: argparse.Namespace):
-    """The schedule as a multiplier of ``--lr`` for ``LambdaLR``: step 0 is the first step.
-
-    Linear warm-up over ``--warmup`` steps, then constant or a cosine decay that reaches
-    ``--min-lr-ratio`` at the last step. Decay makes the final loss far less sensitive to when
-    a run happens to leave a plateau, so runs compared at the same step are comparable.
-    """
-    warmup, total, floor = max(args.warmup, 0), args.steps, args.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    """The schedule as a multiplier of ``--lr`` for ``LambdaLR`` (``ggcomm.workload.lr_factor``)."""
+    return workload_lr_factor(args.steps, args.warmup, args.min_lr_ratio,
+                              cosine=args.schedule == "cosine")
 
 
 def _init_process_group(backend: str) -> bool:
