@@ -70,6 +70,7 @@ _ERRORS = {
     eg.ERR_RUN_LENGTH: "a run of zeros runs past the end of the block",
     eg.ERR_LENGTH_MISMATCH: "the codewords do not fill the block's stated bit length",
     eg.ERR_PADDING: "the padding bits after the block are not zero",
+    eg.ERR_EXCEPTION_CODE: "an exception position holds a nonzero code",
 }
 
 
@@ -265,6 +266,23 @@ def _block_layout(bounds: np.ndarray, block_size: int):
     return starts, counts, seg
 
 
+def _code_args(k, block_size, zero_runs, tag) -> tuple[int, int]:
+    """Validate the coding arguments: (k_fixed, zero-runs mode) for the kernels."""
+    if k != "auto" and not (isinstance(k, (int, np.integer)) and 0 <= int(k) <= eg.K_MAX):
+        raise ValueError(f"k must be 'auto' or an int in 0..{eg.K_MAX}, got {k!r}")
+    if not (isinstance(block_size, (int, np.integer))
+            and 1 <= int(block_size) <= eg.MAX_BLOCK_SIZE):
+        raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}, "
+                         f"got {block_size!r}")
+    zr = {"auto": 1, False: 0, True: 2}.get(zero_runs) if isinstance(zero_runs, (str, bool)) \
+        else None
+    if zr is None:
+        raise ValueError(f"zero_runs must be 'auto', True or False, got {zero_runs!r}")
+    if not (isinstance(tag, (int, np.integer)) and 0 <= int(tag) < 2**32):
+        raise ValueError(f"tag must be an int in 0..2**32-1, got {tag!r}")
+    return (-1 if k == "auto" else int(k)), zr
+
+
 def encode(
     x: torch.Tensor,
     step,
@@ -297,18 +315,7 @@ def encode(
         raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"encode supports float32/float16/bfloat16/float64, not {x.dtype}")
-    if k != "auto" and not (isinstance(k, (int, np.integer)) and 0 <= int(k) <= eg.K_MAX):
-        raise ValueError(f"k must be 'auto' or an int in 0..{eg.K_MAX}, got {k!r}")
-    if not (isinstance(block_size, (int, np.integer))
-            and 1 <= int(block_size) <= eg.MAX_BLOCK_SIZE):
-        raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}, "
-                         f"got {block_size!r}")
-    zr = {"auto": 1, False: 0, True: 2}.get(zero_runs) if isinstance(zero_runs, (str, bool)) \
-        else None
-    if zr is None:
-        raise ValueError(f"zero_runs must be 'auto', True or False, got {zero_runs!r}")
-    if not (isinstance(tag, (int, np.integer)) and 0 <= int(tag) < 2**32):
-        raise ValueError(f"tag must be an int in 0..2**32-1, got {tag!r}")
+    k_fixed, zr = _code_args(k, block_size, zero_runs, tag)
     if x.dim() > MAX_NDIM:
         raise ValueError(f"at most {MAX_NDIM} dimensions")
 
@@ -324,11 +331,25 @@ def encode(
     steps, bounds = _steps_and_bounds(step, segments, numel)
     invs = 1.0 / steps
     block_size = int(block_size)
-    k_fixed = -1 if k == "auto" else int(k)
 
-    starts, counts, seg_of_block = _block_layout(bounds, block_size)
-    block_invs = invs[seg_of_block]
-    n_blocks = starts.size
+    layout = _block_layout(bounds, block_size)
+    block_invs = invs[layout[2]]
+    starts, counts = layout[0], layout[1]
+
+    def kernel(buf, meta, lo, hi):
+        return eg.encode_blocks(xs, starts, counts, block_invs, lo, hi, k_fixed, zr, buf, meta)
+
+    meta, chunks = _encode_ranges(kernel, counts, zr)
+    exc_pos = _exception_positions(xs, meta, starts, counts, block_invs)
+    raw = src.view(_RAW_INT[dtype])[torch.from_numpy(exc_pos)].numpy() if exc_pos.size \
+        else None
+    return _assemble(dtype, shape, int(tag), block_size, bounds, steps, layout, meta, chunks,
+                     exc_pos, raw)
+
+
+def _encode_ranges(kernel, counts: np.ndarray, zr: int):
+    """Run ``kernel(buf, meta, lo, hi)`` over block ranges in parallel: (meta, chunks)."""
+    n_blocks = counts.size
     meta = np.zeros((n_blocks, 5), np.int64)
     ranges = _parallel.split(n_blocks, _MIN_BLOCKS_PER_TASK)
 
@@ -340,7 +361,7 @@ def encode(
                   enumerate(ranges) if hi > lo]
 
     def encode_range(buf: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int]:
-        used = eg.encode_blocks(xs, starts, counts, block_invs, lo, hi, k_fixed, zr, buf, meta)
+        used = kernel(buf, meta, lo, hi)
         if used < 0:
             raise RuntimeError("ggcomm internal error: encode buffer too small")
         return buf, used
@@ -348,15 +369,29 @@ def encode(
     chunks = _parallel.run(encode_range, work_items) if work_items else []
     if n_blocks and (meta[:, 3] < 0).any():
         raise RuntimeError("ggcomm internal error: block bit count disagrees with its cost")
+    return meta, chunks
 
-    n_exc = int(meta[:, 4].sum()) if n_blocks else 0
+
+def _exception_positions(xs: np.ndarray, meta: np.ndarray, starts, counts, invs) -> np.ndarray:
+    """Sorted positions of the values the code cannot carry, scanning only blocks that have
+    them (``meta[:, 4]`` counts them per block)."""
+    n_exc = int(meta[:, 4].sum()) if meta.size else 0
     exc_pos = np.empty(n_exc, np.int64)
     if n_exc:
-        found = eg.find_exceptions(xs, starts, counts, block_invs, exc_pos)
+        has = np.flatnonzero(meta[:, 4])
+        found = eg.find_exceptions(xs, starts[has], counts[has], invs[has], exc_pos)
         assert found == n_exc
+    return exc_pos
+
+
+def _assemble(dtype, shape, tag, block_size, bounds, steps, layout, meta, chunks, exc_pos,
+              exc_raw) -> Frame:
+    """The frame's bytes from the encoded block ranges and the exceptions' raw values."""
+    n_blocks = meta.shape[0]
+    n_exc = exc_pos.size
+    numel = int(bounds[-1])
     payload_len = sum(used for _, used in chunks)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-
     header_len = (_FIXED.size + 8 * len(shape) + _SEGMENT.itemsize * len(steps)
                   + _BLOCK.itemsize * n_blocks + n_exc * (8 + itemsize))
     total = header_len + payload_len + _CRC.size
@@ -383,7 +418,7 @@ def encode(
     if n_exc:
         out[o:o + 8 * n_exc] = exc_pos.astype("<u8").view(np.uint8)
         o += 8 * n_exc
-        raw = src.view(_RAW_INT[dtype])[torch.from_numpy(exc_pos)].numpy()
+        raw = np.asarray(exc_raw)
         out[o:o + n_exc * itemsize] = raw.astype(raw.dtype.newbyteorder("<")).view(np.uint8)
         o += n_exc * itemsize
     for buf, used in chunks:
@@ -391,9 +426,9 @@ def encode(
         o += used
     _CRC.pack_into(out, o, zlib.crc32(out[:o]))
 
-    header = _Header(dtype, shape, numel, int(tag), block_size, bounds, steps,
-                     (starts, counts, seg_of_block), blk, exc_pos,
-                     header_len - n_exc * itemsize, header_len, payload_len, total)
+    header = _Header(dtype, tuple(shape), numel, int(tag), block_size, bounds, steps, layout,
+                     blk, exc_pos, header_len - n_exc * itemsize, header_len, payload_len,
+                     total)
     return Frame(out_t, header)
 
 
@@ -517,17 +552,22 @@ def _frame_and_header(frame) -> tuple[np.ndarray, _Header]:
     return buf, _parse(buf)
 
 
+def _block_arrays(h: _Header) -> tuple[np.ndarray, ...]:
+    """Per block, as int64: mode, k, k_run, bit length and first payload byte."""
+    blocks = h.blocks
+    bits = blocks["bits"].astype(np.int64)
+    offsets = np.zeros(bits.size, np.int64)
+    if bits.size:
+        np.cumsum((bits[:-1] + 7) >> 3, out=offsets[1:])
+    return (blocks["mode"].astype(np.int64), blocks["k"].astype(np.int64),
+            blocks["k_run"].astype(np.int64), bits, offsets)
+
+
 def _decode_into(buf: np.ndarray, h: _Header, w: np.ndarray, steps: np.ndarray) -> None:
     """Decode every block into w (float32/float64), block b scaled by steps[segment of b]."""
     if not h.numel:
         return
-    blocks = h.blocks
-    bits = blocks["bits"].astype(np.int64)
-    offsets = np.zeros(bits.size, np.int64)
-    np.cumsum((bits[:-1] + 7) >> 3, out=offsets[1:])
-    modes = blocks["mode"].astype(np.int64)
-    ks = blocks["k"].astype(np.int64)
-    kruns = blocks["k_run"].astype(np.int64)
+    modes, ks, kruns, bits, offsets = _block_arrays(h)
     payload = buf[h.payload_off:h.payload_off + h.payload_len]
     ranges = _parallel.split(bits.size, _MIN_BLOCKS_PER_TASK)
     luts = _luts()
@@ -622,3 +662,200 @@ def inspect(frame) -> FrameInfo:
         header_bytes=h.payload_off,
         payload=buf[h.payload_off:h.payload_off + h.payload_len].tobytes(),
         nbytes=h.nbytes)
+
+
+# --------------------------------------------------------------------------- exact sums
+#
+# What a gradient collective needs, fused so that the data is touched as few times as
+# possible: encode with error feedback and statistics in one pass, decode several frames
+# straight into their exact integer sum (block by block, never a full-size intermediate),
+# and re-encode an integer sum losslessly. Used by ggcomm.ddp; the frames are ordinary
+# frames, decodable by :func:`decode`.
+
+
+def encode_feedback(
+    g: np.ndarray,
+    resid: np.ndarray | None,
+    steps: np.ndarray,
+    segments: Sequence[int],
+    *,
+    k: int | str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    tag: int = 0,
+    q_out: np.ndarray | None = None,
+) -> tuple[Frame, np.ndarray]:
+    """Encode ``x = g + resid`` and update the residual, in one pass over the data.
+
+    ``g`` and ``resid`` are flat float32 arrays of one length (``resid`` None: no error
+    feedback). The frame is exactly ``encode(x, steps, segments=segments, ...)`` of the
+    float32 ``x``; ``resid`` becomes ``x - q * step`` (0 where ``x`` travels as an
+    exception); ``q_out`` (int32, same length), if given, receives ``q``. Returns the frame
+    and, per segment, ``(sum of x^2, sum of |x|, non-finite count)`` over the finite ``x``.
+    """
+    k_fixed, zr = _code_args(k, block_size, "auto", tag)
+    n = g.size
+    steps, bounds = _steps_and_bounds(steps, segments, n)
+    layout = _block_layout(bounds, int(block_size))
+    starts, counts, seg = layout
+    block_steps = steps[seg]
+    block_invs = 1.0 / block_steps
+    stats = np.zeros((starts.size, 3), np.float64)
+    r = resid if resid is not None else np.empty(0, np.float32)
+    q = q_out if q_out is not None else np.empty(0, np.int32)
+
+    def kernel(buf, meta, lo, hi):
+        return eg.encode_blocks_feedback(g, r, starts, counts, block_invs, block_steps, lo, hi,
+                                         k_fixed, zr, buf, meta, stats, q)
+
+    meta, chunks = _encode_ranges(kernel, counts, zr)
+    # with feedback the residual holds x itself where x is an exception (see the kernel)
+    exc_pos = _exception_positions(r if resid is not None else g, meta, starts, counts,
+                                   block_invs)
+    raw = None
+    if exc_pos.size:
+        src = r if resid is not None else g
+        raw = src[exc_pos].view(np.int32)
+        if resid is not None:
+            raw = raw.copy()
+            resid[exc_pos] = 0.0
+    frame = _assemble(torch.float32, (n,), int(tag), int(block_size), bounds, steps, layout,
+                      meta, chunks, exc_pos, raw)
+    seg_stats = np.zeros((steps.size, 3), np.float64)
+    np.add.at(seg_stats, seg, stats)
+    return frame, seg_stats
+
+
+def encode_integers(
+    s: np.ndarray,
+    steps: np.ndarray,
+    segments: Sequence[int],
+    extra_pos: np.ndarray,
+    extra_val: np.ndarray,
+    *,
+    k: int | str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    tag: int = 0,
+) -> Frame:
+    """Losslessly encode the tensor ``s * step + extra`` given as integers ``s`` (int64).
+
+    The frame (float64) codes ``s`` at each segment's step; positions where ``|s|`` exceeds
+    the code's range, and the sorted ``extra_pos`` (where ``extra_val`` is added: values
+    that travelled as exceptions), carry ``s * step + extra`` exactly in the exception
+    list. ``s`` is modified (set to 0 at ``extra_pos``).
+    """
+    k_fixed, zr = _code_args(k, block_size, "auto", tag)
+    steps, bounds = _steps_and_bounds(steps, segments, s.size)
+    layout = _block_layout(bounds, int(block_size))
+    starts, counts, seg = layout
+    seg_of = np.repeat(np.arange(steps.size), np.diff(bounds)) if extra_pos.size else None
+    ex_val = None
+    if extra_pos.size:
+        ex_val = s[extra_pos] * steps[seg_of[extra_pos]] + extra_val
+        s[extra_pos] = 0
+
+    def kernel(buf, meta, lo, hi):
+        return eg.encode_blocks_int(s, starts, counts, lo, hi, k_fixed, zr, buf, meta)
+
+    meta, chunks = _encode_ranges(kernel, counts, zr)
+    # |s| > QMAX: find_exceptions reads s as float64 at step 1
+    big = _exception_positions(s, meta, starts, counts, np.ones(starts.size))
+    pos = extra_pos
+    vals = ex_val if ex_val is not None else np.empty(0, np.float64)
+    if big.size:
+        seg_big = np.searchsorted(bounds, big, side="right") - 1
+        pos = np.concatenate([pos, big])
+        vals = np.concatenate([vals, s[big] * steps[seg_big]])
+        order = np.argsort(pos, kind="stable")
+        pos, vals = pos[order], vals[order]
+    return _assemble(torch.float64, (s.size,), int(tag), int(block_size), bounds, steps, layout,
+                     meta, chunks, pos.astype(np.int64), vals.astype(np.float64).view(np.int64))
+
+
+def sum_frames(
+    buffer: torch.Tensor,
+    frames: Sequence[tuple[int, Frame] | None],
+    *,
+    own: np.ndarray | None = None,
+    own_exceptions: tuple[np.ndarray, np.ndarray] | None = None,
+    divisor: float = 1.0,
+    out: np.ndarray,
+    like: Frame | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact sum of the integers of several frames that share block layout and steps.
+
+    ``frames`` lists, in summation order, ``(offset, frame)`` with each frame's bytes at
+    ``buffer[offset:]``, or None for the one contribution already known as integers:
+    ``own`` (int32/int64 per element) with its exceptions ``own_exceptions`` (positions,
+    float64 values). Exceptional values are summed per position in that order, so every
+    rank that sums the same frames gets the same bits.
+
+    ``out`` float32: receives ``(sum * step + exceptions) / divisor``; ``out`` int64:
+    receives the integer sum, and the summed exceptions are returned for the caller to
+    carry. Returns the exceptions (sorted positions, float64 sums). Raises FrameError for a
+    corrupt frame or one whose layout or steps differ from the first (naming its index).
+    ``like``: a frame whose layout and steps to use when ``frames`` holds no frame.
+    """
+    peers = [(i, o, f) for i, item in enumerate(frames) if item is not None
+             for o, f in (item,)]
+    ref = peers[0][2]._h if peers else (like._h if like is not None else None)
+    n_frames = len(peers)
+    if ref is None:
+        raise ValueError("sum_frames needs at least one frame, or `like`")
+    for i, _, f in peers[1:]:
+        h = f._h
+        if (h.numel != ref.numel or h.block_size != ref.block_size
+                or not np.array_equal(h.seg_bounds, ref.seg_bounds)):
+            raise FrameError(f"frame {i}: its segments or block size differ from frame "
+                             f"{peers[0][0]}'s")
+        if not np.array_equal(h.steps, ref.steps):
+            raise FrameError(f"frame {i}: its steps differ from frame {peers[0][0]}'s")
+    if out.size != ref.numel or (own is not None and own.size != ref.numel):
+        raise ValueError(f"out and own must have {ref.numel} elements")
+    buf = buffer.numpy()
+    arrays = [_block_arrays(f._h) for _, _, f in peers]
+    n_blocks = ref.layout[0].size
+    modes, ks, kruns, bits, offsets = (np.stack([a[j] for a in arrays]) if n_frames
+                                       else np.zeros((0, n_blocks), np.int64)
+                                       for j in range(5))
+    pay_lo = np.array([o + f._h.payload_off for _, o, f in peers], np.int64)
+    pay_hi = pay_lo + np.array([f._h.payload_len for _, _, f in peers], np.int64)
+    exc_ptr = np.zeros(n_frames + 1, np.int64)
+    np.cumsum([f._h.exc_pos.size for _, _, f in peers], out=exc_ptr[1:])
+    exc_pos = np.concatenate([f._h.exc_pos for _, _, f in peers]) if exc_ptr[-1] else \
+        np.empty(0, np.int64)
+    # exceptional values, summed per position in the given order
+    pos_parts, val_parts = [], []
+    for item in frames:
+        if item is None:
+            if own_exceptions is not None and own_exceptions[0].size:
+                pos_parts.append(own_exceptions[0])
+                val_parts.append(np.asarray(own_exceptions[1], np.float64))
+        elif item[1]._h.exc_pos.size:
+            f = item[1]
+            pos_parts.append(f._h.exc_pos)
+            val_parts.append(_exception_values(f.buffer.numpy(), f._h).double().numpy())
+    if pos_parts:
+        allpos = np.concatenate(pos_parts)
+        xpos, inverse = np.unique(allpos, return_inverse=True)
+        xval = np.zeros(xpos.size, np.float64)
+        np.add.at(xval, inverse, np.concatenate(val_parts))  # sequential: in the given order
+    else:
+        xpos, xval = np.empty(0, np.int64), np.empty(0, np.float64)
+    starts, counts, seg = ref.layout
+    block_steps = ref.steps[seg]
+    own_arr = own if own is not None else np.empty(0, np.int32)
+    out_f = out if out.dtype == np.float32 else np.empty(0, np.float32)
+    out_i = out if out.dtype == np.int64 else np.empty(0, np.int64)
+    if out_f.size == 0 and out_i.size == 0 and out.size:
+        raise TypeError(f"out must be float32 or int64, not {out.dtype}")
+    luts = _luts()
+    results = _parallel.run(
+        lambda lo, hi: eg.reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets,
+                                        starts, counts, block_steps, lo, hi, luts, own_arr,
+                                        exc_pos, exc_ptr, xpos, xval, float(divisor), out_f,
+                                        out_i),
+        _parallel.split(starts.size, _MIN_BLOCKS_PER_TASK))
+    for err, b, f in results:
+        if err:
+            raise FrameError(f"frame {peers[f][0]}, block {b}: {_ERRORS[err]}")
+    return xpos, xval

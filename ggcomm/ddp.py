@@ -34,7 +34,6 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -43,11 +42,11 @@ import torch.distributed as dist
 
 from . import __version__, codec
 from . import stepping as _stepping
-from .codec import DEFAULT_BLOCK_SIZE, encode
+from .codec import DEFAULT_BLOCK_SIZE
 
 __all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class SettingsMismatchError(RuntimeError):
@@ -57,7 +56,7 @@ class SettingsMismatchError(RuntimeError):
 # --------------------------------------------------------------------------- stats
 
 _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
-             "encode_s", "decode_s", "comm_s")
+             "encode_s", "decode_s", "comm_s", "hook_s")
 
 
 class GGCommStats:
@@ -75,6 +74,11 @@ class GGCommStats:
         self.total = self._zero()
         self.last_step = self._zero()
         self._current = self._zero()
+        # per bucket of the current and of the last iteration: element count, exchange and
+        # wall seconds of each pass (copy_in, agree_steps, encode, c1_info, c2_frames,
+        # decode, c3_sizes, c3_reduced, finish)
+        self.buckets: list[dict] = []
+        self.last_buckets: list[dict] = []
 
     @staticmethod
     def _zero() -> dict[str, float]:
@@ -102,6 +106,7 @@ class GGCommStats:
         for name in _COUNTERS + ("steps",):
             self.total[name] += self._current[name]
         self._current = self._zero()
+        self.last_buckets, self.buckets = self.buckets, []
         return self._derived(self.last_step)
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -210,6 +215,7 @@ class GGCommState:
         self.residuals: dict[str, torch.Tensor] = {}
         self.rate_corr: dict[str, float] = {}  # log2 step corrections (rate mode)
         self.last_bits: dict[str, float] = {}  # bits per element coded last iteration
+        self.steps: dict[str, float] = {}  # the step each parameter is coded at next
         self._names: dict[int, str] = {}
         self._first_seen: dict[int, str] = {}
         self._init_runtime()
@@ -220,6 +226,10 @@ class GGCommState:
         self._checked = False
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._pending: _Pending | None = None
+        self._scratch: dict[str, np.ndarray] = {}
+        self._flip = 0
 
     # ------------------------------------------------------------------ settings
 
@@ -273,11 +283,12 @@ class GGCommState:
             "residuals": {k: v.clone() for k, v in self.residuals.items()},
             "rate_corr": dict(self.rate_corr),
             "last_bits": dict(self.last_bits),
+            "steps": dict(self.steps),
             "stats_total": dict(self.stats.total),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd.get("version") != _STATE_VERSION:
+        if sd.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"unsupported GGCommState state_dict version {sd.get('version')}")
         mine = {k: v for k, v in self.settings().items() if k != "ggcomm"}
         theirs = {k: v for k, v in sd["settings"].items() if k != "ggcomm"}
@@ -288,14 +299,17 @@ class GGCommState:
         self.residuals = {k: v.clone() for k, v in sd["residuals"].items()}
         self.rate_corr = dict(sd["rate_corr"])
         self.last_bits = dict(sd["last_bits"])
+        # version 1 kept no steps: the first iteration after loading one agrees on them anew
+        self.steps = dict(sd.get("steps", {}))
         self.stats.total.update(sd["stats_total"])
+        self._plans = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Like PowerSGDState: no process group, no thread; unpickled, the state reduces
         # over the default group.
         d = {k: v for k, v in self.__dict__.items()
              if k not in ("process_group", "_group", "_queue", "_worker", "_checked",
-                          "_comm_device",
+                          "_comm_device", "_plans", "_pending", "_scratch", "_flip",
                           "tb_writer", "_names", "_first_seen", "fingerprint")}
         return d
 
@@ -321,50 +335,63 @@ class GGCommState:
     def _submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
         group = self._comm_group()
-        job = _BucketJob.capture(bucket)
+        job = _BucketJob.capture(bucket, fut)
         if not self.overlap:
-            _run_job(self, group, job, fut)
+            _run_job(self, group, job)
             return fut
         if self._worker is None:
             self._queue = queue.Queue()
             self._worker = threading.Thread(target=self._serve, name="ggcomm-ddp", daemon=True)
             self._worker.start()
-        self._queue.put((group, job, fut))
+        self._queue.put((group, job))
         return fut
 
     def _serve(self) -> None:
         while True:
-            group, job, fut = self._queue.get()
-            _run_job(self, group, job, fut)
+            group, job = self._queue.get()
+            _run_job(self, group, job)
 
 
 class _BucketJob:
     """What the hook needs from a GradBucket, captured on the calling thread."""
 
-    __slots__ = ("buffer", "params", "lengths", "is_last", "event")
+    __slots__ = ("buffer", "params", "lengths", "is_last", "event", "fut")
 
     @classmethod
-    def capture(cls, bucket: dist.GradBucket) -> "_BucketJob":
+    def capture(cls, bucket: dist.GradBucket, fut: torch.futures.Future) -> "_BucketJob":
         job = cls()
         job.buffer = bucket.buffer()
         job.params = list(bucket.parameters())
         job.lengths = [g.numel() for g in bucket.gradients()]
         job.is_last = bucket.is_last()
         job.event = None
+        job.fut = fut
         if job.buffer.is_cuda:
             job.event = torch.cuda.Event()
             job.event.record()
         return job
 
 
-def _run_job(state: GGCommState, group, job: _BucketJob, fut: torch.futures.Future) -> None:
+def _run_job(state: GGCommState, group, job: _BucketJob) -> None:
+    """Reduce one bucket; resolve every future whose bucket is now complete.
+
+    With ``reduce_scatter`` a bucket's second phase rides on the next bucket's first
+    collective, so its future resolves one bucket later (the last bucket of an iteration
+    finishes at once). DDP waits on the futures only after launching every bucket.
+    """
     try:
-        _reduce_bucket(state, group, job)
-        if job.is_last:
-            _end_iteration(state)
-        fut.set_result(job.buffer)
+        done = _reduce_bucket(state, group, job)
     except BaseException as e:  # noqa: BLE001 - the future carries it to DDP
-        fut.set_exception(e)
+        pending, state._pending = state._pending, None
+        for j in ([pending.job] if pending is not None and pending.job is not job else []) + \
+                [job]:
+            if not j.fut.done():
+                j.fut.set_exception(e)
+        return
+    for j in done:
+        if j.is_last:
+            _end_iteration(state)
+        j.fut.set_result(j.buffer)
 
 
 def gg_hook(state: GGCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -403,10 +430,72 @@ def gg_hook(state: GGCommState, bucket: dist.GradBucket) -> torch.futures.Future
 
 
 # --------------------------------------------------------------------------- the reduction
+#
+# Per bucket and iteration, in steady state (every parameter already has a step):
+#
+#   allgather:       encode (fused: feedback + statistics + quantize + code, one pass)
+#                    c1 all_gather of [frame size, per-parameter statistics and bits]
+#                    c2 all_to_all of the frames (exact lengths)
+#                    decode-and-accumulate every peer's frame into the bucket (one pass)
+#   reduce_scatter:  encode one frame per destination chunk (same fused pass)
+#                    c1 all_gather of [frame sizes, previous bucket's reduced-frame size,
+#                       statistics and bits]; then c3 for the previous bucket
+#                    c2 all_to_all of the chunk frames
+#                    decode-and-accumulate this rank's chunk to exact integers and re-encode
+#                    them losslessly; c3 (all_to_all of the reduced frames) rides the next
+#                    bucket's c1 for its sizes (the last bucket of an iteration pays one
+#                    8-byte all_gather instead)
+#
+# The statistics gathered in c1 set every parameter's step for the next iteration, so the
+# steps are agreed without a round trip of their own and are bit-identical on every rank
+# (each rank computes them from the same gathered numbers in the same order). A parameter
+# seen for the first time has no step yet: its bucket first agrees on one from statistics
+# of this iteration (one more all_gather, on the first compressed iteration only).
 
 
-def _ring_allgather_bytes(nbytes: int, n: int) -> float:
-    return float((n - 1) * nbytes)
+class _Plan:
+    """Per bucket layout (keyed by its parameters): segments, residual buffer, chunks."""
+
+    def __init__(self, state: GGCommState, keys: tuple[str, ...], lengths: list[int], n: int):
+        self.keys = keys
+        self.lengths = lengths
+        self.numel = int(sum(lengths))
+        self.seg_bounds = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=self.seg_bounds[1:])
+        self.chunk_bounds = [self.numel * r // n for r in range(n + 1)]
+        self.chunk_segments = [
+            np.diff(np.clip(self.seg_bounds, lo, hi)).tolist()
+            for lo, hi in zip(self.chunk_bounds[:-1], self.chunk_bounds[1:], strict=True)]
+        self.resid: torch.Tensor | None = None
+        if state.error_feedback:
+            # one flat float32 buffer per bucket; state.residuals holds views into it
+            self.resid = torch.zeros(self.numel, dtype=torch.float32)
+            o = 0
+            for key, length in zip(keys, lengths, strict=True):
+                old = state.residuals.get(key)
+                view = self.resid[o:o + length]
+                if old is not None and old.numel() == length:
+                    view.copy_(old.reshape(-1))
+                state.residuals[key] = view
+                o += length
+
+
+class _Pending:
+    """A reduce_scatter bucket whose reduced frame waits for its exchange."""
+
+    __slots__ = ("job", "plan", "frame", "own", "own_exc", "out", "t0")
+
+    def __init__(self, job, plan, frame, own, own_exc, out, t0):
+        self.job, self.plan, self.frame, self.own, self.own_exc = job, plan, frame, own, own_exc
+        self.out, self.t0 = out, t0
+
+
+def _scratch(state: GGCommState, name: str, n: int, dtype) -> np.ndarray:
+    """A reusable array of at least n elements (buckets are reduced one at a time)."""
+    a = state._scratch.get(name)
+    if a is None or a.size < n or a.dtype != np.dtype(dtype):
+        a = state._scratch[name] = np.empty(max(n, 1), dtype)
+    return a[:n]
 
 
 def _all_gather(t: torch.Tensor, group, dev: torch.device) -> list[torch.Tensor]:
@@ -427,13 +516,8 @@ def _all_to_all(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]
     return recv.cpu()
 
 
-def _exchange_sizes(sizes: torch.Tensor, group, all_to_all: bool,
-                    dev: torch.device) -> torch.Tensor:
-    """all_to_all (sizes[d] goes to rank d) or all_gather of one size per rank."""
-    n = dist.get_world_size(group)
-    if all_to_all:
-        return _all_to_all(sizes, [1] * n, [1] * n, group, dev)
-    return torch.cat(_all_gather(sizes, group, dev))
+def _ring_allgather_bytes(nbytes: int, n: int) -> float:
+    return float((n - 1) * nbytes)
 
 
 def _check_settings(state: GGCommState, group) -> None:
@@ -449,59 +533,116 @@ def _check_settings(state: GGCommState, group) -> None:
     state._checked = True
 
 
-def _param_steps(state: GGCommState, keys: list[str], lengths: list[int], x: torch.Tensor,
-                 group) -> np.ndarray:
-    """Per-parameter steps, identical on every rank."""
-    n_params = len(keys)
-    if state.mode == "step":
-        return np.full(n_params, state.value)
+class _Timer:
+    """Per-pass wall times of one bucket (seconds), kept in GGCommStats.buckets."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _host_input(state: GGCommState, job: _BucketJob) -> np.ndarray:
+    """The bucket as a flat float32 CPU array: the bucket itself when it is one."""
+    buf = job.buffer
+    if job.event is not None:
+        job.event.synchronize()
+    flat = buf.detach().reshape(-1)
+    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+        return flat.numpy()
+    host = _scratch(state, "input", flat.numel(), np.float32)
+    # CUDA: one device-to-host copy (into pageable memory the copy is synchronous; the
+    # cost is one PCIe transfer of the bucket each way, see the README)
+    torch.from_numpy(host).copy_(flat)
+    return host
+
+
+def _host_output(state: GGCommState, job: _BucketJob, g: np.ndarray) -> np.ndarray:
+    """Where the averaged bucket is written: the bucket itself when it is float32 CPU."""
+    flat = job.buffer.detach().reshape(-1)
+    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+        return g  # the same memory: encoding has read it before decoding writes it
+    return _scratch(state, "output", flat.numel(), np.float32)
+
+
+def _store_output(job: _BucketJob, out: np.ndarray) -> None:
+    flat = job.buffer.detach().reshape(-1)
+    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+        return
+    flat.copy_(torch.from_numpy(out))
+
+
+def _plan(state: GGCommState, job: _BucketJob, n: int) -> _Plan:
+    keys = tuple(state._key(p) for p in job.params)
+    plan = state._plans.get(keys)
+    if plan is None or plan.lengths != job.lengths or len(plan.chunk_bounds) != n + 1:
+        plan = state._plans[keys] = _Plan(state, keys, list(job.lengths), n)
+    return plan
+
+
+def _moments(plan: _Plan, stats: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean of x^2, mean of |x|) per parameter from statistics summed over ranks."""
+    count = n * np.maximum(np.asarray(plan.lengths, np.float64), 1.0)
+    return stats[:, 0] / count, stats[:, 1] / count
+
+
+def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, timer) -> None:
+    """First sight of a parameter: agree on steps from this iteration's statistics."""
     n = dist.get_world_size(group)
-    finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).double()
-    stats = torch.empty(3 * n_params, dtype=torch.float64)
-    o = 0
-    for i, length in enumerate(lengths):
-        seg = finite[o:o + length]
-        stats[3 * i] = seg.square().sum()
-        stats[3 * i + 1] = seg.abs().sum()
-        stats[3 * i + 2] = state.last_bits.get(keys[i], float("nan"))
-        o += length
-    parts = _all_gather(stats, group, state._comm_device)
-    state.stats.add(bytes_sent=_ring_allgather_bytes(stats.nbytes, n),
-                    bytes_received=_ring_allgather_bytes(stats.nbytes, n))
-    total = parts[0].clone()
+    x = torch.from_numpy(g)
+    if plan.resid is not None:
+        x = x + plan.resid
+    x = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    local = np.zeros((len(plan.keys), 2))
+    for i, (lo, hi) in enumerate(zip(plan.seg_bounds[:-1], plan.seg_bounds[1:], strict=True)):
+        seg = x[lo:hi]
+        local[i] = float(seg.square().sum()), float(seg.abs().sum())
+    parts = _all_gather(torch.from_numpy(local), group, state._comm_device)
+    state.stats.add(bytes_sent=_ring_allgather_bytes(local.nbytes, n),
+                    bytes_received=_ring_allgather_bytes(local.nbytes, n))
+    total = parts[0].numpy().copy()
     for p in parts[1:]:  # rank order: every rank adds in the same order, bit-identical
-        total += p
-    total = total.view(n_params, 3).numpy()
-    steps = np.empty(n_params)
+        total += p.numpy()
+    mean_sq, mean_abs = _moments(plan, total, n)
     target = state.target_rate()
-    previous_target = state.target_rate(state.iteration - 1)
-    for i, length in enumerate(lengths):
-        count = n * max(length, 1)
-        mean_sq, mean_abs = total[i, 0] / count, total[i, 1] / count
-        corr = 0.0
-        if state.mode == "rate" and math.sqrt(mean_sq) > 0 and math.isfinite(mean_sq):
-            measured = total[i, 2] / n  # mean over ranks of last iteration's bits
-            corr = _stepping.correct(state.rate_corr.get(keys[i], 0.0), measured,
-                                     previous_target, state.rate_gain)
-            state.rate_corr[keys[i]] = corr
+    for i, key in enumerate(plan.keys):
+        corr = state.rate_corr.get(key, 0.0)
+        state.steps[key] = _stepping.step_for(state.mode, state.value, float(mean_sq[i]),
+                                              float(mean_abs[i]), corr - (target - state.value))
+    timer.lap("agree_steps")
+
+
+def _next_steps(state: GGCommState, plan: _Plan, infos: np.ndarray, n: int) -> None:
+    """Every parameter's step for the next iteration, from statistics gathered in c1.
+
+    ``infos[r]`` holds rank r's per-parameter (sum x^2, sum |x|, non-finite count, payload
+    bits) of this iteration, coded at this iteration's target. A parameter whose finite
+    values were all zero keeps its step (zeros code exactly at any step).
+    """
+    total = infos[0].copy()
+    for p in infos[1:]:  # rank order: bit-identical on every rank
+        total += p
+    mean_sq, mean_abs = _moments(plan, total, n)
+    target, next_target = state.target_rate(), state.target_rate(state.iteration + 1)
+    for i, key in enumerate(plan.keys):
+        length = max(plan.lengths[i], 1)
+        measured = float(total[i, 3]) / (n * length)
+        state.last_bits[key] = measured
+        ms = float(mean_sq[i])
+        if not (ms > 0 and math.isfinite(ms)):
+            continue
+        corr = state.rate_corr.get(key, 0.0)
+        if state.mode == "rate":
+            corr = state.rate_corr[key] = _stepping.correct(corr, measured, target,
+                                                            state.rate_gain)
         # Above the target, each extra bit halves the step (the high-rate law; the feedback
         # loop trims what it misses), so a warm-up needs no new solve of the GG model.
-        steps[i] = _stepping.step_for(state.mode, state.value, mean_sq, mean_abs,
-                                      corr - (target - state.value))
-    return steps
-
-
-def _sum_frames(frames: Iterable, n_elem: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Exact integer sum of frames sharing steps: (sum of q, sum of exceptions, decode s)."""
-    t0 = time.perf_counter()
-    total = torch.zeros(n_elem, dtype=torch.float64)
-    extra = torch.zeros(n_elem, dtype=torch.float64)
-    for f in frames:
-        q, pos, vals = codec.decode_symbols(f)
-        total += q
-        if pos.numel():
-            extra.index_add_(0, pos, vals)
-    return total, extra, time.perf_counter() - t0
+        state.steps[key] = _stepping.step_for(state.mode, state.value, ms, float(mean_abs[i]),
+                                              corr - (next_target - state.value))
 
 
 def _check_tag(frame: codec.Frame, state: GGCommState, src: int) -> None:
@@ -511,137 +652,204 @@ def _check_tag(frame: codec.Frame, state: GGCommState, src: int) -> None:
             f"rank's is {state.fingerprint:#010x}: ranks run different ggcomm settings")
 
 
-def _split_frames(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    out, o = [], 0
-    for s in sizes:
-        out.append(buf[o:o + s])
-        o += s
+def _peer_frames(recv: torch.Tensor, sizes: list[int], rank: int, state: GGCommState,
+                 ) -> list[tuple[int, codec.Frame] | None]:
+    """Parse the frames of every other rank out of one receive buffer (None for ours)."""
+    out: list[tuple[int, codec.Frame] | None] = []
+    o = 0
+    for src, size in enumerate(sizes):
+        if src == rank:
+            out.append(None)
+            continue
+        try:
+            f = codec.Frame.from_buffer(recv[o:o + size])
+        except codec.FrameError as e:
+            raise codec.FrameError(f"the frame from rank {src}: {e}") from None
+        _check_tag(f, state, src)
+        out.append((o, f))
+        o += size
     return out
 
 
-def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> None:
+def _summed(recv, frames, **kw):
+    try:
+        return codec.sum_frames(recv, frames, **kw)
+    except codec.FrameError as e:
+        # sum_frames names frames by their index, which is the sending rank here
+        raise codec.FrameError(f"rank {str(e).removeprefix('frame ')}") from None
+
+
+def _own_exceptions(frame: codec.Frame) -> tuple[np.ndarray, np.ndarray]:
+    h = frame._h
+    if not h.exc_pos.size:
+        return h.exc_pos, np.empty(0, np.float64)
+    return h.exc_pos, codec._exception_values(frame.buffer.numpy(), h).double().numpy()
+
+
+def _info(n_sizes: int, plan: _Plan) -> np.ndarray:
+    return np.zeros(n_sizes + 4 * len(plan.keys), np.float64)
+
+
+def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJob]:
+    """Reduce one bucket; returns the jobs (this one and/or a pending one) now complete."""
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    if job.event is not None:
-        job.event.synchronize()
-    buf = job.buffer
-    keys = [state._key(p) for p in job.params]
-    lengths = job.lengths
-    n_elem = buf.numel()
-    x = buf.detach().reshape(-1).to("cpu", torch.float32, copy=True)
-    if state.error_feedback:
-        o = 0
-        for key, length in zip(keys, lengths, strict=True):
-            r = state.residuals.get(key)
-            if r is not None and r.numel() == length:
-                x[o:o + length] += r
-            o += length
-    steps = _param_steps(state, keys, lengths, x, group)
-    step_el = torch.from_numpy(np.repeat(steps, lengths))  # float64, one per element
-
+    timer = _Timer()
+    t_start = timer.t
+    plan = _plan(state, job, n)
+    g = _host_input(state, job)
+    timer.lap("copy_in")
+    if any(key not in state.steps for key in plan.keys):
+        _agree_steps_now(state, group, plan, g, timer)
+    steps = np.array([state.steps[key] for key in plan.keys], np.float64)
     exchange = state.exchange
     if exchange == "auto":
         exchange = "allgather" if n <= 2 else "reduce_scatter"
-    t0 = time.perf_counter()
-    enc_s = dec_s = 0.0
+    resid = plan.resid.numpy() if plan.resid is not None else None
+    code = {"k": state.k, "block_size": state.block_size, "tag": state.fingerprint}
+    dev = state._comm_device
     sent = received = 0.0
+    done: list[_BucketJob] = []
+
     if exchange == "allgather":
-        frame = encode(x, steps, segments=lengths, k=state.k, block_size=state.block_size,
-                       tag=state.fingerprint)
-        enc_s += time.perf_counter() - t0
-        own = [frame]
+        own_q = _scratch(state, "own_q", plan.numel, np.int32)
+        frame, seg_stats = codec.encode_feedback(g, resid, steps, plan.lengths, q_out=own_q,
+                                                 **code)
         seg_bits = frame.segment_bits()
-        frames = _allgather_frames(frame.buffer, group, state._comm_device)
-        sent += _ring_allgather_bytes(8, n) + (n - 1) * frame.nbytes
-        received += _ring_allgather_bytes(8, n) + sum(
-            f.numel() for i, f in enumerate(frames) if i != rank)
-        decoded = []
-        for src, fb in enumerate(frames):
-            f = frame if src == rank else codec.Frame.from_buffer(fb)
-            _check_tag(f, state, src)
-            decoded.append(f)
-        total, extra, d = _sum_frames(decoded, n_elem)
-        dec_s += d
-        result = total * step_el + extra
+        timer.lap("encode")
+        info = _info(1, plan)
+        info[0] = frame.nbytes
+        info[1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
+        infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+        sent += _ring_allgather_bytes(info.nbytes, n)
+        received += _ring_allgather_bytes(info.nbytes, n)
+        timer.lap("c1_info")
+        sizes = [int(v) for v in infos[:, 0]]
+        send_sizes = [0 if d == rank else frame.nbytes for d in range(n)]
+        recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
+        recv = _all_to_all(frame.buffer.repeat(n - 1) if n > 1 else frame.buffer[:0],
+                           send_sizes, recv_sizes, group, dev)
+        sent += sum(send_sizes)
+        received += sum(recv_sizes)
+        timer.lap("c2_frames")
+        frames = _peer_frames(recv, recv_sizes, rank, state)
+        out = _host_output(state, job, g)
+        if n > 1:
+            _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(frame),
+                    divisor=float(n), out=out)
+        else:
+            codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
+        timer.lap("decode")
+        _store_output(job, out)
+        _next_steps(state, plan, infos[:, 1:].reshape(n, -1, 4), n)
+        timer.lap("finish")
+        done.append(job)
+        payload = float(np.sum(seg_bits))
     else:
-        bounds = [n_elem * r // n for r in range(n + 1)]
-        seg_bounds = np.concatenate([[0], np.cumsum(lengths)])
-        own = []
+        frames_out = []
+        own_q = None
         for r in range(n):
-            lo, hi = bounds[r], bounds[r + 1]
-            cuts = np.clip(seg_bounds, lo, hi)
-            seg_len = np.diff(cuts)
-            own.append(encode(x[lo:hi], steps, segments=seg_len.tolist(), k=state.k,
-                              block_size=state.block_size, tag=state.fingerprint))
-        enc_s += time.perf_counter() - t0
-        seg_bits = np.sum([f.segment_bits() for f in own], axis=0)
-        sizes = torch.tensor([f.nbytes for f in own], dtype=torch.int64)
-        recv_sizes = _exchange_sizes(sizes, group, True, state._comm_device)
-        send = torch.cat([f.buffer for f in own])
-        recv = _all_to_all(send, sizes.tolist(), recv_sizes.tolist(), group, state._comm_device)
-        sent += 8 * (n - 1) + float(sizes.sum() - sizes[rank])
-        received += 8 * (n - 1) + float(recv_sizes.sum() - recv_sizes[rank])
-        # this rank owns chunk `rank`: sum the integers exactly, re-encode losslessly
-        lo, hi = bounds[rank], bounds[rank + 1]
-        chunk_frames = []
-        for src, fb in enumerate(_split_frames(recv, recv_sizes.tolist())):
-            f = codec.Frame.from_buffer(fb)
-            _check_tag(f, state, src)
-            chunk_frames.append(f)
-        total, extra, d = _sum_frames(chunk_frames, hi - lo)
-        dec_s += d
-        chunk_steps = step_el[lo:hi]
-        chunk_sum = total * chunk_steps + extra
-        t1 = time.perf_counter()
-        cuts = np.clip(seg_bounds, lo, hi)
-        reduced = encode(chunk_sum, steps, segments=np.diff(cuts).tolist(), k=state.k,
-                         block_size=state.block_size, tag=state.fingerprint)
-        enc_s += time.perf_counter() - t1
-        frames = _allgather_frames(reduced.buffer, group, state._comm_device)
-        sent += _ring_allgather_bytes(8, n) + (n - 1) * reduced.nbytes
-        received += _ring_allgather_bytes(8, n) + sum(
-            f.numel() for i, f in enumerate(frames) if i != rank)
-        pieces = []
-        t2 = time.perf_counter()
-        for src, fb in enumerate(frames):
-            f = reduced if src == rank else codec.Frame.from_buffer(fb)
-            _check_tag(f, state, src)
-            q, pos, vals = codec.decode_symbols(f)
-            piece = q * step_el[bounds[src]:bounds[src + 1]]
-            if pos.numel():
-                piece.index_put_((pos,), vals)  # q is 0 there
-            pieces.append(piece)
-        dec_s += time.perf_counter() - t2
-        result = torch.cat(pieces)
+            lo, hi = plan.chunk_bounds[r], plan.chunk_bounds[r + 1]
+            q = _scratch(state, "own_q", hi - lo, np.int32) if r == rank else None
+            f, st = codec.encode_feedback(g[lo:hi], resid[lo:hi] if resid is not None else None,
+                                          steps, plan.chunk_segments[r], q_out=q, **code)
+            frames_out.append((f, st))
+            if r == rank:
+                own_q = q
+        seg_stats = np.sum([st for _, st in frames_out], axis=0)
+        seg_bits = np.sum([f.segment_bits() for f, _ in frames_out], axis=0)
+        timer.lap("encode")
+        pending = state._pending
+        info = _info(n + 1, plan)
+        info[:n] = [f.nbytes for f, _ in frames_out]
+        info[n] = pending.frame.nbytes if pending is not None else 0
+        info[n + 1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
+        infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+        sent += _ring_allgather_bytes(info.nbytes, n)
+        received += _ring_allgather_bytes(info.nbytes, n)
+        timer.lap("c1_info")
+        if pending is not None:
+            state._pending = None
+            s_, r_ = _finish_reduced(state, group, pending, [int(v) for v in infos[:, n]],
+                                     timer)
+            sent += s_
+            received += r_
+            done.append(pending.job)
+        send_sizes = [0 if d == rank else frames_out[d][0].nbytes for d in range(n)]
+        recv_sizes = [0 if s == rank else int(infos[s, rank]) for s in range(n)]
+        send = torch.cat([frames_out[d][0].buffer for d in range(n) if d != rank]) if n > 1 \
+            else torch.empty(0, dtype=torch.uint8)
+        recv = _all_to_all(send, send_sizes, recv_sizes, group, dev)
+        sent += sum(send_sizes)
+        received += sum(recv_sizes)
+        timer.lap("c2_frames")
+        frames = _peer_frames(recv, recv_sizes, rank, state)
+        lo, hi = plan.chunk_bounds[rank], plan.chunk_bounds[rank + 1]
+        # two alternating buffers: the previous bucket's sums wait for its exchange in one
+        state._flip ^= 1
+        ssum = _scratch(state, f"sum{state._flip}", hi - lo, np.int64)
+        own_frame = frames_out[rank][0]
+        if n > 1:
+            xpos, xval = _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(
+                own_frame), out=ssum)
+        else:
+            xpos, xval = codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
+        timer.lap("decode")
+        reduced = codec.encode_integers(ssum, steps, plan.chunk_segments[rank], xpos, xval,
+                                        **code)
+        timer.lap("encode")
+        _next_steps(state, plan, infos[:, n + 1:].reshape(n, -1, 4), n)
+        out = _host_output(state, job, g)
+        mine = _Pending(job, plan, reduced, ssum, _own_exceptions(reduced), out, t_start)
+        if job.is_last:  # nothing follows to carry the sizes: one small exchange
+            size = torch.tensor([float(reduced.nbytes)], dtype=torch.float64)
+            red_sizes = [int(v) for v in _all_gather(size, group, dev)]
+            sent += _ring_allgather_bytes(8, n)
+            received += _ring_allgather_bytes(8, n)
+            timer.lap("c3_sizes")
+            s_, r_ = _finish_reduced(state, group, mine, red_sizes, timer)
+            sent += s_
+            received += r_
+            done.append(job)
+        else:
+            state._pending = mine
+        timer.lap("finish")
+        payload = float(np.sum(seg_bits))
 
-    if state.error_feedback:
-        t3 = time.perf_counter()
-        mine = torch.cat([codec.decode(f).reshape(-1) for f in own]).double()
-        dec_s += time.perf_counter() - t3
-        resid = (x.double() - mine).float()
-        resid = torch.where(torch.isfinite(resid), resid, torch.zeros_like(resid))
-        o = 0
-        for key, length in zip(keys, lengths, strict=True):
-            state.residuals[key] = resid[o:o + length].clone()
-            o += length
-    for key, length, bits in zip(keys, lengths, seg_bits, strict=True):
-        state.last_bits[key] = float(bits) / max(length, 1)
-    result /= n
-    buf.copy_(result.to(buf.dtype).view_as(buf))
-    elapsed = time.perf_counter() - t0
     state.stats.add(bytes_sent=sent, bytes_received=received,
-                    raw_bytes=2 * (n - 1) / n * 4 * n_elem, elements=n_elem,
-                    payload_bits=float(np.sum(seg_bits)), encode_s=enc_s, decode_s=dec_s,
-                    comm_s=max(0.0, elapsed - enc_s - dec_s))
+                    raw_bytes=2 * (n - 1) / n * 4 * plan.numel, elements=plan.numel,
+                    payload_bits=payload,
+                    encode_s=timer.times.get("encode", 0.0),
+                    decode_s=timer.times.get("decode", 0.0),
+                    comm_s=sum(v for k, v in timer.times.items() if k[:3] in ("c1_", "c2_", "c3_")),
+                    hook_s=time.perf_counter() - t_start)
+    state.stats.buckets.append({"numel": plan.numel, "exchange": exchange, **timer.times})
+    return done
 
 
-def _allgather_frames(frame_buf: torch.Tensor, group, dev: torch.device) -> list[torch.Tensor]:
-    """Every rank's frame, exact lengths: sizes first, then one uneven all_to_all."""
+def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], timer,
+                    ) -> tuple[float, float]:
+    """c3 of a reduce_scatter bucket: exchange the reduced chunks, write the average."""
     n = dist.get_world_size(group)
-    size = torch.tensor([frame_buf.numel()], dtype=torch.int64)
-    sizes = _exchange_sizes(size, group, False, dev).tolist()
-    recv = _all_to_all(frame_buf.repeat(n), [frame_buf.numel()] * n, sizes, group, dev)
-    return _split_frames(recv, sizes)
+    rank = dist.get_rank(group)
+    send_sizes = [0 if d == rank else p.frame.nbytes for d in range(n)]
+    recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
+    recv = _all_to_all(p.frame.buffer.repeat(n - 1) if n > 1 else p.frame.buffer[:0],
+                       send_sizes, recv_sizes, group, state._comm_device)
+    timer.lap("c3_reduced")
+    frames = _peer_frames(recv, recv_sizes, rank, state)
+    bounds = p.plan.chunk_bounds
+    for src in range(n):
+        lo, hi = bounds[src], bounds[src + 1]
+        if src == rank:  # this rank's chunk: from the integers it summed, not decoded
+            codec.sum_frames(recv, [None], own=p.own, own_exceptions=p.own_exc,
+                             divisor=float(n), out=p.out[lo:hi], like=p.frame)
+        else:
+            _summed(recv, [None if i != src else frames[src] for i in range(n)],
+                    divisor=float(n), out=p.out[lo:hi])
+    timer.lap("decode")
+    _store_output(p.job, p.out)
+    return float(sum(send_sizes)), float(sum(recv_sizes))
 
 
 def _end_iteration(state: GGCommState) -> None:

@@ -35,6 +35,7 @@ ERR_VALUE_RANGE = 3
 ERR_RUN_LENGTH = 4
 ERR_LENGTH_MISMATCH = 5
 ERR_PADDING = 6
+ERR_EXCEPTION_CODE = 7
 
 _QMAXF = float(QMAX)
 _NBINS = 33  # bit lengths 0..32
@@ -288,6 +289,61 @@ def worst_case_bytes(cnt, zero_runs):
 
 
 @njit(nogil=True, cache=True)
+def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p, meta, b,
+                nexc):
+    """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
+
+    meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
+    position, or -1 if out is too small (nothing is written past its end).
+    """
+    _histogram(scratch, cnt, H, T)
+    if k_fixed >= 0:
+        _summarize(H)
+        k = k_fixed
+        bits = _eg_cost(H, k)
+    else:
+        k, bits = _best_k(H)
+    mode = MODE_EG
+    krun = 0
+    zeros = H[0, 0]
+    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0):
+        _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
+        krun, run_bits = _best_k(Hrun)
+        if k_fixed >= 0:
+            _summarize(Hval)
+            kv = k_fixed
+            val_bits = _eg_cost(Hval, kv)
+        else:
+            kv, val_bits = _best_k(Hval)
+        if zero_runs == 2 or run_bits + val_bits < bits:
+            mode = MODE_ZERO_RUNS
+            k = kv
+            bits = run_bits + val_bits
+        else:
+            krun = 0  # mode 0 blocks carry k_run = 0
+    if p + worst_case_bytes(cnt, zero_runs) > out.size:
+        return -1
+    p, written = _write_block(scratch, cnt, mode, k, krun, out, p)
+    meta[b, 0] = mode
+    meta[b, 1] = k
+    meta[b, 2] = krun
+    meta[b, 3] = written
+    meta[b, 4] = nexc
+    if written != bits:  # the cost model and the writer disagree: a bug, never data
+        meta[b, 3] = -1
+    return p
+
+
+@njit(nogil=True, cache=True)
+def _work_arrays(counts, b_lo, b_hi):
+    n = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
+    return (np.empty(n, np.int32), np.zeros((_NBINS, _HCOLS), np.int64),
+            np.zeros((_NBINS, _HCOLS), np.int64), np.zeros((_NBINS, _HCOLS), np.int64),
+            np.zeros(4 * _SMALL, np.int64), np.zeros(4 * _SMALL, np.int64),
+            np.empty(n, np.int32))
+
+
+@njit(nogil=True, cache=True)
 def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """Quantize and encode blocks [b_lo, b_hi) of x back to back into out.
 
@@ -299,52 +355,101 @@ def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, 
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).
     """
-    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
-    H = np.zeros((_NBINS, _HCOLS), np.int64)
-    Hrun = np.zeros((_NBINS, _HCOLS), np.int64)
-    Hval = np.zeros((_NBINS, _HCOLS), np.int64)
-    T = np.zeros(4 * _SMALL, np.int64)
-    T2 = np.zeros(4 * _SMALL, np.int64)
-    pos = np.empty(scratch.size, np.int32)
+    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize(x, starts[b], cnt, invs[b], scratch)
-        _histogram(scratch, cnt, H, T)
-        if k_fixed >= 0:
-            _summarize(H)
-            k = k_fixed
-            bits = _eg_cost(H, k)
-        else:
-            k, bits = _best_k(H)
-        mode = MODE_EG
-        krun = 0
-        zeros = H[0, 0]
-        if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0):
-            _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
-            krun, run_bits = _best_k(Hrun)
-            if k_fixed >= 0:
-                _summarize(Hval)
-                kv = k_fixed
-                val_bits = _eg_cost(Hval, kv)
-            else:
-                kv, val_bits = _best_k(Hval)
-            if zero_runs == 2 or run_bits + val_bits < bits:
-                mode = MODE_ZERO_RUNS
-                k = kv
-                bits = run_bits + val_bits
-            else:
-                krun = 0  # mode 0 blocks carry k_run = 0
-        if p + worst_case_bytes(cnt, zero_runs) > out.size:
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
+                        meta, b, nexc)
+        if p < 0:
             return -1
-        p, written = _write_block(scratch, cnt, mode, k, krun, out, p)
-        meta[b, 0] = mode
-        meta[b, 1] = k
-        meta[b, 2] = krun
-        meta[b, 3] = written
-        meta[b, 4] = nexc
-        if written != bits:  # the cost model and the writer disagree: a bug, never data
-            meta[b, 3] = -1
+    return p
+
+
+@njit(nogil=True, cache=True)
+def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
+    """Error feedback, statistics and quantization of one block in one pass.
+
+    x = g + r (float32; r is the error-feedback residual, or empty for none). Writes the
+    u-symbols of rint(x / step) into scratch[:cnt], the new residual x - q * step into r
+    (x itself where x is an exception: non-finite or |x / step| > QMAX), q into q_out (if
+    not empty), and the block's statistics of the finite x (sum of squares, sum of
+    magnitudes, count of non-finite values) into stats[b]. Returns the exception count.
+    """
+    feedback = r.size > 0
+    keep_q = q_out.size > 0
+    gs = g[start:start + cnt]
+    rs = r[start:start + cnt] if feedback else r
+    qs = q_out[start:start + cnt] if keep_q else q_out
+    nexc = 0
+    nonfinite = 0
+    sumsq = 0.0
+    sumabs = 0.0
+    for j in range(cnt):
+        xv = gs[j] + rs[j] if feedback else gs[j]
+        xd = np.float64(xv)
+        fin = np.isfinite(xd)
+        a = abs(xd) if fin else 0.0
+        sumsq += a * a
+        sumabs += a
+        nonfinite += np.int64(not fin)
+        v = xd * inv
+        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+        nexc += np.int64(not ok)
+        q = np.int32(np.rint(v if ok else 0.0))
+        scratch[j] = 2 * q - 1 if q > 0 else -2 * q
+        if feedback:
+            rs[j] = np.float32(xd - np.float64(q) * step) if ok else xv
+        if keep_q:
+            qs[j] = q
+    stats[b, 0] = sumsq
+    stats[b, 1] = sumabs
+    stats[b, 2] = nonfinite
+    return nexc
+
+
+@njit(nogil=True, cache=True)
+def encode_blocks_feedback(g, r, starts, counts, invs, steps, b_lo, b_hi, k_fixed, zero_runs,
+                           out, meta, stats, q_out):
+    """encode_blocks over x = g + r, fused with error feedback and statistics.
+
+    One pass per block (see _quantize_feedback): the residual r is updated in place, q is
+    kept in q_out if it is not empty, stats[b] gets the block's statistics. The frame bits
+    are exactly those encode_blocks writes for x.
+    """
+    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    p = 0
+    for b in range(b_lo, b_hi):
+        cnt = counts[b]
+        nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], scratch, q_out,
+                                  stats, b)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
+                        meta, b, nexc)
+        if p < 0:
+            return -1
+    return p
+
+
+@njit(nogil=True, cache=True)
+def encode_blocks_int(s, starts, counts, b_lo, b_hi, k_fixed, zero_runs, out, meta):
+    """encode_blocks of integers s (int64) at step 1: |s| > QMAX become exceptions (u = 0)."""
+    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    p = 0
+    for b in range(b_lo, b_hi):
+        cnt = counts[b]
+        ss = s[starts[b]:starts[b] + cnt]
+        nexc = 0
+        for j in range(cnt):
+            q = ss[j]
+            ok = abs(q) <= QMAX
+            nexc += np.int64(not ok)
+            q = q if ok else 0
+            scratch[j] = 2 * q - 1 if q > 0 else -2 * q
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
+                        meta, b, nexc)
+        if p < 0:
+            return -1
     return p
 
 
@@ -525,6 +630,25 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch):
 
 
 @njit(nogil=True, cache=True)
+def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
+    """Decode one block's symbols into scratch[:cnt] and check its length and padding."""
+    ptr = data_ptr(payload)
+    nbuf = payload.size
+    if mode == MODE_EG:
+        pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[min(k, LUT_K_MAX)], scratch)
+    else:
+        pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch)
+    if err:
+        return err
+    if pos != stop:
+        return ERR_LENGTH_MISMATCH
+    pad = (8 - (stop & 7)) & 7
+    if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
+        return ERR_PADDING
+    return 0
+
+
+@njit(nogil=True, cache=True)
 def _dequantize(scratch, start, cnt, step, out):
     """out[start:start+cnt] = float64(q) * step, from the block's symbols in scratch."""
     o = out[start:start + cnt]
@@ -549,27 +673,82 @@ def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, 
     The block table itself (modes, ks, lengths adding up) is validated by the caller.
     luts[k] is build_lut's table for order k, for k = 0..LUT_K_MAX.
     """
-    nbuf = payload.size
-    ptr = data_ptr(payload)
     scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
     for b in range(b_lo, b_hi):
         cnt = counts[b]
-        pos = offsets[b] * 8
-        stop = pos + bits[b]
-        if modes[b] == MODE_EG:
-            k = ks[b]
-            pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[min(k, LUT_K_MAX)], scratch)
-        else:
-            pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, ks[b], kruns[b], scratch)
+        p0 = offsets[b] * 8
+        err = _decode_block(payload, p0, p0 + bits[b], cnt, modes[b], ks[b], kruns[b], luts,
+                            scratch)
         if err:
             return err, b
-        if pos != stop:
-            return ERR_LENGTH_MISMATCH, b
-        pad = (8 - (stop & 7)) & 7
-        if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
-            return ERR_PADDING, b
         _dequantize(scratch, starts[b], cnt, steps[b], out)
     return 0, -1
+
+
+@njit(nogil=True, cache=True)
+def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, counts, steps,
+                  b_lo, b_hi, luts, own, exc_pos, exc_ptr, xpos, xval, divisor, out_f, out_i):
+    """Decode-and-accumulate: the exact integer sum of several frames, block by block.
+
+    Frame f's payload is buf[pay_lo[f]:pay_hi[f]]; its block b has mode modes[f, b], orders
+    ks[f, b] / kruns[f, b], bits[f, b] bits from byte offsets[f, b] of the payload. Every
+    frame shares the block layout (starts, counts) and the per-block steps. own (int32 or
+    int64, one per element, or empty) holds integers that need no decoding: this rank's own
+    q, straight from the encoder. Positions exc_pos[exc_ptr[f]:exc_ptr[f + 1]] (sorted) are
+    frame f's exceptions, where its code must be 0.
+
+    With out_f (float32) not empty, out_f[i] = float32((sum_i * step + extra_i) / divisor),
+    extra_i = xval[j] where xpos[j] == i (sorted positions), else 0; otherwise out_i[i] =
+    sum_i (int64). The block's integers are summed in a block-sized int64 accumulator, so
+    no full-size intermediate is ever written. Returns (error code, block, frame),
+    (0, -1, -1) if every frame is valid.
+    """
+    n_frames = pay_lo.size
+    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    acc = np.empty(scratch.size, np.int64)
+    have_own = own.size > 0
+    finalize = out_f.size > 0
+    for b in range(b_lo, b_hi):
+        cnt = counts[b]
+        start = starts[b]
+        if have_own:
+            os_ = own[start:start + cnt]
+            for j in range(cnt):
+                acc[j] = os_[j]
+        else:
+            acc[:cnt] = 0
+        for f in range(n_frames):
+            payload = buf[pay_lo[f]:pay_hi[f]]
+            p0 = offsets[f, b] * 8
+            err = _decode_block(payload, p0, p0 + bits[f, b], cnt, modes[f, b], ks[f, b],
+                                kruns[f, b], luts, scratch)
+            if err:
+                return err, b, f
+            e_lo = exc_ptr[f] + np.searchsorted(exc_pos[exc_ptr[f]:exc_ptr[f + 1]], start)
+            for e in range(e_lo, exc_ptr[f + 1]):
+                i = exc_pos[e]
+                if i >= start + cnt:
+                    break
+                if scratch[i - start] != 0:
+                    return ERR_EXCEPTION_CODE, b, f
+            for j in range(cnt):
+                acc[j] += _q_of_u(np.int64(scratch[j]))
+        if finalize:
+            step = steps[b]
+            o = out_f[start:start + cnt]
+            for j in range(cnt):
+                o[j] = np.float32(np.float64(acc[j]) * step / divisor)
+            x_lo = np.searchsorted(xpos, start)
+            for e in range(x_lo, xpos.size):
+                i = xpos[e]
+                if i >= start + cnt:
+                    break
+                out_f[i] = np.float32((np.float64(acc[i - start]) * step + xval[e]) / divisor)
+        else:
+            oi = out_i[start:start + cnt]
+            for j in range(cnt):
+                oi[j] = acc[j]
+    return 0, -1, -1
 
 
 def build_luts():

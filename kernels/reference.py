@@ -168,3 +168,43 @@ def dequantize(us: list, seg_bounds: np.ndarray, steps: np.ndarray, dtype) -> np
             q = (u + 1) >> 1 if u & 1 else -(u >> 1)
             out[i] = np.float64(q) * np.float64(steps[s])
     return out
+
+
+def q_of_u(u: int) -> int:
+    return (u + 1) >> 1 if u & 1 else -(u >> 1)
+
+
+def feedback(g: np.ndarray, r: np.ndarray | None, seg_bounds: np.ndarray, steps: np.ndarray):
+    """What encode_blocks_feedback computes, element by element.
+
+    Returns (x, new residual, q, per-segment [sum x^2, sum |x|, non-finite count]) with
+    x = float32(g + r); the residual is float32(x - q * step), 0 where x is an exception.
+    """
+    x = (g + r).astype(np.float32) if r is not None else g.astype(np.float32)
+    new_r = np.zeros(x.size, np.float32)
+    q = np.zeros(x.size, np.int64)
+    stats = np.zeros((len(steps), 3))
+    for s in range(len(steps)):
+        step = float(steps[s])
+        inv = 1.0 / step
+        for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
+            v = float(x[i])
+            if np.isfinite(v):
+                stats[s, 0] += v * v
+                stats[s, 1] += abs(v)
+            else:
+                stats[s, 2] += 1
+            if abs(v * inv) <= QMAX:
+                q[i] = int(np.rint(v * inv))
+                new_r[i] = np.float32(v - float(q[i]) * step)
+    return x, new_r, q, stats
+
+
+def frame_sum(us_per_frame: list, extra: dict, seg_bounds, steps, divisor: float) -> np.ndarray:
+    """What reduce_blocks writes as float32: (sum of q * step + extra) / divisor."""
+    out = np.empty(len(us_per_frame[0]), np.float32)
+    for s in range(len(steps)):
+        for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
+            total = sum(q_of_u(us[i]) for us in us_per_frame)
+            out[i] = np.float32((float(total) * float(steps[s]) + extra.get(i, 0.0)) / divisor)
+    return out

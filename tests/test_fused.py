@@ -1,0 +1,119 @@
+"""The fused kernels of the DDP data path, against the pure-Python reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ggcomm import codec
+from ggcomm.codec import FrameError
+from ggcomm.kernels import reference
+
+
+def _data(seed, n, scale=1.0, specials=False):
+    rng = np.random.default_rng(seed)
+    g = (rng.laplace(size=n) * scale).astype(np.float32)
+    r = (rng.uniform(-0.5, 0.5, size=n) * 0.1 * scale).astype(np.float32)
+    if specials and n > 10:
+        g[3], g[7], g[n - 1] = np.inf, np.nan, 3e30
+    return g, r
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+@pytest.mark.parametrize("specials", [False, True])
+def test_encode_feedback_equals_encode_and_the_reference(feedback, specials):
+    g, r = _data(1, 3000, specials=specials)
+    lengths = [1000, 0, 1500, 500]
+    steps = np.array([0.3, 1.0, 0.05, 2.0])
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    x_ref, r_ref, q_ref, stats_ref = reference.feedback(g, r if feedback else None, bounds,
+                                                       steps)
+    resid = r.copy() if feedback else None
+    q = np.zeros(g.size, np.int32)
+    frame, stats = codec.encode_feedback(g, resid, steps, lengths, block_size=256, tag=9,
+                                         q_out=q)
+    plain = codec.encode(torch.from_numpy(x_ref), steps, segments=lengths, block_size=256,
+                         tag=9)
+    assert frame.tobytes() == plain.tobytes()  # the same frame, bit for bit
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_allclose(stats, stats_ref, rtol=1e-12)
+    if feedback:
+        np.testing.assert_array_equal(resid, r_ref)
+
+
+def _frames(n_ranks, n, lengths, steps, specials=False):
+    out = []
+    for rank in range(n_ranks):
+        g, _ = _data(10 + rank, n, specials=specials and rank == 1)
+        q = np.zeros(n, np.int32)
+        f, _ = codec.encode_feedback(g, None, steps, lengths, block_size=128, q_out=q)
+        out.append((f, q, g))
+    return out
+
+
+@pytest.mark.parametrize("specials", [False, True])
+def test_sum_frames_equals_the_reference_sum(specials):
+    n, lengths, steps = 2000, [700, 1300], np.array([0.2, 0.7])
+    bounds = np.array([0, 700, 2000])
+    parts = _frames(3, n, lengths, steps, specials)
+    buffer = torch.cat([f.buffer for f, _, _ in parts])
+    offs = np.concatenate([[0], np.cumsum([f.nbytes for f, _, _ in parts])])
+    own = 1  # this rank's own frame is never decoded: its integers come from the encoder
+    frames = [None if i == own else (int(offs[i]), codec.Frame.from_buffer(buffer[offs[i]:]
+                                                                           [:parts[i][0].nbytes]))
+              for i in range(3)]
+    own_f = parts[own][0]
+    own_exc = (own_f._h.exc_pos, codec._exception_values(own_f.buffer.numpy(), own_f._h)
+               .double().numpy())
+    out = np.empty(n, np.float32)
+    codec.sum_frames(buffer, frames, own=parts[own][1], own_exceptions=own_exc, divisor=3.0,
+                     out=out)
+    us = [list(reference.quantize(g, bounds, steps)[0]) for _, _, g in parts]
+    extra = {}
+    for f, _, _ in parts:
+        vals = codec._exception_values(f.buffer.numpy(), f._h).double().numpy()
+        for p, v in zip(f._h.exc_pos.tolist(), vals.tolist(), strict=True):
+            extra[p] = extra.get(p, 0.0) + v
+    expected = reference.frame_sum(us, extra, bounds, steps, 3.0)
+    np.testing.assert_array_equal(out, expected)
+    # the integer mode: the exact sums, and the exceptions handed back
+    ints = np.empty(n, np.int64)
+    xpos, xval = codec.sum_frames(buffer, frames, own=parts[own][1], own_exceptions=own_exc,
+                                  out=ints)
+    qsum = np.array([sum(reference.q_of_u(u[i]) for u in us) for i in range(n)])
+    np.testing.assert_array_equal(ints, qsum)
+    assert sorted(extra) == xpos.tolist()
+
+
+def test_encode_integers_round_trips_sums_and_exceptions():
+    n, lengths, steps = 1500, [500, 1000], np.array([0.5, 0.25])
+    rng = np.random.default_rng(3)
+    s = rng.integers(-40, 40, n).astype(np.int64)
+    s[10] = 2**31 + 5  # beyond the code's range: an exception
+    extra_pos, extra_val = np.array([20, 600]), np.array([np.inf, 1.5])
+    expected = s * np.repeat(steps, lengths)
+    expected[extra_pos] += extra_val
+    frame = codec.encode_integers(s.copy(), steps, lengths, extra_pos, extra_val,
+                                  block_size=64)
+    back = codec.decode(codec.Frame.from_buffer(frame.tobytes())).numpy()
+    np.testing.assert_array_equal(back, expected)
+
+
+def test_sum_frames_rejects_a_corrupt_or_mismatched_frame():
+    n, lengths, steps = 1000, [1000], np.array([0.2])
+    parts = _frames(2, n, lengths, steps)
+    good = parts[0][0]
+    # a frame at other steps cannot be summed with the first
+    other, _ = codec.encode_feedback(parts[1][2], None, np.array([0.3]), lengths,
+                                     block_size=128)
+    buffer = torch.cat([good.buffer, other.buffer])
+    frames = [(0, good), (good.nbytes, codec.Frame.from_buffer(buffer[good.nbytes:]))]
+    with pytest.raises(FrameError, match="frame 1: its steps differ"):
+        codec.sum_frames(buffer, frames, out=np.empty(n, np.float32))
+    # a payload zeroed after the CRC check (no valid codeword): the decoder refuses it
+    bad = good.buffer.clone()
+    bad[good._h.payload_off:good._h.payload_off + 16] = 0
+    f = codec.Frame(bad, good._h)
+    with pytest.raises(FrameError, match="frame 0, block 0"):
+        codec.sum_frames(bad, [(0, f)], out=np.empty(n, np.float32))
