@@ -673,6 +673,26 @@ def inspect(frame) -> FrameInfo:
 # frames, decodable by :func:`decode`.
 
 
+def moments(x: np.ndarray, resid: np.ndarray | None = None,
+            segments: Sequence[int] | None = None) -> np.ndarray:
+    """Per segment ``(sum of x^2, sum of |x|, non-finite count)`` over the finite values of
+    ``x (+ resid)`` (flat float32/float64 arrays), in one parallel pass: what a step rule
+    needs (:mod:`ggcomm.stepping`). Sums are float64; their order is not specified."""
+    r = resid if resid is not None else np.empty(0, x.dtype)
+    lengths = [x.size] if segments is None else [int(v) for v in segments]
+    bounds = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    if bounds[-1] != x.size:
+        raise ValueError(f"segments add up to {int(bounds[-1])}, not {x.size}")
+    starts, counts, seg = _block_layout(bounds, DEFAULT_BLOCK_SIZE)
+    stats = np.zeros((starts.size, 3), np.float64)
+    _parallel.run(lambda lo, hi: eg.block_moments(x, r, starts, counts, lo, hi, stats),
+                  _parallel.split(starts.size, _MIN_BLOCKS_PER_TASK))
+    out = np.zeros((len(lengths), 3), np.float64)
+    np.add.at(out, seg, stats)
+    return out
+
+
 def encode_feedback(
     g: np.ndarray,
     resid: np.ndarray | None,
@@ -789,7 +809,8 @@ def sum_frames(
     float64 values). Exceptional values are summed per position in that order, so every
     rank that sums the same frames gets the same bits.
 
-    ``out`` float32: receives ``(sum * step + exceptions) / divisor``; ``out`` int64:
+    ``out`` float32: receives ``sum * (step / divisor)``, and ``(sum * step + exceptions) /
+    divisor`` where exceptional values were added; ``out`` int64:
     receives the integer sum, and the summed exceptions are returned for the caller to
     carry. Returns the exceptions (sorted positions, float64 sums). Raises FrameError for a
     corrupt frame or one whose layout or steps differ from the first (naming its index).

@@ -593,14 +593,8 @@ def _moments(plan: _Plan, stats: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
 def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, timer) -> None:
     """First sight of a parameter: agree on steps from this iteration's statistics."""
     n = dist.get_world_size(group)
-    x = torch.from_numpy(g)
-    if plan.resid is not None:
-        x = x + plan.resid
-    x = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
-    local = np.zeros((len(plan.keys), 2))
-    for i, (lo, hi) in enumerate(zip(plan.seg_bounds[:-1], plan.seg_bounds[1:], strict=True)):
-        seg = x[lo:hi]
-        local[i] = float(seg.square().sum()), float(seg.abs().sum())
+    resid = plan.resid.numpy() if plan.resid is not None else None
+    local = np.ascontiguousarray(codec.moments(g, resid, plan.lengths)[:, :2])
     parts = _all_gather(torch.from_numpy(local), group, state._comm_device)
     state.stats.add(bytes_sent=_ring_allgather_bytes(local.nbytes, n),
                     bytes_received=_ring_allgather_bytes(local.nbytes, n))

@@ -332,11 +332,12 @@ class PipeComm:
     def _step(self, x: torch.Tensor, stream: str) -> float:
         if self.mode == "step":
             return self.value
-        finite = x.detach().reshape(-1).double()
-        finite = torch.nan_to_num(finite, nan=0.0, posinf=0.0, neginf=0.0)
-        n = max(finite.numel(), 1)
-        mean_sq = float(finite.square().sum()) / n
-        mean_abs = float(finite.abs().sum()) / n
+        flat = x.detach().reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        sumsq, sumabs, _ = codec.moments(flat.numpy())[0]  # one pass, finite values only
+        n = max(flat.numel(), 1)
+        mean_sq, mean_abs = sumsq / n, sumabs / n
         corr = 0.0
         if self.mode == "rate":
             corr = _stepping.correct(self.rate_corr.get(stream, 0.0),

@@ -23,6 +23,7 @@ torch outputs (same device) where the result is elementwise.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from ggcomm import codec as _codec
 from ggcomm.gg import GGFit
@@ -687,16 +688,6 @@ def summary(q: Any) -> dict[str, float | int]:
 # --------------------------------------------------------------------------- GG model rates
 
 
-def _interval_prob(fit: GGFit, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``P(a <= X < b)`` under the fit (elementwise, ``a <= b``).
-
-    Differences of the CDF are used left of ``loc`` and of the survival function right of it,
-    so tail cells keep their relative precision.
-    """
-    dist = stats.gennorm(fit.beta, loc=fit.loc, scale=fit.scale)
-    return _masses(fit.loc, a, b, dist.cdf(a), dist.cdf(b), dist.sf(a), dist.sf(b))
-
-
 def _masses(
     loc: float,
     a: np.ndarray,
@@ -706,52 +697,108 @@ def _masses(
     sf_a: np.ndarray,
     sf_b: np.ndarray,
 ) -> np.ndarray:
-    """Interval masses from CDF/SF values at the interval ends (see :func:`_interval_prob`)."""
+    """Interval masses ``P(a <= X < b)`` from CDF/SF values at the interval ends.
+
+    Differences of the CDF are used left of ``loc`` and of the survival function right of it,
+    so tail cells keep their relative precision.
+    """
     p = np.where(b <= loc, cdf_b - cdf_a, np.where(a >= loc, sf_a - sf_b, 1.0 - cdf_a - sf_b))
     return np.clip(p, 0.0, 1.0)
 
 
-def _expected_eg_lengths(fit: GGFit, step: float, ks: list[int]) -> np.ndarray:
-    """Expected EG codeword length under the quantized GG, for each order in ``ks``.
+@functools.cache
+def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """The tail-probability terms of the expected EG length of each order in ``orders``.
 
-    For order ``k``, length class ``m >= k`` holds ``u`` in ``[2^m - 2^k, 2^(m+1) - 2^k - 1]``
-    (length ``2m - k + 1``). Its ``q`` values form one contiguous positive run
-    (``u = 2q - 1``) and one non-positive run (``u = -2q``), so the class probability is two
-    GG interval masses. All orders are evaluated in one vectorized pass.
+    ``L_k(u) = k + 1 + 2 #{m > k : u >= 2^m - 2^k}``, so ``E[L_k] = k + 1 + 2 sum_m P(u >= t)``
+    with ``t = 2^m - 2^k``. Under the ``se(v)`` map ``u >= t`` exactly when
+    ``q >= floor(t/2) + 1`` or ``q <= -floor((t-1)/2) - 1``: when ``X >= right * step`` or
+    ``X < -left * step`` with ``right = floor(t/2) + 1/2`` and ``left = floor((t-1)/2) + 1/2``.
+    The terms run over ``m = k+1..63``; the one at ``m = 64`` (weight ``-(127 - k)/2``) takes
+    out the values past the longest codeword class (``u + 2^k >= 2^64``), which are not
+    counted. Returns per term: its order's position in ``orders``, weight, ``right``, ``left``.
     """
-    k_idx, lo, hi, length = [], [], [], []
-    for i, k in enumerate(ks):
-        for m in range(k, 64):
-            k_idx.append(i)
-            lo.append(float((1 << m) - (1 << k)))
-            hi.append(float((1 << (m + 1)) - (1 << k) - 1))
-            length.append(2 * m - k + 1)
-    lo_u, hi_u = np.array(lo), np.array(hi)
-    runs_lo = np.concatenate([np.maximum(np.ceil((lo_u + 1) / 2), 1.0), -np.floor(hi_u / 2)])
-    runs_hi = np.concatenate([np.floor((hi_u + 1) / 2), -np.ceil(lo_u / 2)])
-    nonempty = runs_hi >= runs_lo
-    mass = _interval_prob(fit, (runs_lo - 0.5) * step, (runs_hi + 0.5) * step)
-    mass = np.where(nonempty, mass, 0.0)
-    weights = (mass[: lo_u.size] + mass[lo_u.size :]) * np.array(length, dtype=np.float64)
-    return np.bincount(np.array(k_idx), weights=weights, minlength=len(ks))
+    col, weight, right, left = [], [], [], []
+    for i, k in enumerate(orders):
+        for m in range(k + 1, 65):
+            t = (1 << m) - (1 << k)
+            col.append(i)
+            weight.append(1.0 if m < 64 else (k - 127) / 2)
+            right.append(t // 2 + 0.5)
+            left.append((t - 1) // 2 + 0.5)
+    return np.array(col), np.array(weight), np.array(right), np.array(left)
+
+
+def _eg_order_bits(
+    fit: GGFit,
+    steps: np.ndarray,
+    orders: tuple[int, ...],
+    *,
+    tail: float = 0.0,
+    only: np.ndarray | None = None,
+    slopes: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Expected EG bits per element of each order (columns) at each step (rows) for
+    ``X ~ GG(fit)``, and with ``slopes`` their derivatives in ``log(step)``.
+
+    Sums the terms of :func:`_eg_terms`: two GG tail probabilities per codeword length (a few
+    dozen per order, for any step), ``P(Z >= y) = gammaincc(1/beta, |y|^beta) / 2`` for
+    ``y >= 0`` as in ``scipy.stats.gennorm.sf``. For a table of many steps two shortcuts are
+    available: ``tail > 0`` leaves out each tail probability known to be below ``tail`` (one
+    beyond the point where it is ``tail``; each order's result moves by less than
+    ``512 tail``), and ``only``, a boolean ``(steps, orders)`` mask, evaluates just those
+    entries (the rest are returned as inf).
+    """
+    col, weight, right, left = _eg_terms(orders)
+    steps = np.asarray(steps, dtype=np.float64)
+    beta, scale, loc = fit.beta, fit.scale, fit.loc
+    y_cut = special.gammainccinv(1.0 / beta, 2.0 * tail) ** (1.0 / beta) if tail > 0 else np.inf
+    # left <= right: a term whose nearer threshold is past the cut has nothing left
+    live = np.multiply.outer(steps, left) < y_cut * scale + abs(loc)
+    if only is not None:
+        live &= only[:, col]
+    row, term = np.nonzero(live)
+    cell = row * len(orders) + col[term]
+    bits = np.zeros(steps.size * len(orders))
+    slope = np.zeros_like(bits) if slopes else None
+    for edge, sign in ((right, -1.0), (left, 1.0)):
+        # P(X >= right * step) = P(Z >= (right * step - loc) / scale) and
+        # P(X < -left * step) = P(Z >= (left * step + loc) / scale), Z a standard GG
+        y = (steps[row] * edge[term] + sign * loc) / scale
+        keep = y < y_cut
+        y, w, at = y[keep], weight[term[keep]], cell[keep]
+        z = np.abs(y) ** beta
+        upper = 0.5 * special.gammaincc(1.0 / beta, z)
+        upper = np.where(y >= 0, upper, 1.0 - upper)
+        bits += np.bincount(at, upper * w, bits.size)
+        if slope is not None:
+            # d/dlog(step) P(Z >= y) = -pdf(y) * (y - sign * loc / scale)
+            pdf = 0.5 * beta * np.exp(-z - special.gammaln(1.0 / beta))
+            slope -= np.bincount(at, pdf * (y - sign * loc / scale) * w, bits.size)
+    shape = (steps.size, len(orders))
+    bits = np.asarray(orders, dtype=np.float64) + 1.0 + 2.0 * bits.reshape(shape)
+    if only is not None:
+        bits[~only] = np.inf
+    return bits, None if slope is None else 2.0 * slope.reshape(shape)
 
 
 def predict_eg_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, int]:
     """Expected EG bits per element for ``X ~ GG(fit)`` quantized with ``step``.
 
-    Integrates the GG density over the quantization cells ``[(q - 1/2) step, (q + 1/2) step)``
-    and sums ``P(q) L_k(u(q))``. Cells with equal codeword length form two contiguous runs of
-    ``q``, so the sum is evaluated exactly per length class (a few dozen CDF evaluations per
-    order, for any step; no truncation of the range). Returns ``(bits, k)``; ``k="auto"``
-    picks the order in ``0..MAX_AUTO_K`` with the fewest bits (smallest on ties).
+    The exact expectation of ``L_k(u(q))`` over the quantization cells
+    ``[(q - 1/2) step, (q + 1/2) step)``: ``E[L_k]`` is ``k + 1`` plus two bits for each
+    codeword length ``u`` reaches, so it is a sum of GG tail probabilities, two per length
+    (a few dozen CDF evaluations per order, for any step; no truncation of the range). Returns
+    ``(bits, k)``; ``k="auto"`` picks the order in ``0..MAX_AUTO_K`` with the fewest bits
+    (smallest on ties).
     """
     step = _check_step(step)
     if k == "auto":
-        bits = _expected_eg_lengths(fit, step, list(range(MAX_AUTO_K + 1)))
+        bits = _eg_order_bits(fit, np.array([step]), tuple(range(MAX_AUTO_K + 1)))[0][0]
         best = int(np.argmin(bits))
         return float(bits[best]), best
     k = _check_k(k)
-    return float(_expected_eg_lengths(fit, step, [k])[0]), k
+    return float(_eg_order_bits(fit, np.array([step]), (k,))[0][0, 0]), k
 
 
 def predict_entropy_bits(fit: GGFit, step: float) -> float:

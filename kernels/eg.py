@@ -367,45 +367,85 @@ def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, 
     return p
 
 
-@njit(nogil=True, cache=True)
-def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
-    """Error feedback, statistics and quantization of one block in one pass.
-
-    x = g + r (float32; r is the error-feedback residual, or empty for none). Writes the
-    u-symbols of rint(x / step) into scratch[:cnt], the new residual x - q * step into r
-    (x itself where x is an exception: non-finite or |x / step| > QMAX), q into q_out (if
-    not empty), and the block's statistics of the finite x (sum of squares, sum of
-    magnitudes, count of non-finite values) into stats[b]. Returns the exception count.
-    """
-    feedback = r.size > 0
-    keep_q = q_out.size > 0
-    gs = g[start:start + cnt]
-    rs = r[start:start + cnt] if feedback else r
-    qs = q_out[start:start + cnt] if keep_q else q_out
-    nexc = 0
-    nonfinite = 0
+# Reassociation lets LLVM vectorize the sums (each rank's sums are only ever gathered and
+# added in rank order, so their rounding need not match across machines). No other
+# fast-math flag: non-finite values must be seen as such.
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _block_stats(gs, rs, feedback):
+    """(sum of x^2, sum of |x|, non-finite count) of the finite x = g (+ r) of a block."""
     sumsq = 0.0
     sumabs = 0.0
-    for j in range(cnt):
-        xv = gs[j] + rs[j] if feedback else gs[j]
-        xd = np.float64(xv)
+    nonfinite = 0
+    for j in range(gs.size):
+        xd = np.float64(gs[j] + rs[j] if feedback else gs[j])
         fin = np.isfinite(xd)
         a = abs(xd) if fin else 0.0
         sumsq += a * a
         sumabs += a
         nonfinite += np.int64(not fin)
-        v = xd * inv
-        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
-        nexc += np.int64(not ok)
-        q = np.int32(np.rint(v if ok else 0.0))
-        scratch[j] = 2 * q - 1 if q > 0 else -2 * q
-        if feedback:
-            rs[j] = np.float32(xd - np.float64(q) * step) if ok else xv
-        if keep_q:
-            qs[j] = q
+    return sumsq, sumabs, nonfinite
+
+
+@njit(nogil=True, cache=True)
+def block_moments(x, r, starts, counts, b_lo, b_hi, stats):
+    """stats[b] := _block_stats of block b of x (+ r, if r is not empty), for [b_lo, b_hi)."""
+    feedback = r.size > 0
+    for b in range(b_lo, b_hi):
+        lo = starts[b]
+        hi = lo + counts[b]
+        sumsq, sumabs, nonfinite = _block_stats(x[lo:hi], r[lo:hi] if feedback else r,
+                                                feedback)
+        stats[b, 0] = sumsq
+        stats[b, 1] = sumabs
+        stats[b, 2] = nonfinite
+
+
+@njit(nogil=True, cache=True)
+def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
+    """Error feedback, statistics and quantization of one block.
+
+    x = g + r (float32; r is the error-feedback residual, or empty for none). Writes the
+    u-symbols of rint(x / step) into scratch[:cnt], the new residual x - q * step into r
+    (x itself where x is an exception: non-finite or |x / step| > QMAX), q into q_out (if
+    not empty), and the block's statistics of the finite x (sum of squares, sum of
+    magnitudes, count of non-finite values) into stats[b]. The block is read twice, the
+    second time from cache. Returns the exception count.
+    """
+    feedback = r.size > 0
+    gs = g[start:start + cnt]
+    rs = r[start:start + cnt] if feedback else r
+    sumsq, sumabs, nonfinite = _block_stats(gs, rs, feedback)
     stats[b, 0] = sumsq
     stats[b, 1] = sumabs
     stats[b, 2] = nonfinite
+    if feedback:
+        nexc = _quantize_residual(gs, rs, inv, step, scratch)
+    else:
+        nexc = _quantize(g, start, cnt, inv, scratch)
+    if q_out.size > 0:
+        qs = q_out[start:start + cnt]
+        for j in range(cnt):  # from the symbols: q = _q_of_u(u), branch-free
+            u = scratch[j]
+            h = (u + 1) >> 1
+            sgn = (u & 1) - 1
+            qs[j] = (h ^ sgn) - sgn
+    return nexc
+
+
+@njit(nogil=True, cache=True)
+def _quantize_residual(gs, rs, inv, step, scratch):
+    """u-symbols of x = gs + rs into scratch; rs := x - q * step (x at exceptions)."""
+    nexc = 0
+    for j in range(gs.size):  # indices from 0: no wraparound checks, so it vectorizes
+        xv = gs[j] + rs[j]
+        xd = np.float64(xv)
+        v = xd * inv
+        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+        nexc += np.int64(not ok)
+        qf = np.rint(v if ok else 0.0)
+        q = np.int32(qf)
+        scratch[j] = 2 * q - 1 if q > 0 else -2 * q
+        rs[j] = np.float32(xd - qf * step) if ok else xv
     return nexc
 
 
@@ -697,11 +737,11 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
     q, straight from the encoder. Positions exc_pos[exc_ptr[f]:exc_ptr[f + 1]] (sorted) are
     frame f's exceptions, where its code must be 0.
 
-    With out_f (float32) not empty, out_f[i] = float32((sum_i * step + extra_i) / divisor),
-    extra_i = xval[j] where xpos[j] == i (sorted positions), else 0; otherwise out_i[i] =
-    sum_i (int64). The block's integers are summed in a block-sized int64 accumulator, so
-    no full-size intermediate is ever written. Returns (error code, block, frame),
-    (0, -1, -1) if every frame is valid.
+    With out_f (float32) not empty, out_f[i] = float32(sum_i * (step / divisor)), or
+    float32((sum_i * step + xval[j]) / divisor) where xpos[j] == i (sorted positions of
+    exceptional values); otherwise out_i[i] = sum_i (int64). The block's integers are
+    summed in a block-sized int64 accumulator, so no full-size intermediate is written.
+    Returns (error code, block, frame), (0, -1, -1) if every frame is valid.
     """
     n_frames = pay_lo.size
     scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
@@ -735,9 +775,10 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
                 acc[j] += _q_of_u(np.int64(scratch[j]))
         if finalize:
             step = steps[b]
+            scale = step / divisor
             o = out_f[start:start + cnt]
             for j in range(cnt):
-                o[j] = np.float32(np.float64(acc[j]) * step / divisor)
+                o[j] = np.float32(np.float64(acc[j]) * scale)
             x_lo = np.searchsorted(xpos, start)
             for e in range(x_lo, xpos.size):
                 i = xpos[e]

@@ -201,10 +201,14 @@ def feedback(g: np.ndarray, r: np.ndarray | None, seg_bounds: np.ndarray, steps:
 
 
 def frame_sum(us_per_frame: list, extra: dict, seg_bounds, steps, divisor: float) -> np.ndarray:
-    """What reduce_blocks writes as float32: (sum of q * step + extra) / divisor."""
+    """What reduce_blocks writes as float32: sum of q * (step / divisor), or
+    (sum of q * step + extra) / divisor where an exceptional value was added."""
     out = np.empty(len(us_per_frame[0]), np.float32)
     for s in range(len(steps)):
         for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
-            total = sum(q_of_u(us[i]) for us in us_per_frame)
-            out[i] = np.float32((float(total) * float(steps[s]) + extra.get(i, 0.0)) / divisor)
+            total = float(sum(q_of_u(us[i]) for us in us_per_frame))
+            if i in extra:
+                out[i] = np.float32((total * float(steps[s]) + extra[i]) / divisor)
+            else:
+                out[i] = np.float32(total * (float(steps[s]) / divisor))
     return out

@@ -117,3 +117,17 @@ def test_sum_frames_rejects_a_corrupt_or_mismatched_frame():
     f = codec.Frame(bad, good._h)
     with pytest.raises(FrameError, match="frame 0, block 0"):
         codec.sum_frames(bad, [(0, f)], out=np.empty(n, np.float32))
+
+
+def test_moments_match_numpy_over_finite_values():
+    g, r = _data(5, 70000, specials=True)
+    got = codec.moments(g, r, [30000, 0, 40000])
+    x = (g + r).astype(np.float64)
+    for i, (lo, hi) in enumerate([(0, 30000), (30000, 30000), (30000, 70000)]):
+        seg = x[lo:hi]
+        fin = seg[np.isfinite(seg)]
+        np.testing.assert_allclose(got[i, :2], [np.square(fin).sum(), np.abs(fin).sum()],
+                                   rtol=1e-9)
+        assert got[i, 2] == (~np.isfinite(seg)).sum()
+    with pytest.raises(ValueError, match="segments add up"):
+        codec.moments(g, None, [5])

@@ -1,0 +1,234 @@
+"""Where the DDP hook's time goes: per bucket and pass, against the bare kernels and DDP.
+
+One run, on gloo ranks on this machine, of the 50M-parameter MLP workload
+(``ggcomm.workload.make_mlp_workload(4096, 3)``, batch 16 per rank, AdamW), with three
+models trained side by side in round-robin (so that every method sees the same machine
+load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm.ddp`` at
+``--rate``. It reports
+
+* the median step time of each method, and its ratio to plain DDP;
+* for ggcomm, per DDP bucket, the median wall time of each pass of the hook (its own
+  counters, ``GGCommStats.last_buckets``): copy in, encode (fused error feedback +
+  statistics + quantization + coding), ``c1`` statistics/size all-gather, ``c2`` frame
+  all-to-all, decode-and-accumulate into the bucket, ``c3`` (reduce_scatter's second phase),
+  and the rest;
+* the bare kernels on the same bucket (its gradients captured at the last step, the
+  same steps): ``ggcomm.encode`` once plus ``ggcomm.decode`` of one frame per peer, the
+  codec work an ideal hook could not avoid; and the hook's time over that.
+
+    python benchmarks/hook_profile.py [--world 2] [--steps 12] [--rate 3]
+
+Writes ``benchmarks/results/hook_profile.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ggcomm
+from ggcomm.ddp import GGCommState, gg_hook
+from ggcomm.workload import make_mlp_workload, mlp_batch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("fp32", "fp16", "gg")
+PASSES = ("copy_in", "agree_steps", "encode", "c1_info", "c2_frames", "decode", "c3_sizes",
+          "c3_reduced", "finish")
+
+
+def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(args.threads)
+    ggcomm.set_num_threads(args.codec_threads)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    models, opts = {}, {}
+    state = GGCommState(rate=args.rate, exchange=args.exchange)
+    captured: dict[int, tuple[torch.Tensor, list[int], list[str]]] = {}
+    capture = [False]
+
+    def gg_capturing(st, bucket):
+        if capture[0]:
+            captured[bucket.index()] = (bucket.buffer().clone(),
+                                        [g.numel() for g in bucket.gradients()],
+                                        [st._key(p) for p in bucket.parameters()])
+        return gg_hook(st, bucket)
+
+    for m in METHODS:
+        torch.manual_seed(0)
+        model = make_mlp_workload(args.width, args.depth)
+        ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+        if m == "fp16":
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif m == "gg":
+            state._names = {id(p): n for n, p in model.named_parameters()}
+            ddp.register_comm_hook(state, gg_capturing)
+        models[m] = ddp
+        opts[m] = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(rank)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    buckets: list[list[dict]] = []
+    for step in range(args.steps):
+        x, y = mlp_batch(args.batch, args.width, gen)
+        capture[0] = step == args.steps - 1
+        for m in METHODS:
+            ddp, opt = models[m], opts[m]
+            dist.barrier()
+            t0 = time.perf_counter()
+            _, loss = ddp(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times[m].append(time.perf_counter() - t0)
+            if m == "gg" and step >= args.skip:
+                buckets.append(list(state.stats.last_buckets))
+    result = {"times": {m: t[args.skip:] for m, t in times.items()}, "buckets": buckets,
+              "bytes_per_step": state.stats.last_step["bytes_sent"],
+              "bits_per_element": state.stats.summary()["last_step"]["bits_per_element"]}
+    if rank == 0:
+        result["bare"] = _bare_kernels(state, captured, world, args)
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _bare_kernels(state, captured, world, args) -> list[dict]:
+    """encode once + decode (world - 1) frames, per captured bucket: median of 5."""
+    rows = []
+    for index in sorted(captured):
+        buf, lengths, keys = captured[index]
+        steps = [state.steps[k] for k in keys]
+        enc, dec = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            frame = ggcomm.encode(buf, steps, segments=lengths, block_size=state.block_size)
+            t1 = time.perf_counter()
+            out = torch.empty_like(buf)
+            for _ in range(world - 1):
+                ggcomm.decode(frame, out=out)
+            t2 = time.perf_counter()
+            enc.append(t1 - t0)
+            dec.append(t2 - t1)
+        rows.append({"bucket": index, "numel": buf.numel(), "encode_s": statistics.median(enc),
+                     "decode_s": statistics.median(dec), "frame_bytes": frame.nbytes})
+    return rows
+
+
+def _table(res: dict, args: argparse.Namespace) -> str:
+    med = {m: statistics.median(t) for m, t in res["times"].items()}
+    lines = [
+        "# The DDP hook's time: per bucket and pass, against the bare kernels and plain DDP",
+        "",
+        f"Command: `python benchmarks/hook_profile.py --world {args.world} --steps {args.steps}"
+        f" --rate {args.rate} --exchange {args.exchange}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs; Python "
+        f"{platform.python_version()}, torch {torch.__version__}; gloo on localhost; "
+        f"{args.threads} torch and {args.codec_threads} codec thread(s) per rank; load "
+        f"average {res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end; "
+        f"{time.strftime('%Y-%m-%d')}.  ",
+        f"Workload: MLP width {args.width}, depth {args.depth} ({res['params'] / 1e6:.1f}M "
+        f"parameters), batch {args.batch} per rank, AdamW; DDP buckets of "
+        f"{args.bucket_cap_mb:g} MB; {args.world} ranks. The three models train in "
+        f"round-robin in one run; medians over steps {args.skip + 1}-{args.steps}.",
+        "",
+        "## Whole step",
+        "",
+        "| method | median step, ms | vs fp32 |",
+        "|---|---|---|",
+    ]
+    names = {"fp32": "plain DDP (fp32 allreduce)", "fp16": "fp16_compress_hook",
+             "gg": f"ggcomm rate {args.rate:g} ({args.exchange})"}
+    for m in METHODS:
+        lines.append(f"| {names[m]} | {med[m] * 1e3:.0f} | {med[m] / med['fp32']:.2f}x |")
+    lines += ["", f"ggcomm sent {res['bytes_per_step'] / 1e6:.2f} MB per rank per step "
+              f"({res['bits_per_element']:.2f} bits per element, everything counted).", ""]
+    # per bucket
+    per_bucket: dict[int, dict[str, list[float]]] = {}
+    numel: dict[int, int] = {}
+    for step in res["buckets"]:
+        for i, b in enumerate(step):
+            d = per_bucket.setdefault(i, {})
+            numel[i] = b["numel"]
+            for p in PASSES:
+                d.setdefault(p, []).append(b.get(p, 0.0))
+            d.setdefault("hook", []).append(sum(b.get(p, 0.0) for p in PASSES))
+    bare = {row["bucket"]: row for row in res["bare"]}  # DDP reduces buckets in index order
+    shown = [p for p in PASSES if any(statistics.median(d[p]) > 0 for d in per_bucket.values())]
+    lines += ["## Per bucket, ms (hook passes in the order they run)", "",
+              "| bucket | elements | " + " | ".join(shown)
+              + " | hook total | bare encode | bare decode | bare total | hook / bare |",
+              "|---" * (len(shown) + 7) + "|"]
+    tot_hook = tot_bare = 0.0
+    for i in sorted(per_bucket):
+        d = per_bucket[i]
+        hook = statistics.median(d["hook"])
+        b = bare.get(i)
+        bt = (b["encode_s"] + b["decode_s"]) if b else float("nan")
+        tot_hook += hook
+        tot_bare += bt
+        lines.append(
+            f"| {i} | {numel[i]:,} | "
+            + " | ".join(f"{statistics.median(d[p]) * 1e3:.1f}" for p in shown)
+            + f" | {hook * 1e3:.1f} | {b['encode_s'] * 1e3:.1f} | {b['decode_s'] * 1e3:.1f} | "
+            f"{bt * 1e3:.1f} | {hook / bt:.2f}x |")
+    lines += ["", f"All buckets: hook {tot_hook * 1e3:.0f} ms, bare kernels {tot_bare * 1e3:.0f}"
+              f" ms: **{tot_hook / tot_bare:.2f}x**.", "",
+              "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's "
+              "steps, plus `ggcomm.decode` of the frame once per peer, on rank 0 after training"
+              " (the other rank idle). The hook's passes run while the other rank computes, on "
+              "the same cores: `c1`/`c2`/`c3` include waiting for the slower rank.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip", type=int, default=3, help="first steps left out of the medians")
+    p.add_argument("--rate", type=float, default=3.0)
+    p.add_argument("--exchange", default="auto")
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--codec-threads", type=int, default=1, help="codec threads per rank")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.skip >= args.steps:
+        p.error("--skip must be below --steps")
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "rank0.json")
+        mp.start_processes(_worker, args=(args.world, store, args, out), nprocs=args.world,
+                           start_method="spawn")
+        with open(out) as f:
+            res = json.load(f)
+    res["load"] = (load0, os.getloadavg()[0])
+    res["params"] = sum(p.numel() for p in make_mlp_workload(args.width, args.depth)
+                        .parameters())
+    res["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    md = _table(res, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "hook_profile" if args.world == 2 else f"hook_profile_{args.world}ranks"
+    (args.out / f"{stem}.md").write_text(md)
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
