@@ -228,7 +228,7 @@ class GGCommState:
         self._worker: threading.Thread | None = None
         self._plans: dict[tuple[str, ...], _Plan] = {}
         self._pending: _Pending | None = None
-        self._scratch: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, Any] = {}  # reusable arrays and host staging buffers
         self._flip = 0
 
     # ------------------------------------------------------------------ settings
@@ -366,7 +366,7 @@ class _BucketJob:
         job.is_last = bucket.is_last()
         job.event = None
         job.fut = fut
-        if job.buffer.is_cuda:
+        if job.buffer.is_cuda:  # the worker's copy waits for the gradients on this event
             job.event = torch.cuda.Event()
             job.event.record()
         return job
@@ -546,34 +546,65 @@ class _Timer:
         self.t = now
 
 
+def _is_host_f32(flat: torch.Tensor) -> bool:
+    return flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous()
+
+
+def _staging(state: GGCommState, name: str, flat: torch.Tensor) -> torch.Tensor:
+    """A reusable float32 host buffer for the bucket; pinned for CUDA buckets, so that the
+    copies are DMA transfers that need not block the device."""
+    t = state._scratch.get(name)
+    n = flat.numel()
+    if t is None or t.numel() < n:
+        t = torch.empty(max(n, 1), dtype=torch.float32, pin_memory=flat.is_cuda)
+        state._scratch[name] = t
+    return t[:n]
+
+
 def _host_input(state: GGCommState, job: _BucketJob) -> np.ndarray:
-    """The bucket as a flat float32 CPU array: the bucket itself when it is one."""
-    buf = job.buffer
-    if job.event is not None:
-        job.event.synchronize()
-    flat = buf.detach().reshape(-1)
-    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+    """The bucket as a flat float32 CPU array: the bucket itself when it is one.
+
+    A CUDA bucket is copied device-to-host into pinned memory without blocking, after the
+    event recorded when the hook was called (its gradients are ready), and waited for on
+    that copy's event alone: one PCIe transfer of the bucket each way per iteration.
+    """
+    flat = job.buffer.detach().reshape(-1)
+    if _is_host_f32(flat):
         return flat.numpy()
-    host = _scratch(state, "input", flat.numel(), np.float32)
-    # CUDA: one device-to-host copy (into pageable memory the copy is synchronous; the
-    # cost is one PCIe transfer of the bucket each way, see the README)
-    torch.from_numpy(host).copy_(flat)
-    return host
+    host = _staging(state, "input", flat)
+    if flat.is_cuda:
+        with torch.cuda.device(flat.device):
+            stream = torch.cuda.current_stream()
+            stream.wait_event(job.event)
+            host.copy_(flat, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        copied.synchronize()
+    else:
+        host.copy_(flat)
+    return host.numpy()
 
 
 def _host_output(state: GGCommState, job: _BucketJob, g: np.ndarray) -> np.ndarray:
     """Where the averaged bucket is written: the bucket itself when it is float32 CPU."""
     flat = job.buffer.detach().reshape(-1)
-    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+    if _is_host_f32(flat):
         return g  # the same memory: encoding has read it before decoding writes it
-    return _scratch(state, "output", flat.numel(), np.float32)
+    return _staging(state, "output", flat).numpy()
 
 
 def _store_output(job: _BucketJob, out: np.ndarray) -> None:
+    """Copy the averaged bucket into a bucket that is not float32 host memory."""
     flat = job.buffer.detach().reshape(-1)
-    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous():
+    if _is_host_f32(flat):
         return
-    flat.copy_(torch.from_numpy(out))
+    src = torch.from_numpy(out)
+    if flat.is_cuda:  # from pinned memory; done before the future resolves
+        with torch.cuda.device(flat.device):
+            flat.copy_(src, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+    else:
+        flat.copy_(src)
 
 
 def _plan(state: GGCommState, job: _BucketJob, n: int) -> _Plan:

@@ -201,16 +201,21 @@ def _verdicts(records) -> dict:
     return {t["target"]: t["met"] for t in bench.evaluate_targets(records)}
 
 
-def test_speed_target() -> None:
+def test_speed_targets() -> None:
     base = [
         _record("mlp", "1gbit", 2, "fp32", step_s=0.300),
         _record("mlp", "1gbit", 2, "fp16", step_s=0.150),
-        _record("mlp", "1gbit", 2, "gg3-reduce_scatter", step_s=0.120),
+        _record("mlp", "1gbit", 2, "gg3-reduce_scatter", step_s=0.180),
     ]
-    fast = _record("mlp", "1gbit", 2, "gg3-allgather", step_s=0.095)
-    assert _verdicts([*base, fast])["speed"] is True  # 3.16x, and faster than fp16
-    assert _verdicts(base)["speed"] is False  # 2.5x
-    assert _verdicts([_record("mlp", "localhost", 2, "fp32")])["speed"] is None
+    fast = _record("mlp", "1gbit", 2, "gg3-allgather", step_s=0.145)
+    assert _verdicts([*base, fast])["speed_1gbit"] is True  # 2.07x, and faster than fp16
+    assert _verdicts(base)["speed_1gbit"] is False  # 1.67x, and slower than fp16
+    slow_link = [_record("mlp", "100mbit", 4, "fp32", step_s=1.0),
+                 _record("mlp", "100mbit", 4, "gg3-reduce_scatter", step_s=0.19)]
+    assert _verdicts(slow_link)["speed_100mbit"] is True  # 5.3x; fp16 is not required
+    slow_link[1]["median_step_s"] = 0.25
+    assert _verdicts(slow_link)["speed_100mbit"] is False  # 4x
+    assert _verdicts([_record("mlp", "localhost", 2, "fp32")])["speed_1gbit"] is None
 
 
 def test_bytes_at_equal_loss_target() -> None:
@@ -272,11 +277,12 @@ def test_quick_run_without_test_hosts_runs_on_localhost(tmp_path, monkeypatch, c
     assert gg["bytes_per_rank"] < fp32["bytes_per_rank"] / 4  # 3 bits/element and headers
     assert fp32["codec_share"] is None and 0 < gg["codec_share"]
     verdicts = {t["target"]: t["met"] for t in result["targets"]}
-    assert verdicts == {"speed": None, "bytes_at_equal_loss": None, "reduce_scatter_growth": None}
+    assert verdicts == {"speed_1gbit": None, "speed_100mbit": None, "bytes_at_equal_loss": None,
+                        "reduce_scatter_growth": None}
 
     md = (tmp_path / "ddp_bench-quick.md").read_text()
     assert md == out
-    assert "no root in this test" in md and md.count("not measured") == 3
+    assert "no root in this test" in md and md.count("not measured") == 4
     for method in ("fp32", "gg3-allgather"):
         assert md.count(f"| {method} |") == (3 if method.startswith("gg") else 2)
     for name in ("ddp_bench-step_time-quick.png", "ddp_bench-loss_vs_bytes-quick.png"):
