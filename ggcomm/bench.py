@@ -105,10 +105,6 @@ GPT_BATCH = 8
 # takes over twice its compute on one core, narrow enough that one fp32 step at 100 Mbit/s
 # takes ~1 s rather than 16 s at the workload's own default width of 4096.
 MLP_WIDTH = 1024
-# GG shapes the step model is solved for before the first run (see prefill_step_model): from,
-# to, and how many log-spaced points; the model tabulates 60 shapes from 0.1 to 4, and four
-# points per table entry make sure every entry is met.
-STEP_MODEL_BETAS = (0.1, 4.0, 240)
 # Fixed validation batches behind the final loss: more average out more batch noise, each
 # costs one forward pass of the model.
 EVAL_BATCHES = 4
@@ -532,9 +528,7 @@ def run_group(
         "threads": args.threads,
         "init_method": "env://" if hosts else f"file://{workdir / 'store'}",
         "runs": [{"method": m.name, "argv": argv} for m, argv, _ in runs],
-        "step_model_rates": []
-        if args.quick
-        else sorted({m.rate for m, _, _ in runs if m.rate is not None}),
+        "step_model": any(m.rate is not None for m, _, _ in runs),
     }
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -604,7 +598,7 @@ def _worker(spec_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from . import set_num_threads
+    from . import set_num_threads, stepping
 
     spec = json.loads(Path(spec_path).read_text())
     train_ddp = _load_script(TRAIN_DDP, "train_ddp")
@@ -623,38 +617,16 @@ def _worker(spec_path: str) -> int:
             world_size=int(os.environ["WORLD_SIZE"]),
         )
     try:
-        if spec["step_model_rates"]:
+        if spec["step_model"]:
+            # rate mode's step table, built here rather than inside a run's first steps
             t0 = time.perf_counter()
-            prefill_step_model(spec["step_model_rates"])
-            print(f"step model solved in {time.perf_counter() - t0:.1f} s", flush=True)
+            stepping.prepare()
+            print(f"step model built in {time.perf_counter() - t0:.2f} s", flush=True)
         for run in spec["runs"]:
             train_ddp.train(train_ddp.parse_args(run["argv"]))
     finally:
         dist.destroy_process_group()
     return 0
-
-
-def prefill_step_model(rates: Sequence[float]) -> None:
-    """Solve ggcomm's rate-mode step model for every GG shape at each of ``rates``.
-
-    :func:`ggcomm.stepping.model_step` solves each (shape, rate) pair the first time a gradient
-    of that shape asks for it (tens of ms on a CPU core) and caches it for the process. A long
-    training run has met every shape its gradients take within its first few dozen steps; a
-    benchmark run of a few dozen steps would time those solves inside its steady-state steps,
-    and the first ggcomm run of each rate in a launch would pay for the runs after it. Calling
-    the model once for shapes :data:`STEP_MODEL_BETAS` apart over the range it tabulates solves
-    them all up front (about 60 solves per rate, per rank).
-    """
-    from scipy.special import gammaln
-
-    from .stepping import model_step
-
-    lo, hi, points = STEP_MODEL_BETAS
-    for beta in (lo * (hi / lo) ** (i / (points - 1)) for i in range(points)):
-        # moment ratio E[x^2] / E[|x|]^2 of a GG of shape beta (PAPER-NOTES section 1)
-        ratio = math.exp(gammaln(1 / beta) + gammaln(3 / beta) - 2 * gammaln(2 / beta))
-        for rate in rates:
-            model_step(ratio, 1.0, rate)
 
 
 # ---------------------------------------------------------------------------------------------

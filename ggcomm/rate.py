@@ -716,7 +716,8 @@ def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
     ``X < -left * step`` with ``right = floor(t/2) + 1/2`` and ``left = floor((t-1)/2) + 1/2``.
     The terms run over ``m = k+1..63``; the one at ``m = 64`` (weight ``-(127 - k)/2``) takes
     out the values past the longest codeword class (``u + 2^k >= 2^64``), which are not
-    counted. Returns per term: its order's position in ``orders``, weight, ``right``, ``left``.
+    counted. Returns per term (grouped by order, in the order of ``orders``): its order's
+    position in ``orders``, weight, ``right`` and ``left``; and per order its first term.
     """
     col, weight, right, left = [], [], [], []
     for i, k in enumerate(orders):
@@ -726,7 +727,8 @@ def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
             weight.append(1.0 if m < 64 else (k - 127) / 2)
             right.append(t // 2 + 0.5)
             left.append((t - 1) // 2 + 0.5)
-    return np.array(col), np.array(weight), np.array(right), np.array(left)
+    first = np.cumsum([0] + [64 - k for k in orders[:-1]])
+    return np.array(col), np.array(weight), np.array(right), np.array(left), first
 
 
 def _eg_order_bits(
@@ -749,15 +751,20 @@ def _eg_order_bits(
     ``512 tail``), and ``only``, a boolean ``(steps, orders)`` mask, evaluates just those
     entries (the rest are returned as inf).
     """
-    col, weight, right, left = _eg_terms(orders)
+    col, weight, right, left, first = _eg_terms(orders)
     steps = np.asarray(steps, dtype=np.float64)
     beta, scale, loc = fit.beta, fit.scale, fit.loc
     y_cut = special.gammainccinv(1.0 / beta, 2.0 * tail) ** (1.0 / beta) if tail > 0 else np.inf
+    # every term of every (step, order) wanted
+    wanted = np.ones((steps.size, len(orders)), dtype=bool) if only is None else only
+    row, order = np.nonzero(wanted)
+    count = 64 - np.asarray(orders)[order]
+    start = np.cumsum(count) - count
+    row = np.repeat(row, count)
+    term = np.arange(row.size) + np.repeat(first[order] - start, count)
     # left <= right: a term whose nearer threshold is past the cut has nothing left
-    live = np.multiply.outer(steps, left) < y_cut * scale + abs(loc)
-    if only is not None:
-        live &= only[:, col]
-    row, term = np.nonzero(live)
+    live = steps[row] * left[term] < y_cut * scale + abs(loc)
+    row, term = row[live], term[live]
     cell = row * len(orders) + col[term]
     bits = np.zeros(steps.size * len(orders))
     slope = np.zeros_like(bits) if slopes else None
@@ -767,7 +774,8 @@ def _eg_order_bits(
         y = (steps[row] * edge[term] + sign * loc) / scale
         keep = y < y_cut
         y, w, at = y[keep], weight[term[keep]], cell[keep]
-        z = np.abs(y) ** beta
+        with np.errstate(over="ignore"):  # far past the scale: P = 0, as in scipy
+            z = np.abs(y) ** beta
         upper = 0.5 * special.gammaincc(1.0 / beta, z)
         upper = np.where(y >= 0, upper, 1.0 - upper)
         bits += np.bincount(at, upper * w, bits.size)

@@ -14,6 +14,7 @@ the same thing everywhere:
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -55,17 +56,19 @@ def parse_mode(
     return mode, float(value)
 
 
-# Predicted EG bits are tabulated per shape (for a unit-variance GG) and inverted by
-# interpolation; ggcomm.rate.step_for_rate solves the same equation, to the table's
-# accuracy, but at 40-150 ms a solve.
-# Orders tabulated: order k costs at least k + 1 bits, so none past 16 is the best below 17.
+# The step for a target rate: predicted EG bits (ggcomm.rate.predict_eg_bits, best order) of
+# a unit-variance GG of each shape, tabulated once per process and inverted by interpolation;
+# ggcomm.rate.step_for_rate solves the same equation, at 40-150 ms a solve.
+# Orders tabulated: order k costs at least k + 1 bits, so none past 16 is best below 17 bits.
 _ORDERS = tuple(range(17))
-# The table spans from the step whose bits are 1 + ~1e-5 (P(|X| > step / 2) = _FLOOR_TAIL) to
-# one whose bits exceed 17 (the entropy bound, _TOP_BITS); past it the high-rate law holds.
-_FLOOR_TAIL = 1e-6
+# The table runs from the step with P(|X| > step / 2) = _FLOOR_TAIL (1 + ~4e-8 bits) to the one
+# where the entropy bound alone exceeds _TOP_BITS (17.7 bits or more in fact); past it, the
+# high-rate law: each extra bit halves the step.
+_FLOOR_TAIL = 1e-8
 _TOP_BITS = 17.5
-# Grid spacing in log(step) + (step / 2 scale)^beta: 0.2 in log(step) at high rates, finer
-# where the bits near 1 follow the tail P(|X| > step / 2) = exp(-(step / 2 scale)^beta) ...
+# Table points lie _SPACING apart in log(step) + (step / (2 scale))^beta: 0.2 in log(step) at
+# high rates, closer where the bits near 1 fall with the tail P(|X| > step / 2), whose log
+# falls like (step / (2 scale))^beta.
 _SPACING = 0.2
 # Tail probabilities below _TAIL are left out of the sums (moves the bits by < 1e-7).
 _TAIL = 1e-10
@@ -74,14 +77,14 @@ _LN2 = math.log(2.0)
 
 @dataclass(frozen=True)
 class _Curve:
-    """One shape's table: the best predicted bits ``bits`` at descending ``log_step``, and
-    for each cell between neighbours the two orders best at its ends (``cell_bits`` and
-    ``cell_slopes``: ``(cells, 2 orders, 2 ends)`` bits and d bits / d log step)."""
+    """One shape's table: the predicted bits ``bits`` (increasing) at ``log_step``
+    (decreasing), and per cell between neighbouring points, for the order best at each of
+    its ends, ``(bits, bits at the next point, d bits / d log step, the same at the next)``.
+    """
 
-    log_step: np.ndarray
-    bits: np.ndarray
-    cell_bits: np.ndarray
-    cell_slopes: np.ndarray
+    log_step: list[float]
+    bits: list[float]
+    cells: list[list[list[float]]]
 
 
 def _shape_curve(beta: float) -> _Curve:
@@ -91,39 +94,36 @@ def _shape_curve(beta: float) -> _Curve:
 
     scale = scale_for_std(1.0, beta)
     fit = GGFit(loc=0.0, scale=scale, beta=beta, n=1)
-    h_bits = (1 / beta - math.log(beta / 2) + gammaln(1 / beta) + math.log(scale)) / _LN2
-    top = (h_bits - _TOP_BITS) * _LN2
+    entropy_bits = (1 / beta - math.log(beta / 2) + gammaln(1 / beta) + math.log(scale)) / _LN2
+    top = (entropy_bits - _TOP_BITS) * _LN2
     floor = math.log(2.0 * scale * gammainccinv(1 / beta, _FLOOR_TAIL) ** (1 / beta))
     fine = np.linspace(floor, top, 4096)
     warped = fine + (np.exp(fine) / (2.0 * scale)) ** beta
     grid = np.arange(warped[0], warped[-1], -_SPACING)
     log_step = np.append(np.interp(grid, warped[::-1], fine[::-1]), top)
-    # The best order is 1 or 2 above log2(median |X| / step) on the whole table; evaluate
-    # a window of orders around it, and every order in the rows where its edge wins.
-    median = scale * gammainccinv(1 / beta, 0.5) ** (1 / beta)
-    guess = np.maximum(np.floor(np.log2(median) - log_step / _LN2), 0.0)
-    k = np.arange(len(_ORDERS))
-    only = (k >= guess[:, None] - 1) & (k <= guess[:, None] + 4)
     steps = np.exp(log_step)
+    # The best order is 1 or 2 above log2(median |X| / step) all over the table: evaluate 4
+    # orders from that guess. The bits are unimodal in the order, so a best order with both
+    # neighbours evaluated is the best of all; rows where one is missing get every order.
+    median = scale * gammainccinv(1 / beta, 0.5) ** (1 / beta)
+    guess = np.maximum(np.floor(np.log2(median / steps)), 0.0)[:, None]
+    k = np.arange(len(_ORDERS))
+    only = (k >= guess) & (k <= guess + 3)
     bits, slopes = _rate._eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True)
     best = np.argmin(bits, axis=1)
-    edge = ((best > 0) & ~only[np.arange(best.size), best - 1]) | (
-        (best < k[-1]) & ~only[np.arange(best.size), np.minimum(best + 1, k[-1])]
-    )
-    if edge.any():
-        bits[edge], slopes[edge] = _rate._eg_order_bits(
-            fit, steps[edge], _ORDERS, tail=_TAIL, slopes=True
+    rows = np.arange(best.size)
+    redo = ~(only[rows, np.maximum(best - 1, 0)] & only[rows, np.minimum(best + 1, k[-1])])
+    if redo.any():
+        bits[redo], slopes[redo] = _rate._eg_order_bits(
+            fit, steps[redo], _ORDERS, tail=_TAIL, slopes=True
         )
         best = np.argmin(bits, axis=1)
-    rows = np.arange(best.size - 1)
-    pair = np.stack([best[:-1], best[1:]], axis=1)  # (cells, 2)
-    ends = np.stack([rows, rows + 1], axis=1)[:, None, :]  # (cells, 1, 2)
-    return _Curve(
-        log_step=log_step,
-        bits=bits[np.arange(best.size), best],
-        cell_bits=bits[ends, pair[:, :, None]],
-        cell_slopes=slopes[ends, pair[:, :, None]],
-    )
+    ends = np.stack([rows[:-1], rows[1:]], axis=1)[:, None, :]  # (cells, 1, 2 ends)
+    pair = np.stack([best[:-1], best[1:]], axis=1)[:, :, None]  # (cells, 2 orders, 1)
+    cells = np.concatenate([bits[ends, pair], slopes[ends, pair]], axis=2)
+    if not np.isfinite(cells).all():
+        raise RuntimeError(f"step table, shape {beta:g}: a best order was left out")
+    return _Curve(log_step.tolist(), bits[rows, best].tolist(), cells.tolist())
 
 
 @functools.cache
@@ -141,22 +141,22 @@ def _unit_log_step(curve: _Curve, target_bits: float) -> float:
     """log(step) at which a unit-variance GG of the curve's shape takes ``target_bits``."""
     log_step, bits = curve.log_step, curve.bits
     if target_bits >= bits[-1]:  # past the table: each extra bit halves the step
-        return float(log_step[-1] - (target_bits - bits[-1]) * _LN2)
-    if target_bits <= bits[0]:  # within ~1e-5 of 1 bit: log(bits - 1) linear in log(step)
-        rate = curve.cell_slopes[0, 0, 0] / (bits[0] - 1.0)
-        return float(log_step[0] + math.log((target_bits - 1.0) / (bits[0] - 1.0)) / rate)
-    i = int(np.searchsorted(bits, target_bits)) - 1  # bits[i] < target <= bits[i + 1]
-    x0, x1 = float(log_step[i]), float(log_step[i + 1])
+        return log_step[-1] - (target_bits - bits[-1]) * _LN2
+    if target_bits <= bits[0]:  # under 1 + 4e-8 bits: log(bits - 1) linear in log(step)
+        rate = curve.cells[0][0][2] / (bits[0] - 1.0)
+        return log_step[0] + math.log((target_bits - 1.0) / (bits[0] - 1.0)) / rate
+    i = bisect.bisect_left(bits, target_bits) - 1  # bits[i] < target_bits <= bits[i + 1]
+    x0, x1 = log_step[i], log_step[i + 1]
+    # The step is the smallest of the orders' own steps for the target, so the least over
+    # the orders best at the cell's ends whose bits cross the target in the cell.
     found = x0
-    cells = zip(curve.cell_bits[i].tolist(), curve.cell_slopes[i].tolist(), strict=True)
-    for (b0, b1), (d0, d1) in cells:
+    for b0, b1, d0, d1 in curve.cells[i]:
         if not b0 < target_bits <= b1:
-            continue  # this order reaches the target outside the cell
-        # cubic Hermite interpolation of log(step) against the order's bits
+            continue
         h = b1 - b0
         t = (target_bits - b0) / h
         x = x0 + t * (x1 - x0)
-        if d0 < 0 and d1 < 0:
+        if d0 < 0 and d1 < 0:  # cubic Hermite in the bits, with slopes d log step / d bits
             cubic = ((2 * t - 3) * t * t + 1) * x0 + (3 - 2 * t) * t * t * x1
             cubic += t * (t - 1) * ((t - 1) * h / d0 + t * h / d1)
             x = cubic if x1 <= cubic <= x0 else x
@@ -186,8 +186,9 @@ def model_step(mean_sq: float, mean_abs: float, target_bits: float) -> float:
 
     The shape comes from the moment ratio (nearest of 60 tabulated shapes), the scale from
     the RMS. The step is read off the shape's table of predicted bits (built once per process,
-    see :func:`prepare`): within 0.1% of :func:`ggcomm.rate.step_for_rate`'s for the unit-
-    variance GG of that shape, for any target above 1 bit, in microseconds.
+    see :func:`prepare`) in microseconds, within 0.1% of :func:`ggcomm.rate.step_for_rate`'s
+    for the unit-variance GG of that shape from 1 + 1e-7 to 17 bits; above the table each
+    extra bit halves the step (the high-rate law, about 3% off the solver at 20 bits).
 
     Raises:
         ValueError: if ``target_bits`` is not above 1 (an EG code's minimum).

@@ -123,28 +123,18 @@ def test_ranks_that_exit_without_results_are_an_error(tmp_path, monkeypatch) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Step model solved before the first run
+# Step model built before the first run
 
 
-def test_prefill_solves_every_shape_a_gradient_can_take(monkeypatch) -> None:
-    import numpy as np
-    from scipy.special import gammaln
-
-    from ggcomm import rate, stepping
-
-    # Count the solves instead of running them (their values are not under test); the rate is
-    # one no other test asks for, since the model caches per process.
-    solves = []
-    monkeypatch.setattr(rate, "step_for_rate", lambda fit, bits, k="auto": solves.append(bits) or 1)
-    target = 2.6875
-    bench.prefill_step_model([target])
-    assert solves and set(solves) == {target}
-    solves.clear()
-    rng = np.random.default_rng(0)
-    for beta in [0.02, 0.1, 4.0, 9.0, *rng.uniform(0.1, 4.0, 200)]:
-        ratio = np.exp(gammaln(1 / beta) + gammaln(3 / beta) - 2 * gammaln(2 / beta))
-        stepping.model_step(float(ratio) * 7.0, 7.0**0.5 * 1.0, target)  # any scale
-    assert solves == []
+@pytest.mark.parametrize(("method", "wanted"), [("gg2-reduce_scatter", True), ("fp32", False)])
+def test_ranks_build_the_step_model_when_a_run_asks_for_a_rate(
+    tmp_path, monkeypatch, method, wanted
+) -> None:
+    monkeypatch.setattr(bench, "worker_command", lambda spec: [sys.executable, "-c", "pass"])
+    runs = [(bench.METHODS[method], [], tmp_path / f"{method}.json")]
+    with pytest.raises(bench.BenchError, match="without results"):
+        bench.run_group(bench.Group("mlp", "localhost", 2), runs, _launch_args(), tmp_path)
+    assert json.loads((tmp_path / "spec.json").read_text())["step_model"] is wanted
 
 
 # ---------------------------------------------------------------------------------------------
