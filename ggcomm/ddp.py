@@ -29,7 +29,6 @@ to torch.distributed (see :class:`GGCommStats` for the convention).
 # against dist.GradBucket at registration, and a postponed (string) annotation fails it.
 import functools
 import json
-import math
 import queue
 import threading
 import time
@@ -184,7 +183,8 @@ class GGCommState:
         tb_writer: Any = None,
         overlap: bool = True,
     ):
-        self.mode, self.value = _stepping.parse_mode(rate, step, rel_step)
+        self.control = _stepping.StepControl(rate, step, rel_step, rate_gain=rate_gain,
+                                             warmup_iters=warmup_iters, warmup_rate=warmup_rate)
         if exchange not in ("auto", "allgather", "reduce_scatter"):
             raise ValueError(f"exchange must be auto, allgather or reduce_scatter, "
                              f"not {exchange!r}")
@@ -196,15 +196,6 @@ class GGCommState:
         self.block_size = int(block_size)
         self.k = k
         codec.encode(torch.zeros(1), 1.0, k=k, block_size=self.block_size)  # validate
-        self.rate_gain = float(rate_gain)
-        if not (isinstance(warmup_iters, int) and warmup_iters >= 0):
-            raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
-        if warmup_iters and self.mode != "rate":
-            raise ValueError("warmup_iters needs rate mode (a target rate to warm up to)")
-        if warmup_iters and not (math.isfinite(warmup_rate) and warmup_rate > self.value):
-            raise ValueError(f"warmup_rate ({warmup_rate!r}) must be above rate ({self.value})")
-        self.warmup_iters = warmup_iters
-        self.warmup_rate = float(warmup_rate) if warmup_iters else None
         self.log_path = log_path
         self.tb_writer = tb_writer
         self.overlap = bool(overlap)
@@ -213,7 +204,6 @@ class GGCommState:
         self.iteration = 0
         self.stats = GGCommStats()
         self.residuals: dict[str, torch.Tensor] = {}
-        self.rate_corr: dict[str, float] = {}  # log2 step corrections (rate mode)
         self.last_bits: dict[str, float] = {}  # bits per element coded last iteration
         self.steps: dict[str, float] = {}  # the step each parameter is coded at next
         self._names: dict[int, str] = {}
@@ -235,19 +225,26 @@ class GGCommState:
 
     def settings(self) -> dict[str, Any]:
         """The settings every rank must share (their hash travels in every frame)."""
-        return {"ggcomm": __version__, "format": codec.VERSION, "mode": self.mode,
-                "value": self.value, "exchange": self.exchange,
-                "error_feedback": self.error_feedback, "start_iter": self.start_iter,
-                "block_size": self.block_size, "k": self.k, "rate_gain": self.rate_gain,
-                "warmup_iters": self.warmup_iters, "warmup_rate": self.warmup_rate}
+        return {"ggcomm": __version__, "format": codec.VERSION, **self.control.settings(),
+                "exchange": self.exchange, "error_feedback": self.error_feedback,
+                "start_iter": self.start_iter, "block_size": self.block_size, "k": self.k}
 
     def target_rate(self, iteration: int | None = None) -> float:
         """The rate-mode target (bits per element) at ``iteration`` (default: this one)."""
         it = self.iteration if iteration is None else iteration
-        done = max(it - self.start_iter, 0)
-        if self.mode != "rate" or done >= self.warmup_iters:
-            return self.value
-        return self.warmup_rate + (self.value - self.warmup_rate) * done / self.warmup_iters
+        return self.control.target(max(it - self.start_iter, 0))
+
+    # the step rule's settings, as attributes
+    mode = property(lambda self: self.control.mode)
+    value = property(lambda self: self.control.value)
+    rate_gain = property(lambda self: self.control.rate_gain)
+    warmup_iters = property(lambda self: self.control.warmup_iters)
+    warmup_rate = property(lambda self: self.control.warmup_rate)
+
+    @property
+    def rate_corr(self) -> dict[str, float]:
+        """Per parameter: the rate loop's log2 step correction."""
+        return self.control.corr
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -297,7 +294,7 @@ class GGCommState:
                                         f"this state has {mine}")
         self.iteration = int(sd["iteration"])
         self.residuals = {k: v.clone() for k, v in sd["residuals"].items()}
-        self.rate_corr = dict(sd["rate_corr"])
+        self.control.corr = dict(sd["rate_corr"])
         self.last_bits = dict(sd["last_bits"])
         # version 1 kept no steps: the first iteration after loading one agrees on them anew
         self.steps = dict(sd.get("steps", {}))
@@ -623,6 +620,10 @@ def _moments(plan: _Plan, stats: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
 
 def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, timer) -> None:
     """First sight of a parameter: agree on steps from this iteration's statistics."""
+    if state.mode == "step":  # one fixed step: nothing to agree on
+        for key in plan.keys:
+            state.steps[key] = state.value
+        return
     n = dist.get_world_size(group)
     resid = plan.resid.numpy() if plan.resid is not None else None
     local = np.ascontiguousarray(codec.moments(g, resid, plan.lengths)[:, :2])
@@ -635,9 +636,8 @@ def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, time
     mean_sq, mean_abs = _moments(plan, total, n)
     target = state.target_rate()
     for i, key in enumerate(plan.keys):
-        corr = state.rate_corr.get(key, 0.0)
-        state.steps[key] = _stepping.step_for(state.mode, state.value, float(mean_sq[i]),
-                                              float(mean_abs[i]), corr - (target - state.value))
+        step = state.control.step(key, float(mean_sq[i]), float(mean_abs[i]), target=target)
+        state.steps[key] = 1.0 if step is None else step  # zeros: any step codes them
     timer.lap("agree_steps")
 
 
@@ -657,17 +657,11 @@ def _next_steps(state: GGCommState, plan: _Plan, infos: np.ndarray, n: int) -> N
         length = max(plan.lengths[i], 1)
         measured = float(total[i, 3]) / (n * length)
         state.last_bits[key] = measured
-        ms = float(mean_sq[i])
-        if not (ms > 0 and math.isfinite(ms)):
-            continue
-        corr = state.rate_corr.get(key, 0.0)
-        if state.mode == "rate":
-            corr = state.rate_corr[key] = _stepping.correct(corr, measured, target,
-                                                            state.rate_gain)
-        # Above the target, each extra bit halves the step (the high-rate law; the feedback
-        # loop trims what it misses), so a warm-up needs no new solve of the GG model.
-        state.steps[key] = _stepping.step_for(state.mode, state.value, ms, float(mean_abs[i]),
-                                              corr - (next_target - state.value))
+        step = state.control.step(key, float(mean_sq[i]), float(mean_abs[i]),
+                                  measured_bits=measured, measured_target=target,
+                                  target=next_target)
+        if step is not None:  # else all zeros: they coded exactly, the step stays
+            state.steps[key] = step
 
 
 def _check_tag(frame: codec.Frame, state: GGCommState, src: int) -> None:

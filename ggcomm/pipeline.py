@@ -272,15 +272,14 @@ class PipeComm:
         rate_gain: float = 0.5,
     ):
         self.group = group
-        self.mode, self.value = _stepping.parse_mode(rate, step, rel_step, default_rate=4.0)
+        self.control = _stepping.StepControl(rate, step, rel_step, default_rate=4.0,
+                                             rate_gain=rate_gain)
         codec.encode(torch.zeros(1), 1.0, k=k, block_size=block_size)  # validates both
         self.k, self.block_size = k, int(block_size)
         if not (isinstance(min_numel, int) and min_numel >= 0):
             raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
         self.min_numel = min_numel
-        self.rate_gain = float(rate_gain)
         self.stats = PipeStats()
-        self.rate_corr: dict[str, float] = {}  # per stream: log2 step correction
         self.last_bits: dict[str, float] = {}  # per stream: payload bits per element
         self._pending: dict[int, collections.deque[RecvHandle]] = collections.defaultdict(
             collections.deque)
@@ -306,7 +305,7 @@ class PipeComm:
         if (sd["mode"], sd["value"]) != (self.mode, self.value):
             raise ValueError(f"state was saved with {sd['mode']}={sd['value']}, this PipeComm "
                              f"uses {self.mode}={self.value}")
-        self.rate_corr = dict(sd["rate_corr"])
+        self.control.corr = dict(sd["rate_corr"])
         self.last_bits = dict(sd["last_bits"])
 
     # ------------------------------------------------------------------ helpers
@@ -329,6 +328,16 @@ class PipeComm:
     def _stream(self, peer: int, tag: int, direction: str) -> str:
         return f"{direction}:{peer}:{tag}"
 
+    # the step rule's settings, as attributes
+    mode = property(lambda self: self.control.mode)
+    value = property(lambda self: self.control.value)
+    rate_gain = property(lambda self: self.control.rate_gain)
+
+    @property
+    def rate_corr(self) -> dict[str, float]:
+        """Per stream (peer, tag, direction): the rate loop's log2 step correction."""
+        return self.control.corr
+
     def _step(self, x: torch.Tensor, stream: str) -> float:
         if self.mode == "step":
             return self.value
@@ -337,14 +346,9 @@ class PipeComm:
             flat = flat.float()
         sumsq, sumabs, _ = codec.moments(flat.numpy())[0]  # one pass, finite values only
         n = max(flat.numel(), 1)
-        mean_sq, mean_abs = sumsq / n, sumabs / n
-        corr = 0.0
-        if self.mode == "rate":
-            corr = _stepping.correct(self.rate_corr.get(stream, 0.0),
-                                     self.last_bits.get(stream, float("nan")),
-                                     self.value, self.rate_gain)
-            self.rate_corr[stream] = corr
-        return _stepping.step_for(self.mode, self.value, mean_sq, mean_abs, corr)
+        step = self.control.step(stream, sumsq / n, sumabs / n,
+                                 measured_bits=self.last_bits.get(stream, float("nan")))
+        return 1.0 if step is None else step  # zeros: any step codes them exactly
 
     def _encode(self, tensor: torch.Tensor, stream: str) -> tuple[torch.Tensor, bool, float]:
         """(payload on the host, compressed?, encode seconds)."""

@@ -23,7 +23,8 @@ import numpy as np
 
 from . import rate as _rate
 
-__all__ = ["DEFAULT_RATE", "correct", "model_step", "parse_mode", "prepare", "step_for"]
+__all__ = ["DEFAULT_RATE", "StepControl", "correct", "model_step", "parse_mode", "prepare",
+           "step_for"]
 
 DEFAULT_RATE = 3.0
 # log2 step corrections are clamped to +-CORR_LIMIT: a stream whose statistics change
@@ -224,3 +225,70 @@ def step_for(mode: str, value: float, mean_sq: float, mean_abs: float,
     else:
         raise ValueError(f"unknown step mode {mode!r}")
     return min(max(s, 1e-30), 1e30)
+
+
+class StepControl:
+    """How a transport picks its quantization steps: one object for the DDP hook and
+    :class:`ggcomm.pipeline.PipeComm`.
+
+    Holds the mode (``rate`` / ``step`` / ``rel_step``, see :func:`parse_mode`), the rate
+    feedback loop (a log2 step correction per stream, ``rate_gain`` log2 units per bit of
+    error) and the optional rate warm-up (``warmup_iters`` iterations falling linearly from
+    ``warmup_rate`` to ``rate``). Building one in rate mode builds the step model's table
+    (:func:`prepare`), so no step costs a solve on the training path.
+    """
+
+    def __init__(self, rate: float | None = None, step: float | None = None,
+                 rel_step: float | None = None, *, default_rate: float = DEFAULT_RATE,
+                 rate_gain: float = 0.5, warmup_iters: int = 0, warmup_rate: float = 8.0):
+        self.mode, self.value = parse_mode(rate, step, rel_step, default_rate)
+        if isinstance(rate_gain, bool) or not (isinstance(rate_gain, (int, float))
+                                               and math.isfinite(rate_gain) and rate_gain >= 0):
+            raise ValueError(f"rate_gain must be a non-negative number, got {rate_gain!r}")
+        self.rate_gain = float(rate_gain)
+        if not (isinstance(warmup_iters, int) and warmup_iters >= 0):
+            raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+        if warmup_iters and self.mode != "rate":
+            raise ValueError("warmup_iters needs rate mode (a target rate to warm up to)")
+        if warmup_iters and not (math.isfinite(warmup_rate) and warmup_rate > self.value):
+            raise ValueError(f"warmup_rate ({warmup_rate!r}) must be above rate ({self.value})")
+        self.warmup_iters = warmup_iters
+        self.warmup_rate = float(warmup_rate) if warmup_iters else None
+        self.corr: dict[str, float] = {}  # per stream: log2 step correction (rate mode)
+        if self.mode == "rate":
+            prepare()
+
+    def settings(self) -> dict[str, object]:
+        """What every rank (or both ends of a link) must agree on."""
+        return {"mode": self.mode, "value": self.value, "rate_gain": self.rate_gain,
+                "warmup_iters": self.warmup_iters, "warmup_rate": self.warmup_rate}
+
+    def target(self, done: int = 0) -> float:
+        """The rate target after ``done`` compressed iterations (the warm-up's schedule)."""
+        if self.mode != "rate" or done >= self.warmup_iters:
+            return self.value
+        return self.warmup_rate + (self.value - self.warmup_rate) * done / self.warmup_iters
+
+    def step(self, stream: str, mean_sq: float, mean_abs: float, *,
+             measured_bits: float = math.nan, measured_target: float | None = None,
+             target: float | None = None) -> float | None:
+        """The step for ``stream``'s next tensor, with moments ``E[x^2]``, ``E[|x|]`` of
+        its finite values; ``None`` when they carry no scale (all zero or non-finite: any
+        step codes zeros exactly, so a caller keeps its previous step or takes 1).
+
+        In rate mode ``measured_bits`` (payload bits per element the stream's last tensor
+        took, coded aiming at ``measured_target``) first moves the stream's correction, and
+        the step aims at ``target`` (both default to the rate): above the rate each extra
+        bit halves the step (the high-rate law; the loop trims what it misses), so a warm-up
+        needs no other model.
+        """
+        if self.mode == "step":
+            return self.value
+        if not (mean_sq > 0 and math.isfinite(mean_sq)):
+            return None
+        corr = self.corr.get(stream, 0.0)
+        if self.mode == "rate":
+            aimed = self.value if measured_target is None else measured_target
+            corr = self.corr[stream] = correct(corr, measured_bits, aimed, self.rate_gain)
+        extra = 0.0 if target is None else target - self.value
+        return step_for(self.mode, self.value, mean_sq, mean_abs, corr - extra)
