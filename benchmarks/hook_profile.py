@@ -165,27 +165,39 @@ def _table(res: dict, args: argparse.Namespace) -> str:
             for p in PASSES:
                 d.setdefault(p, []).append(b.get(p, 0.0))
             d.setdefault("hook", []).append(sum(b.get(p, 0.0) for p in PASSES))
+            d.setdefault("cpu", []).append(sum(b.get("cpu_" + p, 0.0) for p in PASSES))
+            d.setdefault("cpu_codec", []).append(sum(b.get("cpu_" + p, 0.0)
+                                                     for p in ("encode", "decode")))
     bare = {row["bucket"]: row for row in res["bare"]}  # DDP reduces buckets in index order
     shown = [p for p in PASSES if any(statistics.median(d[p]) > 0 for d in per_bucket.values())]
     lines += ["## Per bucket, ms (hook passes in the order they run)", "",
               "| bucket | elements | " + " | ".join(shown)
-              + " | hook total | bare encode | bare decode | bare total | hook / bare |",
-              "|---" * (len(shown) + 7) + "|"]
-    tot_hook = tot_bare = 0.0
+              + " | hook total | hook CPU | of which encode + decode | bare encode | bare decode"
+              " | bare total | hook / bare | hook CPU / bare |",
+              "|---" * (len(shown) + 10) + "|"]
+    tot_hook = tot_bare = tot_cpu = 0.0
     for i in sorted(per_bucket):
         d = per_bucket[i]
         hook = statistics.median(d["hook"])
         b = bare.get(i)
         bt = (b["encode_s"] + b["decode_s"]) if b else float("nan")
+        cpu, codec_cpu = statistics.median(d["cpu"]), statistics.median(d["cpu_codec"])
         tot_hook += hook
         tot_bare += bt
+        tot_cpu += cpu
         lines.append(
             f"| {i} | {numel[i]:,} | "
             + " | ".join(f"{statistics.median(d[p]) * 1e3:.1f}" for p in shown)
-            + f" | {hook * 1e3:.1f} | {b['encode_s'] * 1e3:.1f} | {b['decode_s'] * 1e3:.1f} | "
-            f"{bt * 1e3:.1f} | {hook / bt:.2f}x |")
-    lines += ["", f"All buckets: hook {tot_hook * 1e3:.0f} ms, bare kernels {tot_bare * 1e3:.0f}"
-              f" ms: **{tot_hook / tot_bare:.2f}x**.", "",
+            + f" | {hook * 1e3:.1f} | {cpu * 1e3:.1f} | {codec_cpu * 1e3:.1f} | "
+            f"{b['encode_s'] * 1e3:.1f} | {b['decode_s'] * 1e3:.1f} | "
+            f"{bt * 1e3:.1f} | {hook / bt:.2f}x | {cpu / bt:.2f}x |")
+    lines += ["", f"All buckets: hook {tot_hook * 1e3:.0f} ms of wall time and "
+              f"{tot_cpu * 1e3:.0f} ms of CPU time, bare kernels {tot_bare * 1e3:.0f} ms: "
+              f"**{tot_hook / tot_bare:.2f}x** (wall), **{tot_cpu / tot_bare:.2f}x** (CPU).", "",
+              "Hook CPU: the CPU time of the thread that runs the hook (`time.thread_time`; "
+              "with one codec thread, all the hook's own work); wall minus CPU is time it "
+              "waited for the other rank or was descheduled by this rank's backward pass, "
+              "which shares its core.", "",
               "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's "
               "steps, plus `ggcomm.decode` of the frame once per peer, on rank 0 after training"
               " (the other rank idle). The hook's passes run while the other rank computes, on "

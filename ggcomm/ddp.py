@@ -9,19 +9,25 @@ Two lines on a ``DistributedDataParallel`` model::
 (``state.register(ddp_model)`` does the same and also learns the parameter names, which
 ``state_dict`` uses as keys: do that when you checkpoint the hook's state.)
 
-What goes over the wire, per bucket and iteration:
+What goes over the wire, per bucket and iteration (steady state):
 
-1. a tiny all-gather of per-parameter statistics (sum of squares, sum of magnitudes, and
-   last iteration's coded bits), so that every rank picks the same step per parameter;
-2. one frame per rank (``allgather``) or per rank and destination (``reduce_scatter``):
-   the bucket's gradients plus the error-feedback residual, quantized with those steps and
-   Exp-Golomb coded, exchanged with their exact variable lengths (sizes first, then the
-   bytes, through ``all_to_all_single`` with uneven splits: gloo rejects uneven
-   all-gathers, and padding would waste the bandwidth this saves).
+1. one small all-gather of each rank's frame size(s) and per-parameter statistics of this
+   iteration's gradients (sum of squares, sum of magnitudes, non-finite count, coded bits):
+   every rank computes every parameter's step for the *next* iteration from the same
+   gathered numbers, so the steps agree bit for bit without a round trip of their own;
+2. the frames, with their exact variable lengths, through ``all_to_all_single`` with uneven
+   splits (gloo rejects uneven all-gathers, and padding would waste the bandwidth this
+   saves): one frame per rank (``allgather``), or one per rank and destination chunk
+   (``reduce_scatter``), whose owner sums the chunk exactly, re-encodes it losslessly and
+   sends it to every rank in a third exchange (its sizes ride on the next bucket's step 1).
 
-Every rank decodes every frame to integers and sums them exactly, so every rank ends with
-bit-identical averaged gradients. ``state.stats`` counts the bytes of every tensor handed
-to torch.distributed (see :class:`GGCommStats` for the convention).
+Each pass over the data is one fused kernel: error feedback, statistics, quantization and
+coding in one pass (the residual is written as the block is coded); peers' frames decoded
+straight into an exact integer sum and written into the bucket as the average (this rank's
+own integers come from the encoder, never decoded). Every rank sums the same integers, so
+every rank ends with bit-identical averaged gradients. ``state.stats`` counts the bytes of
+every tensor handed to torch.distributed (see :class:`GGCommStats` for the convention) and
+times every pass (``state.stats.last_buckets``).
 """
 
 
@@ -127,15 +133,17 @@ class GGCommState:
             its own collectives on a private copy of this group, created on first use, so
             that they never interleave with DDP's or the training loop's.
         rate: target bits per element on the wire (the default, 3.0). The GG model picks
-            each parameter's step from its shape and scale, and a feedback loop corrects
-            it from the bits actually coded. Lower rates send less and add quantization
-            noise (error feedback carries it into the next step, so it is not lost).
+            each parameter's step from its shape and scale (measured on the previous
+            iteration's gradients, summed over ranks, so the steps cost no round trip),
+            and a feedback loop corrects it from the bits actually coded. Lower rates send
+            less and add quantization noise (error feedback carries it into the next step,
+            so it is not lost).
         step: a fixed quantization step for every parameter, instead of ``rate``.
             Simplest and cheapest (no statistics exchange), but one step cannot suit
             parameters whose gradients differ in scale.
-        rel_step: step = ``rel_step`` x RMS of each parameter's gradient, instead of
-            ``rate``. Around 0.25 gives ~4-5 bits per element on GG gradients; each
-            halving adds about one bit.
+        rel_step: step = ``rel_step`` x RMS of each parameter's gradient (the previous
+            iteration's, as for ``rate``), instead of ``rate``. Around 0.25 gives ~4-5 bits
+            per element on GG gradients; each halving adds about one bit.
         exchange: ``"allgather"`` (every rank receives every frame: fewest messages, bytes
             per rank grow with the number of ranks), ``"reduce_scatter"`` (each rank sums
             one chunk exactly, re-encodes it losslessly and all-gathers it: bytes per rank
@@ -394,10 +402,11 @@ def _run_job(state: GGCommState, group, job: _BucketJob) -> None:
 def gg_hook(state: GGCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a bucket's gradients over ranks through quantized, EG-coded frames.
 
-    Costs: per bucket one tiny statistics all-gather (rate and rel_step modes), two small
-    size exchanges and the frames themselves; encode and decode run in numba kernels with
-    the GIL released. Gains: gradients at ``state``'s rate (3 bits per element by default)
-    instead of 32, with error feedback keeping training on track.
+    Costs per bucket, in steady state: one small all-gather (sizes and statistics) and one
+    all-to-all of the frames (``allgather``), plus one all-to-all of the reduced chunks
+    (``reduce_scatter``); one fused encode pass and one decode-and-accumulate pass, in numba
+    kernels with the GIL released. Gains: gradients at ``state``'s rate (3 bits per element
+    by default) instead of 32, with error feedback keeping training on track.
 
     Example::
 
@@ -531,16 +540,21 @@ def _check_settings(state: GGCommState, group) -> None:
 
 
 class _Timer:
-    """Per-pass wall times of one bucket (seconds), kept in GGCommStats.buckets."""
+    """Per-pass times of one bucket (seconds), kept in GGCommStats.buckets: wall time, and
+    the CPU time of the thread running the hook (``cpu_<pass>``; with one codec thread that
+    is all the pass's CPU time, and wall minus CPU is time the thread waited or was
+    descheduled)."""
 
     def __init__(self) -> None:
         self.t = time.perf_counter()
+        self.c = time.thread_time()
         self.times: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         self.times[name] = self.times.get(name, 0.0) + now - self.t
-        self.t = now
+        self.times["cpu_" + name] = self.times.get("cpu_" + name, 0.0) + cpu - self.c
+        self.t, self.c = now, cpu
 
 
 def _is_host_f32(flat: torch.Tensor) -> bool:

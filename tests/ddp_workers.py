@@ -78,6 +78,7 @@ class ByteCounter:
         self.n = world
         self.sent = 0.0
         self.received = 0.0
+        self.calls = 0
         self._orig = {}
 
     def install(self):
@@ -90,12 +91,14 @@ class ByteCounter:
             setattr(dist, name, fn)
 
     def all_gather(self, parts, t, group=None, async_op=False):
+        self.calls += 1
         self.sent += (self.n - 1) * t.numel() * t.element_size()
         self.received += (self.n - 1) * t.numel() * t.element_size()
         return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
 
     def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None,
                           group=None, async_op=False):
+        self.calls += 1
         rank = dist.get_rank(group)
         item = inp.element_size()
         ins = input_split_sizes or [inp.numel() // self.n] * self.n
@@ -107,6 +110,7 @@ class ByteCounter:
                                                group=group, async_op=async_op)
 
     def all_reduce(self, t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        self.calls += 1
         b = t.numel() * t.element_size()
         self.sent += 2 * (self.n - 1) / self.n * b
         self.received += 2 * (self.n - 1) / self.n * b
@@ -130,6 +134,27 @@ def _bytes_counted(rank, world, exchange):
         counter.uninstall()
     total = state.stats.summary()["total"]
     return counter.sent, counter.received, total["bytes_sent"], total["bytes_received"]
+
+
+def collectives_per_step(rank, world, exchange):
+    """(collective calls, buckets) in each of steps 3-5: the steady state."""
+    model, ddp = make(rank, bucket_cap_mb=0.01)  # several buckets
+    state = GGCommState(rate=3.0, exchange=exchange)
+    state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(rank)
+    train(ddp, opt, g, 2)  # iteration 0 uncompressed, 1 agrees on the first steps
+    counter = ByteCounter(world)
+    counter.install()
+    out = []
+    try:
+        for _ in range(3):
+            counter.calls = 0
+            train(ddp, opt, g, 1)
+            out.append((counter.calls, len(state.stats.last_buckets)))
+    finally:
+        counter.uninstall()
+    return out
 
 
 def error_feedback(rank, world, log_path):

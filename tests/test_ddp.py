@@ -57,6 +57,16 @@ def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
             assert counted_received == pytest.approx(received, rel=1e-12)
 
 
+@pytest.mark.parametrize("exchange,per_bucket,per_step", [("allgather", 2, 0),
+                                                          ("reduce_scatter", 3, 1)])
+def test_collectives_per_bucket_in_steady_state(exchange, per_bucket, per_step):
+    # sizes and statistics ride one all-gather; steps come from the previous iteration's
+    for rank_steps in dist_utils.values(dist_utils.run(w.collectives_per_step, 3, exchange)):
+        for calls, buckets in rank_steps:
+            assert buckets > 1
+            assert calls == per_bucket * buckets + per_step
+
+
 def test_error_feedback_carries_the_residual_and_stats_are_logged(tmp_path):
     log = tmp_path / "ggcomm.jsonl"
     res = dist_utils.values(dist_utils.run(w.error_feedback, 2, str(log)))

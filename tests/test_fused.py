@@ -131,3 +131,13 @@ def test_moments_match_numpy_over_finite_values():
         assert got[i, 2] == (~np.isfinite(seg)).sum()
     with pytest.raises(ValueError, match="segments add up"):
         codec.moments(g, None, [5])
+
+
+def test_encode_integers_is_encode_of_the_same_values():
+    n, lengths, steps = 3000, [1000, 2000], np.array([0.5, 0.125])
+    s = np.random.default_rng(4).integers(-300, 300, n).astype(np.int64)
+    values = torch.from_numpy(s * np.repeat(steps, lengths))  # exact in float64
+    frame = codec.encode_integers(s.copy(), steps, lengths, np.empty(0, np.int64),
+                                  np.empty(0), block_size=256, tag=3)
+    plain = codec.encode(values, steps, segments=lengths, block_size=256, tag=3)
+    assert frame.tobytes() == plain.tobytes()

@@ -1,0 +1,29 @@
+"""Smoke test of the hook profile benchmark: a tiny model, every table filled in."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
+    if str(BENCHMARKS) not in sys.path:  # spawned ranks import the script by name
+        sys.path.insert(0, str(BENCHMARKS))
+    mod = importlib.import_module("hook_profile")
+    assert mod.main(["--width", "96", "--depth", "2", "--steps", "4", "--skip", "2",
+                     "--bucket-cap-mb", "0.02", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "hook_profile.md").read_text()
+    res = json.loads((tmp_path / "hook_profile.json").read_text())
+    assert set(res["times"]) == {"fp32", "fp16", "gg"}
+    assert all(len(t) == 2 and min(t) > 0 for t in res["times"].values())
+    buckets = res["buckets"][0]
+    assert len(buckets) > 1 and all(b["encode"] > 0 and b["decode"] > 0 for b in buckets)
+    assert len(res["bare"]) == len(buckets)
+    for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto) |",
+                   "hook / bare", "All buckets: hook"):
+        assert needle in md
+    assert "nan" not in md
