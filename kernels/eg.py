@@ -289,6 +289,69 @@ def worst_case_bytes(cnt, zero_runs):
 
 
 @njit(nogil=True, cache=True)
+def _eg_len(v, k):
+    """Bits of the order-k Exp-Golomb codeword of v >= 0."""
+    return 2 * (63 - clz64(v + (np.int64(1) << k))) - k + 1
+
+
+@njit(nogil=True, cache=True)
+def _zero_runs_bound(scratch, cnt, T, H, zeros):
+    """A lower bound of the zero-run mode's bits for the block, in one light pass.
+
+    The mode is chosen only when its exact bits (run codewords plus value codewords) are
+    below plain EG's, so where this bound already reaches EG's bits the run histograms
+    (the costliest part of choosing a block's code) need not be built: the choice is the
+    same. Runs: there is one run codeword per nonzero, plus one for trailing zeros; counting
+    the maximal runs of zeros of length >= 1, 2 and 3 bounds their EG lengths for every
+    order (k_run = 0: 1, 3, 5 bits from lengths 0, 1, 3; k_run = 1: 2, 4 bits from 0, 2;
+    k_run >= 2: 3 bits or more). Values: nonzero u is sent as u - 1; u below 64 is exact
+    from the small-symbol tables T of the histogram pass, larger u costs at least what 63
+    costs. H must be summarized (row totals in column 33).
+    """
+    # Windows of 2, 3, 4 consecutive zeros (P2, P3, P4): a maximal run of length L holds
+    # L - 1, L - 2, L - 3 of them, so zeros - P2 runs have length >= 1, P2 - P3 length
+    # >= 2, P3 - P4 length >= 3. Branch-free 32-bit counts: the loop vectorizes.
+    p2 = np.uint32(0)
+    p3 = np.uint32(0)
+    p4 = np.uint32(0)
+    for j in range(cnt - 3):
+        ab = np.uint32(scratch[j] == 0) & np.uint32(scratch[j + 1] == 0)
+        abc = ab & np.uint32(scratch[j + 2] == 0)
+        p2 = np.uint32(p2 + ab)
+        p3 = np.uint32(p3 + abc)
+        p4 = np.uint32(p4 + (abc & np.uint32(scratch[j + 3] == 0)))
+    for j in range(max(cnt - 3, 0), cnt - 1):  # windows that end in the last positions
+        ab = np.uint32(scratch[j] == 0) & np.uint32(scratch[j + 1] == 0)
+        p2 = np.uint32(p2 + ab)
+        if j + 2 < cnt:
+            p3 = np.uint32(p3 + (ab & np.uint32(scratch[j + 2] == 0)))
+    r1 = zeros - np.int64(p2)
+    r2 = np.int64(p2) - np.int64(p3)
+    r3 = np.int64(p3) - np.int64(p4)
+    nnz = cnt - zeros
+    runs = nnz + np.int64(cnt > 0 and scratch[cnt - 1] == 0)
+    run_lb = min(runs + 2 * r1 + 2 * r3, 2 * runs + 2 * r2, 3 * runs)
+    maxm = 0
+    for m in range(_NBINS):
+        if H[m, _NBINS]:
+            maxm = m
+    small = 0
+    for u in range(1, _SMALL):
+        small += T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
+    large = nnz - small
+    best = np.int64(-1)
+    for k in range(min(maxm, K_MAX) + 1):
+        c = large * _eg_len(np.int64(_SMALL - 1), k)
+        for u in range(1, _SMALL):
+            n = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
+            if n:
+                c += n * _eg_len(np.int64(u - 1), k)
+        if best < 0 or c < best:
+            best = c
+    return run_lb + best
+
+
+@njit(nogil=True, cache=True)
 def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p, meta, b,
                 nexc):
     """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
@@ -306,7 +369,8 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
     mode = MODE_EG
     krun = 0
     zeros = H[0, 0]
-    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0):
+    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0
+                          and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits):
         _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
         krun, run_bits = _best_k(Hrun)
         if k_fixed >= 0:

@@ -141,3 +141,26 @@ def test_encode_integers_is_encode_of_the_same_values():
                                   np.empty(0), block_size=256, tag=3)
     plain = codec.encode(values, steps, segments=lengths, block_size=256, tag=3)
     assert frame.tobytes() == plain.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zero_runs_bound_never_exceeds_the_zero_runs_bits(seed):
+    # the encoder skips the run histograms when this bound reaches EG's bits: exact only
+    # if the bound is a true lower bound of the zero-run mode's bits
+    from ggcomm.kernels import eg
+
+    rng = np.random.default_rng(seed)
+    for cnt in (1, 2, 3, 4, 5, 17, 1000, 16384):
+        x = rng.laplace(size=cnt) * rng.choice([0.3, 1.0, 5.0, 100.0])
+        x[rng.random(cnt) < rng.random()] = 0.0  # runs of exact zeros
+        scratch = np.empty(cnt, np.int32)
+        eg._quantize(x.astype(np.float32), 0, cnt, 1.0, scratch)
+        H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._SMALL, np.int64)
+        eg._histogram(scratch, cnt, H, T)
+        eg._best_k(H)
+        bound = eg._zero_runs_bound(scratch, cnt, T, H, H[0, 0])
+        Hrun, Hval = np.zeros_like(H), np.zeros_like(H)
+        eg._zero_run_hists(scratch, cnt, Hrun, Hval, np.empty(cnt, np.int32), np.zeros_like(T),
+                           np.zeros_like(T))
+        exact = eg._best_k(Hrun)[1] + eg._best_k(Hval)[1]
+        assert bound <= exact, (cnt, bound, exact)
