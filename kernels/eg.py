@@ -804,23 +804,25 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
     With out_f (float32) not empty, out_f[i] = float32(sum_i * (step / divisor)), or
     float32((sum_i * step + xval[j]) / divisor) where xpos[j] == i (sorted positions of
     exceptional values); otherwise out_i[i] = sum_i (int64). The block's integers are
-    summed in a block-sized int64 accumulator, so no full-size intermediate is written.
+    summed in a block-sized accumulator (float64: exact), so no full-size intermediate is
+    written.
     Returns (error code, block, frame), (0, -1, -1) if every frame is valid.
     """
     n_frames = pay_lo.size
-    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
-    acc = np.empty(scratch.size, np.int64)
+    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
+    # float64 holds every sum exactly (|sum| < frames * 2**30 < 2**53) and, unlike int64,
+    # converts to and from the other types in vector instructions
+    acc = np.empty(scratch.size, np.float64)
     have_own = own.size > 0
     finalize = out_f.size > 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         start = starts[b]
-        if have_own:
-            os_ = own[start:start + cnt]
+        a = acc[:cnt]
+        os_ = own[start:start + cnt] if have_own else own
+        if n_frames == 0:
             for j in range(cnt):
-                acc[j] = os_[j]
-        else:
-            acc[:cnt] = 0
+                a[j] = np.float64(os_[j]) if have_own else 0.0
         for f in range(n_frames):
             payload = buf[pay_lo[f]:pay_hi[f]]
             p0 = offsets[f, b] * 8
@@ -835,24 +837,38 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
                     break
                 if scratch[i - start] != 0:
                     return ERR_EXCEPTION_CODE, b, f
-            for j in range(cnt):
-                acc[j] += _q_of_u(np.int64(scratch[j]))
+            # q from u in float64, as in _dequantize; the first frame also brings in own
+            if f > 0:
+                for j in range(cnt):
+                    half = np.float64(scratch[j]) * 0.5
+                    fl = np.floor(half)
+                    a[j] += fl + 1.0 if half != fl else 0.0 - half
+            elif have_own:
+                for j in range(cnt):
+                    half = np.float64(scratch[j]) * 0.5
+                    fl = np.floor(half)
+                    a[j] = np.float64(os_[j]) + (fl + 1.0 if half != fl else 0.0 - half)
+            else:
+                for j in range(cnt):
+                    half = np.float64(scratch[j]) * 0.5
+                    fl = np.floor(half)
+                    a[j] = fl + 1.0 if half != fl else 0.0 - half
         if finalize:
             step = steps[b]
             scale = step / divisor
             o = out_f[start:start + cnt]
             for j in range(cnt):
-                o[j] = np.float32(np.float64(acc[j]) * scale)
+                o[j] = np.float32(a[j] * scale)
             x_lo = np.searchsorted(xpos, start)
             for e in range(x_lo, xpos.size):
                 i = xpos[e]
                 if i >= start + cnt:
                     break
-                out_f[i] = np.float32((np.float64(acc[i - start]) * step + xval[e]) / divisor)
+                out_f[i] = np.float32((a[i - start] * step + xval[e]) / divisor)
         else:
             oi = out_i[start:start + cnt]
             for j in range(cnt):
-                oi[j] = acc[j]
+                oi[j] = np.int64(a[j])
     return 0, -1, -1
 
 
