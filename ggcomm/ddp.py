@@ -35,6 +35,7 @@ times every pass (``state.stats.last_buckets``).
 # against dist.GradBucket at registration, and a postponed (string) annotation fails it.
 import functools
 import json
+import math
 import queue
 import threading
 import time
@@ -165,6 +166,12 @@ class GGCommState:
             the second moments with the real early gradients (PowerSGD's uncompressed
             warm-up does the same at full cost). Costs about ``warmup_iters *
             (warmup_rate - rate) / 2`` extra bits per element in total.
+        step_drift: the steps of iteration t+1 come from iteration t's statistics (no round
+            trip of their own) while the bucket's gradient RMS moved by at most this much
+            (log2 units; 0.1 = 7%) from iteration t-1 to t; a bucket that moved more agrees
+            on its steps from its own statistics at t+1 (one more small all-gather), as early
+            training and learning-rate warm-ups need. 0 always does; ``inf`` never does after
+            the first compressed iteration.
         log_path: if given, rank 0 appends one JSON line of per-iteration stats there.
         tb_writer: an object with ``add_scalar(tag, value, step)`` (e.g. a TensorBoard
             SummaryWriter) that rank 0 sends the per-iteration stats to.
@@ -187,6 +194,7 @@ class GGCommState:
         rate_gain: float = 0.5,
         warmup_iters: int = 0,
         warmup_rate: float = 8.0,
+        step_drift: float = 0.1,
         log_path: str | None = None,
         tb_writer: Any = None,
         overlap: bool = True,
@@ -204,6 +212,10 @@ class GGCommState:
         self.block_size = int(block_size)
         self.k = k
         codec.encode(torch.zeros(1), 1.0, k=k, block_size=self.block_size)  # validate
+        if isinstance(step_drift, bool) or not (isinstance(step_drift, (int, float))
+                                                and step_drift >= 0):
+            raise ValueError(f"step_drift must be a number >= 0, got {step_drift!r}")
+        self.step_drift = float(step_drift)
         self.log_path = log_path
         self.tb_writer = tb_writer
         self.overlap = bool(overlap)
@@ -214,6 +226,7 @@ class GGCommState:
         self.residuals: dict[str, torch.Tensor] = {}
         self.last_bits: dict[str, float] = {}  # bits per element coded last iteration
         self.steps: dict[str, float] = {}  # the step each parameter is coded at next
+        self.rms: dict[str, float] = {}  # each parameter's RMS over ranks, last iteration
         self._names: dict[int, str] = {}
         self._first_seen: dict[int, str] = {}
         self._init_runtime()
@@ -235,7 +248,8 @@ class GGCommState:
         """The settings every rank must share (their hash travels in every frame)."""
         return {"ggcomm": __version__, "format": codec.VERSION, **self.control.settings(),
                 "exchange": self.exchange, "error_feedback": self.error_feedback,
-                "start_iter": self.start_iter, "block_size": self.block_size, "k": self.k}
+                "start_iter": self.start_iter, "block_size": self.block_size, "k": self.k,
+                "step_drift": self.step_drift}
 
     def target_rate(self, iteration: int | None = None) -> float:
         """The rate-mode target (bits per element) at ``iteration`` (default: this one)."""
@@ -289,6 +303,7 @@ class GGCommState:
             "rate_corr": dict(self.rate_corr),
             "last_bits": dict(self.last_bits),
             "steps": dict(self.steps),
+            "rms": dict(self.rms),
             "stats_total": dict(self.stats.total),
         }
 
@@ -306,6 +321,7 @@ class GGCommState:
         self.last_bits = dict(sd["last_bits"])
         # version 1 kept no steps: the first iteration after loading one agrees on them anew
         self.steps = dict(sd.get("steps", {}))
+        self.rms = dict(sd.get("rms", {}))
         self.stats.total.update(sd["stats_total"])
         self._plans = {}
 
@@ -652,6 +668,7 @@ def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, time
     for i, key in enumerate(plan.keys):
         step = state.control.step(key, float(mean_sq[i]), float(mean_abs[i]), target=target)
         state.steps[key] = 1.0 if step is None else step  # zeros: any step codes them
+        state.rms[key] = math.sqrt(max(float(mean_sq[i]), 0.0))
     timer.lap("agree_steps")
 
 
@@ -676,6 +693,29 @@ def _next_steps(state: GGCommState, plan: _Plan, infos: np.ndarray, n: int) -> N
                                   target=next_target)
         if step is not None:  # else all zeros: they coded exactly, the step stays
             state.steps[key] = step
+    # the bucket's RMS (over all its elements) against the previous iteration's
+    weights = np.asarray(plan.lengths, np.float64)
+    before = _bucket_rms(state, plan)
+    for i, key in enumerate(plan.keys):
+        state.rms[key] = math.sqrt(max(float(mean_sq[i]), 0.0))
+    now = _bucket_rms(state, plan)
+    if state.mode != "step" and weights.sum() and now != before and not (
+            now > 0 and before > 0 and abs(math.log2(now / before)) <= state.step_drift):
+        # statistics on the move: the next iteration agrees on its own steps
+        for key in plan.keys:
+            state.steps.pop(key, None)
+
+
+def _bucket_rms(state: GGCommState, plan: _Plan) -> float:
+    """RMS over the bucket's elements from its parameters' last RMS (0 if one is unknown)."""
+    total = count = 0.0
+    for key, length in zip(plan.keys, plan.lengths, strict=True):
+        r = state.rms.get(key)
+        if r is None:
+            return 0.0
+        total += length * r * r
+        count += length
+    return math.sqrt(total / count) if count else 0.0
 
 
 def _check_tag(frame: codec.Frame, state: GGCommState, src: int) -> None:

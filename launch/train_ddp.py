@@ -269,6 +269,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gg-start-iter", type=int, help="plain allreduce before this iteration")
     g.add_argument("--gg-warmup-iters", type=int, help="rate warm-up iterations (rate mode)")
     g.add_argument("--gg-warmup-rate", type=float, help="rate at the start of the warm-up")
+    g.add_argument("--gg-step-drift", type=float,
+                   help="RMS change (log2) beyond which a bucket agrees on fresh steps")
     args = p.parse_args(argv)
     if args.rate is None and args.step is None and args.rel_step is None:
         args.rate = 3.0
@@ -332,6 +334,8 @@ def _register_hook(
             kwargs["warmup_iters"] = args.gg_warmup_iters
         if args.gg_warmup_rate is not None:
             kwargs["warmup_rate"] = args.gg_warmup_rate
+        if args.gg_step_drift is not None:
+            kwargs["step_drift"] = args.gg_step_drift
         state = GGCommState(process_group=None, **kwargs)
         ddp_model.register_comm_hook(state, gg_hook)
         return None, state
