@@ -136,10 +136,10 @@ def _bytes_counted(rank, world, exchange):
     return counter.sent, counter.received, total["bytes_sent"], total["bytes_received"]
 
 
-def collectives_per_step(rank, world, exchange):
+def collectives_per_step(rank, world, exchange, step_drift):
     """(collective calls, buckets) in each of steps 3-5: the steady state."""
     model, ddp = make(rank, bucket_cap_mb=0.01)  # several buckets
-    state = GGCommState(rate=3.0, exchange=exchange)
+    state = GGCommState(rate=3.0, exchange=exchange, step_drift=step_drift)
     state.register(ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(rank)

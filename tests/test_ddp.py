@@ -57,11 +57,14 @@ def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
             assert counted_received == pytest.approx(received, rel=1e-12)
 
 
-@pytest.mark.parametrize("exchange,per_bucket,per_step", [("allgather", 2, 0),
-                                                          ("reduce_scatter", 3, 1)])
-def test_collectives_per_bucket_in_steady_state(exchange, per_bucket, per_step):
-    # sizes and statistics ride one all-gather; steps come from the previous iteration's
-    for rank_steps in dist_utils.values(dist_utils.run(w.collectives_per_step, 3, exchange)):
+@pytest.mark.parametrize("exchange,drift,per_bucket,per_step", [
+    ("allgather", float("inf"), 2, 0), ("reduce_scatter", float("inf"), 3, 1),
+    ("allgather", 0.0, 3, 0), ("reduce_scatter", 0.0, 4, 1)])
+def test_collectives_per_bucket(exchange, drift, per_bucket, per_step):
+    # sizes and statistics ride one all-gather, and steps come from the previous
+    # iteration's statistics; a bucket whose statistics drift agrees on fresh ones first
+    for rank_steps in dist_utils.values(dist_utils.run(w.collectives_per_step, 3, exchange,
+                                                       drift)):
         for calls, buckets in rank_steps:
             assert buckets > 1
             assert calls == per_bucket * buckets + per_step
@@ -138,6 +141,8 @@ def test_state_validates_settings():
         GGCommState(rel_step=0.2, warmup_iters=5)
     with pytest.raises(ValueError, match="above rate"):
         GGCommState(rate=3.0, warmup_iters=5, warmup_rate=2.0)
+    with pytest.raises(ValueError, match="step_drift"):
+        GGCommState(step_drift=-0.1)
     assert GGCommState(rate=3, warmup_iters=4).fingerprint != GGCommState(rate=3).fingerprint
     s = GGCommState(rel_step=0.2)
     assert GGCommState(rel_step=0.2).fingerprint == s.fingerprint
