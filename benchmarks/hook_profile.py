@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     models, opts = {}, {}
-    state = GGCommState(rate=args.rate, exchange=args.exchange)
+    state = GGCommState(rate=args.rate, exchange=args.exchange, step_drift=args.step_drift)
     captured: dict[int, tuple[torch.Tensor, list[int], list[str]]] = {}
     capture = [False]
 
@@ -133,7 +133,7 @@ def _table(res: dict, args: argparse.Namespace) -> str:
         "# The DDP hook's time: per bucket and pass, against the bare kernels and plain DDP",
         "",
         f"Command: `python benchmarks/hook_profile.py --world {args.world} --steps {args.steps}"
-        f" --rate {args.rate} --exchange {args.exchange}`  ",
+        f" --rate {args.rate} --exchange {args.exchange} --step-drift {args.step_drift:g}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs; Python "
         f"{platform.python_version()}, torch {torch.__version__}; gloo on localhost; "
         f"{args.threads} torch and {args.codec_threads} codec thread(s) per rank; load "
@@ -150,7 +150,7 @@ def _table(res: dict, args: argparse.Namespace) -> str:
         "|---|---|---|",
     ]
     names = {"fp32": "plain DDP (fp32 allreduce)", "fp16": "fp16_compress_hook",
-             "gg": f"ggcomm rate {args.rate:g} ({args.exchange})"}
+             "gg": f"ggcomm rate {args.rate:g} ({args.exchange}, step_drift {args.step_drift:g})"}
     for m in METHODS:
         lines.append(f"| {names[m]} | {med[m] * 1e3:.0f} | {med[m] / med['fp32']:.2f}x |")
     lines += ["", f"ggcomm sent {res['bytes_per_step'] / 1e6:.2f} MB per rank per step "
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the medians")
     p.add_argument("--rate", type=float, default=3.0)
     p.add_argument("--exchange", default="auto")
+    p.add_argument("--step-drift", type=float, default=0.1,
+                   help="GGCommState(step_drift=...): inf always reuses the last statistics")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
     res["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     md = _table(res, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "hook_profile" if args.world == 2 else f"hook_profile_{args.world}ranks"
+    stem = "hook_profile" + ("" if args.world == 2 else f"_{args.world}ranks") + (
+        "" if args.step_drift == 0.1 else f"_drift{args.step_drift:g}")
     (args.out / f"{stem}.md").write_text(md)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     print(md)

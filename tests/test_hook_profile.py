@@ -23,7 +23,7 @@ def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
     buckets = res["buckets"][0]
     assert len(buckets) > 1 and all(b["encode"] > 0 and b["decode"] > 0 for b in buckets)
     assert len(res["bare"]) == len(buckets)
-    for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto) |",
+    for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto, step_drift 0.1) |",
                    "hook / bare", "All buckets: hook"):
         assert needle in md
     assert "nan" not in md
