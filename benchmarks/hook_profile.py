@@ -12,8 +12,8 @@ load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm
   statistics + quantization + coding), ``c1`` statistics/size all-gather, ``c2`` frame
   all-to-all, decode-and-accumulate into the bucket, ``c3`` (reduce_scatter's second phase),
   and the rest;
-* the bare kernels on the same bucket (its gradients captured at the last step, the
-  same steps): ``ggcomm.encode`` once plus ``ggcomm.decode`` of one frame per peer, the
+* the bare kernels on the same bucket (its gradients captured at the last step, at the
+  steps the hook agrees on for them): ``ggcomm.encode`` once plus ``ggcomm.decode`` of one frame per peer, the
   codec work an ideal hook could not avoid; and the hook's time over that.
 
     python benchmarks/hook_profile.py [--world 2] [--steps 12] [--rate 3]
@@ -110,7 +110,13 @@ def _bare_kernels(state, captured, world, args) -> list[dict]:
     rows = []
     for index in sorted(captured):
         buf, lengths, keys = captured[index]
-        steps = [state.steps[k] for k in keys]
+        # the steps the hook would agree on for these gradients (the GG model at the rate,
+        # with the corrections its feedback loop learned)
+        mom = ggcomm.codec.moments(buf.numpy(), None, lengths)
+        steps = []
+        for key, length, (sumsq, sumabs, _) in zip(keys, lengths, mom, strict=True):
+            step = state.control.step(key, sumsq / max(length, 1), sumabs / max(length, 1))
+            steps.append(1.0 if step is None else step)
         enc, dec = [], []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -198,7 +204,7 @@ def _table(res: dict, args: argparse.Namespace) -> str:
               "with one codec thread, all the hook's own work); wall minus CPU is time it "
               "waited for the other rank or was descheduled by this rank's backward pass, "
               "which shares its core.", "",
-              "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's "
+              "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's rate "
               "steps, plus `ggcomm.decode` of the frame once per peer, on rank 0 after training"
               " (the other rank idle). The hook's passes run while the other rank computes, on "
               "the same cores: `c1`/`c2`/`c3` include waiting for the slower rank.", ""]

@@ -168,10 +168,12 @@ class GGCommState:
             (warmup_rate - rate) / 2`` extra bits per element in total.
         step_drift: the steps of iteration t+1 come from iteration t's statistics (no round
             trip of their own) while the bucket's gradient RMS moved by at most this much
-            (log2 units; 0.1 = 7%) from iteration t-1 to t; a bucket that moved more agrees
-            on its steps from its own statistics at t+1 (one more small all-gather), as early
-            training and learning-rate warm-ups need. 0 always does; ``inf`` never does after
-            the first compressed iteration.
+            (log2 units; 0.1 = 7%) from the iteration before; a bucket that moved more
+            agrees on its steps from its own statistics at t+1 (one more small all-gather),
+            as early training and learning-rate warm-ups need, and reuses those statistics
+            at t+2, so a bucket whose scale keeps moving agrees afresh every other
+            iteration. 0: every iteration agrees afresh; ``inf``: none after the first
+            compressed iteration.
         log_path: if given, rank 0 appends one JSON line of per-iteration stats there.
         tb_writer: an object with ``add_scalar(tag, value, step)`` (e.g. a TensorBoard
             SummaryWriter) that rank 0 sends the per-iteration stats to.
@@ -699,8 +701,9 @@ def _next_steps(state: GGCommState, plan: _Plan, infos: np.ndarray, n: int) -> N
     for i, key in enumerate(plan.keys):
         state.rms[key] = math.sqrt(max(float(mean_sq[i]), 0.0))
     now = _bucket_rms(state, plan)
-    if state.mode != "step" and weights.sum() and now != before and not (
-            now > 0 and before > 0 and abs(math.log2(now / before)) <= state.step_drift):
+    if state.mode != "step" and weights.sum() and (state.step_drift == 0 or (
+            now != before and not (now > 0 and before > 0
+                                   and abs(math.log2(now / before)) <= state.step_drift))):
         # statistics on the move: the next iteration agrees on its own steps
         for key in plan.keys:
             state.steps.pop(key, None)
