@@ -12,9 +12,10 @@ load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm
   statistics + quantization + coding), ``c1`` statistics/size all-gather, ``c2`` frame
   all-to-all, decode-and-accumulate into the bucket, ``c3`` (reduce_scatter's second phase),
   and the rest;
-* the bare kernels on the same bucket (its gradients captured at the last step, at the
-  steps the hook agrees on for them): ``ggcomm.encode`` once plus ``ggcomm.decode`` of one frame per peer, the
-  codec work an ideal hook could not avoid; and the hook's time over that.
+* the bare kernels on the same bucket (its gradients captured at the last step, at
+  the steps the hook agrees on for them): ``ggcomm.encode`` once plus ``ggcomm.decode``
+  of one frame per peer, the codec work an ideal hook could not avoid; and the hook's
+  time over that.
 
     python benchmarks/hook_profile.py [--world 2] [--steps 12] [--rate 3]
 
