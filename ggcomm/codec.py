@@ -693,6 +693,19 @@ def moments(x: np.ndarray, resid: np.ndarray | None = None,
     return out
 
 
+def max_frame_bytes(segments: Sequence[int], block_size: int, itemsize: int) -> int:
+    """The largest valid frame of a flat tensor with these segment lengths and block size
+    (``itemsize``: bytes per element of the frame's dtype), every element an exception and
+    every block at its worst case: what a receiver may accept for such a frame, at most."""
+    bounds = np.zeros(len(segments) + 1, np.int64)
+    np.cumsum([int(v) for v in segments], out=bounds[1:])
+    numel = int(bounds[-1])
+    counts = _block_layout(bounds, int(block_size))[1]
+    payload = int(eg.worst_case_bytes(counts, 1).sum()) if counts.size else 0
+    return (_FIXED.size + 8 + _SEGMENT.itemsize * len(segments) + _BLOCK.itemsize * counts.size
+            + numel * (8 + itemsize) + payload + _CRC.size)
+
+
 def encode_feedback(
     g: np.ndarray,
     resid: np.ndarray | None,

@@ -507,11 +507,11 @@ class _Plan:
 class _Pending:
     """A reduce_scatter bucket whose reduced frame waits for its exchange."""
 
-    __slots__ = ("job", "plan", "frame", "own", "own_exc", "out", "t0")
+    __slots__ = ("job", "plan", "frame", "own", "own_exc", "out")
 
-    def __init__(self, job, plan, frame, own, own_exc, out, t0):
+    def __init__(self, job, plan, frame, own, own_exc, out):
         self.job, self.plan, self.frame, self.own, self.own_exc = job, plan, frame, own, own_exc
-        self.out, self.t0 = out, t0
+        self.out = out
 
 
 def _scratch(state: GGCommState, name: str, n: int, dtype) -> np.ndarray:
@@ -696,12 +696,11 @@ def _next_steps(state: GGCommState, plan: _Plan, infos: np.ndarray, n: int) -> N
         if step is not None:  # else all zeros: they coded exactly, the step stays
             state.steps[key] = step
     # the bucket's RMS (over all its elements) against the previous iteration's
-    weights = np.asarray(plan.lengths, np.float64)
     before = _bucket_rms(state, plan)
     for i, key in enumerate(plan.keys):
         state.rms[key] = math.sqrt(max(float(mean_sq[i]), 0.0))
     now = _bucket_rms(state, plan)
-    if state.mode != "step" and weights.sum() and (state.step_drift == 0 or (
+    if state.mode != "step" and plan.numel and (state.step_drift == 0 or (
             now != before and not (now > 0 and before > 0
                                    and abs(math.log2(now / before)) <= state.step_drift))):
         # statistics on the move: the next iteration agrees on its own steps
@@ -762,6 +761,28 @@ def _own_exceptions(frame: codec.Frame) -> tuple[np.ndarray, np.ndarray]:
     return h.exc_pos, codec._exception_values(frame.buffer.numpy(), h).double().numpy()
 
 
+def _check_infos(infos: np.ndarray, limits: list[int], what: list[str]) -> None:
+    """Refuse what ranks announced before anything is sized from it.
+
+    Every rank holds the same gathered ``infos`` and runs the same checks, so a bad value
+    raises FrameError on every rank alike, before any receive is posted (a receive buffer
+    sized from a lie would abort gloo, or allocate what the header claims). The first
+    ``len(limits)`` columns are byte counts (whole numbers in 0..limit), the rest statistics
+    (finite, >= 0).
+    """
+    k = len(limits)
+    for r, row in enumerate(infos):
+        for c in range(k):
+            v = row[c]
+            if not (math.isfinite(v) and v == int(v) and 0 <= v <= limits[c]):
+                raise codec.FrameError(
+                    f"rank {r} announced {float(v):g} bytes for {what[c]}, outside 0..{limits[c]} "
+                    f"(the largest valid frame): corrupt statistics or a hostile peer")
+        stats = row[k:]
+        if not (np.isfinite(stats).all() and (stats >= 0).all()):
+            raise codec.FrameError(f"rank {r} announced non-finite or negative statistics")
+
+
 def _info(n_sizes: int, plan: _Plan) -> np.ndarray:
     return np.zeros(n_sizes + 4 * len(plan.keys), np.float64)
 
@@ -800,6 +821,8 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         sent += _ring_allgather_bytes(info.nbytes, n)
         received += _ring_allgather_bytes(info.nbytes, n)
         timer.lap("c1_info")
+        _check_infos(infos, [codec.max_frame_bytes(plan.lengths, state.block_size, 4)],
+                     ["its frame"])
         sizes = [int(v) for v in infos[:, 0]]
         send_sizes = [0 if d == rank else frame.nbytes for d in range(n)]
         recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
@@ -844,6 +867,14 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         sent += _ring_allgather_bytes(info.nbytes, n)
         received += _ring_allgather_bytes(info.nbytes, n)
         timer.lap("c1_info")
+        limits = [codec.max_frame_bytes(plan.chunk_segments[d], state.block_size, 4)
+                  for d in range(n)]
+        # the previous bucket's reduced frames (float64) are announced in column n
+        limits.append(0 if pending is None else max(
+            codec.max_frame_bytes(segs, state.block_size, 8)
+            for segs in pending.plan.chunk_segments))
+        _check_infos(infos, limits, [f"its chunk frame for rank {d}" for d in range(n)]
+                     + ["its reduced chunk"])
         if pending is not None:
             state._pending = None
             s_, r_ = _finish_reduced(state, group, pending, [int(v) for v in infos[:, n]],
@@ -876,10 +907,14 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         timer.lap("encode")
         _next_steps(state, plan, infos[:, n + 1:].reshape(n, -1, 4), n)
         out = _host_output(state, job, g)
-        mine = _Pending(job, plan, reduced, ssum, _own_exceptions(reduced), out, t_start)
+        mine = _Pending(job, plan, reduced, ssum, _own_exceptions(reduced), out)
         if job.is_last:  # nothing follows to carry the sizes: one small exchange
             size = torch.tensor([float(reduced.nbytes)], dtype=torch.float64)
-            red_sizes = [int(v) for v in _all_gather(size, group, dev)]
+            gathered = torch.stack(_all_gather(size, group, dev)).numpy()
+            _check_infos(gathered, [max(codec.max_frame_bytes(segs, state.block_size, 8)
+                                        for segs in plan.chunk_segments)],
+                         ["its reduced chunk"])
+            red_sizes = [int(v) for v in gathered[:, 0]]
             sent += _ring_allgather_bytes(8, n)
             received += _ring_allgather_bytes(8, n)
             timer.lap("c3_sizes")

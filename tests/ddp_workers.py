@@ -329,3 +329,31 @@ def rate_warmup(rank, world, log_path):
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     train(ddp, opt, torch.Generator().manual_seed(rank), 20, torch.float32)
     return [state.target_rate(i) for i in range(12)]
+
+
+def hostile_size(rank, world, exchange):
+    """Rank 1 announces a frame of 2**40 bytes: every rank refuses it before receiving."""
+    import ggcomm.ddp as ddp_mod
+    from ggcomm.codec import FrameError
+
+    model, ddp = make(rank)
+    state = GGCommState(rate=3.0, exchange=exchange, start_iter=0, overlap=False)
+    state.register(ddp)
+    if rank == 1:
+        orig = ddp_mod._all_gather
+
+        def lying(t, group, dev):
+            if t.dtype == torch.float64 and t.numel() > 2:
+                t = t.clone()
+                t[0] = 2.0**40
+            return orig(t, group, dev)
+
+        ddp_mod._all_gather = lying
+    x, y = batch(torch.Generator().manual_seed(rank))
+    try:
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    except FrameError as e:
+        return "FrameError", str(e)
+    except RuntimeError as e:  # DDP may wrap the future's exception
+        return type(e).__name__, str(e)
+    return None, None

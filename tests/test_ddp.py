@@ -108,6 +108,14 @@ def test_mismatched_settings_raise_on_every_rank():
     assert all(m is not None and "settings differ" in m for m in msgs)
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
+def test_a_lying_frame_size_is_refused_on_every_rank(exchange):
+    # sizes are checked against the largest valid frame before any receive is posted
+    for kind, msg in dist_utils.values(dist_utils.run(w.hostile_size, 2, exchange,
+                                                      timeout=120)):
+        assert kind is not None and "rank 1 announced" in msg and "bytes" in msg, (kind, msg)
+
+
 def test_nonfinite_gradients_propagate_then_clear():
     for bad, any_nonfinite, clean in dist_utils.values(dist_utils.run(w.nonfinite, 2)):
         assert bad and any_nonfinite  # GradScaler would see them and skip the step
