@@ -9,18 +9,19 @@ from .codec import (
     DEFAULT_BLOCK_SIZE,
     BlockInfo,
     Frame,
-    FrameError,
     FrameInfo,
     decode,
     encode,
     inspect,
 )
+from .errors import FrameError, GGCommError
 
 __version__ = "0.1.0"
 
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
-_SUBMODULES = {"gg", "rate", "kernels", "init", "gct", "backslash", "act", "analyze", "pipelining"}
+_SUBMODULES = {"errors", "gg", "rate", "kernels", "init", "gct", "backslash", "act", "analyze",
+               "pipelining"}
 
 
 def __getattr__(name: str):
@@ -37,6 +38,7 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameInfo",
+    "GGCommError",
     "__version__",
     "decode",
     "encode",

@@ -69,6 +69,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .errors import BenchError
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_DDP = ROOT / "launch" / "train_ddp.py"
 TESTHOSTS = ROOT / "launch" / "testhosts.py"
@@ -132,10 +134,6 @@ QUICK_METHODS = ("fp32", "fp16", "quant8", "powersgd-r1", "gg3-allgather", "gg3-
 QUICK_WORKLOADS = ("mlp",)
 QUICK_LINKS = ("localhost",)
 QUICK_RANKS = (2,)
-
-
-class BenchError(RuntimeError):
-    """A launch failed or could not start; the message names the group and what went wrong."""
 
 
 @dataclass(frozen=True)

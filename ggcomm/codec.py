@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import _parallel
+from .errors import FrameError
 from .kernels import eg
 
 __all__ = [
@@ -72,10 +73,6 @@ _ERRORS = {
     eg.ERR_PADDING: "the padding bits after the block are not zero",
     eg.ERR_EXCEPTION_CODE: "an exception position holds a nonzero code",
 }
-
-
-class FrameError(ValueError):
-    """The bytes are not a valid ggcomm frame (corrupt, truncated or mismatched)."""
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,11 @@ import torch.distributed as dist
 from . import __version__, codec
 from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE
+from .errors import SettingsMismatchError
 
 __all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
 
 _STATE_VERSION = 2
-
-
-class SettingsMismatchError(RuntimeError):
-    """Ranks were configured differently (settings or ggcomm versions disagree)."""
 
 
 # --------------------------------------------------------------------------- stats

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from ggcomm.errors import GCTStateError
 from ggcomm.rate import _check_k, eg_rate_surrogate
 
 __all__ = ["DEFAULT_REL_STEP", "GCT", "GCTStateError"]
@@ -65,10 +66,6 @@ GG-shaped gradients; each halving adds about one bit)."""
 
 _STATE_VERSION = 1
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class GCTStateError(ValueError):
-    """A GCT state dict does not match the parameters it is loaded into."""
 
 
 def _named(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from . import __version__, codec
 from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE, FrameError
+from .errors import PipeSettingsError
 
 __all__ = [
     "PipeComm",
@@ -71,10 +72,6 @@ _PREAMBLE_WORDS = 2  # int64 payload length, int64 (fingerprint << 1) | compress
 _MAX_PAYLOAD = 1 << 44  # 16 TiB: anything larger is a corrupt preamble
 DIRECTIONS = ("forward", "backward")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what frames hold
-
-
-class PipeSettingsError(RuntimeError):
-    """The two ends of a pipeline link were configured differently (settings or versions)."""
 
 
 # --------------------------------------------------------------------------- raw messages

@@ -69,6 +69,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.stage import _PipelineStageBase
 
+from .errors import LinkOutOfStepError
 from .pipeline import PipeComm, SendHandle
 
 __all__ = [
@@ -83,10 +84,6 @@ __all__ = [
 # largest tag every MPI implementation must accept. Change it only if your own
 # point-to-point messages on the same group use tags in [tag_base, tag_base + 2 * stages).
 DEFAULT_TAG_BASE = 0x6767
-
-
-class LinkOutOfStepError(RuntimeError):
-    """A stage was asked for receives it never consumed, so the link is out of step."""
 
 
 class _CompressedP2P(_PipelineStageBase):
