@@ -2,12 +2,12 @@
 
 Two lines on a ``DistributedDataParallel`` model::
 
-    from ggcomm.ddp import GGCommState, gg_hook
+    from ggcomm.ddp import GGCommState
     state = GGCommState(process_group=None, rate=3.0)
-    ddp_model.register_comm_hook(state, gg_hook)
+    state.register(ddp_model)
 
-(``state.register(ddp_model)`` does the same and also learns the parameter names, which
-``state_dict`` uses as keys: do that when you checkpoint the hook's state.)
+(``ddp_model.register_comm_hook(state, gg_hook)`` registers the same hook without learning
+the parameter names, which ``state_dict`` needs as keys: it then refuses to save.)
 
 What goes over the wire, per bucket and iteration (steady state):
 
@@ -33,12 +33,14 @@ times every pass (``state.stats.last_buckets``).
 
 # No `from __future__ import annotations` here: DDP checks the hook's `bucket` annotation
 # against dist.GradBucket at registration, and a postponed (string) annotation fails it.
+import datetime
 import functools
 import json
 import math
 import queue
 import threading
 import time
+import warnings
 import zlib
 from typing import Any
 
@@ -49,11 +51,11 @@ import torch.distributed as dist
 from . import __version__, codec
 from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE
-from .errors import SettingsMismatchError
+from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
 
 __all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 # --------------------------------------------------------------------------- stats
@@ -172,10 +174,25 @@ class GGCommState:
             iteration. 0: every iteration agrees afresh; ``inf``: none after the first
             compressed iteration.
         log_path: if given, rank 0 appends one JSON line of per-iteration stats there.
+            Rank 0 checks that it can write there on the first call, and every rank raises
+            ``OSError`` alike if it cannot (no rank goes on alone).
         tb_writer: an object with ``add_scalar(tag, value, step)`` (e.g. a TensorBoard
             SummaryWriter) that rank 0 sends the per-iteration stats to.
         overlap: run encoding, exchange and decoding on a background thread so they
             overlap with the rest of backward (the kernels release the GIL).
+        timeout: how long the hook's collectives wait for a peer (a ``timedelta`` or
+            seconds) before they raise; default: the timeout of ``process_group`` (the one
+            given to ``init_process_group``), so a stalled peer fails the hook as soon as it
+            would fail plain DDP.
+
+    Errors: a frame that does not decode (:class:`~ggcomm.errors.FrameError`) or carries
+    other settings (:class:`~ggcomm.errors.SettingsMismatchError`) on any rank makes every
+    rank raise that error from ``loss.backward()`` of that iteration, with its type, after
+    DDP has finished the iteration. That iteration's gradients are then not an average (in
+    part this rank's own values): a training loop that catches the error, zeroes the
+    gradients and skips ``optimizer.step()`` keeps every replica identical and can go on.
+    A collective that fails (a peer stalled past ``timeout``, or died) is raised the same
+    way, with torch.distributed's own error.
     """
 
     def __init__(
@@ -197,6 +214,7 @@ class GGCommState:
         log_path: str | None = None,
         tb_writer: Any = None,
         overlap: bool = True,
+        timeout: datetime.timedelta | float | None = None,
     ):
         self.control = _stepping.StepControl(rate, step, rel_step, rate_gain=rate_gain,
                                              warmup_iters=warmup_iters, warmup_rate=warmup_rate)
@@ -218,6 +236,12 @@ class GGCommState:
         self.log_path = log_path
         self.tb_writer = tb_writer
         self.overlap = bool(overlap)
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            timeout = datetime.timedelta(seconds=float(timeout))
+        if timeout is not None and not (isinstance(timeout, datetime.timedelta)
+                                        and timeout.total_seconds() > 0):
+            raise ValueError(f"timeout must be a positive timedelta or seconds, got {timeout!r}")
+        self.timeout = timeout
 
         self.process_group = process_group
         self.iteration = 0
@@ -227,6 +251,7 @@ class GGCommState:
         self.steps: dict[str, float] = {}  # the step each parameter is coded at next
         self.rms: dict[str, float] = {}  # each parameter's RMS over ranks, last iteration
         self._names: dict[int, str] = {}
+        self._numels: dict[str, int] = {}
         self._first_seen: dict[int, str] = {}
         self._init_runtime()
 
@@ -240,6 +265,12 @@ class GGCommState:
         self._pending: _Pending | None = None
         self._scratch: dict[str, Any] = {}  # reusable arrays and host staging buffers
         self._flip = 0
+        # this iteration's first error (raised on the training thread when DDP is done), and
+        # whether the collectives stopped (a failed collective, or a refusal every rank made)
+        self._failure: BaseException | None = None
+        self._halted = False
+        self._check_queued = False  # a callback will raise this iteration's error
+        self._stale_failure: BaseException | None = None
 
     # ------------------------------------------------------------------ settings
 
@@ -279,6 +310,7 @@ class GGCommState:
         DDP's bucket layout differs between a fresh start and a long run.
         """
         self._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
+        self._numels = {name: p.numel() for name, p in ddp_model.module.named_parameters()}
         ddp_model.register_comm_hook(self, gg_hook)
 
     def _key(self, p: torch.Tensor) -> str:
@@ -292,30 +324,83 @@ class GGCommState:
 
     # ------------------------------------------------------------------ checkpointing
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 0, 1
+        group = self.process_group or dist.group.WORLD
+        return dist.get_rank(group), dist.get_world_size(group)
+
     def state_dict(self) -> dict[str, Any]:
-        """Residuals, rate-control state, iteration and counters (no process group)."""
+        """This rank's residuals, rate-control state, iteration and counters.
+
+        Holds only tensors and Python scalars (``torch.load`` reads it with its default
+        ``weights_only=True``), and the rank and world size it belongs to: each rank saves
+        and loads its own (the residuals are per rank). Refuses to save residuals keyed by
+        position (the hook registered with ``ddp.register_comm_hook`` instead of
+        ``state.register(ddp)``): positions follow DDP's bucket order, which a resumed run
+        does not share, so such a checkpoint would resume the residuals on the wrong
+        parameters.
+        """
+        if self._first_seen:
+            raise StateLoadError(
+                f"{len(self._first_seen)} parameters have no name (the hook was registered "
+                f"with ddp.register_comm_hook): register it with state.register(ddp_model) "
+                f"so that the state dict is keyed by parameter name and resumes exactly")
+        rank, world = self._rank_and_world()
+        scalars = lambda d: {str(k): float(v) for k, v in d.items()}  # noqa: E731
         return {
             "version": _STATE_VERSION,
             "settings": self.settings(),
-            "iteration": self.iteration,
-            "residuals": {k: v.clone() for k, v in self.residuals.items()},
-            "rate_corr": dict(self.rate_corr),
-            "last_bits": dict(self.last_bits),
-            "steps": dict(self.steps),
-            "rms": dict(self.rms),
-            "stats_total": dict(self.stats.total),
+            "rank": rank,
+            "world_size": world,
+            "iteration": int(self.iteration),
+            "residuals": {k: v.detach().clone() for k, v in self.residuals.items()},
+            "rate_corr": scalars(self.rate_corr),
+            "last_bits": scalars(self.last_bits),
+            "steps": scalars(self.steps),
+            "rms": scalars(self.rms),
+            "stats_total": scalars(self.stats.total),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd.get("version") not in (1, _STATE_VERSION):
-            raise ValueError(f"unsupported GGCommState state_dict version {sd.get('version')}")
+        """Resume from :meth:`state_dict`; call it after :meth:`register` to have the
+        residuals' names and sizes checked against the model.
+
+        Raises :class:`~ggcomm.errors.StateLoadError` if the state was saved by another
+        rank or at another world size, or names parameters the model lacks or has in
+        another size, and :class:`~ggcomm.errors.SettingsMismatchError` if it was saved
+        with other settings.
+        """
+        if not isinstance(sd, dict) or sd.get("version") not in (1, 2, _STATE_VERSION):
+            raise StateLoadError(f"unsupported GGCommState state_dict version "
+                                 f"{sd.get('version') if isinstance(sd, dict) else sd!r}")
         mine = {k: v for k, v in self.settings().items() if k != "ggcomm"}
         theirs = {k: v for k, v in sd["settings"].items() if k != "ggcomm"}
         if mine != theirs:
             raise SettingsMismatchError(f"state_dict was saved with settings {theirs}, "
                                         f"this state has {mine}")
+        rank, world = self._rank_and_world()
+        if "rank" in sd and (sd["rank"], sd["world_size"]) != (rank, world):
+            raise StateLoadError(
+                f"this state was saved by rank {sd['rank']} of {sd['world_size']}, and is "
+                f"loaded on rank {rank} of {world}: residuals are per rank, so each rank "
+                f"saves and loads its own file (and the world size must not change)")
+        residuals = sd["residuals"]
+        if self._numels:
+            unknown = sorted(set(residuals) - set(self._numels))
+            if unknown:
+                raise StateLoadError(f"the state has residuals for parameters this model "
+                                     f"lacks: {unknown[:5]}")
+            for key, v in residuals.items():
+                if v.numel() != self._numels[key]:
+                    raise StateLoadError(
+                        f"parameter {key!r} has {self._numels[key]} elements, its saved "
+                        f"residual {v.numel()}: the model's shapes changed")
+        elif any(k.startswith("#") for k in residuals):
+            raise StateLoadError("the state keys residuals by position; register the hook "
+                                 "with state.register(ddp_model) and save it again")
         self.iteration = int(sd["iteration"])
-        self.residuals = {k: v.clone() for k, v in sd["residuals"].items()}
+        self.residuals = {k: v.clone() for k, v in residuals.items()}
         self.control.corr = dict(sd["rate_corr"])
         self.last_bits = dict(sd["last_bits"])
         # version 1 kept no steps: the first iteration after loading one agrees on them anew
@@ -330,7 +415,8 @@ class GGCommState:
         d = {k: v for k, v in self.__dict__.items()
              if k not in ("process_group", "_group", "_queue", "_worker", "_checked",
                           "_comm_device", "_plans", "_pending", "_scratch", "_flip",
-                          "tb_writer", "_names", "_first_seen", "fingerprint")}
+                          "tb_writer", "_names", "_numels", "_first_seen", "fingerprint",
+                          "_failure", "_halted", "_check_queued", "_stale_failure")}
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -338,38 +424,60 @@ class GGCommState:
         self.process_group = None
         self.tb_writer = None
         self._names = {}
+        self._numels = {}
         self._first_seen = {}
         self._init_runtime()
 
     # ------------------------------------------------------------------ plumbing
 
+    def _comm_timeout(self) -> datetime.timedelta | None:
+        """``timeout``, else the timeout of the group the hook reduces over."""
+        if self.timeout is not None:
+            return self.timeout
+        parent = self.process_group or dist.group.WORLD
+        try:
+            dev = torch.device("cuda") if dist.get_backend(parent) == "nccl" else \
+                torch.device("cpu")
+            return parent._get_backend(dev).options._timeout
+        except (AttributeError, RuntimeError):  # a backend without options: torch's default
+            return None
+
     def _comm_group(self) -> dist.ProcessGroup:
         if self._group is None:
             ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-            self._group = dist.new_group(ranks=ranks)
+            self._group = dist.new_group(ranks=ranks, timeout=self._comm_timeout())
             # NCCL moves only CUDA tensors: frames are staged through the current device.
             if dist.get_backend(self._group) == "nccl":
                 self._comm_device = torch.device("cuda", torch.cuda.current_device())
         return self._group
 
-    def _submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        fut: torch.futures.Future = torch.futures.Future()
+    def _submit(self, job: "_BucketJob") -> None:
         group = self._comm_group()
-        job = _BucketJob.capture(bucket, fut)
         if not self.overlap:
             _run_job(self, group, job)
-            return fut
+            return
         if self._worker is None:
             self._queue = queue.Queue()
             self._worker = threading.Thread(target=self._serve, name="ggcomm-ddp", daemon=True)
             self._worker.start()
         self._queue.put((group, job))
-        return fut
 
     def _serve(self) -> None:
         while True:
             group, job = self._queue.get()
             _run_job(self, group, job)
+
+    def _fail(self, e: BaseException) -> None:
+        if self._failure is None:
+            self._failure = e
+
+    def _raise_failure(self, job: "_BucketJob") -> None:
+        """On the training thread, once the iteration's last bucket is done: raise the
+        iteration's error, if any, with its own type."""
+        job.fut.wait()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
 
 class _BucketJob:
@@ -398,20 +506,39 @@ def _run_job(state: GGCommState, group, job: _BucketJob) -> None:
     With ``reduce_scatter`` a bucket's second phase rides on the next bucket's first
     collective, so its future resolves one bucket later (the last bucket of an iteration
     finishes at once). DDP waits on the futures only after launching every bucket.
+
+    Errors never travel on a future (DDP would take the exception for the result and
+    raise ``Unable to cast ... to Tensor``): the iteration's first error is kept and raised
+    on the training thread once DDP has finished the iteration (see :func:`gg_hook`); the
+    buckets keep their local gradients. A bucket whose frames did not decode on this rank
+    still takes part in every exchange, so that every rank reaches the end of the
+    iteration, where the ranks agree on whether any failed. A failed collective, or a
+    refusal every rank made alike, stops this iteration's collectives.
     """
-    try:
-        done = _reduce_bucket(state, group, job)
-    except BaseException as e:  # noqa: BLE001 - the future carries it to DDP
+    done: list[_BucketJob] = []
+    if not state._halted:
+        try:
+            done = _reduce_bucket(state, group, job)
+        except BaseException as e:  # noqa: BLE001 - raised on the training thread instead
+            state._fail(e)
+            state._halted = True
+    if state._halted:  # resolve whatever waits: this bucket and a pending one
         pending, state._pending = state._pending, None
-        for j in ([pending.job] if pending is not None and pending.job is not job else []) + \
-                [job]:
-            if not j.fut.done():
-                j.fut.set_exception(e)
-        return
+        done = ([pending.job] if pending is not None and pending.job is not job else []) + \
+            [job]
     for j in done:
         if j.is_last:
+            if not state._halted:
+                try:
+                    _agree_on_failures(state, group)
+                except BaseException as e:  # noqa: BLE001
+                    state._fail(e)
+            state._halted = False
+            if state._failure is not None and not state._check_queued:
+                state._stale_failure, state._failure = state._failure, None
             _end_iteration(state)
-        j.fut.set_result(j.buffer)
+        if not j.fut.done():
+            j.fut.set_result(j.buffer)
 
 
 def gg_hook(state: GGCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -447,7 +574,35 @@ def gg_hook(state: GGCommState, bucket: dist.GradBucket) -> torch.futures.Future
             return f.value()[0]
 
         return work.get_future().then(done)
-    return state._submit(bucket)
+    if state._stale_failure is not None:
+        # an error its iteration could not raise (no end-of-backward callback ran): raise
+        # it now, before anything more is exchanged
+        failure, state._stale_failure = state._stale_failure, None
+        raise failure
+    job = _BucketJob.capture(bucket, torch.futures.Future())
+    if job.is_last:
+        _raise_after_ddp(state, job)
+    state._submit(job)
+    return job.fut
+
+
+def _raise_after_ddp(state: GGCommState, job: "_BucketJob") -> None:
+    """Raise the iteration's error on the training thread after DDP's own end-of-backward
+    callback (which waits for every bucket's future): errors keep their type, and DDP's
+    reducer finishes the iteration, so the next one works. A callback queued now runs
+    before DDP queues its own (DDP does that after this hook returns); it queues the check
+    behind DDP's."""
+    engine = torch.autograd.Variable._execution_engine
+
+    def check() -> None:
+        state._check_queued = False
+        state._raise_failure(job)
+
+    try:
+        engine.queue_callback(lambda: engine.queue_callback(check))
+        state._check_queued = True
+    except RuntimeError:  # not inside a backward pass: the next hook call raises it
+        state._check_queued = False
 
 
 # --------------------------------------------------------------------------- the reduction
@@ -541,16 +696,34 @@ def _ring_allgather_bytes(nbytes: int, n: int) -> float:
     return float((n - 1) * nbytes)
 
 
+def _is_writer() -> bool:
+    """The rank that logs (global rank 0)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _check_settings(state: GGCommState, group) -> None:
+    """First call, every rank: the settings agree, and the logging rank can write its log
+    (else every rank raises alike, instead of one rank failing while the others go on)."""
     n = dist.get_world_size(group)
-    mine = torch.tensor([state.fingerprint], dtype=torch.int64)
-    prints = [int(p) for p in _all_gather(mine, group, state._comm_device)]
-    state.stats.add(bytes_sent=_ring_allgather_bytes(8, n),
-                    bytes_received=_ring_allgather_bytes(8, n))
+    log_error = ""
+    if state.log_path and _is_writer():
+        try:
+            with open(state.log_path, "a"):
+                pass
+        except OSError as e:
+            log_error = f"{type(e).__name__}: {e}"
+    mine = torch.tensor([state.fingerprint, int(bool(log_error))], dtype=torch.int64)
+    gathered = _all_gather(mine, group, state._comm_device)
+    prints = [int(p[0]) for p in gathered]
+    state.stats.add(bytes_sent=_ring_allgather_bytes(16, n),
+                    bytes_received=_ring_allgather_bytes(16, n))
     if len(set(prints)) > 1:
         raise SettingsMismatchError(
             f"ggcomm settings differ between ranks (fingerprints by rank: "
             f"{[hex(p) for p in prints]}); this rank has {state.settings()}")
+    if any(int(p[1]) for p in gathered):
+        raise OSError(f"GGCommState(log_path={state.log_path!r}): the logging rank cannot "
+                      f"write there ({log_error or 'see its error'})")
     state._checked = True
 
 
@@ -784,6 +957,40 @@ def _info(n_sizes: int, plan: _Plan) -> np.ndarray:
     return np.zeros(n_sizes + 4 * len(plan.keys), np.float64)
 
 
+_FAILURE_CODES = {FrameError: 1, SettingsMismatchError: 2}
+
+
+def _agree_on_failures(state: GGCommState, group) -> None:
+    """End of an iteration: every rank learns whether any rank's frames failed to decode,
+    so that all raise alike (one 8-byte all-gather per iteration)."""
+    n = dist.get_world_size(group)
+    code = 0
+    if state._failure is not None:
+        code = next((c for t, c in _FAILURE_CODES.items() if isinstance(state._failure, t)), 3)
+    codes = [int(v) for v in _all_gather(torch.tensor([code], dtype=torch.int64), group,
+                                         state._comm_device)]
+    state.stats.add(bytes_sent=_ring_allgather_bytes(8, n),
+                    bytes_received=_ring_allgather_bytes(8, n))
+    bad = [r for r, c in enumerate(codes) if c]
+    if bad and state._failure is None:
+        kind = {1: FrameError, 2: SettingsMismatchError}.get(codes[bad[0]], GGCommError)
+        state._failure = kind(
+            f"rank(s) {bad} could not reduce this iteration's gradients ({kind.__name__} "
+            f"there; see that rank's error): every rank raises, and every rank's gradients "
+            f"hold its local values, so skipping this optimizer step keeps the replicas "
+            f"identical")
+
+
+def _decoding(state: GGCommState, fn) -> tuple[bool, Any]:
+    """``(True, fn())``; a frame that fails to decode is this rank's error for the
+    iteration, and gives ``(False, None)``: the exchange goes on (see :func:`_run_job`)."""
+    try:
+        return True, fn()
+    except (FrameError, SettingsMismatchError) as e:
+        state._fail(e)
+        return False, None
+
+
 def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJob]:
     """Reduce one bucket; returns the jobs (this one and/or a pending one) now complete."""
     n = dist.get_world_size(group)
@@ -828,15 +1035,18 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         sent += sum(send_sizes)
         received += sum(recv_sizes)
         timer.lap("c2_frames")
-        frames = _peer_frames(recv, recv_sizes, rank, state)
         out = _host_output(state, job, g)
-        if n > 1:
-            _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(frame),
-                    divisor=float(n), out=out)
-        else:
-            codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
+
+        def average():
+            if n == 1:
+                return codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
+            return _summed(recv, _peer_frames(recv, recv_sizes, rank, state), own=own_q,
+                           own_exceptions=_own_exceptions(frame), divisor=float(n), out=out)
+
+        ok, _ = _decoding(state, average)
         timer.lap("decode")
-        _store_output(job, out)
+        if ok:
+            _store_output(job, out)
         _next_steps(state, plan, infos[:, 1:].reshape(n, -1, 4), n)
         timer.lap("finish")
         done.append(job)
@@ -887,17 +1097,24 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         sent += sum(send_sizes)
         received += sum(recv_sizes)
         timer.lap("c2_frames")
-        frames = _peer_frames(recv, recv_sizes, rank, state)
         lo, hi = plan.chunk_bounds[rank], plan.chunk_bounds[rank + 1]
         # two alternating buffers: the previous bucket's sums wait for its exchange in one
         state._flip ^= 1
         ssum = _scratch(state, f"sum{state._flip}", hi - lo, np.int64)
         own_frame = frames_out[rank][0]
-        if n > 1:
-            xpos, xval = _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(
-                own_frame), out=ssum)
-        else:
-            xpos, xval = codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
+        own_exc = _own_exceptions(own_frame)
+
+        def chunk_sum():
+            if n == 1:
+                return codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
+            return _summed(recv, _peer_frames(recv, recv_sizes, rank, state), own=own_q,
+                           own_exceptions=own_exc, out=ssum)
+
+        ok, sums = _decoding(state, chunk_sum)
+        if not ok:  # still send a valid reduced chunk (this rank's own): peers wait for it
+            sums = codec.sum_frames(recv, [None], own=own_q, own_exceptions=own_exc,
+                                    out=ssum, like=own_frame)
+        xpos, xval = sums
         timer.lap("decode")
         reduced = codec.encode_integers(ssum, steps, plan.chunk_segments[rank], xpos, xval,
                                         **code)
@@ -945,31 +1162,47 @@ def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], ti
     recv = _all_to_all(p.frame.buffer.repeat(n - 1) if n > 1 else p.frame.buffer[:0],
                        send_sizes, recv_sizes, group, state._comm_device)
     timer.lap("c3_reduced")
-    frames = _peer_frames(recv, recv_sizes, rank, state)
     bounds = p.plan.chunk_bounds
-    for src in range(n):
-        lo, hi = bounds[src], bounds[src + 1]
-        if src == rank:  # this rank's chunk: from the integers it summed, not decoded
-            codec.sum_frames(recv, [None], own=p.own, own_exceptions=p.own_exc,
-                             divisor=float(n), out=p.out[lo:hi], like=p.frame)
-        else:
-            _summed(recv, [None if i != src else frames[src] for i in range(n)],
-                    divisor=float(n), out=p.out[lo:hi])
+
+    def average():
+        frames = _peer_frames(recv, recv_sizes, rank, state)
+        for src in range(n):
+            lo, hi = bounds[src], bounds[src + 1]
+            if src == rank:  # this rank's chunk: from the integers it summed, not decoded
+                codec.sum_frames(recv, [None], own=p.own, own_exceptions=p.own_exc,
+                                 divisor=float(n), out=p.out[lo:hi], like=p.frame)
+            else:
+                _summed(recv, [None if i != src else frames[src] for i in range(n)],
+                        divisor=float(n), out=p.out[lo:hi])
+
+    ok, _ = _decoding(state, average)
     timer.lap("decode")
-    _store_output(p.job, p.out)
+    if ok:
+        _store_output(p.job, p.out)
     return float(sum(send_sizes)), float(sum(recv_sizes))
 
 
 def _end_iteration(state: GGCommState) -> None:
     summary = state.stats.end_step()
     state.iteration += 1
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if not rank0:
+    if not _is_writer():
         return
     summary["iteration"] = state.iteration
+    # Logging is a side channel: a failure to log (a full disk, a closed writer) must not
+    # stop one rank while the others train on, so it warns once and logging stops.
     if state.log_path:
-        with open(state.log_path, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
+        try:
+            with open(state.log_path, "a") as fh:
+                fh.write(json.dumps(summary) + "\n")
+        except OSError as e:
+            warnings.warn(f"ggcomm: cannot write {state.log_path!r} ({e}); logging stops",
+                          RuntimeWarning, stacklevel=1)
+            state.log_path = None
     if state.tb_writer is not None:
-        for name in ("bytes_sent", "ratio", "bits_per_element", "encode_s", "decode_s"):
-            state.tb_writer.add_scalar(f"ggcomm/{name}", summary[name], state.iteration)
+        try:
+            for name in ("bytes_sent", "ratio", "bits_per_element", "encode_s", "decode_s"):
+                state.tb_writer.add_scalar(f"ggcomm/{name}", summary[name], state.iteration)
+        except Exception as e:  # noqa: BLE001 - any writer's error, see above
+            warnings.warn(f"ggcomm: tb_writer failed ({type(e).__name__}: {e}); it is "
+                          f"dropped", RuntimeWarning, stacklevel=1)
+            state.tb_writer = None

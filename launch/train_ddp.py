@@ -320,7 +320,7 @@ def _register_hook(
     if args.hook == "none":
         return None, None
     if args.hook == "gg":
-        from ggcomm.ddp import GGCommState, gg_hook
+        from ggcomm.ddp import GGCommState
 
         kwargs: dict[str, Any] = {}
         for name in ("rate", "step", "rel_step", "exchange"):
@@ -337,7 +337,7 @@ def _register_hook(
         if args.gg_step_drift is not None:
             kwargs["step_drift"] = args.gg_step_drift
         state = GGCommState(process_group=None, **kwargs)
-        ddp_model.register_comm_hook(state, gg_hook)
+        state.register(ddp_model)
         return None, state
     state: Any = None
     if args.hook == "fp16":

@@ -230,7 +230,7 @@ def _resume(rank, world, exchange, mode):
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
                 "ggcomm": st_b.state_dict()}, buf)
     buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
+    ck = torch.load(buf)  # default arguments: weights_only=True
     model_c, ddp_c = make(rank)
     model_c.load_state_dict(ck["model"])
     opt_c = torch.optim.Adam(ddp_c.parameters(), lr=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -17,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, results, pg_timeout=None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
@@ -26,7 +27,8 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
     torch.set_num_threads(1)  # several ranks share two cores
     ggcomm.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        kw = {} if pg_timeout is None else {"timeout": datetime.timedelta(seconds=pg_timeout)}
+        dist.init_process_group("gloo", rank=rank, world_size=world, **kw)
         results[rank] = ("ok", fn(rank, world, *args))
     except BaseException as e:  # noqa: BLE001 - reported to the test
         results[rank] = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -35,16 +37,17 @@ def _entry(rank: int, world: int, port: int, fn, args, results) -> None:
             dist.destroy_process_group()
 
 
-def run(fn, world: int, *args, timeout: float = 240.0) -> list:
+def run(fn, world: int, *args, timeout: float = 240.0, pg_timeout: float | None = None) -> list:
     """fn(rank, world, *args) on `world` gloo ranks; returns the per-rank results.
 
     A rank that raised comes back as ("error", message); a hang fails after `timeout`.
+    `pg_timeout`: seconds, the process group's timeout (torch's default if None).
     """
     ctx = mp.get_context("spawn")
     port = free_port()
     with ctx.Manager() as manager:
         results = manager.dict()
-        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results))
+        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results, pg_timeout))
                  for r in range(world)]
         for p in procs:
             p.start()

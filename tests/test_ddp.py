@@ -58,11 +58,12 @@ def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
 
 
 @pytest.mark.parametrize("exchange,drift,per_bucket,per_step", [
-    ("allgather", float("inf"), 2, 0), ("reduce_scatter", float("inf"), 3, 1),
-    ("allgather", 0.0, 3, 0), ("reduce_scatter", 0.0, 4, 1)])
+    ("allgather", float("inf"), 2, 1), ("reduce_scatter", float("inf"), 3, 2),
+    ("allgather", 0.0, 3, 1), ("reduce_scatter", 0.0, 4, 2)])
 def test_collectives_per_bucket(exchange, drift, per_bucket, per_step):
     # sizes and statistics ride one all-gather, and steps come from the previous
-    # iteration's statistics; a bucket whose statistics drift agrees on fresh ones first
+    # iteration's statistics; a bucket whose statistics drift agrees on fresh ones first;
+    # per iteration, one 8-byte all-gather tells every rank whether any rank's frames failed
     for rank_steps in dist_utils.values(dist_utils.run(w.collectives_per_step, 3, exchange,
                                                        drift)):
         for calls, buckets in rank_steps:

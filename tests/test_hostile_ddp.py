@@ -1,0 +1,56 @@
+"""The DDP hook against bad frames, stalled peers, unwritable logs and wrong checkpoints:
+each ends in one typed error on every rank, in bounded time, and training can go on."""
+
+from __future__ import annotations
+
+import dist_utils
+import hostile_ddp_workers as w
+import pytest
+
+PG_TIMEOUT = 4.0  # seconds: the user's init_process_group timeout in the stall test
+
+
+@pytest.mark.parametrize("exchange,world", [("allgather", 2), ("reduce_scatter", 3)])
+@pytest.mark.parametrize("kind,error", [("corrupt", "FrameError"),
+                                        ("tag", "SettingsMismatchError")])
+def test_a_bad_frame_reaches_every_training_loop_with_its_type(exchange, world, kind, error):
+    messages = []
+    for rank, (caught, identical, iteration) in enumerate(dist_utils.values(
+            dist_utils.run(w.bad_frame_reaches_the_loop, world, exchange, kind))):
+        # one error, on the step with the bad frame, on every rank (also those whose own
+        # frames all decoded), and the three steps after it train normally
+        assert [(step, name) for step, name, _ in caught] == [(0, error)], (rank, caught)
+        assert identical, rank
+        assert iteration == 3 + 4, rank
+        messages.append(caught[0][2])
+    # a rank that received the bad frame names what was wrong with it and who sent it
+    what = "checksum" if kind == "corrupt" else "fingerprint"
+    assert any(what in m and "rank 1" in m for m in messages), messages
+
+
+def test_a_stalled_peer_fails_the_survivor_within_its_timeout():
+    results = dist_utils.run(w.stalled_peer, 2, "allgather", pg_timeout=PG_TIMEOUT,
+                             timeout=120)
+    kind, value = results[0]
+    assert kind == "ok", value
+    error, elapsed = value
+    assert error is not None, "the survivor finished a step without its peer"
+    assert elapsed < 2 * PG_TIMEOUT, (elapsed, error)
+    assert results[1][0] == "error"  # killed by rank 0 once it had raised
+
+
+def test_an_unwritable_log_path_fails_every_rank_on_the_first_call(tmp_path):
+    path = str(tmp_path / "missing" / "ggcomm.jsonl")
+    for name, msg in dist_utils.values(dist_utils.run(w.log_path_unwritable, 2, path)):
+        assert name.endswith("Error") and "log_path" in msg and "missing" in msg
+
+
+def test_state_dicts_load_with_torch_load_and_refuse_what_does_not_fit():
+    for rank, out in enumerate(dist_utils.values(dist_utils.run(w.state_dict_checks, 2))):
+        assert out["weights_only_load"][:2] == (rank, 2) and out["weights_only_load"][2] > 0
+        assert "saved by rank" in out["other_rank"]
+        assert "world size" in out["other_world"]
+        assert "elements" in out["other_shapes"]
+        assert "no.such.param" in out["unknown_name"]
+        assert out["loaded_iteration"] == 3
+        assert "state.register" in out["positional"]
