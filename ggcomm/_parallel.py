@@ -32,9 +32,10 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"number of threads must be a positive int, got {n!r}")
     with _lock:
         _threads = n
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-            _pool = None
+        # Not shut down: a run() on another thread may hold the old pool and still submit
+        # to it. Its workers exit once the last such run() lets go of it (an executor that
+        # is collected wakes its idle workers, which then stop).
+        _pool = None
 
 
 def split(n_blocks: int, min_per_task: int) -> list[tuple[int, int]]:

@@ -7,7 +7,10 @@ as data. The byte layout is specified in ``docs/FORMAT.md``.
 
 Anything that is not a valid frame raises :class:`FrameError` naming what is wrong; the
 CRC-32 over header and payload catches corruption, and the kernels bound-check every
-length they read, so no input can crash, hang or read out of bounds.
+length they read, so no input can crash, hang or read out of bounds. Every size a frame
+claims is checked against its bytes before it is allocated (each block needs a minimum
+number of bits for its elements); zero-run blocks still let a few bytes validly describe
+millions of zeros, so receivers of untrusted frames pass ``max_numel``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ MAGIC = b"GGEG"
 VERSION = 1
 DEFAULT_BLOCK_SIZE = 16384
 MAX_NDIM = 64
+# Largest element count, and dimension, a frame may claim: element indices and sums of a
+# few of them stay exact in int64.
+MAX_NUMEL = (1 << 62) - 1
 
 # code -> torch dtype; the code travels in the header.
 _DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64}
@@ -146,13 +152,15 @@ class Frame:
         self._h = header
 
     @classmethod
-    def from_buffer(cls, buffer) -> Frame:
+    def from_buffer(cls, buffer, *, max_numel: int | None = None) -> Frame:
         """Validate and wrap a frame held in a uint8 tensor, numpy array or bytes-like.
 
-        Raises FrameError if the bytes are not exactly one valid frame.
+        Raises FrameError if the bytes are not exactly one valid frame, or if the frame
+        holds more than ``max_numel`` elements (see :func:`decode`).
         """
+        _check_max_numel(max_numel)
         t = _as_uint8_tensor(buffer)
-        return cls(t, _parse(t.numpy()))
+        return cls(t, _parse(t.numpy(), max_numel))
 
     @property
     def nbytes(self) -> int:
@@ -251,6 +259,35 @@ def _steps_and_bounds(step, segments, numel: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(steps, np.float64), bounds
 
 
+# Largest finite value of each frame dtype (exact in float64).
+_VMAX = {dt: float(torch.finfo(dt).max) for dt in _DTYPES.values()}
+
+
+def _code_limits(steps: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per step, the largest |x / step| coded rather than sent as an exception.
+
+    QMAX, the code's range, or less where a coded value could come back infinite: with
+    M = floor(vmax / step) (exact; vmax the dtype's largest finite value), |x / step| must
+    stay below M + 1/2 so that |q| <= M and |q| * step <= vmax. Every rounding after that
+    (to binary64, binary32, then float16/bfloat16) is monotone and vmax is representable in
+    each, so the value stays at most vmax: finite. Returns (float limits for x / step,
+    int64 limits for integers q).
+    """
+    vmax = _VMAX[dtype]
+    lims = np.full(steps.size, float(eg.QMAX))
+    qlims = np.full(steps.size, eg.QMAX, np.int64)
+    with np.errstate(over="ignore"):
+        near = np.flatnonzero(vmax / steps < 2.0**31)  # a superset: float64 rounding
+    a, b = vmax.as_integer_ratio()
+    for i in near:
+        c, d = float(steps[i]).as_integer_ratio()
+        m = (a * d) // (b * c)  # floor(vmax / step) in integers: exact
+        if m < eg.QMAX:
+            lims[i] = np.nextafter(m + 0.5, 0.0)  # |v| < m + 1/2: rint(v) <= m
+            qlims[i] = m
+    return lims, qlims
+
+
 def _block_layout(bounds: np.ndarray, block_size: int):
     """Per block (start, count, segment): each segment is cut into blocks of block_size."""
     lengths = np.diff(bounds)
@@ -294,8 +331,9 @@ def encode(
 
     Args:
         x: float32, float16, bfloat16 or float64 tensor of any shape (empty and 0-d too).
-            Non-finite values and values too large for the code travel exactly in the
-            frame's exception list.
+            Non-finite values, values too large for the code, and values whose ``q * step``
+            would pass the dtype's largest finite value travel exactly in the frame's
+            exception list.
         step: quantization step, or one step per segment (with ``segments``): a DDP bucket
             holds parameters whose gradients differ in scale by orders of magnitude.
         k: Exp-Golomb order 0..30, or "auto" to pick, per block, the order that minimises
@@ -331,13 +369,15 @@ def encode(
 
     layout = _block_layout(bounds, block_size)
     block_invs = invs[layout[2]]
+    block_lims = _code_limits(steps, dtype)[0][layout[2]]
     starts, counts = layout[0], layout[1]
 
     def kernel(buf, meta, lo, hi):
-        return eg.encode_blocks(xs, starts, counts, block_invs, lo, hi, k_fixed, zr, buf, meta)
+        return eg.encode_blocks(xs, starts, counts, block_invs, block_lims, lo, hi, k_fixed, zr,
+                                buf, meta)
 
     meta, chunks = _encode_ranges(kernel, counts, zr)
-    exc_pos = _exception_positions(xs, meta, starts, counts, block_invs)
+    exc_pos = _exception_positions(xs, meta, starts, counts, block_invs, block_lims)
     raw = src.view(_RAW_INT[dtype])[torch.from_numpy(exc_pos)].numpy() if exc_pos.size \
         else None
     return _assemble(dtype, shape, int(tag), block_size, bounds, steps, layout, meta, chunks,
@@ -369,14 +409,15 @@ def _encode_ranges(kernel, counts: np.ndarray, zr: int):
     return meta, chunks
 
 
-def _exception_positions(xs: np.ndarray, meta: np.ndarray, starts, counts, invs) -> np.ndarray:
+def _exception_positions(xs: np.ndarray, meta: np.ndarray, starts, counts, invs,
+                         lims) -> np.ndarray:
     """Sorted positions of the values the code cannot carry, scanning only blocks that have
     them (``meta[:, 4]`` counts them per block)."""
     n_exc = int(meta[:, 4].sum()) if meta.size else 0
     exc_pos = np.empty(n_exc, np.int64)
     if n_exc:
         has = np.flatnonzero(meta[:, 4])
-        found = eg.find_exceptions(xs, starts[has], counts[has], invs[has], exc_pos)
+        found = eg.find_exceptions(xs, starts[has], counts[has], invs[has], lims[has], exc_pos)
         assert found == n_exc
     return exc_pos
 
@@ -452,7 +493,42 @@ def _as_uint8_tensor(buffer) -> torch.Tensor:
     raise TypeError(f"cannot read a frame from {type(buffer).__name__}")
 
 
-def _parse(buf: np.ndarray) -> _Header:
+def _check_max_numel(max_numel) -> None:
+    if max_numel is not None and (not isinstance(max_numel, (int, np.integer))
+                                  or isinstance(max_numel, bool) or max_numel < 0):
+        raise ValueError(f"max_numel must be None or an int >= 0, got {max_numel!r}")
+
+
+def _eg_lengths(v: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Bits of the order-k EG codewords of v (int64 arrays, v + 2**k < 2**53)."""
+    nb = np.frexp((v + (np.int64(1) << k)).astype(np.float64))[1]  # exact bit length
+    return 2 * nb.astype(np.int64) - 1 - k
+
+
+def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
+                    counts: np.ndarray) -> np.ndarray:
+    """The fewest bits a valid block of ``counts`` elements can have (FORMAT.md, Blocks).
+
+    Mode 0: one codeword of at least k + 1 bits per element. Mode 1: the cheapest parse is
+    one run of all ``count`` zeros, or a run of ``count - 1`` zeros and the value 1 (merging
+    two runs around a value never costs bits: EG_krun(a + b + 1) <= EG_krun(max) + 2, and
+    the run and value codewords it removes take at least 2), so the minimum is the
+    smaller of the two.
+    """
+    eg_bits = counts * (k + 1)
+    one_run = _eg_lengths(counts, k_run)
+    run_and_one = _eg_lengths(np.maximum(counts - 1, 0), k_run) + k + 1
+    return np.where(mode == eg.MODE_EG, eg_bits, np.minimum(one_run, run_and_one))
+
+
+def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
+    """Validate a frame's structure (everything but the codewords) and return its header.
+
+    Nothing here allocates memory in proportion to the element count the frame claims;
+    the per-block bit budgets bound that count by the payload's size (except zero-run
+    blocks, which hold up to block_size zeros in a few bits), and ``max_numel`` by the
+    caller's limit.
+    """
     n = buf.size
     if n < _FIXED.size + _CRC.size:
         raise FrameError(f"truncated frame: {n} bytes, a frame has at least "
@@ -474,6 +550,11 @@ def _parse(buf: np.ndarray) -> _Header:
         raise FrameError(f"unknown flags {flags:#x}")
     if not 1 <= block_size <= eg.MAX_BLOCK_SIZE:
         raise FrameError(f"block size {block_size} outside 1..{eg.MAX_BLOCK_SIZE}")
+    if numel > MAX_NUMEL:
+        raise FrameError(f"the frame claims {numel} elements, at most {MAX_NUMEL} are valid")
+    if max_numel is not None and numel > max_numel:
+        raise FrameError(f"the frame holds {numel} elements, more than the receiver's "
+                         f"max_numel={max_numel}")
     dtype = _DTYPES[dcode]
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if n_seg < 1:
@@ -489,20 +570,25 @@ def _parse(buf: np.ndarray) -> _Header:
     o = _FIXED.size
     shape = tuple(int(d) for d in buf[o:o + 8 * ndim].view("<u8"))
     o += 8 * ndim
-    if math.prod(shape) != numel:
+    if any(d > MAX_NUMEL for d in shape):
+        raise FrameError(f"shape {shape}: a dimension above {MAX_NUMEL}")
+    if math.prod(shape) != numel:  # Python ints: no overflow
         raise FrameError(f"shape {shape} does not hold {numel} elements")
     seg = buf[o:o + _SEGMENT.itemsize * n_seg].view(_SEGMENT)
     o += seg.nbytes
-    lengths = seg["length"].astype(np.int64)
-    if (seg["length"] > numel).any() or int(seg["length"].sum(dtype=np.uint64)) != numel:
+    if (seg["length"] > numel).any():
+        raise FrameError(f"segment lengths do not add up to {numel} elements")
+    lengths = seg["length"].astype(np.int64)  # each <= numel < 2**62
+    bounds = np.zeros(n_seg + 1, np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    # int64 cannot wrap before a partial sum exceeds numel (every length is below 2**62)
+    if (bounds > numel).any() or int(bounds[-1]) != numel:
         raise FrameError(f"segment lengths do not add up to {numel} elements")
     steps = seg["step"].astype(np.float64)
     with np.errstate(divide="ignore", over="ignore"):
         ok = np.isfinite(steps) & (steps > 0) & np.isfinite(1.0 / steps)
     if not ok.all():
         raise FrameError(f"invalid quantization step {steps[~ok][0]!r}")
-    bounds = np.zeros(n_seg + 1, np.int64)
-    np.cumsum(lengths, out=bounds[1:])
     implied = int((-(-lengths // block_size)).sum())  # before any per-block allocation
     if implied != n_blocks:
         raise FrameError(f"{n_blocks} blocks, but the segments in blocks of {block_size} "
@@ -510,6 +596,14 @@ def _parse(buf: np.ndarray) -> _Header:
     layout = _block_layout(bounds, block_size)
     blocks = buf[o:o + _BLOCK.itemsize * n_blocks].view(_BLOCK)
     o += blocks.nbytes
+    exc_pos = buf[o:o + 8 * n_exc].view("<u8").astype(np.int64)
+    o += 8 * n_exc
+    exc_off = o
+    o += n_exc * itemsize
+    bits = blocks["bits"].astype(np.int64)
+    nbytes = (bits + 7) >> 3
+    if int(nbytes.sum()) != payload_len:  # no blocks: no payload
+        raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
     if n_blocks:
         if (blocks["mode"] > eg.MODE_ZERO_RUNS).any():
             raise FrameError(f"unknown block mode {int(blocks['mode'].max())}")
@@ -519,15 +613,27 @@ def _parse(buf: np.ndarray) -> _Header:
             raise FrameError("reserved block-table bytes are not zero")
         if ((blocks["mode"] == eg.MODE_EG) & (blocks["k_run"] != 0)).any():
             raise FrameError("an EG-mode block has a nonzero k_run")
-        if int(((blocks["bits"].astype(np.int64) + 7) >> 3).sum()) != payload_len:
-            raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
-    exc_pos = buf[o:o + 8 * n_exc].view("<u8").astype(np.int64)
-    o += 8 * n_exc
+        counts = layout[1]
+        need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
+                               blocks["k_run"].astype(np.int64), counts)
+        short = np.flatnonzero(bits < need)
+        if short.size:
+            b = int(short[0])
+            raise FrameError(f"block {b}: {int(bits[b])} bits cannot hold its "
+                             f"{int(counts[b])} elements (at least {int(need[b])})")
+        # padding: the unused low bits of each block's last byte
+        rem = bits & 7
+        part = np.flatnonzero(rem)
+        if part.size:
+            last = o + np.cumsum(nbytes)[part] - 1
+            mask = (1 << (8 - rem[part])) - 1
+            bad = np.flatnonzero(buf[last] & mask)
+            if bad.size:
+                b = int(part[bad[0]])
+                raise FrameError(f"block {b}: nonzero padding after its {int(bits[b])} bits")
     if n_exc and ((exc_pos < 0).any() or (exc_pos >= numel).any()
                   or (np.diff(exc_pos) <= 0).any()):
         raise FrameError("exception positions are not increasing positions inside the tensor")
-    exc_off = o
-    o += n_exc * itemsize
     return _Header(dtype, shape, numel, tag, block_size, bounds, steps, layout, blocks,
                    exc_pos, exc_off, o, payload_len, n)
 
@@ -541,12 +647,16 @@ def _luts() -> np.ndarray:
 
 
 
-def _frame_and_header(frame) -> tuple[np.ndarray, _Header]:
+def _frame_and_header(frame, max_numel: int | None = None) -> tuple[np.ndarray, _Header]:
+    _check_max_numel(max_numel)
     if isinstance(frame, Frame):
+        if max_numel is not None and frame._h.numel > max_numel:
+            raise FrameError(f"the frame holds {frame._h.numel} elements, more than the "
+                             f"receiver's max_numel={max_numel}")
         return frame.buffer.numpy(), frame._h
     buf_t = _as_uint8_tensor(frame)
     buf = buf_t.numpy()
-    return buf, _parse(buf)
+    return buf, _parse(buf, max_numel)
 
 
 def _block_arrays(h: _Header) -> tuple[np.ndarray, ...]:
@@ -572,13 +682,11 @@ def _decode_into(buf: np.ndarray, h: _Header, w: np.ndarray, steps: np.ndarray) 
     block_steps = steps[seg]
     results = _parallel.run(
         lambda lo, hi: eg.decode_blocks(payload, starts, counts, block_steps, lo, hi, modes, ks,
-                                        kruns, bits, offsets, luts, w),
+                                        kruns, bits, offsets, luts, h.exc_pos, w),
         ranges)
     for err, b in results:
         if err:
             raise FrameError(f"block {b}: {_ERRORS[err]}")
-    if h.exc_pos.size and (w[h.exc_pos] != 0).any():
-        raise FrameError("an exception position holds a nonzero code")
 
 
 def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
@@ -590,46 +698,54 @@ def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
     return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="))).view(h.dtype)
 
 
-def decode(frame, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode(frame, *, out: torch.Tensor | None = None,
+           max_numel: int | None = None) -> torch.Tensor:
     """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
 
     Returns ``q * step`` with the frame's dtype and shape: ``float64(q) * step`` rounded
     to float32 (float64 for float64 frames), then to the dtype. Values that travelled as
     exceptions come back bit for bit. With ``out`` (a CPU tensor of the frame's dtype and
-    element count) the result is written there and ``out`` is returned.
+    element count) the result is written there and ``out`` is returned; ``out`` is written
+    only once the whole frame has decoded, so on a FrameError it is left as it was (the
+    frame is decoded into a scratch tensor and copied: one extra pass over the output, far
+    cheaper than decoding twice to validate first).
+
+    ``max_numel``: the most elements the caller accepts. A frame claiming more raises
+    FrameError before anything in proportion to its size is allocated. None (the default)
+    sets no limit of the caller's: the frame is then bounded only by its own bits, and a
+    few hundred bytes of zero-run blocks can validly claim 2**26 elements. Receivers of
+    frames they do not trust should pass the size they expect.
 
     Raises FrameError if the buffer is not a valid frame.
     """
-    buf, h = _frame_and_header(frame)
+    buf, h = _frame_and_header(frame, max_numel)
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != h.dtype or \
                 out.numel() != h.numel or out.device.type != "cpu":
             raise ValueError(f"out must be a CPU {h.dtype} tensor of {h.numel} elements")
     work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if out is not None and out.dtype == work_dtype and out.is_contiguous():
-        work = out.view(-1)
-    else:
-        work = torch.empty(h.numel, dtype=work_dtype)
-    _decode_into(buf, h, work.numpy(), h.steps)
+    work = torch.empty(h.numel, dtype=work_dtype)
+    _decode_into(buf, h, work.numpy(), h.steps)  # every FrameError is raised here
     result = work if work.dtype == h.dtype else work.to(h.dtype)
     if h.exc_pos.size:
         result[torch.from_numpy(h.exc_pos)] = _exception_values(buf, h)
     result = result.view(h.shape)
     if out is not None:
-        if result.data_ptr() != out.data_ptr():
-            out.copy_(result.view(out.shape))
+        out.copy_(result.view(out.shape))
         return out
     return result
 
 
-def decode_symbols(frame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_symbols(frame, *, max_numel: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The frame's integers: (q as float64, exception positions, exception values).
 
     q is exact (|q| < 2**30) and 0 at exception positions; the exceptional values come
     back as float64. Summing the q of several frames that share steps is exact, which is
-    how ggcomm.ddp gives every rank bit-identical averages.
+    how ggcomm.ddp gives every rank bit-identical averages. ``max_numel`` as in
+    :func:`decode`.
     """
-    buf, h = _frame_and_header(frame)
+    buf, h = _frame_and_header(frame, max_numel)
     q = torch.empty(h.numel, dtype=torch.float64)
     _decode_into(buf, h, q.numpy(), np.ones_like(h.steps))
     pos = torch.from_numpy(h.exc_pos)
@@ -638,9 +754,13 @@ def decode_symbols(frame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q, pos, vals
 
 
-def inspect(frame) -> FrameInfo:
-    """The frame's header as data (validating it as ``Frame.from_buffer`` does)."""
-    buf, h = _frame_and_header(frame)
+def inspect(frame, *, max_numel: int | None = None) -> FrameInfo:
+    """The frame's header as data (validating it as ``Frame.from_buffer`` does).
+
+    Allocates nothing in proportion to the element count; ``max_numel`` as in
+    :func:`decode`.
+    """
+    buf, h = _frame_and_header(frame, max_numel)
     blocks = []
     bit_off = 0
     starts, counts, seg = h.layout
@@ -729,18 +849,19 @@ def encode_feedback(
     starts, counts, seg = layout
     block_steps = steps[seg]
     block_invs = 1.0 / block_steps
+    block_lims = _code_limits(steps, torch.float32)[0][seg]
     stats = np.zeros((starts.size, 3), np.float64)
     r = resid if resid is not None else np.empty(0, np.float32)
     q = q_out if q_out is not None else np.empty(0, np.int32)
 
     def kernel(buf, meta, lo, hi):
-        return eg.encode_blocks_feedback(g, r, starts, counts, block_invs, block_steps, lo, hi,
-                                         k_fixed, zr, buf, meta, stats, q)
+        return eg.encode_blocks_feedback(g, r, starts, counts, block_invs, block_steps,
+                                         block_lims, lo, hi, k_fixed, zr, buf, meta, stats, q)
 
     meta, chunks = _encode_ranges(kernel, counts, zr)
     # with feedback the residual holds x itself where x is an exception (see the kernel)
     exc_pos = _exception_positions(r if resid is not None else g, meta, starts, counts,
-                                   block_invs)
+                                   block_invs, block_lims)
     raw = None
     if exc_pos.size:
         src = r if resid is not None else g
@@ -769,9 +890,10 @@ def encode_integers(
     """Losslessly encode the tensor ``s * step + extra`` given as integers ``s`` (int64).
 
     The frame (float64) codes ``s`` at each segment's step; positions where ``|s|`` exceeds
-    the code's range, and the sorted ``extra_pos`` (where ``extra_val`` is added: values
-    that travelled as exceptions), carry ``s * step + extra`` exactly in the exception
-    list. ``s`` is modified (set to 0 at ``extra_pos``).
+    the code's range (or where ``s * step`` would pass float64's largest finite value),
+    and the sorted ``extra_pos`` (where ``extra_val`` is added: values that travelled as
+    exceptions), carry ``s * step + extra`` exactly in the exception list. ``s`` is
+    modified (set to 0 at ``extra_pos``).
     """
     k_fixed, zr = _code_args(k, block_size, "auto", tag)
     steps, bounds = _steps_and_bounds(steps, segments, s.size)
@@ -783,18 +905,24 @@ def encode_integers(
         ex_val = s[extra_pos] * steps[seg_of[extra_pos]] + extra_val
         s[extra_pos] = 0
 
+    lims, qlims = _code_limits(steps, torch.float64)
+    block_qlims = qlims[seg]
+
     def kernel(buf, meta, lo, hi):
-        return eg.encode_blocks_int(s, starts, counts, lo, hi, k_fixed, zr, buf, meta)
+        return eg.encode_blocks_int(s, starts, counts, block_qlims, lo, hi, k_fixed, zr, buf,
+                                    meta)
 
     meta, chunks = _encode_ranges(kernel, counts, zr)
-    # |s| > QMAX: find_exceptions reads s as float64 at step 1
-    big = _exception_positions(s, meta, starts, counts, np.ones(starts.size))
+    # |s| > qlim: find_exceptions reads s as float64 at step 1 (|float64(s)| <= lim exactly
+    # when |s| <= qlim, for integers s)
+    big = _exception_positions(s, meta, starts, counts, np.ones(starts.size), lims[seg])
     pos = extra_pos
     vals = ex_val if ex_val is not None else np.empty(0, np.float64)
     if big.size:
         seg_big = np.searchsorted(bounds, big, side="right") - 1
         pos = np.concatenate([pos, big])
-        vals = np.concatenate([vals, s[big] * steps[seg_big]])
+        with np.errstate(over="ignore"):  # s * step past float64's range: it is +-inf
+            vals = np.concatenate([vals, s[big] * steps[seg_big]])
         order = np.argsort(pos, kind="stable")
         pos, vals = pos[order], vals[order]
     return _assemble(torch.float64, (s.size,), int(tag), int(block_size), bounds, steps, layout,

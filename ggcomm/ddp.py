@@ -147,7 +147,10 @@ class GGCommState:
         exchange: ``"allgather"`` (every rank receives every frame: fewest messages, bytes
             per rank grow with the number of ranks), ``"reduce_scatter"`` (each rank sums
             one chunk exactly, re-encodes it losslessly and all-gathers it: bytes per rank
-            stay about 2 (N - 1) / N times a frame), or ``"auto"`` (allgather up to 2 ranks).
+            grow much less with N, 1.6x from 2 to 4 ranks against allgather's 3x in
+            ``benchmarks/results/ddp_speed``, where a ring would grow 1.5x; the summed
+            chunks code at more bits than one rank's), or ``"auto"`` (allgather up to 2
+            ranks).
         error_feedback: add each parameter's quantization residual to its next gradient
             (on by default; without it, small gradients below half a step are lost).
         start_iter: plain all-reduce for the first ``start_iter`` iterations (DDP rebuilds
@@ -898,19 +901,36 @@ def _check_tag(frame: codec.Frame, state: GGCommState, src: int) -> None:
 
 
 def _peer_frames(recv: torch.Tensor, sizes: list[int], rank: int, state: GGCommState,
+                 steps: np.ndarray, segments, dtype: torch.dtype,
                  ) -> list[tuple[int, codec.Frame] | None]:
-    """Parse the frames of every other rank out of one receive buffer (None for ours)."""
+    """Parse the frames of every other rank out of one receive buffer (None for ours).
+
+    Each must be exactly the frame this rank expects from that rank: ``segments(src)``
+    (its segment lengths, hence its element count), ``dtype``, this hook's block size and
+    the agreed ``steps``; anything else is a FrameError naming the rank, before any decode
+    (a frame of another shape would be summed onto the wrong elements).
+    """
     out: list[tuple[int, codec.Frame] | None] = []
     o = 0
     for src, size in enumerate(sizes):
         if src == rank:
             out.append(None)
             continue
+        expected = segments(src)
         try:
-            f = codec.Frame.from_buffer(recv[o:o + size])
+            f = codec.Frame.from_buffer(recv[o:o + size], max_numel=int(sum(expected)))
         except codec.FrameError as e:
             raise codec.FrameError(f"the frame from rank {src}: {e}") from None
         _check_tag(f, state, src)
+        h = f._h
+        if (h.dtype != dtype or h.block_size != state.block_size
+                or np.diff(h.seg_bounds).tolist() != list(expected)
+                or not np.array_equal(h.steps, steps)):
+            raise codec.FrameError(
+                f"the frame from rank {src} is not the one expected: {h.numel} {h.dtype} "
+                f"elements in {h.steps.size} segments at block size {h.block_size}, expected "
+                f"{int(sum(expected))} {dtype} in {len(expected)} at {state.block_size}, "
+                f"with the agreed steps")
         out.append((o, f))
         o += size
     return out
@@ -1040,8 +1060,10 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         def average():
             if n == 1:
                 return codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
-            return _summed(recv, _peer_frames(recv, recv_sizes, rank, state), own=own_q,
-                           own_exceptions=_own_exceptions(frame), divisor=float(n), out=out)
+            frames = _peer_frames(recv, recv_sizes, rank, state, steps,
+                                  lambda src: plan.lengths, torch.float32)
+            return _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(frame),
+                           divisor=float(n), out=out)
 
         ok, _ = _decoding(state, average)
         timer.lap("decode")
@@ -1107,8 +1129,9 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         def chunk_sum():
             if n == 1:
                 return codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
-            return _summed(recv, _peer_frames(recv, recv_sizes, rank, state), own=own_q,
-                           own_exceptions=own_exc, out=ssum)
+            frames = _peer_frames(recv, recv_sizes, rank, state, steps,
+                                  lambda src: plan.chunk_segments[rank], torch.float32)
+            return _summed(recv, frames, own=own_q, own_exceptions=own_exc, out=ssum)
 
         ok, sums = _decoding(state, chunk_sum)
         if not ok:  # still send a valid reduced chunk (this rank's own): peers wait for it
@@ -1165,7 +1188,8 @@ def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], ti
     bounds = p.plan.chunk_bounds
 
     def average():
-        frames = _peer_frames(recv, recv_sizes, rank, state)
+        frames = _peer_frames(recv, recv_sizes, rank, state, p.frame._h.steps,
+                              lambda src: p.plan.chunk_segments[src], torch.float64)
         for src in range(n):
             lo, hi = bounds[src], bounds[src + 1]
             if src == rank:  # this rank's chunk: from the integers it summed, not decoded

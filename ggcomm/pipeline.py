@@ -29,6 +29,15 @@ engines with preallocated receive buffers (DeepSpeed, ``torch.distributed.pipeli
 use it. Anything wrong with a message (a corrupt or truncated frame, a frame that does not
 fit ``out``, a peer configured differently) raises a typed error naming the peer.
 
+A preamble's length is a claim the receiver must allocate before it can look at the
+payload, so it is bounded: by the largest valid message of the expected size when the
+receiver knows it (``out``, or ``shape`` with ``dtype``), else by ``max_message_bytes``;
+a frame may hold at most ``max_numel`` elements. A payload that cannot be taken off the
+link (its claim is out of bounds, or allocating or receiving it fails) leaves the peers out
+of step: the link to that peer is then broken, and every later call on it raises
+:class:`PipeLinkError` instead of reaching ``torch.distributed``. Only the claim can be
+checked: a payload longer than its preamble says still aborts the receiver inside gloo.
+
 Quantization is lossy: activations and activation gradients come back with an error of
 at most half a step per element (exact for non-finite values, which travel raw). There is
 no error feedback here (an activation is sent once), so choose the rate for the accuracy
@@ -39,6 +48,7 @@ bits.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import time
@@ -51,10 +61,11 @@ import torch.distributed as dist
 from . import __version__, codec
 from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE, FrameError
-from .errors import PipeSettingsError
+from .errors import GGCommError, PipeLinkError, PipeSettingsError
 
 __all__ = [
     "PipeComm",
+    "PipeLinkError",
     "PipeSettingsError",
     "PipeStats",
     "RecvHandle",
@@ -68,8 +79,8 @@ __all__ = [
 ]
 
 DEFAULT_MIN_NUMEL = 1024
+DEFAULT_MAX_NUMEL = 1 << 31  # elements of one received tensor, unless the receiver says
 _PREAMBLE_WORDS = 2  # int64 payload length, int64 (fingerprint << 1) | compressed
-_MAX_PAYLOAD = 1 << 44  # 16 TiB: anything larger is a corrupt preamble
 DIRECTIONS = ("forward", "backward")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what frames hold
 
@@ -86,7 +97,7 @@ def _raw_message(host: torch.Tensor) -> torch.Tensor:
     return torch.cat([head.view(torch.uint8), host.reshape(-1).view(torch.uint8)])
 
 
-def _parse_raw(buf: torch.Tensor, src: int, tag: int) -> torch.Tensor:
+def _parse_raw(buf: torch.Tensor, src: int, tag: int, max_numel: int) -> torch.Tensor:
     def bad(why: str) -> FrameError:
         return FrameError(f"raw message from rank {src} (tag {tag}): {why}")
 
@@ -99,7 +110,9 @@ def _parse_raw(buf: torch.Tensor, src: int, tag: int) -> torch.Tensor:
     shape = [int(v) for v in buf[16:8 * (2 + ndim)].view(torch.int64)]
     dtype = codec._DTYPES[code]
     data = buf[8 * (2 + ndim):]
-    if any(d < 0 for d in shape) or data.numel() != math.prod(shape) * dtype.itemsize:
+    if any(d < 0 for d in shape) or math.prod(shape) > max_numel:
+        raise bad(f"shape {tuple(shape)} is negative or holds more than {max_numel} elements")
+    if data.numel() != math.prod(shape) * dtype.itemsize:
         raise bad(f"{data.numel()} data bytes do not hold a {dtype} tensor of shape "
                   f"{tuple(shape)}")
     return data.clone().view(dtype).view(shape)
@@ -112,6 +125,23 @@ def _check_fits(what: str, got_dtype, got_shape, dtype, shape, src: int, tag: in
             f"{what} from rank {src} (tag {tag}) holds a {got_dtype} tensor of shape "
             f"{tuple(got_shape)}, expected {dtype or got_dtype} of shape "
             f"{tuple(shape) if shape is not None else tuple(got_shape)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _max_message_bytes(numel: int, block_size: int, itemsize: int) -> int:
+    """The largest payload a sender with this ``block_size`` sends for a tensor of ``numel``
+    elements of ``itemsize`` bytes: :func:`ggcomm.codec.max_frame_bytes` plus the shape
+    words of up to ``MAX_NDIM`` dimensions (a raw message is smaller still).
+
+    ``max_frame_bytes`` walks the block layout, so it is called on one full block and on
+    the tail only: the worst case of a single segment grows by the same amount per full
+    block, and a receiver's ceiling (or a large ``out``) costs no numel-sized arrays.
+    """
+    full, rest = divmod(numel, block_size)
+    empty = codec.max_frame_bytes([0], block_size, itemsize)
+    per_block = codec.max_frame_bytes([block_size], block_size, itemsize) - empty
+    return (codec.max_frame_bytes([rest], block_size, itemsize) + full * per_block
+            + 8 * (codec.MAX_NDIM - 1))
 
 
 # --------------------------------------------------------------------------- stats
@@ -181,13 +211,15 @@ class RecvHandle:
 
     The preamble's receive is posted at once; the payload's, whose size the preamble gives,
     when the handle is waited on (or when a later receive from the same peer needs the link
-    in order).
+    in order). If the message is refused, ``wait()`` raises that error, now and on every
+    later call.
     """
 
     def __init__(self, comm: PipeComm, src: int, tag: int, direction: str, out, shape, dtype):
         self._comm, self._src, self._tag, self._direction = comm, src, tag, direction
         self._out, self._shape, self._dtype = out, shape, dtype
         self._result: torch.Tensor | None = None
+        self._error: BaseException | None = None
         self._done = False
         self._preamble = torch.empty(_PREAMBLE_WORDS, dtype=torch.int64,
                                      device=comm._device())
@@ -199,10 +231,20 @@ class RecvHandle:
             pending = self._comm._pending[self._src]
             if self in pending:
                 pending.remove(self)
-            self._work.wait()
-            self._result = self._comm._finish_recv(
-                self._preamble, self._src, self._tag, self._direction, self._out,
-                self._shape, self._dtype)
+            try:
+                try:
+                    self._work.wait()
+                except RuntimeError as e:  # the transport failed: the link is lost
+                    raise self._comm._break_link(
+                        self._src, f"receiving a preamble (tag {self._tag}) failed: {e}") from e
+                self._result = self._comm._finish_recv(
+                    self._preamble, self._src, self._tag, self._direction, self._out,
+                    self._shape, self._dtype)
+            except BaseException as e:
+                self._error = e
+                raise
+        if self._error is not None:
+            raise self._error
         assert self._result is not None
         return self._result
 
@@ -250,10 +292,19 @@ class PipeComm:
             48-byte header and block table only pay off on larger tensors.
         rate_gain: how strongly the rate loop corrects the step (log2 units per bit of
             error): higher tracks the target faster but oscillates more.
+        max_numel: the most elements a received tensor may have when the receiver does
+            not say (no ``out``, no ``shape``): a frame or raw message claiming more raises
+            :class:`FrameError` before anything of that size is allocated.
+        max_message_bytes: the largest payload this rank allocates when it does not know
+            the tensor's size (default: the largest valid message of ``max_numel``
+            elements). With ``out``, or ``shape`` and ``dtype``, the bound is the largest
+            valid message of that size instead. A claim above the bound breaks the link
+            (:class:`PipeLinkError`).
 
-    Both ends must be configured alike (the preamble carries a fingerprint of ``min_numel``
-    and the versions, and a mismatch raises :class:`PipeSettingsError`); the step rule is
-    the sender's own business, since every frame carries its steps.
+    Both ends must be configured alike (the preamble carries a fingerprint of ``min_numel``,
+    ``block_size`` and the versions, and a mismatch raises :class:`PipeSettingsError`); the
+    step rule is the sender's own business, since every frame carries its steps. The
+    ceilings are each receiver's own.
     """
 
     def __init__(
@@ -267,6 +318,8 @@ class PipeComm:
         block_size: int = DEFAULT_BLOCK_SIZE,
         min_numel: int = DEFAULT_MIN_NUMEL,
         rate_gain: float = 0.5,
+        max_numel: int = DEFAULT_MAX_NUMEL,
+        max_message_bytes: int | None = None,
     ):
         self.group = group
         self.control = _stepping.StepControl(rate, step, rel_step, default_rate=4.0,
@@ -276,6 +329,18 @@ class PipeComm:
         if not (isinstance(min_numel, int) and min_numel >= 0):
             raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
         self.min_numel = min_numel
+        if not (isinstance(max_numel, int) and not isinstance(max_numel, bool)
+                and max_numel >= 1):
+            raise ValueError(f"max_numel must be a positive int, got {max_numel!r}")
+        self.max_numel = max_numel
+        if max_message_bytes is None:
+            max_message_bytes = _max_message_bytes(max_numel, self.block_size, 8)
+        elif not (isinstance(max_message_bytes, int) and not isinstance(max_message_bytes, bool)
+                  and max_message_bytes >= 1):
+            raise ValueError(f"max_message_bytes must be a positive int, got "
+                             f"{max_message_bytes!r}")
+        self.max_message_bytes = max_message_bytes
+        self._broken: dict[int, str] = {}  # peer -> why its link is out of step
         self.stats = PipeStats()
         self.last_bits: dict[str, float] = {}  # per stream: payload bits per element
         self._pending: dict[int, collections.deque[RecvHandle]] = collections.defaultdict(
@@ -285,7 +350,8 @@ class PipeComm:
 
     def protocol_settings(self) -> dict[str, Any]:
         """What both ends of a link must agree on (hashed into every preamble)."""
-        return {"ggcomm": __version__, "format": codec.VERSION, "min_numel": self.min_numel}
+        return {"ggcomm": __version__, "format": codec.VERSION, "min_numel": self.min_numel,
+                "block_size": self.block_size}
 
     @property
     def fingerprint(self) -> int:
@@ -377,10 +443,32 @@ class PipeComm:
         return []
 
     def _drain(self, src: int) -> None:
-        """Finish earlier receives from ``src``: messages on a link arrive in order."""
+        """Finish earlier receives from ``src``: messages on a link arrive in order.
+
+        An earlier receive's error is kept for its own handle's ``wait()``; a broken link
+        is then reported by :meth:`_check_link`.
+        """
         pending = self._pending[src]
         while pending:
-            pending[0].wait()
+            try:
+                pending[0].wait()
+            except GGCommError:
+                pass
+
+    def _break_link(self, peer: int, why: str) -> PipeLinkError:
+        """Mark the link to ``peer`` broken (a message is stuck on it); the error to raise.
+
+        The whole peer, not one tag: messages between two ranks share one ordered channel
+        (NCCL ignores tags), and receives from a peer are drained in order across tags.
+        """
+        self._broken[peer] = why
+        return PipeLinkError(f"link to rank {peer} is broken: {why}")
+
+    def _check_link(self, peer: int) -> None:
+        if peer in self._broken:
+            raise PipeLinkError(f"link to rank {peer} is broken (an earlier message could not "
+                                f"be taken off it: {self._broken[peer]}); the peers are out "
+                                f"of step, restart the process group")
 
     # ------------------------------------------------------------------ send
 
@@ -389,6 +477,7 @@ class PipeComm:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"expected a tensor, got {type(tensor).__name__}")
         direction = self._direction(dst, True, direction)
+        self._check_link(dst)
         if tensor.dtype not in _FLOAT_DTYPES:
             t = tensor.contiguous().to(self._device())
             self.stats.add(direction, passthrough_bytes_sent=t.numel() * t.element_size())
@@ -451,6 +540,7 @@ class PipeComm:
         direction = self._direction(src, False, direction)
         shape, dtype = self._check_target(out, shape, dtype)
         self._drain(src)
+        self._check_link(src)
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             return self._passthrough(src, tag, direction, out, shape, dtype, async_op)
         handle = RecvHandle(self, src, tag, direction, out, shape, dtype)
@@ -488,14 +578,31 @@ class PipeComm:
                      out, shape, dtype) -> torch.Tensor:
         length, word = (int(v) for v in preamble.cpu().tolist())
         fingerprint, compressed = word >> 1, word & 1
-        if not 0 <= length <= _MAX_PAYLOAD:
-            raise FrameError(f"message from rank {src}: implausible payload length {length} "
-                             f"(corrupt preamble, or the peer does not speak this protocol)")
-        dev = self._device()
-        payload = torch.empty(length, dtype=torch.uint8, device=dev)
-        # Take the payload off the link before judging it, so that after any error below
-        # the next message is received in step.
-        dist.recv(payload, src, group=self.group, tag=tag)
+        # The length is the peer's claim: bound it before allocating. A receive buffer must
+        # match the message's size, so a claim that is not taken off the link leaves the
+        # peers out of step for good.
+        known = math.prod(shape) if shape is not None else None
+        if known is not None and fingerprint == self.fingerprint:
+            limit = _max_message_bytes(known, self.block_size,
+                                       dtype.itemsize if dtype is not None else 8)
+            bound = f"{limit} bytes, the largest message of {known} elements"
+        else:
+            limit = self.max_message_bytes
+            bound = f"max_message_bytes {limit}"
+        if not 0 <= length <= limit:
+            raise self._break_link(
+                src, f"its preamble (tag {tag}) announces a {length}-byte payload, outside "
+                     f"0..{bound}; the payload was left on the link")
+        try:
+            payload = torch.empty(length, dtype=torch.uint8, device=self._device())
+            # Take the payload off the link before judging it, so that after any error
+            # below the next message is received in step.
+            dist.recv(payload, src, group=self.group, tag=tag)
+        except (RuntimeError, MemoryError) as e:
+            raise self._break_link(
+                src, f"taking its {length}-byte payload (tag {tag}) off the link failed: "
+                     f"{e}") from e
+        max_numel = known if known is not None else self.max_numel
         if fingerprint != self.fingerprint:
             raise PipeSettingsError(
                 f"rank {src} sent a message with settings fingerprint {fingerprint:#010x}, "
@@ -505,7 +612,7 @@ class PipeComm:
         host = payload.cpu() if payload.device.type != "cpu" else payload
         if compressed:
             try:
-                frame = codec.Frame.from_buffer(host)
+                frame = codec.Frame.from_buffer(host, max_numel=max_numel)
             except FrameError as e:
                 raise FrameError(f"frame from rank {src} (tag {tag}): {e}") from e
             _check_fits("frame", frame.dtype, frame.shape, dtype, shape, src, tag)
@@ -516,7 +623,7 @@ class PipeComm:
             result = codec.decode(frame, out=cpu_out)
             numel, nbytes_raw = frame.numel, frame.numel * frame.dtype.itemsize
         else:
-            result = _parse_raw(host, src, tag)
+            result = _parse_raw(host, src, tag, max_numel)
             numel, nbytes_raw = result.numel(), result.numel() * result.element_size()
             _check_fits("raw message", result.dtype, result.shape, dtype, shape, src, tag)
         if out is not None and result is not out:

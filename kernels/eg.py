@@ -19,7 +19,9 @@ from ._intrinsics import clz64, data_ptr, load_be64, load_u8, lshr, store_be64
 
 # Largest |q| the code carries; larger magnitudes (and non-finite values) travel in the
 # frame's exception list. With |q| <= 2**30 - 1 the mapped u is at most 2**31 - 2, so
-# with k <= K_MAX every codeword value u + 2**k fits in 32 bits.
+# with k <= K_MAX every codeword value u + 2**k fits in 32 bits. The encoders take, per
+# block, a limit `lim` on |x / step| (ggcomm.codec computes it: QMAX, or less where q * step
+# would pass the frame dtype's largest finite value); |x / step| > lim is an exception.
 QMAX = (1 << 30) - 1
 UMAX = (1 << 31) - 2
 K_MAX = 30
@@ -61,16 +63,22 @@ def _q_of_u(u):
 
 @njit(nogil=True, cache=True)
 def _quantize(x, start, cnt, inv, scratch):
+    """_quantize_to at the code's whole range (lim = QMAX)."""
+    return _quantize_to(x, start, cnt, inv, _QMAXF, scratch)
+
+
+@njit(nogil=True, cache=True)
+def _quantize_to(x, start, cnt, inv, lim, scratch):
     """u-symbols of x[start:start+cnt] into scratch[:cnt]; returns the exception count.
 
-    q = rint(float64(x) * inv_step); values with |x * inv| > QMAX or non-finite get u = 0
-    here and travel in the frame's exception list.
+    q = rint(float64(x) * inv_step); values with |x * inv| > lim (<= QMAX) or non-finite
+    get u = 0 here and travel in the frame's exception list.
     """
     nexc = 0
     xs = x[start:start + cnt]
     for j in range(cnt):  # indices from 0: no wraparound checks, so it vectorizes
         v = np.float64(xs[j]) * inv
-        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+        ok = abs(v) <= lim  # False for NaN and +-inf too
         nexc += np.int64(not ok)
         q = np.int32(np.rint(v if ok else 0.0))
         scratch[j] = 2 * q - 1 if q > 0 else -2 * q
@@ -408,10 +416,11 @@ def _work_arrays(counts, b_lo, b_hi):
 
 
 @njit(nogil=True, cache=True)
-def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, meta):
+def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """Quantize and encode blocks [b_lo, b_hi) of x back to back into out.
 
-    Block b holds x[starts[b] : starts[b] + counts[b]], quantized with step 1 / invs[b].
+    Block b holds x[starts[b] : starts[b] + counts[b]], quantized with step 1 / invs[b];
+    |x * invs[b]| > lims[b] is an exception.
 
     k_fixed: -1 picks each block's k; 0..K_MAX forces it (for values; runs always auto).
     zero_runs: 0 never, 1 when it saves bits, 2 always.
@@ -423,7 +432,7 @@ def encode_blocks(x, starts, counts, invs, b_lo, b_hi, k_fixed, zero_runs, out, 
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
-        nexc = _quantize(x, starts[b], cnt, invs[b], scratch)
+        nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
         p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
                         meta, b, nexc)
         if p < 0:
@@ -465,12 +474,12 @@ def block_moments(x, r, starts, counts, b_lo, b_hi, stats):
 
 
 @njit(nogil=True, cache=True)
-def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
+def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, b):
     """Error feedback, statistics and quantization of one block.
 
     x = g + r (float32; r is the error-feedback residual, or empty for none). Writes the
     u-symbols of rint(x / step) into scratch[:cnt], the new residual x - q * step into r
-    (x itself where x is an exception: non-finite or |x / step| > QMAX), q into q_out (if
+    (x itself where x is an exception: non-finite or |x / step| > lim), q into q_out (if
     not empty), and the block's statistics of the finite x (sum of squares, sum of
     magnitudes, count of non-finite values) into stats[b]. The block is read twice, the
     second time from cache. Returns the exception count.
@@ -483,9 +492,9 @@ def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
     stats[b, 1] = sumabs
     stats[b, 2] = nonfinite
     if feedback:
-        nexc = _quantize_residual(gs, rs, inv, step, scratch)
+        nexc = _quantize_residual(gs, rs, inv, step, lim, scratch)
     else:
-        nexc = _quantize(g, start, cnt, inv, scratch)
+        nexc = _quantize_to(g, start, cnt, inv, lim, scratch)
     if q_out.size > 0:
         qs = q_out[start:start + cnt]
         for j in range(cnt):  # from the symbols: q = _q_of_u(u), branch-free
@@ -497,14 +506,14 @@ def _quantize_feedback(g, r, start, cnt, inv, step, scratch, q_out, stats, b):
 
 
 @njit(nogil=True, cache=True)
-def _quantize_residual(gs, rs, inv, step, scratch):
+def _quantize_residual(gs, rs, inv, step, lim, scratch):
     """u-symbols of x = gs + rs into scratch; rs := x - q * step (x at exceptions)."""
     nexc = 0
     for j in range(gs.size):  # indices from 0: no wraparound checks, so it vectorizes
         xv = gs[j] + rs[j]
         xd = np.float64(xv)
         v = xd * inv
-        ok = abs(v) <= _QMAXF  # False for NaN and +-inf too
+        ok = abs(v) <= lim  # False for NaN and +-inf too
         nexc += np.int64(not ok)
         qf = np.rint(v if ok else 0.0)
         q = np.int32(qf)
@@ -514,8 +523,8 @@ def _quantize_residual(gs, rs, inv, step, scratch):
 
 
 @njit(nogil=True, cache=True)
-def encode_blocks_feedback(g, r, starts, counts, invs, steps, b_lo, b_hi, k_fixed, zero_runs,
-                           out, meta, stats, q_out):
+def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, k_fixed,
+                           zero_runs, out, meta, stats, q_out):
     """encode_blocks over x = g + r, fused with error feedback and statistics.
 
     One pass per block (see _quantize_feedback): the residual r is updated in place, q is
@@ -526,8 +535,8 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, b_lo, b_hi, k_fixe
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
-        nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], scratch, q_out,
-                                  stats, b)
+        nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b], scratch,
+                                  q_out, stats, b)
         p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
                         meta, b, nexc)
         if p < 0:
@@ -536,17 +545,19 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, b_lo, b_hi, k_fixe
 
 
 @njit(nogil=True, cache=True)
-def encode_blocks_int(s, starts, counts, b_lo, b_hi, k_fixed, zero_runs, out, meta):
-    """encode_blocks of integers s (int64) at step 1: |s| > QMAX become exceptions (u = 0)."""
+def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, out, meta):
+    """encode_blocks of integers s (int64) at step 1: |s| > qlims[b] (int64, <= QMAX) become
+    exceptions (u = 0)."""
     scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         ss = s[starts[b]:starts[b] + cnt]
+        qlim = qlims[b]
         nexc = 0
         for j in range(cnt):
             q = ss[j]
-            ok = abs(q) <= QMAX
+            ok = abs(q) <= qlim
             nexc += np.int64(not ok)
             q = q if ok else 0
             scratch[j] = 2 * q - 1 if q > 0 else -2 * q
@@ -558,13 +569,15 @@ def encode_blocks_int(s, starts, counts, b_lo, b_hi, k_fixed, zero_runs, out, me
 
 
 @njit(nogil=True, cache=True)
-def find_exceptions(x, starts, counts, invs, positions):
-    """Positions of the values the code cannot carry, in increasing order."""
+def find_exceptions(x, starts, counts, invs, lims, positions):
+    """Positions of the values the code cannot carry (|x * invs[b]| > lims[b], or not
+    finite), in increasing order."""
     m = 0
     for b in range(starts.size):
         inv = invs[b]
+        lim = lims[b]
         for i in range(starts[b], starts[b] + counts[b]):
-            if not abs(np.float64(x[i]) * inv) <= _QMAXF:
+            if not abs(np.float64(x[i]) * inv) <= lim:
                 positions[m] = i
                 m += 1
     return m
@@ -767,25 +780,33 @@ def _dequantize(scratch, start, cnt, step, out):
 
 @njit(nogil=True, cache=True)
 def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, bits, offsets,
-                  luts, out):
+                  luts, exc_pos, out):
     """Decode blocks [b_lo, b_hi) into out (float32 or float64).
 
     Block b fills out[starts[b] : starts[b] + counts[b]] with q * steps[b].
 
     offsets[b] is the block's first byte in payload; its bits are
-    [8*offsets[b], 8*offsets[b] + bits[b]). Returns (error code, block), (0, -1) if ok.
-    The block table itself (modes, ks, lengths adding up) is validated by the caller.
-    luts[k] is build_lut's table for order k, for k = 0..LUT_K_MAX.
+    [8*offsets[b], 8*offsets[b] + bits[b]). The code at every position of exc_pos (sorted)
+    must be u = 0 (checked on the symbols: a value q * step can round to 0). Returns (error
+    code, block), (0, -1) if ok. The block table itself (modes, ks, lengths adding up) is
+    validated by the caller. luts[k] is build_lut's table for order k, k = 0..LUT_K_MAX.
     """
     scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
     for b in range(b_lo, b_hi):
         cnt = counts[b]
+        start = starts[b]
         p0 = offsets[b] * 8
         err = _decode_block(payload, p0, p0 + bits[b], cnt, modes[b], ks[b], kruns[b], luts,
                             scratch)
         if err:
             return err, b
-        _dequantize(scratch, starts[b], cnt, steps[b], out)
+        for e in range(np.searchsorted(exc_pos, start), exc_pos.size):
+            i = exc_pos[e]
+            if i >= start + cnt:
+                break
+            if scratch[i - start] != 0:
+                return ERR_EXCEPTION_CODE, b
+        _dequantize(scratch, start, cnt, steps[b], out)
     return 0, -1
 
 

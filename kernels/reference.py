@@ -6,19 +6,37 @@ numba kernels to it bit for bit. Not used on any hot path.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from .eg import K_MAX, MODE_EG, MODE_ZERO_RUNS, QMAX, UMAX
 
 
-def quantize(x: np.ndarray, seg_bounds: np.ndarray, steps: np.ndarray) -> tuple[list, list]:
-    """(u symbols, exception positions) for a flat float array, per FORMAT.md."""
+def coded(v: float, step: float, vmax: float) -> bool:
+    """Whether v = x / step is coded (FORMAT.md: else an exception): finite, |v| <= 2**30 - 1,
+    and |v| < M + 1/2 with M = floor(vmax / step), vmax the frame dtype's largest finite
+    value (so |q| * step <= vmax: the value comes back finite)."""
+    m = math.floor(Fraction(vmax) / Fraction(step))
+    return math.isfinite(v) and abs(v) <= QMAX and abs(Fraction(v)) < m + Fraction(1, 2)
+
+
+def quantize(x: np.ndarray, seg_bounds: np.ndarray, steps: np.ndarray,
+             vmax: float | None = None) -> tuple[list, list]:
+    """(u symbols, exception positions) for a flat float array, per FORMAT.md.
+
+    vmax: the frame dtype's largest finite value (default: x's dtype's; pass it when x is
+    the float32 form of float16 or bfloat16 data).
+    """
+    vmax = float(np.finfo(x.dtype).max) if vmax is None else float(vmax)
     us, exc = [], []
     for s in range(len(steps)):
         inv = 1.0 / float(steps[s])
         for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
-            v = float(np.float64(x[i]) * inv)
-            if abs(v) <= QMAX:
+            with np.errstate(over="ignore"):  # an infinite v is an exception
+                v = float(np.float64(x[i]) * inv)
+            if coded(v, float(steps[s]), vmax):
                 q = int(np.rint(v))
                 us.append(2 * q - 1 if q > 0 else -2 * q)
             else:
@@ -194,7 +212,7 @@ def feedback(g: np.ndarray, r: np.ndarray | None, seg_bounds: np.ndarray, steps:
                 stats[s, 1] += abs(v)
             else:
                 stats[s, 2] += 1
-            if abs(v * inv) <= QMAX:
+            if coded(v * inv, step, float(np.finfo(np.float32).max)):
                 q[i] = int(np.rint(v * inv))
                 new_r[i] = np.float32(v - float(q[i]) * step)
     return x, new_r, q, stats

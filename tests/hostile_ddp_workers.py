@@ -44,14 +44,23 @@ def _inject(kind: str, state: GGCommState):
         def undo():
             state.__dict__["fingerprint"] = real_print
         return undo
+    if kind == "steps":  # this rank codes at other steps than the ranks agreed on
+        for key in state.steps:
+            state.steps[key] *= 2.0
+        return lambda: None  # the next steps come from statistics every rank shares
     raise ValueError(kind)
+
+
+def bad_frames(rank, world, exchange, kinds):
+    return [bad_frame_reaches_the_loop(rank, world, exchange, kind) for kind in kinds]
 
 
 def bad_frame_reaches_the_loop(rank, world, exchange, kind):
     """Rank 1 sends one bad frame; every rank's training loop catches the typed error,
     skips that step, and trains on; the replicas stay identical."""
     model, ddp = make(rank, bucket_cap_mb=0.01)
-    state = GGCommState(rate=3.0, exchange=exchange, overlap=True)
+    # steps from the last iteration's statistics only, so that injected steps are used
+    state = GGCommState(rate=3.0, exchange=exchange, step_drift=float("inf"))
     state.register(ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(rank)

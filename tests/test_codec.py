@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import struct
 import zlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -20,26 +22,33 @@ INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16, torch.float64: torch.int64}
 
 
+def coded_limit(step: float, dtype: torch.dtype) -> float:
+    """FORMAT.md: |v| = |x / step| is coded when <= 2**30 - 1 and < M + 1/2, with
+    M = floor(vmax / step) exactly; returned as the largest coded |v| (the half-open bound
+    M + 1/2 becomes the float just below it)."""
+    m = math.floor(Fraction(float(torch.finfo(dtype).max)) / Fraction(step))
+    return float(eg.QMAX) if m >= eg.QMAX else float(np.nextafter(m + 0.5, 0.0))
+
+
 def expected(x: torch.Tensor, steps, lengths) -> torch.Tensor:
     """What decode must return, computed straight from FORMAT.md's rules."""
     flat = x.detach().reshape(-1)
     xd = flat.double().numpy()
     out = np.empty(xd.size, np.float64)
+    ok = np.empty(xd.size, bool)
     o = 0
     for step, n in zip(steps, lengths, strict=True):
-        v = xd[o:o + n] * (1.0 / step)
-        with np.errstate(invalid="ignore"):
-            ok = np.abs(v) <= eg.QMAX
-        q = np.rint(np.where(ok, v, 0.0)).astype(np.int64)  # an integer: no -0.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = xd[o:o + n] * (1.0 / step)
+            ok[o:o + n] = np.abs(v) <= coded_limit(step, x.dtype)  # False for NaN, inf
+        q = np.rint(np.where(ok[o:o + n], v, 0.0)).astype(np.int64)  # an integer: no -0.0
         out[o:o + n] = q.astype(np.float64) * step
         o += n
     if x.dtype == torch.float64:
         res = torch.from_numpy(out)
     else:
         res = torch.from_numpy(out.astype(np.float32)).to(x.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        inv = 1.0 / np.repeat(np.asarray(steps, np.float64), lengths)
-        bad = ~torch.from_numpy(np.isfinite(xd) & (np.abs(np.nan_to_num(xd) * inv) <= eg.QMAX))
+    bad = ~torch.from_numpy(ok)
     res = res.clone()
     res.view(INT_VIEW[x.dtype])[bad] = flat.view(INT_VIEW[x.dtype])[bad]
     return res.reshape(x.shape)
@@ -341,9 +350,49 @@ def _recrc(buf: np.ndarray) -> np.ndarray:
     return buf
 
 
+def test_random_bursts_raise():
+    """CRC-32 detects every error burst of up to 32 bits: a burst anywhere (header, tables,
+    payload or the checksum itself) always raises FrameError."""
+    rng = np.random.default_rng(2)
+    for f in _sample_frames():
+        data = np.frombuffer(f.tobytes(), np.uint8)
+        for _ in range(500):
+            bad = data.copy()
+            start = int(rng.integers(0, data.size * 8 - 32))
+            pattern = int(rng.integers(1, 2**32)) | 1  # the burst's first bit is in error
+            for j in range(32):
+                if pattern >> j & 1:
+                    bit = start + j
+                    bad[bit // 8] ^= np.uint8(1 << (7 - bit % 8))
+            with pytest.raises(FrameError):
+                decode(bad)
+
+
+def _agrees_with_the_spec_reader(bad: np.ndarray) -> str:
+    """decode(bad) either raises FrameError and the independent reader of
+    test_format_reader (written from FORMAT.md alone) rejects the frame too, or both decode
+    it to the same bits, of the dtype, shape and numel its (mutated) header claims."""
+    from test_format_reader import bits_equal, parse_frame, read_frame
+
+    try:
+        y = decode(bad)
+    except FrameError:
+        with pytest.raises(ValueError):
+            read_frame(bad.tobytes())
+        return "error"
+    pf = parse_frame(bad.tobytes())
+    head = inspect(bad)
+    assert y.dtype == head.dtype and tuple(y.shape) == head.shape == pf.shape
+    assert y.numel() == head.numel == pf.numel == math.prod(pf.shape)
+    assert bits_equal(y, read_frame(bad.tobytes()))
+    return "decoded"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # q * step past the dtype: +-inf, valid
 def test_corruption_behind_a_valid_checksum_never_crashes():
     """With the CRC recomputed, the structure checks and the kernels' bounds checks alone
-    must stand between garbage and memory: a FrameError or a tensor of the frame's shape."""
+    must stand between garbage and memory: ggcomm and the independent reader agree on
+    every corrupted frame, rejecting it (FrameError) or decoding it to the same bits."""
     rng = np.random.default_rng(1)
     frames = _sample_frames()
     outcomes = {"error": 0, "decoded": 0}
@@ -356,14 +405,44 @@ def test_corruption_behind_a_valid_checksum_never_crashes():
                 bad[i] = rng.integers(0, 256) if rng.random() < 0.3 else bad[i] ^ (
                     1 << rng.integers(0, 8))
             _recrc(bad)
-            try:
-                y = decode(bad)
-            except FrameError:
-                outcomes["error"] += 1
-            else:
-                outcomes["decoded"] += 1
-                assert y.numel() == math.prod(y.shape)
-    assert outcomes["error"] > 0
+            outcomes[_agrees_with_the_spec_reader(bad)] += 1
+    assert outcomes["error"] > 0 and outcomes["decoded"] > 0
+
+
+# fixed-header fields: offset, struct format, values to try
+_HEADER_EDITS = [(4, "B", [0, 2, 255]), (5, "B", [0, 1, 2, 3, 4, 5]), (6, "B", [0, 1, 2, 65]),
+                 (7, "B", [1, 128]), (8, "<I", [0, 2**32 - 1]),
+                 (12, "<I", [0, 1, 2, 127, 128, 129, 2**22, 2**22 + 1, 2**32 - 1]),
+                 (16, "<Q", [0, 1, 9, 10, 699, 700, 701, 2**62, 2**64 - 1]),
+                 (24, "<I", [0, 1, 2, 2**32 - 1]), (28, "<I", [0, 1, 5, 6, 7, 2**32 - 1]),
+                 (32, "<Q", [0, 1, 2, 700, 2**64 - 1]), (40, "<Q", [0, 1, 2**64 - 1])]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # q * step past the dtype: +-inf, valid
+def test_header_edits_with_the_checksum_recomputed():
+    """Every fixed-header field and every shape, segment and block-table field set to edge
+    values, CRC recomputed: a FrameError, or exactly what the edited header describes."""
+    outcomes = {"error": 0, "decoded": 0}
+    for f in _sample_frames():
+        data = np.frombuffer(f.tobytes(), np.uint8)
+        edits = [(o, fmt, v) for o, fmt, vals in _HEADER_EDITS for v in vals]
+        ndim, n_seg, n_blocks = int(data[6]), *struct.unpack_from("<II", data, 24)
+        o = 48
+        edits += [(o + 8 * i, "<Q", v) for i in range(ndim) for v in (0, 1, 7, 2**63)]
+        o += 8 * ndim
+        for i in range(n_seg):
+            edits += [(o + 16 * i, "<Q", v) for v in (0, 1, 699, 701, 2**63, 2**64 - 1)]
+            edits += [(o + 16 * i + 8, "<d", v) for v in (0.0, -1.0, 5e-324, 0.2, 1e300,
+                                                           math.inf, math.nan)]
+        o += 16 * n_seg
+        for i in range(min(n_blocks, 3)):
+            edits += [(o + 8 * i + j, "B", v) for j in range(4) for v in (0, 1, 2, 30, 31)]
+            edits += [(o + 8 * i + 4, "<I", v) for v in (0, 1, 7, 8, 2**32 - 1)]
+        for off, fmt, v in edits:
+            bad = data.copy()
+            struct.pack_into(fmt, bad, off, v)
+            outcomes[_agrees_with_the_spec_reader(_recrc(bad))] += 1
+    assert outcomes["error"] > 0 and outcomes["decoded"] > 0
 
 
 @pytest.mark.parametrize("field,offset,value,message", [

@@ -49,6 +49,18 @@ def test_half_precision_gradients_identical_on_ranks():
         assert torch.equal(res[0][case][0], res[1][case][0])
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_average_is_the_mean_of_the_ranks_gradients_within_half_a_step(world):
+    # iteration 0 (plain all-reduce) to float rounding; iteration 1 (compressed, zero
+    # residuals) within step / 2 per element: the quantization error averaged over ranks
+    for per_rank in dist_utils.values(dist_utils.run(w.exact_average, world,
+                                                     ["allgather", "reduce_scatter"])):
+        for exchange, iterations in zip(["allgather", "reduce_scatter"], per_rank, strict=True):
+            for it, (worst, resolved) in enumerate(iterations):
+                assert worst <= 1.0, (exchange, it, worst)
+                assert resolved > 1000, (exchange, it, resolved)  # a wrong scale would show
+
+
 def test_bytes_counted_equal_bytes_handed_to_torch_distributed():
     for per_rank in dist_utils.values(dist_utils.run(w.bytes_counted, 3,
                                                      ["allgather", "reduce_scatter"])):
@@ -109,12 +121,23 @@ def test_mismatched_settings_raise_on_every_rank():
     assert all(m is not None and "settings differ" in m for m in msgs)
 
 
+def test_frames_tagged_with_other_settings_are_refused_on_every_rank():
+    # the settings agreed on the first step; afterwards rank 1's frames carry another
+    # fingerprint: no rank may sum them (the error may arrive wrapped by DDP)
+    exchanges = ["allgather", "reduce_scatter"]
+    for per_rank in dist_utils.values(dist_utils.run(w.foreign_tag, 2, exchanges,
+                                                     timeout=180)):
+        for exchange, msg in zip(exchanges, per_rank, strict=True):
+            assert msg is not None and "carries settings fingerprint" in msg, (exchange, msg)
+            assert "ranks run different ggcomm settings" in msg, (exchange, msg)
+
+
 @pytest.mark.parametrize("exchange", ["allgather", "reduce_scatter"])
 def test_a_lying_frame_size_is_refused_on_every_rank(exchange):
     # sizes are checked against the largest valid frame before any receive is posted
     for kind, msg in dist_utils.values(dist_utils.run(w.hostile_size, 2, exchange,
                                                       timeout=120)):
-        assert kind is not None and "rank 1 announced" in msg and "bytes" in msg, (kind, msg)
+        assert kind == "FrameError" and "rank 1 announced" in msg and "bytes" in msg, (kind, msg)
 
 
 def test_nonfinite_gradients_propagate_then_clear():

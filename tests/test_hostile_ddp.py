@@ -10,22 +10,27 @@ import pytest
 PG_TIMEOUT = 4.0  # seconds: the user's init_process_group timeout in the stall test
 
 
+KINDS = {"corrupt": ("FrameError", "checksum"),  # a byte flipped on the wire
+         "tag": ("SettingsMismatchError", "fingerprint"),  # another settings fingerprint
+         "steps": ("FrameError", "agreed steps")}  # coded at steps the ranks did not agree on
+
+
 @pytest.mark.parametrize("exchange,world", [("allgather", 2), ("reduce_scatter", 3)])
-@pytest.mark.parametrize("kind,error", [("corrupt", "FrameError"),
-                                        ("tag", "SettingsMismatchError")])
-def test_a_bad_frame_reaches_every_training_loop_with_its_type(exchange, world, kind, error):
-    messages = []
-    for rank, (caught, identical, iteration) in enumerate(dist_utils.values(
-            dist_utils.run(w.bad_frame_reaches_the_loop, world, exchange, kind))):
-        # one error, on the step with the bad frame, on every rank (also those whose own
-        # frames all decoded), and the three steps after it train normally
-        assert [(step, name) for step, name, _ in caught] == [(0, error)], (rank, caught)
-        assert identical, rank
-        assert iteration == 3 + 4, rank
-        messages.append(caught[0][2])
-    # a rank that received the bad frame names what was wrong with it and who sent it
-    what = "checksum" if kind == "corrupt" else "fingerprint"
-    assert any(what in m and "rank 1" in m for m in messages), messages
+def test_a_bad_frame_reaches_every_training_loop_with_its_type(exchange, world):
+    per_rank = dist_utils.values(dist_utils.run(w.bad_frames, world, exchange, list(KINDS)))
+    for i, (kind, (error, what)) in enumerate(KINDS.items()):
+        messages = []
+        for rank, results in enumerate(per_rank):
+            caught, identical, iteration = results[i]
+            # one error, on the step with the bad frame, on every rank (also those whose
+            # own frames all decoded), and the three steps after it train normally
+            assert [(step, name) for step, name, _ in caught] == [(0, error)], (kind, rank,
+                                                                             caught)
+            assert identical, (kind, rank)
+            assert iteration == 3 + 4, (kind, rank)
+            messages.append(caught[0][2])
+        # a rank that received the bad frame names what was wrong with it and who sent it
+        assert any(what in m and "rank 1" in m for m in messages), (kind, messages)
 
 
 def test_a_stalled_peer_fails_the_survivor_within_its_timeout():
