@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ggcomm.workload import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
@@ -32,12 +33,6 @@ METHODS = {
     "gg-rate2.5": ["--hook", "gg", "--rate", "2.5"],
     "gg-rate2.75-w20": ["--hook", "gg", "--rate", "2.75", "--gg-warmup-iters", "20"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(method: str, steps: int, out: Path, seed: int) -> dict:

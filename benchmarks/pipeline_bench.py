@@ -19,12 +19,13 @@ import importlib.util
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ggcomm.workload import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launch" / "train_pipe.py"
@@ -45,12 +46,6 @@ def _testhosts():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_args(method: str, args: argparse.Namespace, out: Path) -> list[str]:
     return [str(TRAIN), *METHODS[method], "--steps", str(args.steps), "--threads", "1",
             "--micro-batches", str(args.micro_batches), "--log-every", str(args.steps),
@@ -59,7 +54,7 @@ def _train_args(method: str, args: argparse.Namespace, out: Path) -> list[str]:
 
 def run_localhost(method: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", *_train_args(method, args, out)]
+           f"--master_port={free_port()}", *_train_args(method, args, out)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.read_text())
 

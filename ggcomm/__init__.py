@@ -20,8 +20,9 @@ __version__ = "0.1.0"
 
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
-_SUBMODULES = {"errors", "gg", "rate", "kernels", "init", "gct", "backslash", "act", "analyze",
-               "pipelining"}
+_SUBMODULES = {"act", "analyze", "backslash", "bench", "codec", "ddp", "deepspeed", "demo",
+               "errors", "gct", "gg", "init", "kernels", "pipeline", "pipelining", "rate",
+               "stepping", "workload"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""ACT, activation-constrained training (PAPER-NOTES section 4).
+"""ACT, activation-constrained training (arXiv 2506.00486, section 4.2, Eq. 6-8).
 
     loss = D(theta) + lambda_t * R
 
@@ -199,7 +199,7 @@ class ACT:
             )
         if not math.isfinite(inject_scale):
             raise ValueError(f"inject_scale must be finite, got {inject_scale!r}")
-        _rate._check_coded_args(torch.zeros(1), k, block_size, zero_runs)
+        _rate.check_coded_args(torch.zeros(1), k, block_size, zero_runs)
         self.quant_step = None if step is None else float(step)
         self.rel_step = None if rel_step is None else float(rel_step)
         self.k = k

@@ -1,4 +1,5 @@
-"""BackSlash: rate-constrained training of the weights (PAPER-NOTES section 6).
+"""BackSlash: rate-constrained training of the weights (Wu et al., ICML 2025; the
+baseline arXiv 2506.00486 builds on).
 
 BackSlash (Wu et al., 2025) models the weights as generalized Gaussian, ``GG(0, alpha,
 beta)``, whose code length per weight is ``(|w| / alpha)^beta`` nats plus a constant, and

@@ -31,7 +31,10 @@ from .errors import FrameError
 from .kernels import eg
 
 __all__ = [
+    "CRC_BYTES",
     "DEFAULT_BLOCK_SIZE",
+    "DTYPES",
+    "DTYPE_CODES",
     "BlockInfo",
     "Frame",
     "FrameError",
@@ -39,6 +42,7 @@ __all__ = [
     "decode",
     "decode_symbols",
     "encode",
+    "header_bytes",
     "inspect",
 ]
 
@@ -50,9 +54,9 @@ MAX_NDIM = 64
 # few of them stay exact in int64.
 MAX_NUMEL = (1 << 62) - 1
 
-# code -> torch dtype; the code travels in the header.
-_DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64}
-_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+# code -> torch dtype; the code travels in the header (docs/FORMAT.md).
+DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 # Integer views used to move raw bit patterns of exceptional values.
 _RAW_INT = {
     torch.float32: torch.int32,
@@ -66,6 +70,16 @@ _SEGMENT = np.dtype([("length", "<u8"), ("step", "<f8")])
 _BLOCK = np.dtype([("mode", "u1"), ("k", "u1"), ("k_run", "u1"), ("reserved", "u1"),
                    ("bits", "<u4")])
 _CRC = struct.Struct("<I")
+CRC_BYTES = _CRC.size
+
+
+def header_bytes(ndim: int, n_segments: int, n_blocks, n_exceptions, itemsize: int):
+    """Bytes of a frame before its payload: the fixed header, shape, segment table, block
+    table and exception list (positions and raw values of ``itemsize`` bytes). A frame is
+    ``header_bytes(...) + payload bytes + CRC_BYTES`` long. ``n_blocks`` and
+    ``n_exceptions`` may be integer tensors or arrays (the result then is one too)."""
+    return (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_segments + _BLOCK.itemsize * n_blocks
+            + n_exceptions * (8 + itemsize))
 
 # Below this many blocks a task, threads cost more than they save.
 _MIN_BLOCKS_PER_TASK = 4
@@ -192,6 +206,21 @@ class Frame:
         return tuple(float(s) for s in self._h.steps)
 
     @property
+    def block_size(self) -> int:
+        return self._h.block_size
+
+    def segment_lengths(self) -> np.ndarray:
+        """Element count of each segment (int64)."""
+        return np.diff(self._h.seg_bounds)
+
+    def exceptions(self) -> tuple[np.ndarray, np.ndarray]:
+        """The elements that travel raw: sorted positions (int64) and values (float64)."""
+        h = self._h
+        if not h.exc_pos.size:
+            return h.exc_pos, np.empty(0, np.float64)
+        return h.exc_pos, _exception_values(self.buffer.numpy(), h).double().numpy()
+
+    @property
     def bits_per_element(self) -> float:
         """Frame bits per tensor element, everything included."""
         return 8.0 * self._h.nbytes / self._h.numel if self._h.numel else float("nan")
@@ -260,7 +289,7 @@ def _steps_and_bounds(step, segments, numel: int) -> tuple[np.ndarray, np.ndarra
 
 
 # Largest finite value of each frame dtype (exact in float64).
-_VMAX = {dt: float(torch.finfo(dt).max) for dt in _DTYPES.values()}
+_VMAX = {dt: float(torch.finfo(dt).max) for dt in DTYPES.values()}
 
 
 def _code_limits(steps: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -348,7 +377,7 @@ def encode(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
+    if x.dtype not in DTYPE_CODES:
         raise TypeError(f"encode supports float32/float16/bfloat16/float64, not {x.dtype}")
     k_fixed, zr = _code_args(k, block_size, zero_runs, tag)
     if x.dim() > MAX_NDIM:
@@ -430,12 +459,11 @@ def _assemble(dtype, shape, tag, block_size, bounds, steps, layout, meta, chunks
     numel = int(bounds[-1])
     payload_len = sum(used for _, used in chunks)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    header_len = (_FIXED.size + 8 * len(shape) + _SEGMENT.itemsize * len(steps)
-                  + _BLOCK.itemsize * n_blocks + n_exc * (8 + itemsize))
-    total = header_len + payload_len + _CRC.size
+    header_len = header_bytes(len(shape), len(steps), n_blocks, n_exc, itemsize)
+    total = header_len + payload_len + CRC_BYTES
     out_t = torch.empty(total, dtype=torch.uint8)
     out = out_t.numpy()
-    _FIXED.pack_into(out, 0, MAGIC, VERSION, _DTYPE_CODES[dtype], len(shape), 0, int(tag),
+    _FIXED.pack_into(out, 0, MAGIC, VERSION, DTYPE_CODES[dtype], len(shape), 0, int(tag),
                      block_size, numel, len(steps), n_blocks, n_exc, payload_len)
     o = _FIXED.size
     out[o:o + 8 * len(shape)] = np.asarray(shape, "<u8").view(np.uint8)
@@ -542,7 +570,7 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     (crc,) = _CRC.unpack_from(buf, n - _CRC.size)
     if zlib.crc32(buf[: n - _CRC.size]) != crc:
         raise FrameError(f"checksum mismatch: the {n}-byte frame is corrupt or truncated")
-    if dcode not in _DTYPES:
+    if dcode not in DTYPES:
         raise FrameError(f"unknown dtype code {dcode}")
     if ndim > MAX_NDIM:
         raise FrameError(f"{ndim} dimensions, at most {MAX_NDIM}")
@@ -555,15 +583,14 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     if max_numel is not None and numel > max_numel:
         raise FrameError(f"the frame holds {numel} elements, more than the receiver's "
                          f"max_numel={max_numel}")
-    dtype = _DTYPES[dcode]
+    dtype = DTYPES[dcode]
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if n_seg < 1:
         raise FrameError("a frame has at least one segment")
     if n_exc > numel:
         raise FrameError(f"{n_exc} exceptions for {numel} elements")
-    header_len = (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_seg
-                  + _BLOCK.itemsize * n_blocks + n_exc * (8 + itemsize))
-    expected = header_len + payload_len + _CRC.size
+    header_len = header_bytes(ndim, n_seg, n_blocks, n_exc, itemsize)
+    expected = header_len + payload_len + CRC_BYTES
     if expected != n:
         raise FrameError(f"frame is {n} bytes but its header describes {expected}")
 
@@ -819,8 +846,7 @@ def max_frame_bytes(segments: Sequence[int], block_size: int, itemsize: int) -> 
     numel = int(bounds[-1])
     counts = _block_layout(bounds, int(block_size))[1]
     payload = int(eg.worst_case_bytes(counts, 1).sum()) if counts.size else 0
-    return (_FIXED.size + 8 + _SEGMENT.itemsize * len(segments) + _BLOCK.itemsize * counts.size
-            + numel * (8 + itemsize) + payload + _CRC.size)
+    return header_bytes(1, len(segments), counts.size, numel, itemsize) + payload + CRC_BYTES
 
 
 def encode_feedback(

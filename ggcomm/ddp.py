@@ -922,13 +922,12 @@ def _peer_frames(recv: torch.Tensor, sizes: list[int], rank: int, state: GGCommS
         except codec.FrameError as e:
             raise codec.FrameError(f"the frame from rank {src}: {e}") from None
         _check_tag(f, state, src)
-        h = f._h
-        if (h.dtype != dtype or h.block_size != state.block_size
-                or np.diff(h.seg_bounds).tolist() != list(expected)
-                or not np.array_equal(h.steps, steps)):
+        if (f.dtype != dtype or f.block_size != state.block_size
+                or f.segment_lengths().tolist() != list(expected)
+                or not np.array_equal(f.steps, steps)):
             raise codec.FrameError(
-                f"the frame from rank {src} is not the one expected: {h.numel} {h.dtype} "
-                f"elements in {h.steps.size} segments at block size {h.block_size}, expected "
+                f"the frame from rank {src} is not the one expected: {f.numel} {f.dtype} "
+                f"elements in {len(f.steps)} segments at block size {f.block_size}, expected "
                 f"{int(sum(expected))} {dtype} in {len(expected)} at {state.block_size}, "
                 f"with the agreed steps")
         out.append((o, f))
@@ -942,13 +941,6 @@ def _summed(recv, frames, **kw):
     except codec.FrameError as e:
         # sum_frames names frames by their index, which is the sending rank here
         raise codec.FrameError(f"rank {str(e).removeprefix('frame ')}") from None
-
-
-def _own_exceptions(frame: codec.Frame) -> tuple[np.ndarray, np.ndarray]:
-    h = frame._h
-    if not h.exc_pos.size:
-        return h.exc_pos, np.empty(0, np.float64)
-    return h.exc_pos, codec._exception_values(frame.buffer.numpy(), h).double().numpy()
 
 
 def _check_infos(infos: np.ndarray, limits: list[int], what: list[str]) -> None:
@@ -1062,7 +1054,7 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
                 return codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
             frames = _peer_frames(recv, recv_sizes, rank, state, steps,
                                   lambda src: plan.lengths, torch.float32)
-            return _summed(recv, frames, own=own_q, own_exceptions=_own_exceptions(frame),
+            return _summed(recv, frames, own=own_q, own_exceptions=frame.exceptions(),
                            divisor=float(n), out=out)
 
         ok, _ = _decoding(state, average)
@@ -1124,7 +1116,7 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         state._flip ^= 1
         ssum = _scratch(state, f"sum{state._flip}", hi - lo, np.int64)
         own_frame = frames_out[rank][0]
-        own_exc = _own_exceptions(own_frame)
+        own_exc = own_frame.exceptions()
 
         def chunk_sum():
             if n == 1:
@@ -1144,7 +1136,7 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
         timer.lap("encode")
         _next_steps(state, plan, infos[:, n + 1:].reshape(n, -1, 4), n)
         out = _host_output(state, job, g)
-        mine = _Pending(job, plan, reduced, ssum, _own_exceptions(reduced), out)
+        mine = _Pending(job, plan, reduced, ssum, reduced.exceptions(), out)
         if job.is_last:  # nothing follows to carry the sizes: one small exchange
             size = torch.tensor([float(reduced.nbytes)], dtype=torch.float64)
             gathered = torch.stack(_all_gather(size, group, dev)).numpy()
@@ -1188,7 +1180,7 @@ def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], ti
     bounds = p.plan.chunk_bounds
 
     def average():
-        frames = _peer_frames(recv, recv_sizes, rank, state, p.frame._h.steps,
+        frames = _peer_frames(recv, recv_sizes, rank, state, np.asarray(p.frame.steps),
                               lambda src: p.plan.chunk_segments[src], torch.float64)
         for src in range(n):
             lo, hi = bounds[src], bounds[src + 1]

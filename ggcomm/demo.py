@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import queue as queue_mod
-import socket
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .workload import free_port
 
 __all__ = ["main", "run"]
 
@@ -47,12 +48,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 10:
         p.error("--steps must be at least 10")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: Any) -> None:
@@ -142,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         bar = tqdm(total=len(MODES) * args.steps, unit="step", file=sys.stderr)
     results: dict[str, dict] = {}
     for mode in MODES:
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, port, args, mode, queue))
                  for r in range(WORLD)]
         for proc in procs:

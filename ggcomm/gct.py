@@ -1,4 +1,4 @@
-"""GCT, gradient-constrained training (PAPER-NOTES section 5).
+"""GCT, gradient-constrained training (arXiv 2506.00486, section 4.3, Eq. 9-14).
 
 GCT trains with the objective ``D(w) + lam * R(g(w))``: the task loss plus ``lam`` times the
 Exp-Golomb rate ``R`` (bits per element) of the gradient ``g = dD/dw`` itself, so that
@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from ggcomm.errors import GCTStateError
-from ggcomm.rate import _check_k, eg_rate_surrogate
+from ggcomm.rate import check_k, eg_rate_surrogate
 
 __all__ = ["DEFAULT_REL_STEP", "GCT", "GCTStateError"]
 
@@ -162,7 +162,7 @@ class GCT:
         else:
             value = DEFAULT_REL_STEP if rel_step is None else rel_step
             self.step_mode, self.step_value = "rel_step", _positive("rel_step", value)
-        self.k = _check_k(k)
+        self.k = check_k(k)
         self.epoch = 0
         self.skipped = 0
         self.last_bits: float | None = None

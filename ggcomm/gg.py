@@ -6,7 +6,7 @@ The generalized Gaussian with location ``mu``, scale ``alpha > 0`` and shape ``b
     Var  = alpha^2 Gamma(3/beta) / Gamma(1/beta).
 
 ``beta = 2`` is the Gaussian, ``beta = 1`` the Laplacian; gradients and activations of trained
-networks typically have ``beta < 2`` (PAPER-NOTES section 1). The density is exactly
+networks typically have ``beta < 2`` (arXiv 2506.00486, section 3). The density is exactly
 ``scipy.stats.gennorm(beta, loc=mu, scale=alpha)``.
 
 This module provides:

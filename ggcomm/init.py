@@ -1,4 +1,5 @@
-"""Generalized-Gaussian (GG) weight initialization (PAPER-NOTES section 2).
+"""Generalized-Gaussian (GG) weight initialization (arXiv 2506.00486,
+section 4.1, Eq. 3-5).
 
 He initialization draws ``w ~ N(0, xi / n)`` so that a layer with fan-in ``n`` keeps the
 variance of its output; ``xi`` corrects for the nonlinearity that follows (1 for none or

@@ -92,7 +92,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  #
 
 
 def _raw_message(host: torch.Tensor) -> torch.Tensor:
-    head = torch.tensor([codec._DTYPE_CODES[host.dtype], host.dim(), *host.shape],
+    head = torch.tensor([codec.DTYPE_CODES[host.dtype], host.dim(), *host.shape],
                         dtype=torch.int64)
     return torch.cat([head.view(torch.uint8), host.reshape(-1).view(torch.uint8)])
 
@@ -104,11 +104,11 @@ def _parse_raw(buf: torch.Tensor, src: int, tag: int, max_numel: int) -> torch.T
     if buf.numel() < 16:
         raise bad(f"{buf.numel()} bytes is shorter than its header")
     code, ndim = (int(v) for v in buf[:16].view(torch.int64))
-    if code not in codec._DTYPES or not 0 <= ndim <= codec.MAX_NDIM or \
+    if code not in codec.DTYPES or not 0 <= ndim <= codec.MAX_NDIM or \
             buf.numel() < 8 * (2 + ndim):
         raise bad(f"corrupt header (dtype code {code}, ndim {ndim})")
     shape = [int(v) for v in buf[16:8 * (2 + ndim)].view(torch.int64)]
-    dtype = codec._DTYPES[code]
+    dtype = codec.DTYPES[code]
     data = buf[8 * (2 + ndim):]
     if any(d < 0 for d in shape) or math.prod(shape) > max_numel:
         raise bad(f"shape {tuple(shape)} is negative or holds more than {max_numel} elements")

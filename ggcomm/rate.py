@@ -1,6 +1,6 @@
 """Rate accounting: quantization, signed mapping and Exp-Golomb / Huffman / entropy bit counts.
 
-Definitions (PAPER-NOTES section 3):
+Definitions (arXiv 2506.00486, Eq. 7-8):
 
 * Quantization with step ``Delta``: ``q = round_half_even(x * (1 / Delta))`` in float64.
   :func:`quantize` is the single definition of this formula; the wire codec quantizes the
@@ -39,9 +39,12 @@ from ggcomm.kernels import eg as _eg_kernels
 
 __all__ = [
     "MAX_AUTO_K",
+    "check_coded_args",
+    "check_k",
     "codec_bits",
     "eg_bits",
     "eg_length",
+    "eg_order_bits",
     "eg_rate",
     "eg_rate_surrogate",
     "entropy_bits",
@@ -75,7 +78,9 @@ def _check_step(step: float) -> float:
     return step
 
 
-def _check_k(k: int) -> int:
+def check_k(k: int) -> int:
+    """``k`` as an int if it is an Exp-Golomb order this module counts (0..62), else the
+    error (TypeError, ValueError) saying why."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 0 <= k <= _MAX_K:
@@ -182,7 +187,7 @@ def eg_length(u: Any, k: int = 0) -> np.ndarray | torch.Tensor:
         TypeError: for non-integer input. ValueError: for negative ``u`` or bad ``k``.
         OverflowError: if ``u + 2^k`` does not fit.
     """
-    k = _check_k(k)
+    k = check_k(k)
     if isinstance(u, torch.Tensor):
         if u.is_floating_point() or u.is_complex():
             raise TypeError(f"eg_length expects an integer tensor, got {u.dtype}")
@@ -217,7 +222,7 @@ def _best_k(avg_bits: Any, k: KArg) -> tuple[float, int]:
     if k == "auto":
         best = min((avg_bits(kk), kk) for kk in range(MAX_AUTO_K + 1))
         return float(best[0]), best[1]
-    k = _check_k(k)
+    k = check_k(k)
     return float(avg_bits(k)), k
 
 
@@ -254,7 +259,7 @@ def eg_rate_surrogate(
     Note: the forward uses ``x / step`` in the input dtype, which can differ from
     :func:`quantize` (float64 ``x * (1/step)``) on exact rounding ties.
     """
-    k = _check_k(k)
+    k = check_k(k)
     step = _check_step(step)
     s = x / step
     q = s + (torch.round(s) - s).detach()
@@ -417,14 +422,8 @@ def _plan_torch(
         bits = torch.where(zero_run, alt, bits)
         order = torch.where(zero_run, val_order, order)
     n_exceptions = (~ok).sum()
-    header = (
-        _codec._FIXED.size
-        + 8 * x.dim()
-        + _codec._SEGMENT.itemsize
-        + _codec._BLOCK.itemsize * n_blocks
-        + _codec._CRC.size
-    )
-    frame = 8 * (header + n_exceptions * (8 + x.element_size())) + 8 * torch.ceil(bits / 8).sum()
+    header = _codec.header_bytes(x.dim(), 1, n_blocks, n_exceptions, x.element_size())
+    frame = 8 * (header + _codec.CRC_BYTES) + 8 * torch.ceil(bits / 8).sum()
     return _Plan(
         order=order,
         zero_run=zero_run,
@@ -440,7 +439,9 @@ def _plan(x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: boo
     return make(x, step, k, block_size, zero_runs)
 
 
-def _check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str) -> None:
+def check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str) -> None:
+    """Raise if ``x``, ``k``, ``block_size`` and ``zero_runs`` are not arguments the wire
+    codec takes (as :func:`codec_bits` and the rate surrogates need)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point torch.Tensor, got {type(x).__name__}"
@@ -449,7 +450,7 @@ def _check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str) -
     if x.numel() == 0:
         raise ValueError("cannot compute a rate for an empty tensor")
     if k != "auto":
-        _check_k(k)
+        check_k(k)
         if k > _eg_kernels.K_MAX:
             raise ValueError(f"the codec's k is at most {_eg_kernels.K_MAX}, got {k}")
     if (
@@ -482,7 +483,7 @@ def codec_bits(
     copying it to the CPU to encode it would cost more.
     """
     step = _check_step(step)
-    _check_coded_args(x, k, block_size, zero_runs)
+    check_coded_args(x, k, block_size, zero_runs)
     return int(_plan(x, step, k, int(block_size), zero_runs).frame_bits)
 
 
@@ -580,7 +581,7 @@ def eg_rate(
     codec's bits to the bit (the smooth bound alone is 10-20% high), with the per-block
     order and zero-run choices the codec makes.
     """
-    _check_coded_args(x, k, block_size, zero_runs)
+    check_coded_args(x, k, block_size, zero_runs)
     if (step is None) == (rel_step is None):
         raise ValueError("give exactly one of step and rel_step")
     if rel_step is not None:
@@ -731,7 +732,7 @@ def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
     return np.array(col), np.array(weight), np.array(right), np.array(left), first
 
 
-def _eg_order_bits(
+def eg_order_bits(
     fit: GGFit,
     steps: np.ndarray,
     orders: tuple[int, ...],
@@ -802,11 +803,11 @@ def predict_eg_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, i
     """
     step = _check_step(step)
     if k == "auto":
-        bits = _eg_order_bits(fit, np.array([step]), tuple(range(MAX_AUTO_K + 1)))[0][0]
+        bits = eg_order_bits(fit, np.array([step]), tuple(range(MAX_AUTO_K + 1)))[0][0]
         best = int(np.argmin(bits))
         return float(bits[best]), best
-    k = _check_k(k)
-    return float(_eg_order_bits(fit, np.array([step]), (k,))[0][0, 0]), k
+    k = check_k(k)
+    return float(eg_order_bits(fit, np.array([step]), (k,))[0][0, 0]), k
 
 
 def predict_entropy_bits(fit: GGFit, step: float) -> float:
@@ -841,7 +842,7 @@ def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
     Raises:
         ValueError: if ``target_bits`` is not above the floor or no bracket is found.
     """
-    floor_bits = 1.0 if k == "auto" else _check_k(k) + 1.0
+    floor_bits = 1.0 if k == "auto" else check_k(k) + 1.0
     if not (math.isfinite(target_bits) and target_bits > floor_bits):
         raise ValueError(
             f"target_bits must exceed {floor_bits:g} (the EG minimum for k={k}), "

@@ -110,12 +110,12 @@ def _shape_curve(beta: float) -> _Curve:
     guess = np.maximum(np.floor(np.log2(median / steps)), 0.0)[:, None]
     k = np.arange(len(_ORDERS))
     only = (k >= guess) & (k <= guess + 3)
-    bits, slopes = _rate._eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True)
+    bits, slopes = _rate.eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True)
     best = np.argmin(bits, axis=1)
     rows = np.arange(best.size)
     redo = ~(only[rows, np.maximum(best - 1, 0)] & only[rows, np.minimum(best + 1, k[-1])])
     if redo.any():
-        bits[redo], slopes[redo] = _rate._eg_order_bits(
+        bits[redo], slopes[redo] = _rate.eg_order_bits(
             fit, steps[redo], _ORDERS, tail=_TAIL, slopes=True
         )
         best = np.argmin(bits, axis=1)

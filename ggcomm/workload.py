@@ -17,13 +17,15 @@ real data that runs anywhere (CPU, no download) and is the same everywhere. Two 
   exchange, so step time is dominated by communication, which is what compression targets.
 
 Both models have ``forward(x, targets=None) -> (output, loss)`` so one training loop drives
-either. Initialization is deterministic given ``torch.manual_seed``.
+either. Initialization is deterministic given ``torch.manual_seed``. :func:`free_port` picks
+the rendezvous port of a local multi-process run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,3 +404,10 @@ def mlp_batch(
     """
     x = torch.randn(batch_size, width, generator=generator)
     return x, torch.tanh(torch.roll(x, shifts=1, dims=-1))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago: a local run's rendezvous port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -49,19 +49,6 @@ _SMALL = 64  # symbols below this are histogrammed by table
 
 
 @njit(nogil=True, cache=True)
-def _u_of_q(q):
-    return 2 * q - 1 if q > 0 else -2 * q
-
-
-@njit(nogil=True, cache=True)
-def _q_of_u(u):
-    """Inverse of _u_of_q, branch-free: odd u -> (u + 1) / 2, even u -> -u / 2."""
-    h = (u + 1) >> 1
-    s = (u & 1) - 1  # 0 for odd u, -1 for even u
-    return (h ^ s) - s
-
-
-@njit(nogil=True, cache=True)
 def _quantize(x, start, cnt, inv, scratch):
     """_quantize_to at the code's whole range (lim = QMAX)."""
     return _quantize_to(x, start, cnt, inv, _QMAXF, scratch)
@@ -497,7 +484,7 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, 
         nexc = _quantize_to(g, start, cnt, inv, lim, scratch)
     if q_out.size > 0:
         qs = q_out[start:start + cnt]
-        for j in range(cnt):  # from the symbols: q = _q_of_u(u), branch-free
+        for j in range(cnt):  # from the symbols: q = (u + 1) / 2 (odd u), -u / 2 (even u)
             u = scratch[j]
             h = (u + 1) >> 1
             sgn = (u & 1) - 1
@@ -771,7 +758,7 @@ def _dequantize(scratch, start, cnt, step, out):
     o = out[start:start + cnt]
     for j in range(cnt):  # indices from 0: no wraparound checks, so it vectorizes
         # q from u in float64 (exact below 2**53): AVX2 has no packed int64 -> float64
-        # conversion, so the integer form of _q_of_u would not vectorize.
+        # conversion, so an integer form of the u -> q map would not vectorize.
         half = np.float64(scratch[j]) * 0.5
         fl = np.floor(half)
         q = fl + 1.0 if half != fl else 0.0 - half  # 0.0 - 0.0 is +0.0, -0.0 is not

@@ -177,17 +177,6 @@ def decode_block(data: bytes, nbits: int, count: int, mode: int, k: int, krun: i
     return us
 
 
-def dequantize(us: list, seg_bounds: np.ndarray, steps: np.ndarray, dtype) -> np.ndarray:
-    """float64(q) * step, rounded once to dtype (float32 or float64)."""
-    out = np.empty(len(us), dtype)
-    for s in range(len(steps)):
-        for i in range(int(seg_bounds[s]), int(seg_bounds[s + 1])):
-            u = us[i]
-            q = (u + 1) >> 1 if u & 1 else -(u >> 1)
-            out[i] = np.float64(q) * np.float64(steps[s])
-    return out
-
-
 def q_of_u(u: int) -> int:
     return (u + 1) >> 1 if u & 1 else -(u >> 1)
 

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ggcomm.workload import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results, pg_timeout=None) -> None:

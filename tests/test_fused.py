@@ -64,16 +64,15 @@ def test_sum_frames_equals_the_reference_sum(specials):
                                                                            [:parts[i][0].nbytes]))
               for i in range(3)]
     own_f = parts[own][0]
-    own_exc = (own_f._h.exc_pos, codec._exception_values(own_f.buffer.numpy(), own_f._h)
-               .double().numpy())
+    own_exc = own_f.exceptions()
     out = np.empty(n, np.float32)
     codec.sum_frames(buffer, frames, own=parts[own][1], own_exceptions=own_exc, divisor=3.0,
                      out=out)
     us = [list(reference.quantize(g, bounds, steps)[0]) for _, _, g in parts]
     extra = {}
     for f, _, _ in parts:
-        vals = codec._exception_values(f.buffer.numpy(), f._h).double().numpy()
-        for p, v in zip(f._h.exc_pos.tolist(), vals.tolist(), strict=True):
+        pos, vals = f.exceptions()
+        for p, v in zip(pos.tolist(), vals.tolist(), strict=True):
             extra[p] = extra.get(p, 0.0) + v
     expected = reference.frame_sum(us, extra, bounds, steps, 3.0)
     np.testing.assert_array_equal(out, expected)

@@ -48,7 +48,7 @@ def test_model_step_costs_no_solve(monkeypatch) -> None:
     def solve(*args, **kwargs):
         raise AssertionError("the table should answer without the rate model")
 
-    for name in ("step_for_rate", "predict_eg_bits", "_eg_order_bits"):
+    for name in ("step_for_rate", "predict_eg_bits", "eg_order_bits"):
         monkeypatch.setattr(rate, name, solve)
     targets = np.linspace(1.0 + 1e-9, 24.0, 200)
     for beta in (0.1, 0.3, 1.0, 2.0, 4.0):

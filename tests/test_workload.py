@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from ggcomm.workload import (
     GPT,
     ByteDataset,
     GPTConfig,
+    free_port,
     make_mlp_workload,
     mlp_batch,
     next_token_accuracy,
@@ -179,12 +179,6 @@ def test_parse_args() -> None:
         train_ddp.parse_args(["--rate", "2", "--step", "0.1"])
     assert train_ddp.allreduce_bytes(1000, 4) == 1500.0
     assert train_ddp.allgather_bytes(1000, 4) == 3000.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(hook: str, out: Path, steps: int = 5, *extra: str) -> dict:
