@@ -725,6 +725,17 @@ def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
     return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="))).view(h.dtype)
 
 
+def _decode_scratch(n: int, dtype: torch.dtype) -> np.ndarray:
+    """A reusable per-calling-thread array of n elements for ``decode(out=)`` (it keeps the
+    largest size decoded so far on that thread)."""
+    name = "decode_f64" if dtype == torch.float64 else "decode_f32"
+    a = getattr(_scratch, name, None)
+    if a is None or a.size < n:
+        a = np.empty(n, np.float64 if dtype == torch.float64 else np.float32)
+        setattr(_scratch, name, a)
+    return a[:n]
+
+
 def decode(frame, *, out: torch.Tensor | None = None,
            max_numel: int | None = None) -> torch.Tensor:
     """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
@@ -734,8 +745,9 @@ def decode(frame, *, out: torch.Tensor | None = None,
     exceptions come back bit for bit. With ``out`` (a CPU tensor of the frame's dtype and
     element count) the result is written there and ``out`` is returned; ``out`` is written
     only once the whole frame has decoded, so on a FrameError it is left as it was (the
-    frame is decoded into a scratch tensor and copied: one extra pass over the output, far
-    cheaper than decoding twice to validate first).
+    frame is decoded into a scratch array the calling thread keeps for the next call, and
+    copied: one extra pass over the output, far cheaper than decoding twice to validate
+    first).
 
     ``max_numel``: the most elements the caller accepts. A frame claiming more raises
     FrameError before anything in proportion to its size is allocated. None (the default)
@@ -751,7 +763,10 @@ def decode(frame, *, out: torch.Tensor | None = None,
                 out.numel() != h.numel or out.device.type != "cpu":
             raise ValueError(f"out must be a CPU {h.dtype} tensor of {h.numel} elements")
     work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    work = torch.empty(h.numel, dtype=work_dtype)
+    if out is None:
+        work = torch.empty(h.numel, dtype=work_dtype)
+    else:  # the calling thread's reusable scratch: no fresh pages (and page faults) per call
+        work = torch.from_numpy(_decode_scratch(h.numel, work_dtype))
     _decode_into(buf, h, work.numpy(), h.steps)  # every FrameError is raised here
     result = work if work.dtype == h.dtype else work.to(h.dtype)
     if h.exc_pos.size:
