@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ggcomm.workload import free_port
+from ggcomm.tools.workload import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {

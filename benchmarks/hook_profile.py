@@ -1,7 +1,7 @@
 """Where the DDP hook's time goes: per bucket and pass, against the bare kernels and DDP.
 
 One run, on gloo ranks on this machine, of the 50M-parameter MLP workload
-(``ggcomm.workload.make_mlp_workload(4096, 3)``, batch 16 per rank, AdamW), with three
+(``ggcomm.tools.workload.make_mlp_workload(4096, 3)``, batch 16 per rank, AdamW), with three
 models trained side by side in round-robin (so that every method sees the same machine
 load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm.ddp`` at
 ``--rate``. It reports
@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ggcomm
 from ggcomm.ddp import GGCommState, gg_hook
-from ggcomm.workload import make_mlp_workload, mlp_batch
+from ggcomm.tools.workload import make_mlp_workload, mlp_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("fp32", "fp16", "gg")

@@ -15,7 +15,6 @@ backward), and the final training and validation loss. Writes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ggcomm.workload import free_port
+from ggcomm.tools.workload import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launch" / "train_pipe.py"
@@ -39,11 +38,9 @@ LINKS = ("localhost", "1gbit", "100mbit")
 
 
 def _testhosts():
-    spec = importlib.util.spec_from_file_location("testhosts", ROOT / "launch" / "testhosts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["testhosts"] = module
-    spec.loader.exec_module(module)
-    return module
+    from ggcomm.tools import testhosts
+
+    return testhosts
 
 
 def _train_args(method: str, args: argparse.Namespace, out: Path) -> list[str]:

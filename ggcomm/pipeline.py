@@ -41,7 +41,7 @@ checked: a payload longer than its preamble says still aborts the receiver insid
 Quantization is lossy: activations and activation gradients come back with an error of
 at most half a step per element (exact for non-finite values, which travel raw). There is
 no error feedback here (an activation is sent once), so choose the rate for the accuracy
-the model tolerates; ACT (:mod:`ggcomm.act`) trains models whose activations need fewer
+the model tolerates; ACT (:mod:`ggcomm.methods.act`) trains models whose activations need fewer
 bits.
 """
 

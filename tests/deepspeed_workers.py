@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ggcomm.workload import GPT, ByteDataset, GPTConfig, gpt_layers, lm_loss
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, gpt_layers, lm_loss
 
 
 def init_deepspeed(rank: int, world: int):

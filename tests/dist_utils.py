@@ -10,7 +10,7 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ggcomm.workload import free_port
+from ggcomm.tools.workload import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results, pg_timeout=None) -> None:

@@ -1,4 +1,4 @@
-"""Tests for ggcomm.act: the activation rate penalty, its taps, schedule and state."""
+"""Tests for ggcomm.methods.act: the activation rate penalty, its taps, schedule and state."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ggcomm import codec, gg, rate
-from ggcomm.act import ACT, RateTap
-from ggcomm.workload import GPT, ByteDataset, GPTConfig
+from ggcomm.methods.act import ACT, RateTap
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig
 
 
 def codec_bpe(x: torch.Tensor, step: float) -> float:

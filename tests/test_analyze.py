@@ -1,4 +1,4 @@
-"""Tests for ggcomm.analyze: the GG / code-length report of a GPT."""
+"""Tests for ggcomm.tools.analyze: the GG / code-length report of a GPT."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ggcomm import analyze, cli, gg
-from ggcomm.workload import GPT, GPTConfig
+from ggcomm import gg
+from ggcomm.tools import analyze, cli
+from ggcomm.tools.workload import GPT, GPTConfig
 
 TINY = [
     "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -37,7 +38,7 @@ def test_measure_recovers_a_known_shape() -> None:
 
 
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.COMMANDS["analyze"][0] == "ggcomm.analyze"
+    assert cli.COMMANDS["analyze"][0] == "ggcomm.tools.analyze"
     out = tmp_path / "report.json"
     plots = tmp_path / "plots"
     argv = ["analyze", *TINY, "--train-steps", "3", "--json", str(out), "--plot-dir", str(plots)]

@@ -1,4 +1,4 @@
-"""Tests for ggcomm.backslash: the weight-rate constraint."""
+"""Tests for ggcomm.methods.backslash: the weight-rate constraint."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ggcomm import gg, rate
-from ggcomm.backslash import BackSlash
-from ggcomm.init import apply_gg_init
-from ggcomm.workload import GPT, ByteDataset, GPTConfig
+from ggcomm.methods.backslash import BackSlash
+from ggcomm.methods.init import apply_gg_init
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig
 
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
 
@@ -81,7 +81,7 @@ def test_refit_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return real_fit(x, **kw)
 
-    monkeypatch.setattr("ggcomm.backslash.gg.fit", counting_fit)
+    monkeypatch.setattr("ggcomm.methods.backslash.gg.fit", counting_fit)
     p = nn.Parameter(torch.randn(100, 10))
     bs = BackSlash([("w", p)], strength=1e-3, refit_every=3)
     seen = []

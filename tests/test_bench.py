@@ -1,4 +1,4 @@
-"""ggcomm.bench: options, the launcher, run summaries, target verdicts, and a --quick run."""
+"""ggcomm.tools.bench: options, the launcher, run summaries, target verdicts, and a --quick run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ggcomm import bench
+from ggcomm.tools import bench
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ggcomm import cli, demo
+from ggcomm.tools import cli, demo
 
 # The demo's ggcomm run: step 0 a plain allreduce, then a rate warm-up from 8 bits per
 # element falling to --rate over 20 steps (GGCommState(warmup_iters=20) in ggcomm/demo.py).

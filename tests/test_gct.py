@@ -1,4 +1,4 @@
-"""Tests for ggcomm.gct: gradient-constrained training."""
+"""Tests for ggcomm.methods.gct: gradient-constrained training."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ggcomm import rate
-from ggcomm.gct import DEFAULT_REL_STEP, GCT, GCTStateError
-from ggcomm.workload import make_mlp_workload, mlp_batch
+from ggcomm.methods.gct import DEFAULT_REL_STEP, GCT, GCTStateError
+from ggcomm.tools.workload import make_mlp_workload, mlp_batch
 
 WIDTH = 64
 

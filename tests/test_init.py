@@ -1,4 +1,4 @@
-"""Tests for ggcomm.init: GG weight initialization."""
+"""Tests for ggcomm.methods.init: GG weight initialization."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from scipy.special import gammaln
 from torch import nn
 
 from ggcomm import gg
-from ggcomm.init import DEFAULT_LAYERS, apply_gg_init, fan, gg_, init_std
-from ggcomm.workload import GPT, GPTConfig
+from ggcomm.methods.init import DEFAULT_LAYERS, apply_gg_init, fan, gg_, init_std
+from ggcomm.tools.workload import GPT, GPTConfig
 
 SHAPES = (0.1, 0.5, 1.0, 2.0)
 NONLINEARITIES = (("linear", 0.0, 1.0), ("relu", 0.0, 2.0), ("leaky_relu", 0.2, 2.0 / 1.04))

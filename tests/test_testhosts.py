@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import importlib.util
 import ipaddress
 import json
 import os
@@ -22,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "testhosts.py"
-_spec = importlib.util.spec_from_file_location("testhosts", SCRIPT)
-th = importlib.util.module_from_spec(_spec)
-sys.modules["testhosts"] = th  # dataclasses look their module up there
-_spec.loader.exec_module(th)
+from ggcomm.tools import testhosts as th
+
+SCRIPT = Path(th.__file__)  # standard library only: runs as a script on a bare python
 
 PREFIX = "ggct"  # hosts shared by the measurement tests
 OTHER = "ggcu"  # hosts the life-cycle tests build and tear down
@@ -35,10 +32,8 @@ RATE_BPS = 100e6
 REASON = th.unavailable_reason(PREFIX)
 # the module in a child process, as `th`
 IMPORT_IN_CHILD = (
-    "import importlib.util, os, sys, time\n"
-    f"spec = importlib.util.spec_from_file_location('testhosts', {str(SCRIPT)!r})\n"
-    "th = importlib.util.module_from_spec(spec); sys.modules['testhosts'] = th\n"
-    "spec.loader.exec_module(th)\n"
+    "import os, sys, time\n"
+    "from ggcomm.tools import testhosts as th\n"
 )
 needs_hosts = pytest.mark.skipif(REASON is not None, reason=f"test hosts unavailable: {REASON}")
 

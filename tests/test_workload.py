@@ -1,8 +1,7 @@
-"""Tests for ggcomm.workload (GPT, corpus, dataset, MLP) and launch/train_ddp.py end to end."""
+"""Tests for ggcomm.tools.workload (GPT, corpus, dataset, MLP) and train_ddp end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ggcomm.workload import (
+from ggcomm.tools.workload import (
     GPT,
     ByteDataset,
     GPTConfig,
@@ -37,11 +36,9 @@ def tiny_config(**overrides: int) -> GPTConfig:
 
 
 def load_train_ddp() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_ddp", TRAIN_DDP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ggcomm.tools import train_ddp
+
+    return train_ddp
 
 
 # --- GPT ----------------------------------------------------------------------------------------

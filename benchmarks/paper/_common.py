@@ -1,6 +1,6 @@
 """Shared set-up of the small-scale paper reproductions (GG init, BackSlash, GCT).
 
-One workload for all of them: the built-in byte-level GPT (:class:`ggcomm.workload.GPT`)
+One workload for all of them: the built-in byte-level GPT (:class:`ggcomm.tools.workload.GPT`)
 trained on the interpreter's standard-library sources, single process on the CPU. Every
 run is seeded (model, data order, evaluation batches), so a rerun on the same machine and
 library versions reproduces the numbers.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ggcomm import gg, rate
-from ggcomm.workload import GPT, ByteDataset, GPTConfig, next_token_accuracy
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, next_token_accuracy
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "paper"
 

@@ -4,7 +4,7 @@ step against conventional training (paper Fig. 4a-b).
 The built-in byte-level GPT is cut into two pipeline stages after block ``SPLIT``; the
 boundary activation (the residual stream stage 0 would send to stage 1, one tensor of
 batch x sequence x width per micro-batch) is what ACT constrains, through a forward hook
-(:meth:`ggcomm.act.ACT.attach`). Every run starts from the same weights and sees the same
+(:meth:`ggcomm.methods.act.ACT.attach`). Every run starts from the same weights and sees the same
 batches; lambda = 0 is conventional training, with the same hook only measuring.
 
 Recorded per run:
@@ -53,8 +53,8 @@ from _common import (  # noqa: E402
 )
 
 from ggcomm import codec, gg, rate  # noqa: E402
-from ggcomm.act import ACT  # noqa: E402
-from ggcomm.workload import GPT, ByteDataset  # noqa: E402
+from ggcomm.methods.act import ACT  # noqa: E402
+from ggcomm.tools.workload import GPT, ByteDataset  # noqa: E402
 
 SETUP = Setup(n_layer=4, n_head=4, n_embd=64)
 QUICK_SETUP = Setup(n_layer=2, n_head=2, n_embd=32, eval_batches=2)

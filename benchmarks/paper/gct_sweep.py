@@ -1,7 +1,7 @@
 """GCT lambda sweep and training dynamics (paper Fig. 3 and Fig. 4c-d), small scale.
 
 The built-in byte-level GPT is trained with AdamW, conventionally and with
-:class:`ggcomm.gct.GCT` at several initial multipliers ``lam0`` (decayed by ``gamma`` per
+:class:`ggcomm.methods.gct.GCT` at several initial multipliers ``lam0`` (decayed by ``gamma`` per
 epoch, an epoch being a tenth of the run), plus one run at the middle ``lam0`` without
 decay. Every step the gradient the optimizer's step is computed from, before GCT rewrites
 it (what a data-parallel rank sends), is encoded with the real codec
@@ -42,8 +42,8 @@ from _common import (  # noqa: E402
 )
 
 from ggcomm.codec import encode, inspect  # noqa: E402
-from ggcomm.gct import GCT  # noqa: E402
-from ggcomm.workload import GPT  # noqa: E402
+from ggcomm.methods.gct import GCT  # noqa: E402
+from ggcomm.tools.workload import GPT  # noqa: E402
 
 DEFAULT_STEPS = 1000
 QUICK_STEPS = 10

@@ -1,8 +1,8 @@
 """GG initialization shape sweep under conventional and BackSlash training (paper Tables 1-2).
 
 For each GG-init shape (0.1, 0.5, 1, 2; shape 2 is Kaiming-normal) the built-in byte-level
-GPT is initialized with :func:`ggcomm.init.apply_gg_init` and trained twice from the same
-weights and data order: conventionally (AdamW) and with :class:`ggcomm.backslash.BackSlash`
+GPT is initialized with :func:`ggcomm.methods.init.apply_gg_init` and trained twice from the same
+weights and data order: conventionally (AdamW) and with :class:`ggcomm.methods.backslash.BackSlash`
 after every AdamW step. Reported for the initialized weights (Linear and Embedding weight
 matrices) before and after training: entropy, FL / EG / HM bits per weight at one
 quantization step, the fraction of zeros and the fitted GG shape; and the next-token
@@ -42,9 +42,9 @@ from _common import (  # noqa: E402
 )
 
 from ggcomm import rate  # noqa: E402
-from ggcomm.backslash import BackSlash  # noqa: E402
-from ggcomm.init import apply_gg_init  # noqa: E402
-from ggcomm.workload import GPT  # noqa: E402
+from ggcomm.methods.backslash import BackSlash  # noqa: E402
+from ggcomm.methods.init import apply_gg_init  # noqa: E402
+from ggcomm.tools.workload import GPT  # noqa: E402
 
 SHAPES = (0.1, 0.5, 1.0, 2.0)
 DEFAULT_STEPS = 1200

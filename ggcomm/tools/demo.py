@@ -56,7 +56,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: An
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import ggcomm
-    from ggcomm.workload import GPT, ByteDataset, lr_factor, next_token_accuracy
+    from ggcomm.tools.workload import GPT, ByteDataset, lr_factor, next_token_accuracy
 
     torch.set_num_threads(1)  # two ranks share the machine's cores
     ggcomm.set_num_threads(1)
@@ -68,8 +68,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: An
         gct = state = None
         if mode == "ggcomm":
             from ggcomm.ddp import GGCommState
-            from ggcomm.gct import GCT
-            from ggcomm.init import apply_gg_init
+            from ggcomm.methods.gct import GCT
+            from ggcomm.methods.init import apply_gg_init
 
             apply_gg_init(model, args.init_shape, nonlinearity="linear",
                           generator=torch.Generator().manual_seed(args.seed))

@@ -11,10 +11,11 @@ import sys
 
 # name -> (module whose main(argv) runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ggcomm.demo", "train a GPT on 2 local ranks with plain DDP and with ggcomm, "
+    "demo": ("ggcomm.tools.demo", "train a GPT on 2 local ranks with plain DDP and with ggcomm, "
                             "side by side"),
-    "bench": ("ggcomm.bench", "DDP comm hooks side by side on localhost and shaped links"),
-    "analyze": ("ggcomm.analyze", "GG vs Gaussian fits and FL/EG/Huffman bits of GPT tensors"),
+    "bench": ("ggcomm.tools.bench", "DDP comm hooks side by side on localhost and shaped links"),
+    "analyze": ("ggcomm.tools.analyze",
+                "GG vs Gaussian fits and FL/EG/Huffman bits of GPT tensors"),
 }
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(f"ggcomm {__version__}")
         return 0

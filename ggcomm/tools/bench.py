@@ -32,9 +32,10 @@ the targets' verdicts), ``ddp_bench-step_time.png`` (step time against link spee
 method) and ``ddp_bench-loss_vs_bytes.png`` (final loss against bytes sent) under ``--out``
 (default ``benchmarks/results``); ``--quick`` names end in ``-quick`` and are not committed.
 
-How it runs: one launch per (workload, link, ranks) group. Each rank is a process (``python -m
-ggcomm.bench --worker SPEC``, in its own test host on shaped links) that joins one process group
-and trains every method of the group in turn through ``launch/train_ddp.py``'s ``train``, so
+How it runs: one launch per (workload, link, ranks) group. Each rank is a process
+(``python -m ggcomm.tools.bench --worker SPEC``, in its own test host on shaped links) that
+joins one process group and trains every method of the group in turn through
+:func:`ggcomm.tools.train_ddp.train`, so
 the start-up (interpreter, torch and numba imports, process group) is paid once per group
 rather than once per run. Localhost ranks meet through a file store (no port to pick) over the
 loopback interface. With CUDA (``--backend auto`` finds it) the ranks run NCCL, one GPU each,
@@ -52,7 +53,6 @@ the subset options trade coverage for time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -69,11 +69,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import BenchError
+from ..errors import BenchError
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN_DDP = ROOT / "launch" / "train_ddp.py"
-TESTHOSTS = ROOT / "launch" / "testhosts.py"
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 NAME = "ddp_bench"
 
@@ -381,26 +379,11 @@ class Group:
         return f"{self.workload}/{self.link}/{self.ranks} ranks"
 
 
-def _load_script(path: Path, name: str) -> ModuleType:
-    """A module from one of the repository's launch scripts (cached in ``sys.modules``)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    if not path.is_file():
-        raise BenchError(
-            f"{path} is missing: ggcomm bench runs from a checkout of the repository "
-            "(pip install -e .), whose launch/ folder holds the training and test-host scripts"
-        )
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_testhosts() -> ModuleType:
-    """``launch/testhosts.py`` as a module."""
-    return _load_script(TESTHOSTS, "testhosts")
+    """:mod:`ggcomm.tools.testhosts` (imported on first use: it is only needed for shaped links)."""
+    from . import testhosts
+
+    return testhosts
 
 
 def _train_argv(method: Method, workload: str, args: argparse.Namespace, out: Path) -> list[str]:
@@ -485,7 +468,7 @@ def _nccl_host_env(hosts: Any, i: int) -> dict[str, str]:
 
 def worker_command(spec_path: Path) -> list[str]:
     """The command line of one rank: this module's worker, reading ``spec_path``."""
-    return [sys.executable, "-m", "ggcomm.bench", "--worker", str(spec_path)]
+    return [sys.executable, "-m", "ggcomm.tools.bench", "--worker", str(spec_path)]
 
 
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
@@ -596,10 +579,10 @@ def _worker(spec_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from . import set_num_threads, stepping
+    from .. import set_num_threads, stepping
 
     spec = json.loads(Path(spec_path).read_text())
-    train_ddp = _load_script(TRAIN_DDP, "train_ddp")
+    from . import train_ddp
     set_num_threads(spec["threads"])
     torch.set_num_threads(spec["threads"])
     backend = spec["backend"]

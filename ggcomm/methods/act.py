@@ -50,9 +50,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import rate as _rate
-from .codec import DEFAULT_BLOCK_SIZE
-from .kernels.eg import QMAX
+from .. import rate as _rate
+from ..codec import DEFAULT_BLOCK_SIZE
+from ..kernels.eg import QMAX
 
 __all__ = ["ACT", "DEFAULT_REL_STEP", "RateTap", "TapStats"]
 

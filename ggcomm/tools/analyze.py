@@ -1,6 +1,6 @@
 """``ggcomm analyze``: how generalized-Gaussian a model's weights, activations and gradients are.
 
-Builds the GPT of :mod:`ggcomm.workload` (optionally trained for a few steps on the stdlib
+Builds the GPT of :mod:`ggcomm.tools.workload` (optionally trained for a few steps on the stdlib
 corpus first, or loaded from a saved state dict), then for each group of tensors (weights
 by kind: embeddings, attention, MLP, norms, biases, head; each block's output activation;
 the gradients of the same weight groups over a few batches) fits a GG and a Gaussian
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import codec, gg, rate
+from .. import codec, gg, rate
 from .workload import GPT, ByteDataset, GPTConfig
 
 __all__ = ["GROUP_RULES", "analyze_model", "collect", "main", "measure"]

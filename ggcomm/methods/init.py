@@ -20,7 +20,7 @@ slower than ``kaiming_normal_`` but negligible next to training.
 
 Usage::
 
-    from ggcomm.init import apply_gg_init
+    from ggcomm.methods.init import apply_gg_init
     touched = apply_gg_init(model, 0.5, generator=torch.Generator().manual_seed(0))
 """
 
@@ -157,7 +157,7 @@ class GGInitResult:
     """What :func:`apply_gg_init` wrote, keyed by qualified parameter name.
 
     ``weights`` holds the GG-initialized weight tensors (the natural argument for
-    :class:`ggcomm.backslash.BackSlash`), ``biases`` the biases it set to zero.
+    :class:`ggcomm.methods.backslash.BackSlash`), ``biases`` the biases it set to zero.
     """
 
     weights: dict[str, nn.Parameter] = field(default_factory=dict)

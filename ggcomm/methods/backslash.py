@@ -25,7 +25,7 @@ times ``strength * sigma`` for every shape from 0.1 to 2. Stopping at zero (the 
 code lets weights overshoot and oscillate around it) is the proximal form of the same step;
 it produces exact zeros, which cost the fewest bits.
 
-Usage, after :func:`ggcomm.init.apply_gg_init` or any initialization::
+Usage, after :func:`ggcomm.methods.init.apply_gg_init` or any initialization::
 
     bs = BackSlash(model_weights, strength=1e-4)
     loss.backward(); optimizer.step(); bs.step()

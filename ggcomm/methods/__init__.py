@@ -1,0 +1,19 @@
+"""Training methods that make tensors cheaper to send (arXiv 2506.00486).
+
+- :mod:`.init`: generalized-Gaussian weight initialization (``gg_``, ``apply_gg_init``).
+- :mod:`.act`: activation compression training (``ACT``), a rate penalty on the activations
+  a pipeline stage sends.
+- :mod:`.gct`: gradient compression training (``GCT``), a rate term on the gradients DDP sends.
+- :mod:`.backslash`: ``BackSlash``, the weight-rate baseline with a fitted GG prior.
+
+They use the library core (``ggcomm.gg``, ``ggcomm.rate``, ``ggcomm.quant``) and no
+transport; the transports do not import them. ``ggcomm.init``, ``ggcomm.act``,
+``ggcomm.gct`` and ``ggcomm.backslash`` are the same modules under their former names.
+"""
+
+from .act import ACT, RateTap
+from .backslash import BackSlash
+from .gct import GCT
+from .init import GGInitResult, apply_gg_init, gg_
+
+__all__ = ["ACT", "BackSlash", "GCT", "GGInitResult", "RateTap", "apply_gg_init", "gg_"]

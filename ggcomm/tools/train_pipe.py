@@ -1,0 +1,197 @@
+"""Train the GPT workload as a DeepSpeed pipeline, with or without ggcomm on the stage links.
+
+One pipeline stage per rank (``--nproc_per_node`` stages), gloo on CPU or NCCL on GPUs::
+
+    torchrun --nproc_per_node=2 launch/train_pipe.py --compress gg --rate 3
+    torchrun --nproc_per_node=2 launch/train_pipe.py --compress none
+
+Every step runs ``--micro-batches`` micro-batches through DeepSpeed's pipeline schedule
+(``engine.train_batch``). Rank 0 prints the loss, the step time and the bytes per
+micro-batch each way across the first stage boundary (activations forward, their gradients
+backward), and writes a JSON summary with ``--json``. With ``--compress none`` the bytes
+are those of the tensors DeepSpeed sends (counted at ``deepspeed.runtime.pipe.p2p.send``);
+with ``gg`` they are what the plugin handed to torch.distributed, headers included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, gpt_layers, lm_loss
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compress", choices=("none", "gg"), default="gg")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, help="target bits per element (default 4)")
+    rate.add_argument("--step", type=float, help="fixed quantization step")
+    rate.add_argument("--rel-step", type=float, help="step as a multiple of each tensor's RMS")
+    p.add_argument("--model", choices=("gpt", "gpt-small"), default="gpt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--micro-batches", type=int, default=4, help="per step (pipeline depth)")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: as is)")
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
+    return p.parse_args(argv)
+
+
+def _init_deepspeed(backend: str):
+    import deepspeed
+    import deepspeed.comm.torch
+
+    # The shared-memory op DeepSpeed JIT-compiles on first init (~50 s) serves CPU
+    # collectives within one node; the pipeline's point-to-point traffic does not use it.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend)
+    return deepspeed
+
+
+class _CountingSend:
+    """Wraps ``p2p.send`` to count the float bytes DeepSpeed sends itself (no plugin)."""
+
+    def __init__(self, p2p: Any):
+        self.p2p, self.original = p2p, p2p.send
+        self.counts = {"forward": 0.0, "backward": 0.0}
+
+    def __call__(self, tensor: torch.Tensor, dest_stage: int, async_op: bool = False):
+        if tensor.is_floating_point():
+            me = self.p2p._grid.get_stage_id()
+            key = "forward" if dest_stage == me + 1 else "backward"
+            self.counts[key] += tensor.numel() * tensor.element_size()
+        return self.original(tensor, dest_stage, async_op)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    deepspeed = _init_deepspeed(args.backend)
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe import p2p
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(args.seed)
+    config = GPTConfig.small() if args.model == "gpt-small" else GPTConfig()
+    config.block_size = args.block_size
+    gpt = GPT(config)
+    module = PipelineModule(layers=gpt_layers(gpt), num_stages=world, loss_fn=lm_loss,
+                            partition_method="uniform")
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": args.micro_batches,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=module, config=ds_config,
+        model_parameters=[p for p in module.parameters() if p.requires_grad])
+
+    plugin = counter = None
+    if args.compress == "gg":
+        import ggcomm.deepspeed as ggds
+
+        kw = {k: v for k, v in (("rate", args.rate), ("step", args.step),
+                                ("rel_step", args.rel_step)) if v is not None}
+        plugin = ggds.enable(engine, **kw)
+    else:
+        counter = _CountingSend(p2p)
+        p2p.send = counter
+
+    def sent() -> dict[str, float]:
+        """Bytes this rank has sent so far, per direction."""
+        if plugin is not None:
+            s = plugin.stats.counts
+            return {d: s[d]["bytes_sent"] for d in ("forward", "backward")}
+        return dict(counter.counts)
+
+    data = ByteDataset.from_stdlib(args.block_size)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def batches(split: str, g: torch.Generator):
+        while True:
+            yield data.batch(split, args.micro_batch_size, g)
+
+    train_iter = batches("train", gen)
+    losses, times, fwd, bwd = [], [], [], []
+    for step in range(1, args.steps + 1):
+        before = sent()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = engine.train_batch(data_iter=train_iter)
+        times.append(time.perf_counter() - t0)
+        after = sent()
+        losses.append(float(loss))
+        fwd.append((after["forward"] - before["forward"]) / args.micro_batches)
+        bwd.append((after["backward"] - before["backward"]) / args.micro_batches)
+        if rank == 0 and (step % args.log_every == 0 or step in (1, args.steps)):
+            print(f"step {step:4d}/{args.steps}  loss {losses[-1]:.4f}  "
+                  f"{times[-1] * 1e3:.0f} ms  per micro-batch: activations "
+                  f"{fwd[-1] / 1e3:.1f} kB", flush=True)
+
+    val_iter = batches("val", torch.Generator().manual_seed(12345))
+    val = [float(engine.eval_batch(data_iter=val_iter)) for _ in range(args.eval_batches)]
+
+    # Stage 0 sends the activations; the last stage sends the gradients back. Gather both.
+    mine = torch.tensor([statistics.fmean(fwd[1:] or fwd), statistics.fmean(bwd[1:] or bwd)],
+                        dtype=torch.float64)
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    act_bytes, grad_bytes = float(parts[0][0]), float(parts[1][1])
+    elements = args.micro_batch_size * args.block_size * config.n_embd
+    summary = {
+        "config": vars(args),
+        "world_size": world,
+        "stages": world,
+        "boundary_elements": elements,
+        "raw_bytes_per_microbatch": elements * 4,
+        "activation_bytes_per_microbatch": act_bytes,
+        "gradient_bytes_per_microbatch": grad_bytes,
+        "activation_bits_per_element": 8 * act_bytes / elements,
+        "gradient_bits_per_element": 8 * grad_bytes / elements,
+        "median_step_time_s": statistics.median(times[1:] or times),
+        "final_train_loss": statistics.fmean(losses[-10:]),
+        "val_loss": statistics.fmean(val),
+        "steps": {"loss": losses, "time_s": times},
+    }
+    if plugin is not None:
+        summary["plugin_stats"] = plugin.stats.summary()
+        plugin.disable()
+    else:
+        p2p.send = counter.original
+    if rank == 0:
+        print(f"final: train loss {summary['final_train_loss']:.4f}  val loss "
+              f"{summary['val_loss']:.4f}  median step {summary['median_step_time_s'] * 1e3:.0f}"
+              f" ms  activations {summary['activation_bits_per_element']:.2f} bits/elem  "
+              f"gradients {summary['gradient_bits_per_element']:.2f} bits/elem", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+    dist.barrier()
+    return summary
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The torchrun entry (``launch/train_pipe.py``): train, then leave the process group."""
+    main(argv)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
