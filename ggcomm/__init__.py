@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
 _SUBMODULES = {"codec", "ddp", "deepspeed", "errors", "gg", "kernels", "methods",
-               "pipeline", "pipelining", "rate", "stepping", "tools"}
+               "pipeline", "pipelining", "quant", "rate", "step_policy", "tools"}
 
 # Modules that moved into a wing keep their former names: `import ggcomm.act` and
 # `from ggcomm.workload import GPT` give the module itself (one object under two names).
@@ -40,6 +40,7 @@ _MOVED = {
     "bench": "ggcomm.tools.bench",
     "analyze": "ggcomm.tools.analyze",
     "workload": "ggcomm.tools.workload",
+    "stepping": "ggcomm.step_policy",
 }
 
 

@@ -836,7 +836,7 @@ def moments(x: np.ndarray, resid: np.ndarray | None = None,
             segments: Sequence[int] | None = None) -> np.ndarray:
     """Per segment ``(sum of x^2, sum of |x|, non-finite count)`` over the finite values of
     ``x (+ resid)`` (flat float32/float64 arrays), in one parallel pass: what a step rule
-    needs (:mod:`ggcomm.stepping`). Sums are float64; their order is not specified."""
+    needs (:mod:`ggcomm.step_policy`). Sums are float64; their order is not specified."""
     r = resid if resid is not None else np.empty(0, x.dtype)
     lengths = [x.size] if segments is None else [int(v) for v in segments]
     bounds = np.zeros(len(lengths) + 1, np.int64)

@@ -49,9 +49,9 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
-from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE
 from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
+from .step_policy import StepControl
 
 __all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
 
@@ -219,7 +219,7 @@ class GGCommState:
         overlap: bool = True,
         timeout: datetime.timedelta | float | None = None,
     ):
-        self.control = _stepping.StepControl(rate, step, rel_step, rate_gain=rate_gain,
+        self.control = StepControl(rate, step, rel_step, rate_gain=rate_gain,
                                              warmup_iters=warmup_iters, warmup_rate=warmup_rate)
         if exchange not in ("auto", "allgather", "reduce_scatter"):
             raise ValueError(f"exchange must be auto, allgather or reduce_scatter, "

@@ -59,9 +59,9 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
-from . import stepping as _stepping
 from .codec import DEFAULT_BLOCK_SIZE, FrameError
 from .errors import GGCommError, PipeLinkError, PipeSettingsError
+from .step_policy import PIPELINE_RATE, StepControl
 
 __all__ = [
     "PipeComm",
@@ -278,7 +278,7 @@ class PipeComm:
     Args:
         group: the process group the ranks belong to (default: the whole world); ``dst``
             and ``src`` are global ranks, as in ``torch.distributed.send``.
-        rate: target bits per element (the default, 4.0). The GG model picks each
+        rate: target bits per element (default ``PIPELINE_RATE``, 4.0). The GG model picks each
             tensor's step from its shape and scale, and a feedback loop per stream (peer,
             tag and direction) corrects it from the bits actually coded. Activations
             change slowly between micro-batches, so the loop settles within a few.
@@ -322,8 +322,8 @@ class PipeComm:
         max_message_bytes: int | None = None,
     ):
         self.group = group
-        self.control = _stepping.StepControl(rate, step, rel_step, default_rate=4.0,
-                                             rate_gain=rate_gain)
+        self.control = StepControl(rate, step, rel_step, default=("rate", PIPELINE_RATE),
+                                   rate_gain=rate_gain)
         codec.encode(torch.zeros(1), 1.0, k=k, block_size=block_size)  # validates both
         self.k, self.block_size = k, int(block_size)
         if not (isinstance(min_numel, int) and min_numel >= 0):

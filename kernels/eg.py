@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from ._intrinsics import clz64, data_ptr, load_be64, load_u8, lshr, store_be64
 
@@ -30,6 +31,14 @@ MAX_BLOCK_SIZE = 1 << 22
 MODE_EG = 0  # each element: EG_k(u)
 MODE_ZERO_RUNS = 1  # (EG_krun(run of zeros), EG_k(u - 1)) pairs, see FORMAT.md
 
+
+@register_jitable
+def zero_runs_considered(zeros, count):
+    """With ``zero_runs="auto"``, whether a block of ``count`` symbols, ``zeros`` of them 0,
+    is tried in zero-run mode (at least a third zeros). Plain Python, numba and elementwise
+    on numpy arrays or torch tensors alike."""
+    return (3 * zeros >= count) & (count > 0)
+
 # Decoder error codes (0 = ok). ggcomm.codec turns them into FrameError messages.
 ERR_CODE_TOO_LONG = 1
 ERR_OVERRUN = 2
@@ -40,7 +49,8 @@ ERR_PADDING = 6
 ERR_EXCEPTION_CODE = 7
 
 _QMAXF = float(QMAX)
-_NBINS = 33  # bit lengths 0..32
+NBINS = 33  # bit lengths 0..32: every code value (symbols below 2**31, zero runs below 2**23)
+_NBINS = NBINS
 _HCOLS = 2 * _NBINS + 1  # histogram, row total, suffix sums (see _summarize)
 _SMALL = 64  # symbols below this are histogrammed by table
 
@@ -364,7 +374,7 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
     mode = MODE_EG
     krun = 0
     zeros = H[0, 0]
-    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= cnt and cnt > 0
+    if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, cnt)
                           and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits):
         _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
         krun, run_bits = _best_k(Hrun)

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .eg import K_MAX, MODE_EG, MODE_ZERO_RUNS, QMAX, UMAX
+from .eg import K_MAX, MODE_EG, MODE_ZERO_RUNS, QMAX, UMAX, zero_runs_considered
 
 
 def coded(v: float, step: float, vmax: float) -> bool:
@@ -95,7 +95,7 @@ def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, i
         k, bits = _best(us)
     mode, krun = MODE_EG, 0
     zeros = sum(1 for u in us if u == 0)
-    if zero_runs == 2 or (zero_runs == 1 and 3 * zeros >= len(us) and len(us) > 0):
+    if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, len(us))):
         runs, vals = _runs_and_values(us)
         krun, run_bits = _best(runs)
         if k_fixed >= 0:

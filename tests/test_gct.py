@@ -276,7 +276,7 @@ def test_state_dict_roundtrip_and_errors() -> None:
 
 def test_constructor_errors_and_unused_parameters() -> None:
     p = nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="choose one of"):
         GCT([p], step=0.1, rel_step=0.1)
     with pytest.raises(ValueError, match="lam"):
         GCT([p], lam=-1.0)

@@ -14,12 +14,13 @@ import ggcomm.errors
 # every module the README names as ggcomm.<name>, and where it lives
 DOCUMENTED = {name: f"ggcomm.{name}" for name in (
     "codec", "ddp", "deepspeed", "errors", "gg", "kernels", "methods", "pipeline",
-    "pipelining", "rate", "stepping", "tools")}
+    "pipelining", "quant", "rate", "step_policy", "tools")}
 # former names of modules that moved into a wing
 MOVED = {"init": "ggcomm.methods.init", "act": "ggcomm.methods.act",
          "gct": "ggcomm.methods.gct", "backslash": "ggcomm.methods.backslash",
          "cli": "ggcomm.tools.cli", "demo": "ggcomm.tools.demo", "bench": "ggcomm.tools.bench",
-         "analyze": "ggcomm.tools.analyze", "workload": "ggcomm.tools.workload"}
+         "analyze": "ggcomm.tools.analyze", "workload": "ggcomm.tools.workload",
+         "stepping": "ggcomm.step_policy"}
 
 
 @pytest.mark.parametrize("name", [*DOCUMENTED, *MOVED])

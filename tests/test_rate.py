@@ -388,7 +388,8 @@ def _codec_cases():
 
 def test_codec_bits_is_the_frame_size() -> None:
     from ggcomm import codec
-    from ggcomm.rate import _plan_codec, _plan_torch, codec_bits
+    from ggcomm.rate import codec_bits
+    from ggcomm.rate.bits import _plan_codec, _plan_torch
 
     for x, step, k, block_size, zero_runs in _codec_cases():
         frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)

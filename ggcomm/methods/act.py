@@ -52,14 +52,14 @@ from torch import nn
 
 from .. import rate as _rate
 from ..codec import DEFAULT_BLOCK_SIZE
-from ..kernels.eg import QMAX
+from ..quant import fake_quantize, rms
+from ..step_policy import ACT_REL_STEP, StepControl
 
 __all__ = ["ACT", "DEFAULT_REL_STEP", "RateTap", "TapStats"]
 
-DEFAULT_REL_STEP = 0.05
-"""Default step, relative to the activation's RMS. Quantization noise is then
-``0.05 / sqrt(12)``, about 1.4% of the RMS (37 dB SNR), at 6-7 bits per element on
-Gaussian data; halving it costs about one more bit per element and halves the noise."""
+DEFAULT_REL_STEP = ACT_REL_STEP
+"""Default step, relative to the activation's RMS (:data:`ggcomm.step_policy.ACT_REL_STEP`,
+where its reason is given)."""
 
 Reduction = Literal["mean", "sum"]
 
@@ -94,15 +94,6 @@ class _InjectRateGradient(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         shape, dtype, device = ctx.penalty_meta
         return grad, torch.ones(shape, dtype=dtype, device=device)
-
-
-def _fake_quantize(x: torch.Tensor, step: float) -> torch.Tensor:
-    """``x`` as the receiver decodes it (``round(x / step) * step``, exceptions raw), with a
-    straight-through gradient."""
-    v = x.detach().to(torch.float64) * (1.0 / step)
-    coded = torch.isfinite(v) & (v.abs() <= QMAX)
-    deq = torch.where(coded, torch.round(v) * step, x.detach().to(torch.float64))
-    return x + (deq.to(x.dtype) - x).detach()
 
 
 class RateTap(nn.Module):
@@ -181,13 +172,9 @@ class ACT:
         inject_scale: float = 1.0,
         quantize_forward: bool = False,
     ) -> None:
-        if step is not None and rel_step is not None:
-            raise ValueError("give at most one of step and rel_step")
-        if step is None and rel_step is None:
-            rel_step = DEFAULT_REL_STEP
-        for label, value in (("step", step), ("rel_step", rel_step)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{label} must be a positive finite number, got {value!r}")
+        self._policy = StepControl(step=step, rel_step=rel_step,
+                                  default=("rel_step", DEFAULT_REL_STEP),
+                                  modes=("step", "rel_step"))
         if reduction is None:
             reduction = "sum" if inject else "mean"
         if reduction not in ("mean", "sum"):
@@ -200,8 +187,9 @@ class ACT:
         if not math.isfinite(inject_scale):
             raise ValueError(f"inject_scale must be finite, got {inject_scale!r}")
         _rate.check_coded_args(torch.zeros(1), k, block_size, zero_runs)
-        self.quant_step = None if step is None else float(step)
-        self.rel_step = None if rel_step is None else float(rel_step)
+        fixed = self._policy.mode == "step"
+        self.quant_step = self._policy.value if fixed else None
+        self.rel_step = None if fixed else self._policy.value
         self.k = k
         self.block_size = int(block_size)
         self.zero_runs = zero_runs
@@ -332,12 +320,8 @@ class ACT:
 
     def _step_for(self, a: torch.Tensor) -> tuple[float | None, float]:
         """(step, RMS of the finite elements); step is None when there is no scale."""
-        scale = _rate.rms(a)
-        if self.quant_step is not None:
-            return self.quant_step, scale
-        if not scale > 0.0:
-            return None, scale
-        return self.rel_step * scale, scale
+        scale = rms(a)
+        return self._policy.step("activation", scale * scale), scale
 
     def record(self, name: str, a: torch.Tensor) -> torch.Tensor:
         """Record the rate of ``a`` under ``name``; returns what to pass on (``a`` itself,
@@ -351,7 +335,7 @@ class ACT:
         if step is None:
             self.skipped += int(recording)
             return a
-        out = _fake_quantize(a, step) if self.quantize_forward else a
+        out = fake_quantize(a, step) if self.quantize_forward else a
         if not recording:
             return out
         kwargs = {"k": self.k, "block_size": self.block_size, "zero_runs": self.zero_runs}

@@ -55,14 +55,15 @@ from typing import Any
 
 import torch
 
-from ggcomm.errors import GCTStateError
-from ggcomm.rate import check_k, eg_rate_surrogate
+from ..errors import GCTStateError
+from ..rate import check_k, eg_rate_surrogate
+from ..step_policy import GCT_REL_STEP, StepControl
 
 __all__ = ["DEFAULT_REL_STEP", "GCT", "GCTStateError"]
 
-DEFAULT_REL_STEP = 0.25
-"""Default step as a fraction of each gradient tensor's RMS (about 4-5 bits per element on
-GG-shaped gradients; each halving adds about one bit)."""
+DEFAULT_REL_STEP = GCT_REL_STEP
+"""Default step as a fraction of each gradient tensor's RMS
+(:data:`ggcomm.step_policy.GCT_REL_STEP`, where its reason is given)."""
 
 _STATE_VERSION = 1
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -155,13 +156,10 @@ class GCT:
             raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
         self.gamma = gamma
         self.eps = _positive("eps", eps)
-        if step is not None and rel_step is not None:
-            raise ValueError("give step or rel_step, not both")
-        if step is not None:
-            self.step_mode, self.step_value = "step", _positive("step", step)
-        else:
-            value = DEFAULT_REL_STEP if rel_step is None else rel_step
-            self.step_mode, self.step_value = "rel_step", _positive("rel_step", value)
+        self._policy = StepControl(step=step, rel_step=rel_step,
+                                  default=("rel_step", DEFAULT_REL_STEP),
+                                  modes=("step", "rel_step"))
+        self.step_mode, self.step_value = self._policy.mode, self._policy.value
         self.k = check_k(k)
         self.epoch = 0
         self.skipped = 0
@@ -184,10 +182,9 @@ class GCT:
 
     def _steps(self, mean_sq: list[float]) -> list[float]:
         """Quantization steps of the gradients with mean squares ``mean_sq``."""
-        if self.step_mode == "step":
-            return [self.step_value] * len(mean_sq)
-        # an all-zero gradient is coded exactly by any step
-        return [self.step_value * math.sqrt(m) if m > 0 else 1.0 for m in mean_sq]
+        # an all-zero gradient (no scale: None) is coded exactly by any step
+        steps = (self._policy.step("gradient", m) for m in mean_sq)
+        return [1.0 if s is None else s for s in steps]
 
     def _rate_gradients(
         self, grads: list[torch.Tensor], steps: list[float]
