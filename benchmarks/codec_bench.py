@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 import ggcomm
 from ggcomm import gg, rate
+from ggcomm.tools.train import Step, draws, fit
+from ggcomm.tools.workload import lm_loss
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -236,13 +238,17 @@ class TinyLM(nn.Module):
         mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
         self.register_buffer("causal", mask)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, loss)``, the loss (next-token cross-entropy) given ``targets``."""
         seq = idx.shape[1]
         h = self.tok(idx) + self.pos(torch.arange(seq))
         a = self.norm1(h)
         h = h + self.attn(a, a, a, attn_mask=self.causal[:seq, :seq], need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))
-        return self.head(h)
+        logits = self.head(h)
+        return logits, None if targets is None else lm_loss(logits, targets)
 
 
 def model_gradients(seed: int, steps: int = 4, batch: int = 16) -> list[torch.Tensor]:
@@ -250,18 +256,20 @@ def model_gradients(seed: int, steps: int = 4, batch: int = 16) -> list[torch.Te
     in order (step, parameter). Deterministic for a seed."""
     torch.manual_seed(seed)
     model = TinyLM()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(seed)
     vocab, seq = model.tok.num_embeddings, model.pos.num_embeddings
-    pieces = []
-    for _ in range(steps):
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, vocab, (batch, seq), generator=gen)
-        target = torch.randint(0, vocab, (batch, seq), generator=gen)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(idx).reshape(-1, vocab), target.reshape(-1))
-        loss.backward()
-        pieces += [p.grad.detach().reshape(-1).float().clone() for p in model.parameters()]
-        opt.step()
+        return idx, torch.randint(0, vocab, (batch, seq), generator=gen)
+
+    pieces: list[torch.Tensor] = []
+
+    def collect(step: Step) -> None:
+        pieces.extend(p.grad.detach().reshape(-1).float().clone() for p in model.parameters())
+
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.05), draws(draw), steps,
+        after_backward=[collect])  # fmt: skip
     return pieces
 
 
@@ -564,16 +572,35 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+def md_section(title: str, text: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown section: a blank line, ``## title``, the paragraph ``text`` (if any), a table."""
+    lines = ["", f"## {title}", ""] + ([text, ""] if text else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def render_markdown(machine: dict[str, Any], cfg: Config, rows: list[CodecRow],
                     overhead: list[OverheadRow], targets: list[TargetResult]) -> str:
-    m = machine
-    out = [
+    out = _intro(machine, cfg) + _throughput(rows) + _bits(rows)
+    out += md_section(
+        "Header overhead vs frame size (GG beta=1, ~3 bits per element)", "",
+        ["input", "elements", "blocks", "frame B", "payload B", "header B", "overhead %",
+         "frame b/e", "payload b/e"],
+        [[f"{o.input_bytes // KIB} KiB", str(o.numel), str(o.blocks), str(o.frame_bytes),
+          str(o.payload_bytes), str(o.header_bytes), f"{o.overhead_pct:.3f}",
+          f"{o.frame_bits:.3f}", f"{o.payload_bits:.3f}"] for o in overhead])
+    n_met = sum(t.met for t in targets)
+    out += md_section("Targets", f"Computed from the numbers above: {n_met} of {len(targets)} met.",
+                      ["target", "met", "measured"],
+                      [[t.name, "yes" if t.met else "**no**", t.detail] for t in targets])
+    if cfg.quick:
+        out += ["", "Quick run: small sizes and one repetition; timings are indicative only."]
+    return "\n".join(out) + "\n"
+
+
+def _intro(m: dict[str, Any], cfg: Config) -> list[str]:
+    """Title, machine, settings and what the data are."""
+    return [
         "# ggcomm codec benchmark" + (" (quick run)" if cfg.quick else ""),
         "",
         f"- date: {m['date']}; command: `{m['command']}`",
@@ -597,15 +624,16 @@ def render_markdown(machine: dict[str, Any], cfg: Config, rows: list[CodecRow],
         f"tiled above it, step = c * rms(x) with c calibrated to {GRAD_TARGET_BITS:g} frame "
         f"bits; `sparse` is {SPARSE_ZERO_FRACTION:.0%} exact zeros and standard normal "
         "elsewhere, the step chosen for the normal part at the stated rate.",
-        "",
-        "## Throughput (GB/s of float32 input)",
-        "",
+    ]
+
+
+def _throughput(rows: list[CodecRow]) -> list[str]:
+    """Encode and decode speed next to fp16, zstd and lz4 on the same tensors."""
+    return md_section(
+        "Throughput (GB/s of float32 input)",
         "`dec out=` decodes into a preallocated tensor, `dec alloc` allocates its result. "
         "zstd-1 and lz4 work on the raw float32 bytes. Looped calls re-use one input, so "
         "sizes that fit in the CPU caches are measured cache-hot, for every method alike.",
-        "",
-    ]
-    out += md_table(
         ["data", "MiB", "enc", "dec out=", "dec alloc", "fp16 cast", "enc / fp16",
          "zstd-1 c", "zstd-1 d", "lz4 c", "lz4 d"],
         [[r.label, f"{r.size_mib:g}", f"{r.encode_gbps:.2f}", f"{r.decode_out_gbps:.2f}",
@@ -613,10 +641,12 @@ def render_markdown(machine: dict[str, Any], cfg: Config, rows: list[CodecRow],
           f"{r.encode_gbps / r.baselines.fp16_gbps:.2f}", f"{r.baselines.zstd_c_gbps:.2f}",
           f"{r.baselines.zstd_d_gbps:.2f}", f"{r.baselines.lz4_c_gbps:.2f}",
           f"{r.baselines.lz4_d_gbps:.2f}"] for r in rows])
-    out += [
-        "",
-        "## Bits per element",
-        "",
+
+
+def _bits(rows: list[CodecRow]) -> list[str]:
+    """Bits per element of the frame, its parts, the entropy and the other compressors."""
+    return md_section(
+        "Bits per element",
         "`frame` counts every byte of the frame; `hdr %` is (frame - payload) / frame (block "
         "table, shape, segment and CRC). `H` is the empirical entropy of the quantized "
         "symbols over the whole tensor (zeroth order: per-block adaptation can beat it on "
@@ -624,9 +654,6 @@ def render_markdown(machine: dict[str, Any], cfg: Config, rows: list[CodecRow],
         "stored as the `q as` integer type; `f32` columns compress the raw float32 input. "
         "`ZR blk` is the share of blocks coded as zero runs, `mean k` the mean Exp-Golomb "
         "order of the other blocks; `rt` says decode returned exactly float32(q * step).",
-        "",
-    ]
-    out += md_table(
         ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "zero sym",
          "ZR blk", "mean k", "q as", "zstd-1 q", "lz4 q", "zstd-1 f32", "lz4 f32", "rt"],
         [[r.label, f"{r.size_mib:g}", f"{r.step:.4g}", f"{r.frame_bits:.3f}",
@@ -637,25 +664,6 @@ def render_markdown(machine: dict[str, Any], cfg: Config, rows: list[CodecRow],
           f"{r.zstd_q_bits:.3f}", f"{r.lz4_q_bits:.3f}", f"{r.baselines.zstd_raw_bits:.3f}",
           f"{r.baselines.lz4_raw_bits:.3f}", "ok" if r.roundtrip_ok else "MISMATCH"]
          for r in rows])
-    out += [
-        "",
-        "## Header overhead vs frame size (GG beta=1, ~3 bits per element)",
-        "",
-    ]
-    out += md_table(
-        ["input", "elements", "blocks", "frame B", "payload B", "header B", "overhead %",
-         "frame b/e", "payload b/e"],
-        [[f"{o.input_bytes // KIB} KiB", str(o.numel), str(o.blocks), str(o.frame_bytes),
-          str(o.payload_bytes), str(o.header_bytes), f"{o.overhead_pct:.3f}",
-          f"{o.frame_bits:.3f}", f"{o.payload_bits:.3f}"] for o in overhead])
-    n_met = sum(t.met for t in targets)
-    out += ["", "## Targets", "",
-            f"Computed from the numbers above: {n_met} of {len(targets)} met.", ""]
-    out += md_table(["target", "met", "measured"],
-                    [[t.name, "yes" if t.met else "**no**", t.detail] for t in targets])
-    if cfg.quick:
-        out += ["", "Quick run: small sizes and one repetition; timings are indicative only."]
-    return "\n".join(out) + "\n"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,9 +1,10 @@
 """Convergence with and without ggcomm: the GPT workload on 2 gloo ranks, side by side.
 
-Runs ``launch/train_ddp.py`` under torchrun once per method, same seed, data and steps, and
-writes ``benchmarks/results/convergence_ddp.md`` and ``.json``: final training loss
-(mean of the last 20 steps), validation loss and accuracy, bytes sent per rank per step
-(ggcomm: measured; built-in hooks: computed from the tensors they pass), and step time.
+Runs :mod:`ggcomm.tools.train_ddp` under torchrun (as a module) once per method, same seed,
+data and steps, and writes ``benchmarks/results/convergence_ddp.md`` and ``.json``: final
+training loss (mean of the last 20 steps), validation loss and accuracy, bytes sent per rank
+per step (ggcomm: measured; built-in hooks: computed from the tensors they pass), and step
+time.
 
     python benchmarks/convergence_ddp.py [--steps 300] [--methods none gg3 ...]
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from ggcomm.tools.workload import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
     "none": ["--hook", "none"],
     "fp16": ["--hook", "fp16"],
@@ -37,11 +38,10 @@ METHODS = {
 
 def run(method: str, steps: int, out: Path, seed: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(ROOT / "launch" / "train_ddp.py"),
-           *METHODS[method], "--steps", str(steps), "--seed", str(seed), "--threads", "1",
-           "--log-every", "50",
+           f"--master_port={free_port()}", "-m", "ggcomm.tools.train_ddp", *METHODS[method],
+           "--steps", str(steps), "--seed", str(seed), "--threads", "1", "--log-every", "50",
            "--json", str(out)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                    choices=sorted(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--name", default="convergence_ddp", help="results file name (no suffix)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     runs: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:

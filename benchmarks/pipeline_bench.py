@@ -2,8 +2,9 @@
 stage links uncompressed and through ggcomm at several rates, side by side.
 
 For each link (localhost; and two test hosts joined by a link shaped with ``tc tbf`` to
-1 Gbit/s and 100 Mbit/s, made by ``launch/testhosts.py``, which needs root) and each method,
-runs ``launch/train_pipe.py`` on 2 ranks and records the median step time, the bytes per
+1 Gbit/s and 100 Mbit/s, made by :mod:`ggcomm.tools.testhosts`, which needs root) and each
+method, runs :mod:`ggcomm.tools.train_pipe` on 2 ranks (``python -m``: under torchrun on
+localhost, one rank per host on shaped links) and records the median step time, the bytes per
 micro-batch each way across the stage boundary (activations forward, their gradients
 backward), and the final training and validation loss. Writes
 ``benchmarks/results/pipeline.md`` and ``.json`` (``--quick``: ``pipeline-quick.*``)::
@@ -24,10 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ggcomm.tools import testhosts
 from ggcomm.tools.workload import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT / "launch" / "train_pipe.py"
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN = ["-m", "ggcomm.tools.train_pipe"]
 METHODS = {
     "none": ["--compress", "none"],
     "gg-rate6": ["--compress", "gg", "--rate", "6"],
@@ -37,14 +39,8 @@ METHODS = {
 LINKS = ("localhost", "1gbit", "100mbit")
 
 
-def _testhosts():
-    from ggcomm.tools import testhosts
-
-    return testhosts
-
-
 def _train_args(method: str, args: argparse.Namespace, out: Path) -> list[str]:
-    return [str(TRAIN), *METHODS[method], "--steps", str(args.steps), "--threads", "1",
+    return [*TRAIN, *METHODS[method], "--steps", str(args.steps), "--threads", "1",
             "--micro-batches", str(args.micro_batches), "--log-every", str(args.steps),
             "--seed", str(args.seed), "--json", str(out)]
 
@@ -52,13 +48,13 @@ def _train_args(method: str, args: argparse.Namespace, out: Path) -> list[str]:
 def run_localhost(method: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", *_train_args(method, args, out)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 
 def run_hosts(hosts, method: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, *_train_args(method, args, out)]
-    procs = [hosts.popen(i, cmd, cwd=ROOT) for i in range(2)]
+    procs = [hosts.popen(i, cmd) for i in range(2)]
     codes = [p.wait(timeout=1800) for p in procs]
     if any(codes):
         raise RuntimeError(f"{method} on {hosts.rate}: ranks exited with {codes}")
@@ -73,14 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="6 steps, results to pipeline-quick.*")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
         args.steps = 6
 
     links = list(args.links)
     shaped = [link for link in links if link != "localhost"]
-    testhosts = _testhosts() if shaped else None
     if shaped and (why := testhosts.unavailable_reason()):
         print(f"pipeline_bench: no test hosts ({why}); running on localhost only",
               file=sys.stderr)

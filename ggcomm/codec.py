@@ -549,14 +549,10 @@ def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
     return np.where(mode == eg.MODE_EG, eg_bits, np.minimum(one_run, run_and_one))
 
 
-def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
-    """Validate a frame's structure (everything but the codewords) and return its header.
-
-    Nothing here allocates memory in proportion to the element count the frame claims;
-    the per-block bit budgets bound that count by the payload's size (except zero-run
-    blocks, which hold up to block_size zeros in a few bits), and ``max_numel`` by the
-    caller's limit.
-    """
+def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
+    """The fixed header's fields, checked against each other, the checksum and the frame's
+    size: (dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc,
+    payload_len)."""
     n = buf.size
     if n < _FIXED.size + _CRC.size:
         raise FrameError(f"truncated frame: {n} bytes, a frame has at least "
@@ -593,6 +589,51 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     expected = header_len + payload_len + CRC_BYTES
     if expected != n:
         raise FrameError(f"frame is {n} bytes but its header describes {expected}")
+
+    return dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len
+
+
+def _check_block_table(buf: np.ndarray, payload_at: int, blocks: np.ndarray,
+                       bits: np.ndarray, nbytes: np.ndarray, counts: np.ndarray) -> None:
+    """Modes, orders, reserved bytes, each block's minimum bit budget and its padding."""
+    if (blocks["mode"] > eg.MODE_ZERO_RUNS).any():
+        raise FrameError(f"unknown block mode {int(blocks['mode'].max())}")
+    if (blocks["k"] > eg.K_MAX).any() or (blocks["k_run"] > eg.K_MAX).any():
+        raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
+    if (blocks["reserved"] != 0).any():
+        raise FrameError("reserved block-table bytes are not zero")
+    if ((blocks["mode"] == eg.MODE_EG) & (blocks["k_run"] != 0)).any():
+        raise FrameError("an EG-mode block has a nonzero k_run")
+    need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
+                           blocks["k_run"].astype(np.int64), counts)
+    short = np.flatnonzero(bits < need)
+    if short.size:
+        b = int(short[0])
+        raise FrameError(f"block {b}: {int(bits[b])} bits cannot hold its "
+                         f"{int(counts[b])} elements (at least {int(need[b])})")
+    # padding: the unused low bits of each block's last byte
+    rem = bits & 7
+    part = np.flatnonzero(rem)
+    if part.size:
+        last = payload_at + np.cumsum(nbytes)[part] - 1
+        mask = (1 << (8 - rem[part])) - 1
+        bad = np.flatnonzero(buf[last] & mask)
+        if bad.size:
+            b = int(part[bad[0]])
+            raise FrameError(f"block {b}: nonzero padding after its {int(bits[b])} bits")
+
+
+def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
+    """Validate a frame's structure (everything but the codewords) and return its header.
+
+    Nothing here allocates memory in proportion to the element count the frame claims;
+    the per-block bit budgets bound that count by the payload's size (except zero-run
+    blocks, which hold up to block_size zeros in a few bits), and ``max_numel`` by the
+    caller's limit.
+    """
+    n = buf.size
+    dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len = \
+        _fixed_fields(buf, max_numel)
 
     o = _FIXED.size
     shape = tuple(int(d) for d in buf[o:o + 8 * ndim].view("<u8"))
@@ -632,32 +673,7 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     if int(nbytes.sum()) != payload_len:  # no blocks: no payload
         raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
     if n_blocks:
-        if (blocks["mode"] > eg.MODE_ZERO_RUNS).any():
-            raise FrameError(f"unknown block mode {int(blocks['mode'].max())}")
-        if (blocks["k"] > eg.K_MAX).any() or (blocks["k_run"] > eg.K_MAX).any():
-            raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
-        if (blocks["reserved"] != 0).any():
-            raise FrameError("reserved block-table bytes are not zero")
-        if ((blocks["mode"] == eg.MODE_EG) & (blocks["k_run"] != 0)).any():
-            raise FrameError("an EG-mode block has a nonzero k_run")
-        counts = layout[1]
-        need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
-                               blocks["k_run"].astype(np.int64), counts)
-        short = np.flatnonzero(bits < need)
-        if short.size:
-            b = int(short[0])
-            raise FrameError(f"block {b}: {int(bits[b])} bits cannot hold its "
-                             f"{int(counts[b])} elements (at least {int(need[b])})")
-        # padding: the unused low bits of each block's last byte
-        rem = bits & 7
-        part = np.flatnonzero(rem)
-        if part.size:
-            last = o + np.cumsum(nbytes)[part] - 1
-            mask = (1 << (8 - rem[part])) - 1
-            bad = np.flatnonzero(buf[last] & mask)
-            if bad.size:
-                b = int(part[bad[0]])
-                raise FrameError(f"block {b}: nonzero padding after its {int(bits[b])} bits")
+        _check_block_table(buf, o, blocks, bits, nbytes, layout[1])
     if n_exc and ((exc_pos < 0).any() or (exc_pos >= numel).any()
                   or (np.diff(exc_pos) <= 0).any()):
         raise FrameError("exception positions are not increasing positions inside the tensor")
@@ -970,6 +986,41 @@ def encode_integers(
                      meta, chunks, pos.astype(np.int64), vals.astype(np.float64).view(np.int64))
 
 
+def _check_same_layout(peers: list[tuple[int, int, Frame]], ref: _Header) -> None:
+    """FrameError unless every frame has ``ref``'s segments, block size and steps."""
+    for i, _, f in peers[1:]:
+        h = f._h
+        if (h.numel != ref.numel or h.block_size != ref.block_size
+                or not np.array_equal(h.seg_bounds, ref.seg_bounds)):
+            raise FrameError(f"frame {i}: its segments or block size differ from frame "
+                             f"{peers[0][0]}'s")
+        if not np.array_equal(h.steps, ref.steps):
+            raise FrameError(f"frame {i}: its steps differ from frame {peers[0][0]}'s")
+
+
+def _summed_exceptions(frames: Sequence[tuple[int, Frame] | None],
+                       own_exceptions: tuple[np.ndarray, np.ndarray] | None,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Exceptional values of all contributions, summed per position in the given order:
+    (sorted positions, float64 sums)."""
+    pos_parts, val_parts = [], []
+    for item in frames:
+        if item is None:
+            if own_exceptions is not None and own_exceptions[0].size:
+                pos_parts.append(own_exceptions[0])
+                val_parts.append(np.asarray(own_exceptions[1], np.float64))
+        elif item[1]._h.exc_pos.size:
+            f = item[1]
+            pos_parts.append(f._h.exc_pos)
+            val_parts.append(_exception_values(f.buffer.numpy(), f._h).double().numpy())
+    if not pos_parts:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    xpos, inverse = np.unique(np.concatenate(pos_parts), return_inverse=True)
+    xval = np.zeros(xpos.size, np.float64)
+    np.add.at(xval, inverse, np.concatenate(val_parts))  # sequential: in the given order
+    return xpos, xval
+
+
 def sum_frames(
     buffer: torch.Tensor,
     frames: Sequence[tuple[int, Frame] | None],
@@ -1001,14 +1052,7 @@ def sum_frames(
     n_frames = len(peers)
     if ref is None:
         raise ValueError("sum_frames needs at least one frame, or `like`")
-    for i, _, f in peers[1:]:
-        h = f._h
-        if (h.numel != ref.numel or h.block_size != ref.block_size
-                or not np.array_equal(h.seg_bounds, ref.seg_bounds)):
-            raise FrameError(f"frame {i}: its segments or block size differ from frame "
-                             f"{peers[0][0]}'s")
-        if not np.array_equal(h.steps, ref.steps):
-            raise FrameError(f"frame {i}: its steps differ from frame {peers[0][0]}'s")
+    _check_same_layout(peers, ref)
     if out.size != ref.numel or (own is not None and own.size != ref.numel):
         raise ValueError(f"out and own must have {ref.numel} elements")
     buf = buffer.numpy()
@@ -1023,24 +1067,7 @@ def sum_frames(
     np.cumsum([f._h.exc_pos.size for _, _, f in peers], out=exc_ptr[1:])
     exc_pos = np.concatenate([f._h.exc_pos for _, _, f in peers]) if exc_ptr[-1] else \
         np.empty(0, np.int64)
-    # exceptional values, summed per position in the given order
-    pos_parts, val_parts = [], []
-    for item in frames:
-        if item is None:
-            if own_exceptions is not None and own_exceptions[0].size:
-                pos_parts.append(own_exceptions[0])
-                val_parts.append(np.asarray(own_exceptions[1], np.float64))
-        elif item[1]._h.exc_pos.size:
-            f = item[1]
-            pos_parts.append(f._h.exc_pos)
-            val_parts.append(_exception_values(f.buffer.numpy(), f._h).double().numpy())
-    if pos_parts:
-        allpos = np.concatenate(pos_parts)
-        xpos, inverse = np.unique(allpos, return_inverse=True)
-        xval = np.zeros(xpos.size, np.float64)
-        np.add.at(xval, inverse, np.concatenate(val_parts))  # sequential: in the given order
-    else:
-        xpos, xval = np.empty(0, np.int64), np.empty(0, np.float64)
+    xpos, xval = _summed_exceptions(frames, own_exceptions)
     starts, counts, seg = ref.layout
     block_steps = ref.steps[seg]
     own_arr = own if own is not None else np.empty(0, np.int32)

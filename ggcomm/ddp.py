@@ -26,13 +26,14 @@ coding in one pass (the residual is written as the block is coded); peers' frame
 straight into an exact integer sum and written into the bucket as the average (this rank's
 own integers come from the encoder, never decoded). Every rank sums the same integers, so
 every rank ends with bit-identical averaged gradients. ``state.stats`` counts the bytes of
-every tensor handed to torch.distributed (see :class:`GGCommStats` for the convention) and
+every tensor handed to torch.distributed (see ``_COUNTERS`` for the convention) and
 times every pass (``state.stats.last_buckets``).
 """
 
 
 # No `from __future__ import annotations` here: DDP checks the hook's `bucket` annotation
 # against dist.GradBucket at registration, and a postponed (string) annotation fails it.
+import dataclasses
 import datetime
 import functools
 import json
@@ -41,7 +42,6 @@ import queue
 import threading
 import time
 import warnings
-import zlib
 from typing import Any
 
 import numpy as np
@@ -51,81 +51,32 @@ import torch.distributed as dist
 from . import __version__, codec
 from .codec import DEFAULT_BLOCK_SIZE
 from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
-from .step_policy import StepControl
+from .step_policy import StepControl, StepSettings
+from .transport import TrafficStats, fingerprint
 
-__all__ = ["GGCommState", "GGCommStats", "SettingsMismatchError", "gg_hook"]
+__all__ = ["GGCommState", "SettingsMismatchError", "gg_hook"]
 
 _STATE_VERSION = 3
 
 
 # --------------------------------------------------------------------------- stats
 
+# What the hook counts (see ggcomm.transport.TrafficStats). Bytes are those of the tensors
+# this rank hands to torch.distributed, counted the way the bandwidth-optimal algorithm moves
+# them: for all_to_all_single exactly the splits sent to (received from) other ranks; for an
+# all-gather of b bytes per rank, (N - 1) b each way. raw_bytes is what a ring all-reduce of
+# the same gradients in float32 would send: 2 (N - 1) / N * 4 * elements. Size exchanges and
+# frame headers are included in bytes_sent. Per bucket, stats.last_buckets keeps the element
+# count, exchange and wall seconds of each pass (copy_in, agree_steps, encode, c1_info,
+# c2_frames, decode, c3_sizes, c3_reduced, finish).
 _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
              "encode_s", "decode_s", "comm_s", "hook_s")
-
-
-class GGCommStats:
-    """Byte and time counters, cumulative (``total``) and for the last iteration.
-
-    Bytes are those of the tensors this rank hands to torch.distributed, counted the way
-    the bandwidth-optimal algorithm moves them: for ``all_to_all_single`` exactly the
-    splits sent to (received from) other ranks; for an all-gather of ``b`` bytes per rank,
-    ``(N - 1) b`` each way. ``raw_bytes`` is what a ring all-reduce of the same gradients
-    in float32 would send: ``2 (N - 1) / N * 4 * elements``. Size exchanges and frame
-    headers are included in ``bytes_sent``.
-    """
-
-    def __init__(self) -> None:
-        self.total = self._zero()
-        self.last_step = self._zero()
-        self._current = self._zero()
-        # per bucket of the current and of the last iteration: element count, exchange and
-        # wall seconds of each pass (copy_in, agree_steps, encode, c1_info, c2_frames,
-        # decode, c3_sizes, c3_reduced, finish)
-        self.buckets: list[dict] = []
-        self.last_buckets: list[dict] = []
-
-    @staticmethod
-    def _zero() -> dict[str, float]:
-        d = {name: 0.0 for name in _COUNTERS}
-        d["steps"] = 0
-        return d
-
-    @staticmethod
-    def _derived(d: dict[str, float]) -> dict[str, float]:
-        out = dict(d)
-        out["ratio"] = d["raw_bytes"] / d["bytes_sent"] if d["bytes_sent"] else float("nan")
-        out["bits_per_element"] = (8.0 * d["bytes_sent"] / d["elements"] if d["elements"]
-                                   else float("nan"))
-        out["payload_bits_per_element"] = (d["payload_bits"] / d["elements"] if d["elements"]
-                                           else float("nan"))
-        return out
-
-    def add(self, **counts: float) -> None:
-        for name, value in counts.items():
-            self._current[name] += value
-
-    def end_step(self) -> dict[str, float]:
-        self._current["steps"] = 1
-        self.last_step = self._current
-        for name in _COUNTERS + ("steps",):
-            self.total[name] += self._current[name]
-        self._current = self._zero()
-        self.last_buckets, self.buckets = self.buckets, []
-        return self._derived(self.last_step)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """``{"total": ..., "last_step": ...}`` with ratio and bits per element."""
-        return {"total": self._derived(self.total), "last_step": self._derived(self.last_step)}
-
-    def __getitem__(self, key: str) -> dict[str, float]:
-        return self.summary()[key]
 
 
 # --------------------------------------------------------------------------- state
 
 
-class GGCommState:
+class GGCommState(StepSettings):
     """Everything the gg hook remembers between iterations, and its settings.
 
     Args:
@@ -248,7 +199,7 @@ class GGCommState:
 
         self.process_group = process_group
         self.iteration = 0
-        self.stats = GGCommStats()
+        self.stats = TrafficStats(_COUNTERS)
         self.residuals: dict[str, torch.Tensor] = {}
         self.last_bits: dict[str, float] = {}  # bits per element coded last iteration
         self.steps: dict[str, float] = {}  # the step each parameter is coded at next
@@ -289,22 +240,10 @@ class GGCommState:
         it = self.iteration if iteration is None else iteration
         return self.control.target(max(it - self.start_iter, 0))
 
-    # the step rule's settings, as attributes
-    mode = property(lambda self: self.control.mode)
-    value = property(lambda self: self.control.value)
-    rate_gain = property(lambda self: self.control.rate_gain)
-    warmup_iters = property(lambda self: self.control.warmup_iters)
-    warmup_rate = property(lambda self: self.control.warmup_rate)
-
-    @property
-    def rate_corr(self) -> dict[str, float]:
-        """Per parameter: the rate loop's log2 step correction."""
-        return self.control.corr
-
     @functools.cached_property
     def fingerprint(self) -> int:
         """32-bit hash of :meth:`settings`, carried as every frame's tag."""
-        return zlib.crc32(json.dumps(self.settings(), sort_keys=True).encode())
+        return fingerprint(self.settings())
 
     def register(self, ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
         """Register :func:`gg_hook` on ``ddp_model`` and learn its parameter names.
@@ -409,7 +348,7 @@ class GGCommState:
         # version 1 kept no steps: the first iteration after loading one agrees on them anew
         self.steps = dict(sd.get("steps", {}))
         self.rms = dict(sd.get("rms", {}))
-        self.stats.total.update(sd["stats_total"])
+        self.stats.load_totals(sd["stats_total"])
         self._plans = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -731,7 +670,7 @@ def _check_settings(state: GGCommState, group) -> None:
 
 
 class _Timer:
-    """Per-pass times of one bucket (seconds), kept in GGCommStats.buckets: wall time, and
+    """Per-pass times of one bucket (seconds), kept in ``stats.buckets``: wall time, and
     the CPU time of the thread running the hook (``cpu_<pass>``; with one codec thread that
     is all the pass's CPU time, and wall minus CPU is time the thread waited or was
     descheduled)."""
@@ -1021,142 +960,10 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
     resid = plan.resid.numpy() if plan.resid is not None else None
     code = {"k": state.k, "block_size": state.block_size, "tag": state.fingerprint}
     dev = state._comm_device
-    sent = received = 0.0
-    done: list[_BucketJob] = []
-
-    if exchange == "allgather":
-        own_q = _scratch(state, "own_q", plan.numel, np.int32)
-        frame, seg_stats = codec.encode_feedback(g, resid, steps, plan.lengths, q_out=own_q,
-                                                 **code)
-        seg_bits = frame.segment_bits()
-        timer.lap("encode")
-        info = _info(1, plan)
-        info[0] = frame.nbytes
-        info[1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
-        infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
-        sent += _ring_allgather_bytes(info.nbytes, n)
-        received += _ring_allgather_bytes(info.nbytes, n)
-        timer.lap("c1_info")
-        _check_infos(infos, [codec.max_frame_bytes(plan.lengths, state.block_size, 4)],
-                     ["its frame"])
-        sizes = [int(v) for v in infos[:, 0]]
-        send_sizes = [0 if d == rank else frame.nbytes for d in range(n)]
-        recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
-        recv = _all_to_all(frame.buffer.repeat(n - 1) if n > 1 else frame.buffer[:0],
-                           send_sizes, recv_sizes, group, dev)
-        sent += sum(send_sizes)
-        received += sum(recv_sizes)
-        timer.lap("c2_frames")
-        out = _host_output(state, job, g)
-
-        def average():
-            if n == 1:
-                return codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
-            frames = _peer_frames(recv, recv_sizes, rank, state, steps,
-                                  lambda src: plan.lengths, torch.float32)
-            return _summed(recv, frames, own=own_q, own_exceptions=frame.exceptions(),
-                           divisor=float(n), out=out)
-
-        ok, _ = _decoding(state, average)
-        timer.lap("decode")
-        if ok:
-            _store_output(job, out)
-        _next_steps(state, plan, infos[:, 1:].reshape(n, -1, 4), n)
-        timer.lap("finish")
-        done.append(job)
-        payload = float(np.sum(seg_bits))
-    else:
-        frames_out = []
-        own_q = None
-        for r in range(n):
-            lo, hi = plan.chunk_bounds[r], plan.chunk_bounds[r + 1]
-            q = _scratch(state, "own_q", hi - lo, np.int32) if r == rank else None
-            f, st = codec.encode_feedback(g[lo:hi], resid[lo:hi] if resid is not None else None,
-                                          steps, plan.chunk_segments[r], q_out=q, **code)
-            frames_out.append((f, st))
-            if r == rank:
-                own_q = q
-        seg_stats = np.sum([st for _, st in frames_out], axis=0)
-        seg_bits = np.sum([f.segment_bits() for f, _ in frames_out], axis=0)
-        timer.lap("encode")
-        pending = state._pending
-        info = _info(n + 1, plan)
-        info[:n] = [f.nbytes for f, _ in frames_out]
-        info[n] = pending.frame.nbytes if pending is not None else 0
-        info[n + 1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
-        infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
-        sent += _ring_allgather_bytes(info.nbytes, n)
-        received += _ring_allgather_bytes(info.nbytes, n)
-        timer.lap("c1_info")
-        limits = [codec.max_frame_bytes(plan.chunk_segments[d], state.block_size, 4)
-                  for d in range(n)]
-        # the previous bucket's reduced frames (float64) are announced in column n
-        limits.append(0 if pending is None else max(
-            codec.max_frame_bytes(segs, state.block_size, 8)
-            for segs in pending.plan.chunk_segments))
-        _check_infos(infos, limits, [f"its chunk frame for rank {d}" for d in range(n)]
-                     + ["its reduced chunk"])
-        if pending is not None:
-            state._pending = None
-            s_, r_ = _finish_reduced(state, group, pending, [int(v) for v in infos[:, n]],
-                                     timer)
-            sent += s_
-            received += r_
-            done.append(pending.job)
-        send_sizes = [0 if d == rank else frames_out[d][0].nbytes for d in range(n)]
-        recv_sizes = [0 if s == rank else int(infos[s, rank]) for s in range(n)]
-        send = torch.cat([frames_out[d][0].buffer for d in range(n) if d != rank]) if n > 1 \
-            else torch.empty(0, dtype=torch.uint8)
-        recv = _all_to_all(send, send_sizes, recv_sizes, group, dev)
-        sent += sum(send_sizes)
-        received += sum(recv_sizes)
-        timer.lap("c2_frames")
-        lo, hi = plan.chunk_bounds[rank], plan.chunk_bounds[rank + 1]
-        # two alternating buffers: the previous bucket's sums wait for its exchange in one
-        state._flip ^= 1
-        ssum = _scratch(state, f"sum{state._flip}", hi - lo, np.int64)
-        own_frame = frames_out[rank][0]
-        own_exc = own_frame.exceptions()
-
-        def chunk_sum():
-            if n == 1:
-                return codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
-            frames = _peer_frames(recv, recv_sizes, rank, state, steps,
-                                  lambda src: plan.chunk_segments[rank], torch.float32)
-            return _summed(recv, frames, own=own_q, own_exceptions=own_exc, out=ssum)
-
-        ok, sums = _decoding(state, chunk_sum)
-        if not ok:  # still send a valid reduced chunk (this rank's own): peers wait for it
-            sums = codec.sum_frames(recv, [None], own=own_q, own_exceptions=own_exc,
-                                    out=ssum, like=own_frame)
-        xpos, xval = sums
-        timer.lap("decode")
-        reduced = codec.encode_integers(ssum, steps, plan.chunk_segments[rank], xpos, xval,
-                                        **code)
-        timer.lap("encode")
-        _next_steps(state, plan, infos[:, n + 1:].reshape(n, -1, 4), n)
-        out = _host_output(state, job, g)
-        mine = _Pending(job, plan, reduced, ssum, reduced.exceptions(), out)
-        if job.is_last:  # nothing follows to carry the sizes: one small exchange
-            size = torch.tensor([float(reduced.nbytes)], dtype=torch.float64)
-            gathered = torch.stack(_all_gather(size, group, dev)).numpy()
-            _check_infos(gathered, [max(codec.max_frame_bytes(segs, state.block_size, 8)
-                                        for segs in plan.chunk_segments)],
-                         ["its reduced chunk"])
-            red_sizes = [int(v) for v in gathered[:, 0]]
-            sent += _ring_allgather_bytes(8, n)
-            received += _ring_allgather_bytes(8, n)
-            timer.lap("c3_sizes")
-            s_, r_ = _finish_reduced(state, group, mine, red_sizes, timer)
-            sent += s_
-            received += r_
-            done.append(job)
-        else:
-            state._pending = mine
-        timer.lap("finish")
-        payload = float(np.sum(seg_bits))
-
-    state.stats.add(bytes_sent=sent, bytes_received=received,
+    b = _Bucket(state, group, job, n, rank, timer, plan, g, steps, resid, code, dev)
+    reduce = _allgather_bucket if exchange == "allgather" else _reduce_scatter_bucket
+    done, payload = reduce(b)
+    state.stats.add(bytes_sent=b.sent, bytes_received=b.received,
                     raw_bytes=2 * (n - 1) / n * 4 * plan.numel, elements=plan.numel,
                     payload_bits=payload,
                     encode_s=timer.times.get("encode", 0.0),
@@ -1165,6 +972,182 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
                     hook_s=time.perf_counter() - t_start)
     state.stats.buckets.append({"numel": plan.numel, "exchange": exchange, **timer.times})
     return done
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """One bucket's pass through the hook: what every exchange needs, and its byte counts."""
+
+    state: GGCommState
+    group: Any
+    job: _BucketJob
+    n: int
+    rank: int
+    timer: _Timer
+    plan: _Plan
+    g: np.ndarray
+    steps: np.ndarray
+    resid: np.ndarray | None
+    code: dict[str, Any]
+    dev: torch.device
+    sent: float = 0.0
+    received: float = 0.0
+
+
+def _allgather_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
+    """Every rank gets every frame and sums them all; returns (jobs done, payload bits)."""
+    state, group, job, n, rank, timer = b.state, b.group, b.job, b.n, b.rank, b.timer
+    plan, g, steps, resid, code, dev = b.plan, b.g, b.steps, b.resid, b.code, b.dev
+    done: list[_BucketJob] = []
+    own_q = _scratch(state, "own_q", plan.numel, np.int32)
+    frame, seg_stats = codec.encode_feedback(g, resid, steps, plan.lengths, q_out=own_q,
+                                             **code)
+    seg_bits = frame.segment_bits()
+    timer.lap("encode")
+    info = _info(1, plan)
+    info[0] = frame.nbytes
+    info[1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
+    infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+    b.sent += _ring_allgather_bytes(info.nbytes, n)
+    b.received += _ring_allgather_bytes(info.nbytes, n)
+    timer.lap("c1_info")
+    _check_infos(infos, [codec.max_frame_bytes(plan.lengths, state.block_size, 4)],
+                 ["its frame"])
+    sizes = [int(v) for v in infos[:, 0]]
+    send_sizes = [0 if d == rank else frame.nbytes for d in range(n)]
+    recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
+    recv = _all_to_all(frame.buffer.repeat(n - 1) if n > 1 else frame.buffer[:0],
+                       send_sizes, recv_sizes, group, dev)
+    b.sent += sum(send_sizes)
+    b.received += sum(recv_sizes)
+    timer.lap("c2_frames")
+    out = _host_output(state, job, g)
+
+    def average():
+        if n == 1:
+            return codec.sum_frames(frame.buffer, [(0, frame)], divisor=1.0, out=out)
+        frames = _peer_frames(recv, recv_sizes, rank, state, steps,
+                              lambda src: plan.lengths, torch.float32)
+        return _summed(recv, frames, own=own_q, own_exceptions=frame.exceptions(),
+                       divisor=float(n), out=out)
+
+    ok, _ = _decoding(state, average)
+    timer.lap("decode")
+    if ok:
+        _store_output(job, out)
+    _next_steps(state, plan, infos[:, 1:].reshape(n, -1, 4), n)
+    timer.lap("finish")
+    done.append(job)
+    return done, float(np.sum(seg_bits))
+
+
+def _encode_chunks(b: _Bucket) -> tuple[list[tuple[codec.Frame, np.ndarray]], np.ndarray]:
+    """One frame per rank's chunk (with its statistics), and this rank's own integers."""
+    frames_out, own_q = [], None
+    for r in range(b.n):
+        lo, hi = b.plan.chunk_bounds[r], b.plan.chunk_bounds[r + 1]
+        q = _scratch(b.state, "own_q", hi - lo, np.int32) if r == b.rank else None
+        resid = b.resid[lo:hi] if b.resid is not None else None
+        f, st = codec.encode_feedback(b.g[lo:hi], resid, b.steps, b.plan.chunk_segments[r],
+                                      q_out=q, **b.code)
+        frames_out.append((f, st))
+        if r == b.rank:
+            own_q = q
+    return frames_out, own_q
+
+
+def _finish_last(b: _Bucket, mine: _Pending) -> None:
+    """The iteration's last bucket: no later bucket carries the sizes of its reduced
+    chunks, so gather them in one small exchange and finish it now."""
+    size = torch.tensor([float(mine.frame.nbytes)], dtype=torch.float64)
+    gathered = torch.stack(_all_gather(size, b.group, b.dev)).numpy()
+    _check_infos(gathered, [max(codec.max_frame_bytes(segs, b.state.block_size, 8)
+                                for segs in b.plan.chunk_segments)],
+                 ["its reduced chunk"])
+    b.sent += _ring_allgather_bytes(8, b.n)
+    b.received += _ring_allgather_bytes(8, b.n)
+    b.timer.lap("c3_sizes")
+    s_, r_ = _finish_reduced(b.state, b.group, mine, [int(v) for v in gathered[:, 0]],
+                             b.timer)
+    b.sent += s_
+    b.received += r_
+
+
+def _reduce_scatter_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
+    """Each rank sums its chunk exactly, re-encodes it and the reduced chunks are
+    all-gathered (with the next bucket's sizes); returns (jobs done, payload bits)."""
+    state, group, job, n, rank, timer = b.state, b.group, b.job, b.n, b.rank, b.timer
+    plan, g, steps, code, dev = b.plan, b.g, b.steps, b.code, b.dev
+    done: list[_BucketJob] = []
+    frames_out, own_q = _encode_chunks(b)
+    seg_stats = np.sum([st for _, st in frames_out], axis=0)
+    seg_bits = np.sum([f.segment_bits() for f, _ in frames_out], axis=0)
+    timer.lap("encode")
+    pending = state._pending
+    info = _info(n + 1, plan)
+    info[:n] = [f.nbytes for f, _ in frames_out]
+    info[n] = pending.frame.nbytes if pending is not None else 0
+    info[n + 1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
+    infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+    b.sent += _ring_allgather_bytes(info.nbytes, n)
+    b.received += _ring_allgather_bytes(info.nbytes, n)
+    timer.lap("c1_info")
+    limits = [codec.max_frame_bytes(plan.chunk_segments[d], state.block_size, 4)
+              for d in range(n)]
+    # the previous bucket's reduced frames (float64) are announced in column n
+    limits.append(0 if pending is None else max(
+        codec.max_frame_bytes(segs, state.block_size, 8)
+        for segs in pending.plan.chunk_segments))
+    _check_infos(infos, limits, [f"its chunk frame for rank {d}" for d in range(n)]
+                 + ["its reduced chunk"])
+    if pending is not None:
+        state._pending = None
+        s_, r_ = _finish_reduced(state, group, pending, [int(v) for v in infos[:, n]],
+                                 timer)
+        b.sent += s_
+        b.received += r_
+        done.append(pending.job)
+    send_sizes = [0 if d == rank else frames_out[d][0].nbytes for d in range(n)]
+    recv_sizes = [0 if s == rank else int(infos[s, rank]) for s in range(n)]
+    send = torch.cat([frames_out[d][0].buffer for d in range(n) if d != rank]) if n > 1 \
+        else torch.empty(0, dtype=torch.uint8)
+    recv = _all_to_all(send, send_sizes, recv_sizes, group, dev)
+    b.sent += sum(send_sizes)
+    b.received += sum(recv_sizes)
+    timer.lap("c2_frames")
+    lo, hi = plan.chunk_bounds[rank], plan.chunk_bounds[rank + 1]
+    # two alternating buffers: the previous bucket's sums wait for its exchange in one
+    state._flip ^= 1
+    ssum = _scratch(state, f"sum{state._flip}", hi - lo, np.int64)
+    own_frame = frames_out[rank][0]
+    own_exc = own_frame.exceptions()
+
+    def chunk_sum():
+        if n == 1:
+            return codec.sum_frames(own_frame.buffer, [(0, own_frame)], out=ssum)
+        frames = _peer_frames(recv, recv_sizes, rank, state, steps,
+                              lambda src: plan.chunk_segments[rank], torch.float32)
+        return _summed(recv, frames, own=own_q, own_exceptions=own_exc, out=ssum)
+
+    ok, sums = _decoding(state, chunk_sum)
+    if not ok:  # still send a valid reduced chunk (this rank's own): peers wait for it
+        sums = codec.sum_frames(recv, [None], own=own_q, own_exceptions=own_exc,
+                                out=ssum, like=own_frame)
+    xpos, xval = sums
+    timer.lap("decode")
+    reduced = codec.encode_integers(ssum, steps, plan.chunk_segments[rank], xpos, xval,
+                                    **code)
+    timer.lap("encode")
+    _next_steps(state, plan, infos[:, n + 1:].reshape(n, -1, 4), n)
+    out = _host_output(state, job, g)
+    mine = _Pending(job, plan, reduced, ssum, reduced.exceptions(), out)
+    if job.is_last:  # nothing follows to carry the sizes: one small exchange
+        _finish_last(b, mine)
+        done.append(job)
+    else:
+        state._pending = mine
+    timer.lap("finish")
+    return done, float(np.sum(seg_bits))
 
 
 def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], timer,
@@ -1199,7 +1182,7 @@ def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], ti
 
 
 def _end_iteration(state: GGCommState) -> None:
-    summary = state.stats.end_step()
+    summary = state.stats.end_iteration()
     state.iteration += 1
     if not _is_writer():
         return

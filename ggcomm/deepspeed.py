@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .pipeline import PipeComm, PipeStats
+from .pipeline import PipeComm
+from .transport import TrafficStats
 
 __all__ = ["DeepSpeedPlugin", "compressed", "disable", "enable"]
 
@@ -59,8 +60,8 @@ class DeepSpeedPlugin:
         self.enabled = False
 
     @property
-    def stats(self) -> PipeStats:
-        """Bytes sent and received per direction, as :class:`ggcomm.pipeline.PipeStats`."""
+    def stats(self) -> TrafficStats:
+        """Bytes sent and received per direction (``summary()["forward"]``, ...)."""
         return self.comm.stats
 
     def _rank(self, stage: int) -> tuple[int, int]:

@@ -29,15 +29,12 @@ class FrameError(GGCommError, ValueError):
 
 
 class SettingsMismatchError(GGCommError, RuntimeError):
-    """Ranks were configured differently (settings or ggcomm versions disagree)."""
+    """Peers were configured differently: DDP ranks, or the two ends of a pipeline link
+    (settings or ggcomm versions disagree)."""
 
 
 class StateLoadError(GGCommError, ValueError):
     """A saved state does not fit what it is loaded into (names, shapes, rank, world size)."""
-
-
-class PipeSettingsError(GGCommError, RuntimeError):
-    """The two ends of a pipeline link were configured differently (settings or versions)."""
 
 
 class PipeLinkError(GGCommError, RuntimeError):
@@ -51,6 +48,10 @@ class LinkOutOfStepError(GGCommError, RuntimeError):
 
 class GCTStateError(GGCommError, ValueError):
     """A GCT state dict does not match the parameters it is loaded into."""
+
+
+PipeSettingsError = SettingsMismatchError
+"""The former name of :class:`SettingsMismatchError` on pipeline links (the same class)."""
 
 
 class BenchError(GGCommError, RuntimeError):

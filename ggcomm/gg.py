@@ -63,20 +63,26 @@ def _as_float64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).ravel()
 
 
-def _check_shape(beta: float) -> None:
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+def check_beta(beta: float) -> float:
+    """``beta`` (a GG shape) as a float if it is a positive finite number, else ValueError."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"beta (the GG shape) must be a positive finite number, got {beta!r}")
+    return value
 
 
 def variance(scale: float, beta: float) -> float:
     """Variance ``alpha^2 Gamma(3/beta) / Gamma(1/beta)`` of a GG with the given scale/shape."""
-    _check_shape(beta)
+    check_beta(beta)
     return float(scale) ** 2 * math.exp(gammaln(3.0 / beta) - gammaln(1.0 / beta))
 
 
 def scale_for_std(std: float, beta: float) -> float:
     """Scale ``alpha`` for which a GG with shape ``beta`` has standard deviation ``std``."""
-    _check_shape(beta)
+    check_beta(beta)
     if not (math.isfinite(std) and std >= 0):
         raise ValueError(f"std must be a non-negative finite number, got {std!r}")
     return float(std) * math.exp(0.5 * (gammaln(1.0 / beta) - gammaln(3.0 / beta)))
@@ -96,7 +102,7 @@ def sample(
     computed in float64 and cast to ``dtype``. Draws come only from ``generator`` (or the
     global torch RNG), so a seeded generator gives identical tensors on every call.
     """
-    _check_shape(beta)
+    check_beta(beta)
     alpha = scale_for_std(std, beta)
     size = torch.Size((shape,) if isinstance(shape, int) else shape)
     concentration = torch.full(size, 1.0 / beta, dtype=torch.float64)

@@ -49,10 +49,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import math
 import time
-import zlib
 from typing import Any
 
 import torch
@@ -60,14 +58,14 @@ import torch.distributed as dist
 
 from . import __version__, codec
 from .codec import DEFAULT_BLOCK_SIZE, FrameError
-from .errors import GGCommError, PipeLinkError, PipeSettingsError
-from .step_policy import PIPELINE_RATE, StepControl
+from .errors import GGCommError, PipeLinkError, PipeSettingsError, SettingsMismatchError
+from .step_policy import PIPELINE_RATE, StepControl, StepSettings
+from .transport import TrafficStats, fingerprint
 
 __all__ = [
     "PipeComm",
     "PipeLinkError",
     "PipeSettingsError",
-    "PipeStats",
     "RecvHandle",
     "SendHandle",
     "configure",
@@ -146,46 +144,14 @@ def _max_message_bytes(numel: int, block_size: int, itemsize: int) -> int:
 
 # --------------------------------------------------------------------------- stats
 
+# What a link counts per direction (see ggcomm.transport.TrafficStats): bytes_sent /
+# bytes_received count every byte of the float traffic handed to torch.distributed
+# (preambles and frame headers included); raw_bytes_* are what the same tensors would have
+# cost uncompressed (elements x element size). Non-float tensors are counted in
+# passthrough_bytes_* only.
 _COUNTERS = ("messages_sent", "messages_received", "bytes_sent", "bytes_received",
              "raw_bytes_sent", "raw_bytes_received", "elements_sent", "elements_received",
              "passthrough_bytes_sent", "passthrough_bytes_received", "encode_s", "decode_s")
-
-
-class PipeStats:
-    """Counters per direction (``"forward"``: activations, ``"backward"``: their gradients).
-
-    ``bytes_sent`` / ``bytes_received`` count every byte of the float traffic handed to
-    ``torch.distributed`` (preambles and frame headers included); ``raw_bytes_*`` are what
-    the same tensors would have cost uncompressed (elements x element size). Non-float
-    tensors are counted in ``passthrough_bytes_*`` only.
-    """
-
-    def __init__(self) -> None:
-        self.counts = {d: dict.fromkeys(_COUNTERS, 0.0) for d in DIRECTIONS}
-
-    def add(self, direction: str, **counts: float) -> None:
-        d = self.counts[direction]
-        for name, v in counts.items():
-            d[name] += v
-
-    def reset(self) -> None:
-        self.__init__()
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per direction: the counters plus ``ratio`` (raw / wire) and ``bits_per_element``
-        (wire bits over elements), each for what this rank sent and what it received."""
-        out = {}
-        for direction, c in self.counts.items():
-            s = dict(c)
-            for side in ("sent", "received"):
-                wire, raw, n = c[f"bytes_{side}"], c[f"raw_bytes_{side}"], c[f"elements_{side}"]
-                s[f"ratio_{side}"] = raw / wire if wire else float("nan")
-                s[f"bits_per_element_{side}"] = 8.0 * wire / n if n else float("nan")
-            out[direction] = s
-        return out
-
-    def __getitem__(self, direction: str) -> dict[str, float]:
-        return self.summary()[direction]
 
 
 # --------------------------------------------------------------------------- handles
@@ -272,7 +238,7 @@ class _PassthroughRecv:
 # --------------------------------------------------------------------------- comm
 
 
-class PipeComm:
+class PipeComm(StepSettings):
     """Compressed point-to-point messages between pipeline stages, and their statistics.
 
     Args:
@@ -302,9 +268,9 @@ class PipeComm:
             (:class:`PipeLinkError`).
 
     Both ends must be configured alike (the preamble carries a fingerprint of ``min_numel``,
-    ``block_size`` and the versions, and a mismatch raises :class:`PipeSettingsError`); the
-    step rule is the sender's own business, since every frame carries its steps. The
-    ceilings are each receiver's own.
+    ``block_size`` and the versions, and a mismatch raises
+    :class:`~ggcomm.errors.SettingsMismatchError`); the step rule is the sender's own
+    business, since every frame carries its steps. The ceilings are each receiver's own.
     """
 
     def __init__(
@@ -341,7 +307,7 @@ class PipeComm:
                              f"{max_message_bytes!r}")
         self.max_message_bytes = max_message_bytes
         self._broken: dict[int, str] = {}  # peer -> why its link is out of step
-        self.stats = PipeStats()
+        self.stats = TrafficStats(_COUNTERS, DIRECTIONS)
         self.last_bits: dict[str, float] = {}  # per stream: payload bits per element
         self._pending: dict[int, collections.deque[RecvHandle]] = collections.defaultdict(
             collections.deque)
@@ -355,7 +321,8 @@ class PipeComm:
 
     @property
     def fingerprint(self) -> int:
-        return zlib.crc32(json.dumps(self.protocol_settings(), sort_keys=True).encode())
+        """32-bit hash of :meth:`protocol_settings`, carried in every preamble and frame."""
+        return fingerprint(self.protocol_settings())
 
     def state_dict(self) -> dict[str, Any]:
         """The rate loop's per-stream state (settings are constructor arguments)."""
@@ -390,16 +357,6 @@ class PipeComm:
 
     def _stream(self, peer: int, tag: int, direction: str) -> str:
         return f"{direction}:{peer}:{tag}"
-
-    # the step rule's settings, as attributes
-    mode = property(lambda self: self.control.mode)
-    value = property(lambda self: self.control.value)
-    rate_gain = property(lambda self: self.control.rate_gain)
-
-    @property
-    def rate_corr(self) -> dict[str, float]:
-        """Per stream (peer, tag, direction): the rate loop's log2 step correction."""
-        return self.control.corr
 
     def _step(self, x: torch.Tensor, stream: str) -> float:
         if self.mode == "step":
@@ -563,7 +520,7 @@ class PipeComm:
 
         Raises:
             FrameError: the frame is corrupt, truncated or does not fit; names the peer.
-            PipeSettingsError: the sender was configured differently.
+            SettingsMismatchError: the sender was configured differently.
         """
         return self._recv(src, tag, direction, out, shape, dtype, async_op=False)
 
@@ -604,7 +561,7 @@ class PipeComm:
                      f"{e}") from e
         max_numel = known if known is not None else self.max_numel
         if fingerprint != self.fingerprint:
-            raise PipeSettingsError(
+            raise SettingsMismatchError(
                 f"rank {src} sent a message with settings fingerprint {fingerprint:#010x}, "
                 f"this rank expects {self.fingerprint:#010x} ({self.protocol_settings()}): "
                 f"configure both ends of the link alike")
@@ -617,7 +574,7 @@ class PipeComm:
                 raise FrameError(f"frame from rank {src} (tag {tag}): {e}") from e
             _check_fits("frame", frame.dtype, frame.shape, dtype, shape, src, tag)
             if frame.tag != self.fingerprint:
-                raise PipeSettingsError(f"frame from rank {src} carries tag {frame.tag:#010x}, "
+                raise SettingsMismatchError(f"frame from rank {src} carries tag {frame.tag:#010x}, "
                                         f"expected {self.fingerprint:#010x}")
             cpu_out = out if out is not None and out.device.type == "cpu" else None
             result = codec.decode(frame, out=cpu_out)

@@ -24,7 +24,7 @@ from .quant import check_step
 from .rate.model import model_step, prepare
 
 __all__ = ["ACT_REL_STEP", "CORR_LIMIT", "DEFAULT_RATE", "GCT_REL_STEP", "MODES",
-           "PIPELINE_RATE", "StepControl", "correct", "parse_mode", "step_for"]
+           "PIPELINE_RATE", "StepControl", "StepSettings", "correct", "parse_mode", "step_for"]
 
 MODES = ("rate", "step", "rel_step")
 
@@ -169,3 +169,22 @@ class StepControl:
             corr = self.corr[stream] = correct(corr, measured_bits, aimed, self.rate_gain)
         extra = 0.0 if target is None else target - self.value
         return step_for(self.mode, self.value, mean_sq, mean_abs, corr - extra)
+
+
+class StepSettings:
+    """A transport's step settings as attributes (``mode``, ``value``, ``rate_gain``,
+    ``warmup_iters``, ``warmup_rate``, ``rate_corr``), read from its :class:`StepControl`
+    in ``self.control``."""
+
+    control: StepControl
+    mode = property(lambda self: self.control.mode)
+    value = property(lambda self: self.control.value)
+    rate_gain = property(lambda self: self.control.rate_gain)
+    warmup_iters = property(lambda self: self.control.warmup_iters)
+    warmup_rate = property(lambda self: self.control.warmup_rate)
+
+    @property
+    def rate_corr(self) -> dict[str, float]:
+        """Per stream (a DDP parameter; a link's peer, tag and direction): the rate loop's
+        log2 step correction."""
+        return self.control.corr

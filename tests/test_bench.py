@@ -1,16 +1,25 @@
-"""ggcomm.tools.bench: options, the launcher, run summaries, target verdicts, and a --quick run."""
+"""ggcomm bench: the runner (ggcomm.tools.bench: options, the launcher, run summaries, the
+results folder) and its report (ggcomm.tools.report: target verdicts, markdown, plots), and a
+--quick run of an installed package."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ggcomm.tools import bench
+import ggcomm
+import ggcomm.kernels
+from ggcomm.tools import bench, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def _record(workload, link, ranks, method, step_s=1.0, nbytes=1000.0, loss=1.0) 
 
 
 def _verdicts(records) -> dict:
-    return {t["target"]: t["met"] for t in bench.evaluate_targets(records)}
+    return {t["target"]: t["met"] for t in report.evaluate_targets(records)}
 
 
 def test_speed_targets() -> None:
@@ -228,7 +237,7 @@ def test_growth_and_its_target() -> None:
         _record("mlp", "localhost", 2, "gg3-allgather", nbytes=1000.0),
         _record("mlp", "localhost", 4, "gg3-allgather", nbytes=3000.0),
     ]
-    growth = {g["method"]: g["ratio"] for g in bench.growth(records)}
+    growth = {g["method"]: g["ratio"] for g in report.growth(records)}
     assert growth == pytest.approx({"gg3-allgather": 3.0, "gg3-reduce_scatter": 1.15})
     assert _verdicts(records)["reduce_scatter_growth"] is True  # allgather is not judged
     records[1] = _record("mlp", "localhost", 4, "gg3-reduce_scatter", nbytes=1500.0)
@@ -237,25 +246,99 @@ def test_growth_and_its_target() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A real --quick run (two gloo ranks on localhost)
+# The report reads results only
 
 
-def test_quick_run_without_test_hosts_runs_on_localhost(tmp_path, monkeypatch, capsys) -> None:
-    testhosts = bench.load_testhosts()
-    monkeypatch.setattr(testhosts, "unavailable_reason", lambda *a, **k: "no root in this test")
+@pytest.mark.parametrize("name", ["ddp_bench", "ddp_speed/ddp_bench"])
+def test_the_report_renders_committed_results_from_their_json_alone(name) -> None:
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    assert report.markdown(result) == (RESULTS / f"{name}.md").read_text()
 
-    def no_hosts(*a, **k):
-        raise AssertionError("test hosts must not be built when unavailable")
 
-    monkeypatch.setattr(testhosts, "TestHosts", no_hosts)
+# ---------------------------------------------------------------------------------------------
+# Where results go, and where ranks run
+
+
+def test_results_go_to_benchmarks_results_in_a_checkout_else_to_ggcomm_bench(
+    tmp_path, monkeypatch
+) -> None:
+    checkout = tmp_path / "checkout"
+    (checkout / "benchmarks" / "results").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    monkeypatch.setattr(bench, "ROOT", checkout)
+    assert bench.parse_args([]).out == checkout / "benchmarks" / "results"
+    assert bench.parse_args(["--quick", "--out", "mine"]).out == Path("mine")
+    # installed: the folder two levels above ggcomm/tools is site-packages' parent
+    monkeypatch.setattr(bench, "ROOT", tmp_path / "lib" / "python3")
+    assert bench.parse_args(["--quick"]).out == Path("ggcomm-bench") == bench.LOCAL_OUT_DIR
+    # a results folder alone is not a checkout
+    (checkout / "pyproject.toml").unlink()
+    monkeypatch.setattr(bench, "ROOT", checkout)
+    assert bench.parse_args([]).out == Path("ggcomm-bench")
+
+
+def test_ranks_run_in_their_launch_folder(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "fp32.json"
+    script = f"import os, pathlib; pathlib.Path({str(out)!r}).write_text(os.getcwd())"
+    monkeypatch.setattr(bench, "worker_command", lambda spec: [sys.executable, "-c", script])
+    runs = [(bench.METHODS["fp32"], [], out)]
+    workdir = tmp_path / "group0"
+    bench.run_group(bench.Group("mlp", "localhost", 2), runs, _launch_args(), workdir)
+    assert out.read_text() == str(workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real --quick run (two gloo ranks on localhost) of the package laid out as installed
+
+
+def installed_copy(site: Path) -> Path:
+    """A copy of the package as an installer lays it out (``kernels/`` as ``ggcomm/kernels``)
+    in ``site``, away from any checkout; returns ``site``, for PYTHONPATH. Compiled caches come
+    along, so the kernels are not compiled again."""
+    shutil.copytree(Path(ggcomm.__file__).parent, site / "ggcomm")
+    shutil.copytree(Path(ggcomm.kernels.__file__).parent, site / "ggcomm" / "kernels")
+    return site
+
+
+# Runs `ggcomm bench` with its arguments after the first, which is the folder the package must
+# come from; on a machine that cannot build test hosts, whether or not this one can.
+NO_HOSTS_BENCH = """
+import sys
+from ggcomm.tools import bench, testhosts
+assert bench.__file__.startswith(sys.argv[1]), bench.__file__
+testhosts.unavailable_reason = lambda *a, **k: "no root in this test"
+
+def no_hosts(*a, **k):
+    raise AssertionError("test hosts must not be built when unavailable")
+
+testhosts.TestHosts = no_hosts
+sys.exit(bench.main(sys.argv[2:]))
+"""
+
+
+def test_quick_run_of_an_installed_package_without_test_hosts(tmp_path) -> None:
+    site = installed_copy(tmp_path / "site")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     argv = ["--quick", "--links", "localhost", "100mbit", "--methods", "fp32", "gg3-allgather"]
-    rc = bench.main([*argv, "--out", str(tmp_path), "--no-progress"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err[-3000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_HOSTS_BENCH, str(site), *argv, "--no-progress"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, err[-3000:]
     assert "no root in this test" in err and "running on localhost only" in err
+    results = cwd / "ggcomm-bench"  # no checkout around the package: the current directory
+    assert sorted(p.name for p in cwd.iterdir()) == ["ggcomm-bench"]
 
-    result = json.loads((tmp_path / "ddp_bench-quick.json").read_text())
+    result = json.loads((results / "ddp_bench-quick.json").read_text())
     assert result["config"]["links_run"] == ["localhost"] and not result["failures"]
+    assert list(result)[-4:] == ["targets", "growth", "plots", "runs"]
     runs = {r["method"]: r for r in result["runs"]}
     assert set(runs) == {"fp32", "gg3-allgather"}
     for r in runs.values():
@@ -270,15 +353,15 @@ def test_quick_run_without_test_hosts_runs_on_localhost(tmp_path, monkeypatch, c
     assert verdicts == {"speed_1gbit": None, "speed_100mbit": None, "bytes_at_equal_loss": None,
                         "reduce_scatter_growth": None}
 
-    md = (tmp_path / "ddp_bench-quick.md").read_text()
-    assert md == out
+    md = (results / "ddp_bench-quick.md").read_text()
+    assert md == out == report.markdown(result)
     assert "no root in this test" in md and md.count("not measured") == 4
     for method in ("fp32", "gg3-allgather"):
         assert md.count(f"| {method} |") == (3 if method.startswith("gg") else 2)
     for name in ("ddp_bench-step_time-quick.png", "ddp_bench-loss_vs_bytes-quick.png"):
-        data = (tmp_path / name).read_bytes()
+        data = (results / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert sorted(p.name for p in results.iterdir()) == sorted(
         [
             "ddp_bench-quick.json",
             "ddp_bench-quick.md",

@@ -9,8 +9,8 @@ import pytest
 from ggcomm.tools import cli, demo
 
 # The demo's ggcomm run: step 0 a plain allreduce, then a rate warm-up from 8 bits per
-# element falling to --rate over 20 steps (GGCommState(warmup_iters=20) in ggcomm/demo.py).
-WARMUP = 20
+# element falling to --rate over demo.RATE_WARMUP_ITERS steps.
+WARMUP = demo.RATE_WARMUP_ITERS
 STEPS = WARMUP + 12
 
 
@@ -42,4 +42,4 @@ def test_demo_runs_both_trainings_and_writes_its_results(tmp_path, capsys):
 
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
-        demo.main(["--steps", "3"])
+        demo.main(["--steps", "0"])

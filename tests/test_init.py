@@ -208,3 +208,13 @@ def test_apply_gg_init_errors_leave_model_untouched() -> None:
         apply_gg_init(model, 1.0, include=())
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
+
+
+def test_the_shape_is_beta_and_shape_is_its_former_keyword() -> None:
+    a = gg_(torch.empty(16, 8), beta=0.5, generator=torch.Generator().manual_seed(1))
+    b = gg_(torch.empty(16, 8), shape=0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="once"):
+        gg_(torch.empty(4, 4), 0.5, shape=0.5)
+    with pytest.raises(TypeError, match="once"):
+        apply_gg_init(torch.nn.Linear(4, 4))

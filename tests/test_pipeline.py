@@ -7,7 +7,7 @@ import pipeline_workers as w
 import pytest
 import torch
 
-from ggcomm.pipeline import PipeComm, PipeStats
+from ggcomm.pipeline import PipeComm
 
 
 def test_round_trips_dtypes_shapes_and_byte_counts():
@@ -51,7 +51,7 @@ def test_corrupt_mismatched_and_misconfigured_messages_raise_and_the_link_surviv
     _, out = dist_utils.values(dist_utils.run(w.corrupt_frames, 2))
     kinds = [k for k, _ in out[:-1]]
     assert kinds == ["FrameError", "FrameError", "FrameError", "FrameError", "ok",
-                     "PipeSettingsError", "ok"], out
+                     "SettingsMismatchError", "ok"], out
     for _, msg in out[:4]:
         assert "rank 0" in msg
     assert "float16" in out[2][1] and "(64, 64)" in out[3][1]
@@ -83,6 +83,3 @@ def test_settings_validation_and_state_dict_round_trip():
     with pytest.raises(ValueError, match="saved with rate=3.0"):
         PipeComm(rate=2.0).load_state_dict(a.state_dict())
     assert PipeComm().mode == "rate" and PipeComm().value == 4.0
-    s = PipeStats()
-    s.add("forward", bytes_sent=100, raw_bytes_sent=400, elements_sent=100)
-    assert s["forward"]["ratio_sent"] == 4 and s["forward"]["bits_per_element_sent"] == 8

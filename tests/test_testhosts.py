@@ -1,4 +1,4 @@
-"""launch/testhosts.py: shaped test hosts in network namespaces, and their removal.
+"""ggcomm.tools.testhosts: shaped test hosts in network namespaces, and their removal.
 
 Tests that build hosts need root and network namespaces; without them they are skipped with
 the reason the module gives. Two prefixes of their own keep them apart from hosts a user has

@@ -34,30 +34,18 @@ import math
 import time
 from typing import Any
 
-import matplotlib
+import _common as common
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import (  # noqa: E402
-    Setup,
-    environment,
-    evaluate,
-    load_data,
-    markdown_table,
-    optimizer,
-    parser,
-    setup_dict,
-    write,
-)
+from ggcomm import codec, gg, rate
+from ggcomm.methods.act import ACT
+from ggcomm.tools.train import Step
+from ggcomm.tools.workload import GPT, ByteDataset
 
-from ggcomm import codec, gg, rate  # noqa: E402
-from ggcomm.methods.act import ACT  # noqa: E402
-from ggcomm.tools.workload import GPT, ByteDataset  # noqa: E402
-
-SETUP = Setup(n_layer=4, n_head=4, n_embd=64)
-QUICK_SETUP = Setup(n_layer=2, n_head=2, n_embd=32, eval_batches=2)
+SETUP = common.Setup(common.small_gpt(n_layer=4, n_head=4))
+QUICK_SETUP = common.Setup(common.small_gpt(n_embd=32), eval_batches=2)
 SPLIT = 1
 """Stage 0 is blocks 0..SPLIT; the boundary is the output of block SPLIT (the middle of the
 4-block model)."""
@@ -138,7 +126,7 @@ def gap_report(rows: list[dict]) -> list[str]:
             [f"{r['beta']:g}", f"{r['target']:g}", f"{r['codec']:.3f}"]
             + [f"{100 * r[m]:+.2f}%" for m in ("smooth", "exact_forward", "eg_rate")]
         )
-    lines += markdown_table(
+    lines += common.markdown_table(
         ["GG shape", "target bits", "codec bits", "smooth", "exact forward", "eg_rate"], table
     )
     usual = [r for r in rows if r["target"] >= 2.0]
@@ -157,54 +145,46 @@ def boundary(model: GPT) -> torch.nn.Module:
 
 
 def train(
-    setup: Setup, data: ByteDataset, lam: float, steps: int, seed: int
+    setup: common.Setup, data: ByteDataset, lam: float, steps: int, seed: int
 ) -> tuple[GPT, dict[str, list[float]]]:
     """Train one run; returns the model and its per-step history (cut short if the loss
     stops being finite)."""
     torch.manual_seed(seed)
-    model = GPT(setup.config())
-    opt, sched = optimizer(model, setup, steps)
+    model = GPT(setup.gpt)
     act = ACT(lam, step=STEP, warmup_steps=max(1, round(WARMUP * steps)))
     act.attach({"boundary": boundary(model)})
-    gen = torch.Generator().manual_seed(seed)
-    history: dict[str, list[float]] = {"loss": [], "bits": [], "lam": []}
-    for _ in range(steps):
-        x, y = data.batch("train", setup.batch_size, gen)
-        _, loss = model(x, y)
-        penalty = act.penalty()
-        (loss + penalty).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        history["loss"].append(float(loss.detach()))
-        history["bits"].append(act.stats()["boundary"].bits)
-        history["lam"].append(act.current_lam)
+
+    def record(step: Step) -> None:
+        step.record["bits"] = act.stats()["boundary"].bits
+        step.record["lam"] = act.current_lam
         act.step()
-        if not math.isfinite(history["loss"][-1]):
-            break
+        step.stop = not math.isfinite(step.record["loss"])
+
+    records, _ = common.train_gpt(model, data, setup, steps, seed, penalties=[act.penalty],
+                           after_step=[record])  # fmt: skip
     act.remove()
-    return model, history
+    return model, {key: [r[key] for r in records] for key in ("loss", "bits", "lam")}
 
 
 @torch.no_grad()
-def boundary_batch(model: GPT, data: ByteDataset, setup: Setup, seed: int) -> torch.Tensor:
-    """The boundary activations of the validation batches ``evaluate`` uses, concatenated."""
+def boundary_batch(model: GPT, data: ByteDataset, setup: common.Setup, seed: int) -> torch.Tensor:
+    """The boundary activations of the validation batches ``common.evaluate`` uses, concatenated."""
     captured: list[torch.Tensor] = []
     handle = boundary(model).register_forward_hook(lambda m, i, o: captured.append(o))
     try:
-        evaluate(model, data, setup, seed)
+        common.evaluate(model, data, setup, seed)
     finally:
         handle.remove()
     return torch.cat([a.reshape(-1) for a in captured])
 
 
-def evaluate_through_codec(model: GPT, data: ByteDataset, setup: Setup, seed: int) -> dict:
-    """``evaluate`` with the boundary activation encoded and decoded at ``STEP``."""
+def evaluate_through_codec(model: GPT, data: ByteDataset, setup: common.Setup, seed: int) -> dict:
+    """``common.evaluate`` with the boundary activation encoded and decoded at ``STEP``."""
     handle = boundary(model).register_forward_hook(
         lambda m, i, o: codec.decode(codec.encode(o, STEP))
     )
     try:
-        return evaluate(model, data, setup, seed)
+        return common.evaluate(model, data, setup, seed)
     finally:
         handle.remove()
 
@@ -229,14 +209,16 @@ def activation_stats(a: torch.Tensor) -> dict[str, float]:
     }
 
 
-def run(setup: Setup, data: ByteDataset, lam: float, steps: int, seed: int) -> dict[str, Any]:
+def run(
+    setup: common.Setup, data: ByteDataset, lam: float, steps: int, seed: int
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, history = train(setup, data, lam, steps, seed)
     seconds = time.perf_counter() - t0
     if len(history["loss"]) < steps:
         return {"lam": lam, "seed": seed, "diverged_at": len(history["loss"])}
     a = boundary_batch(model, data, setup, seed)
-    plain = evaluate(model, data, setup, seed)
+    plain = common.evaluate(model, data, setup, seed)
     coded = evaluate_through_codec(model, data, setup, seed)
     blocks = max(1, LOG_EVERY if steps >= 4 * LOG_EVERY else 1)
     n = len(history["loss"]) // blocks * blocks
@@ -262,27 +244,15 @@ def run(setup: Setup, data: ByteDataset, lam: float, steps: int, seed: int) -> d
     }
 
 
-def _summary_line(run: dict[str, Any]) -> str:
-    if "diverged_at" in run:
-        return f"lambda {run['lam']:g} (seed {run['seed']}): diverged at step {run['diverged_at']}"
-    a = run["activation"]
-    return (
-        f"lambda {run['lam']:g} (seed {run['seed']}): val loss {run['val_loss']:.3f}, "
-        f"accuracy {100 * run['accuracy']:.2f}% ({100 * run['accuracy_codec']:.2f}% through "
-        f"the codec), activation {a['codec']:.2f} codec bits/elem, peak/RMS "
-        f"{a['peak_to_rms']:.1f} ({run['train_seconds']:.0f} s)"
-    )
-
-
 def report(
-    runs: list[dict[str, Any]], noise: list[dict[str, Any]], setup: Setup, steps: int
+    runs: list[dict[str, Any]], noise: list[dict[str, Any]], setup: common.Setup, steps: int
 ) -> list[str]:
     base = runs[0]
     lines = [
         "# ACT: activation-constrained training, lambda sweep",
         "",
-        f"GPT {setup.n_layer} blocks x width {setup.n_embd}, split into two stages after "
-        f"block {SPLIT}; {steps} steps of batch {setup.batch_size} x {setup.block_size} "
+        f"GPT {setup.gpt.n_layer} blocks x width {setup.gpt.n_embd}, split into two stages after "
+        f"block {SPLIT}; {steps} steps of batch {setup.batch_size} x {setup.gpt.block_size} "
         f"bytes of standard-library source, AdamW lr {setup.lr} (warm-up, cosine). ACT on "
         f"the boundary activation with fixed step {STEP:g}; lambda ramps in over the first "
         f"{WARMUP:.0%} of the steps. Evaluation: {setup.eval_batches} x "
@@ -296,6 +266,17 @@ def report(
         "Peak/RMS: max |a| / RMS.",
         "",
     ]
+    lines += _run_table(runs)
+    lines += _seed_spread(base, noise)
+    lines += ["", "Versus conventional training (lambda 0, same seed):", ""]
+    if "diverged_at" not in base:
+        lines += [_versus(r, base) for r in runs[1:] if "diverged_at" not in r]
+    lines += ["", f"Paper (BERT/GPT/LLaMA/DeepSeek, Table 4 and Fig. 3-4): {PAPER}."]
+    return lines
+
+
+def _run_table(runs: list[dict[str, Any]]) -> list[str]:
+    """One row per run: validation, accuracy and the boundary activation's statistics."""
     header = [
         "lambda",
         "val loss",
@@ -335,36 +316,39 @@ def report(
                 f"{100 * a['zeros']:.1f}%",
             ]
         )
-    lines += markdown_table(header, rows)
+    return common.markdown_table(header, rows)
+
+
+def _seed_spread(base: dict[str, Any], noise: list[dict[str, Any]]) -> list[str]:
+    """How much conventional training alone moves from seed to seed (none with one seed)."""
     finished = [r for r in [base, *noise] if "diverged_at" not in r]
-    if len(finished) > 1:
-        acc = np.array([100 * r["accuracy"] for r in finished])
-        eg = np.array([r["activation"]["eg"] for r in finished])
-        loss = np.array([r["val_loss"] for r in finished])
-        seeds = ", ".join(str(r["seed"]) for r in finished)
-        lines += [
-            "",
-            f"Seed to seed, conventional training alone (seeds {seeds}): accuracy "
-            f"{acc.mean():.2f}% +- {acc.std(ddof=1):.2f} (range {acc.min():.2f}-{acc.max():.2f}),"
-            f" val loss {loss.mean():.3f} +- {loss.std(ddof=1):.3f}, activation EG bits "
-            f"{eg.mean():.2f} +- {eg.std(ddof=1):.2f}. The sweep's runs use seed {base['seed']}.",
-        ]
-    lines += ["", "Versus conventional training (lambda 0, same seed):", ""]
-    for r in runs[1:]:
-        if "diverged_at" in r or "diverged_at" in base:
-            continue
-        a, b = r["activation"], base["activation"]
-        lines.append(
-            f"- lambda {r['lam']:g}: activation EG bits {b['eg']:.2f} -> {a['eg']:.2f} "
-            f"({100 * (1 - a['eg'] / b['eg']):.0f}% fewer; at {REL_STEP:g} x RMS "
-            f"{b['codec_rel']:.2f} -> {a['codec_rel']:.2f}), accuracy "
-            f"{100 * (r['accuracy'] - base['accuracy']):+.2f} points (through the codec "
-            f"{100 * (r['accuracy_codec'] - base['accuracy_codec']):+.2f}), max |a| "
-            f"{b['max_abs']:.3g} -> {a['max_abs']:.3g}, peak/RMS {b['peak_to_rms']:.1f} -> "
-            f"{a['peak_to_rms']:.1f}"
-        )
-    lines += ["", f"Paper (BERT/GPT/LLaMA/DeepSeek, Table 4 and Fig. 3-4): {PAPER}."]
-    return lines
+    if len(finished) < 2:
+        return []
+    acc = np.array([100 * r["accuracy"] for r in finished])
+    eg = np.array([r["activation"]["eg"] for r in finished])
+    loss = np.array([r["val_loss"] for r in finished])
+    seeds = ", ".join(str(r["seed"]) for r in finished)
+    return [
+        "",
+        f"Seed to seed, conventional training alone (seeds {seeds}): accuracy "
+        f"{acc.mean():.2f}% +- {acc.std(ddof=1):.2f} (range {acc.min():.2f}-{acc.max():.2f}),"
+        f" val loss {loss.mean():.3f} +- {loss.std(ddof=1):.3f}, activation EG bits "
+        f"{eg.mean():.2f} +- {eg.std(ddof=1):.2f}. The sweep's runs use seed {base['seed']}.",
+    ]
+
+
+def _versus(r: dict[str, Any], base: dict[str, Any]) -> str:
+    """Run ``r`` against conventional training ``base`` of the same seed, as a list item."""
+    a, b = r["activation"], base["activation"]
+    return (
+        f"- lambda {r['lam']:g}: activation EG bits {b['eg']:.2f} -> {a['eg']:.2f} "
+        f"({100 * (1 - a['eg'] / b['eg']):.0f}% fewer; at {REL_STEP:g} x RMS "
+        f"{b['codec_rel']:.2f} -> {a['codec_rel']:.2f}), accuracy "
+        f"{100 * (r['accuracy'] - base['accuracy']):+.2f} points (through the codec "
+        f"{100 * (r['accuracy_codec'] - base['accuracy_codec']):+.2f}), max |a| "
+        f"{b['max_abs']:.3g} -> {a['max_abs']:.3g}, peak/RMS {b['peak_to_rms']:.1f} -> "
+        f"{a['peak_to_rms']:.1f}"
+    )
 
 
 def figure(runs: list[dict[str, Any]], noise: list[dict[str, Any]]) -> Any:
@@ -408,36 +392,34 @@ def figure(runs: list[dict[str, Any]], noise: list[dict[str, Any]]) -> Any:
     ax.set_xlabel("lambda")
     ax.set_title("(d) outliers of the boundary activation")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
+def _summary_line(run: dict[str, Any]) -> str:
+    if "diverged_at" in run:
+        return f"lambda {run['lam']:g} (seed {run['seed']}): diverged at step {run['diverged_at']}"
+    a = run["activation"]
+    return (
+        f"lambda {run['lam']:g} (seed {run['seed']}): val loss {run['val_loss']:.3f}, "
+        f"accuracy {100 * run['accuracy']:.2f}% ({100 * run['accuracy_codec']:.2f}% through "
+        f"the codec), activation {a['codec']:.2f} codec bits/elem, peak/RMS "
+        f"{a['peak_to_rms']:.1f} ({run['train_seconds']:.0f} s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> list[Any]:
-    p = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS)
-    p.add_argument(
-        "--lambdas",
-        type=float,
-        nargs="+",
-        default=None,
-        help=f"lambda values, 0 = conventional (default {' '.join(map(str, LAMBDAS))})",
-    )
-    p.add_argument(
-        "--noise-seeds",
-        type=int,
-        nargs="*",
-        default=None,
-        help="extra seeds for conventional training alone "
-        f"(default {' '.join(map(str, NOISE_SEEDS))}; none with --quick)",
-    )
+    p = common.parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS)
+    p.add_argument("--lambdas", type=float, nargs="+",
+                   help=f"lambda values, 0 = conventional (default {' '.join(map(str, LAMBDAS))})")
+    p.add_argument("--noise-seeds", type=int, nargs="*",
+                   help="extra seeds for conventional training alone "
+                   f"(default {' '.join(map(str, NOISE_SEEDS))}; none with --quick)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    setup = QUICK_SETUP if args.quick else SETUP
+    steps, setup, data = common.start(args, SETUP, QUICK_SETUP)
     lambdas = sorted({0.0, *(args.lambdas or (QUICK_LAMBDAS if args.quick else LAMBDAS))})
     noise_seeds = args.noise_seeds
     if noise_seeds is None:
         noise_seeds = [] if args.quick else list(NOISE_SEEDS)
-    data = load_data(setup)
     runs, noise = [], []
     for lam in lambdas:
         runs.append(run(setup, data, lam, steps, args.seed))
@@ -447,24 +429,22 @@ def main(argv: list[str] | None = None) -> list[Any]:
         print(_summary_line(noise[-1]), flush=True)
     gap = rate_model_gap(GAP_SHAPES[-1:] if args.quick else GAP_SHAPES,
                          GAP_RATES[::3] if args.quick else GAP_RATES)  # fmt: skip
-    name = "act_sweep" + ("-quick" if args.quick else "")
     payload = {
-        "setup": setup_dict(setup),
+        "setup": common.setup_dict(setup),
         "split_after_block": SPLIT,
         "step": STEP,
         "rel_step": REL_STEP,
         "warmup_fraction": WARMUP,
         "steps": steps,
         "seed": args.seed,
-        "environment": environment(),
+        "environment": common.environment(),
         "runs": runs,
         "conventional_other_seeds": noise,
         "rate_model_gap": gap,
     }
     fig = figure(runs, noise)
     markdown = report(runs, noise, setup, steps) + gap_report(gap)
-    paths = write(args.out, name, markdown, payload, fig)
-    plt.close(fig)
+    paths = common.write(args, "act_sweep", markdown, payload, fig)
     for path in paths:
         print(f"wrote {path}")
     return runs

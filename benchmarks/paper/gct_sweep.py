@@ -20,30 +20,17 @@ lambda decay (Fig. 4c-d).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import matplotlib
+import _common as common
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import (  # noqa: E402
-    Setup,
-    environment,
-    evaluate,
-    load_data,
-    markdown_table,
-    optimizer,
-    parser,
-    setup_dict,
-    write,
-)
-
-from ggcomm.codec import encode, inspect  # noqa: E402
-from ggcomm.methods.gct import GCT  # noqa: E402
-from ggcomm.tools.workload import GPT  # noqa: E402
+from ggcomm.codec import encode, inspect
+from ggcomm.methods.gct import GCT
+from ggcomm.tools.train import Step
+from ggcomm.tools.workload import GPT
 
 DEFAULT_STEPS = 1000
 QUICK_STEPS = 10
@@ -64,51 +51,53 @@ SMOOTH = 20
 def gradient_bits(grads: list[torch.Tensor]) -> float:
     """Payload bits per element of the gradients coded with the real codec (pure EG, best
     order per block), each parameter quantized with REL_STEP x its RMS."""
-    flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+    values = common.flat(grads)
     steps = []
     for g in grads:
         rms = float(g.detach().double().pow(2).mean().sqrt())
         steps.append(REL_STEP * rms if rms > 0 else 1.0)
-    frame = encode(flat, steps, segments=[g.numel() for g in grads], zero_runs=False)
-    return sum(b.bit_length for b in inspect(frame).blocks) / flat.numel()
+    frame = encode(values, steps, segments=[g.numel() for g in grads], zero_runs=False)
+    return sum(b.bit_length for b in inspect(frame).blocks) / values.numel()
 
 
 def train(
-    setup: Setup, data: Any, lam: float | None, gamma: float, steps: int, seed: int
+    setup: common.Setup, data: Any, lam: float | None, gamma: float, steps: int, seed: int
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = GPT(setup.config())
-    opt, schedule = optimizer(model, setup, steps)
+    model = GPT(setup.gpt)
     params = list(model.parameters())
+    epoch_len = max(1, steps // EPOCHS)
+
+    def measure(step: Step) -> None:  # the gradient as computed, before GCT rewrites it
+        step.record["grad_bits"] = gradient_bits([p.grad for p in params])
+
+    after_backward, after_step = [measure], []
     gct = None
     if lam is not None:
         gct = GCT(model.named_parameters(), lam=lam, gamma=gamma, rel_step=REL_STEP)
-    epoch_len = max(1, steps // EPOCHS)
-    gen = torch.Generator().manual_seed(seed + 1)
-    losses, bits, lams = [], [], []
-    start = time.perf_counter()
-    for i in range(steps):
-        x, y = data.batch("train", setup.batch_size, gen)
-        opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        bits.append(gradient_bits([p.grad for p in params]))
-        losses.append(loss.item())
-        if gct is not None:
-            lams.append(gct.lam)
+
+        def constrain(step: Step) -> None:
+            step.record["lam"] = gct.lam
             gct.apply_()
-        opt.step()
-        schedule.step()
-        if gct is not None and (i + 1) % epoch_len == 0:
-            gct.epoch_end()
-    seconds = time.perf_counter() - start
+
+        def epoch(step: Step) -> None:
+            if (step.index + 1) % epoch_len == 0:
+                gct.epoch_end()
+
+        after_backward.append(constrain)
+        after_step.append(epoch)
+    records, seconds = common.train_gpt(model, data, setup, steps, seed + 1,
+                                 after_backward=after_backward, after_step=after_step)
+    losses = [r["loss"] for r in records]
+    bits = [r["grad_bits"] for r in records]
+    lams = [r["lam"] for r in records if "lam" in r]
     tail = max(1, steps // 4)
     return {
         "method": "conventional" if lam is None else "gct",
         "seed": seed,
         "lam0": lam,
         "gamma": gamma if lam is not None else None,
-        **evaluate(model, data, setup, seed),
+        **common.evaluate(model, data, setup, seed),
         "grad_bits_mean": float(np.mean(bits)),
         "grad_bits_last_quarter": float(np.mean(bits[-tail:])),
         "train_loss_last_quarter": float(np.mean(losses[-tail:])),
@@ -127,14 +116,14 @@ def label(r: dict[str, Any]) -> str:
     return f"GCT lam0 {r['lam0']:g}, {decay}"
 
 
-def report(runs: list[dict[str, Any]], setup: Setup, steps: int) -> list[str]:
+def report(runs: list[dict[str, Any]], setup: common.Setup, steps: int) -> list[str]:
     lines = [
         "# GCT, gradient-constrained training, small scale (paper Fig. 3, Fig. 4c-d)",
         "",
-        f"Byte-level GPT ({setup.n_layer} layers, width {setup.n_embd}), AdamW lr "
+        f"Byte-level GPT ({setup.gpt.n_layer} layers, width {setup.gpt.n_embd}), AdamW lr "
         f"{setup.lr:g} (warm-up over {setup.warmup:.0%} of the steps, cosine decay to 0), "
         f"weight decay {setup.weight_decay:g}, batch {setup.batch_size} x "
-        f"{setup.block_size} bytes, {steps} steps per run on Python standard-library "
+        f"{setup.gpt.block_size} bytes, {steps} steps per run on Python standard-library "
         f"sources. GCT: rate step {REL_STEP:g} x RMS per gradient tensor, EG order 0, "
         f"eps 1e-6, lambda x gamma every {max(1, steps // EPOCHS)} steps (an epoch). "
         f"Gradient bits: the real codec's Exp-Golomb payload (best order per block) of "
@@ -160,7 +149,7 @@ def report(runs: list[dict[str, Any]], setup: Setup, steps: int) -> list[str]:
         ]  # fmt: skip
         for r in runs
     ]
-    lines += markdown_table(header, rows)
+    lines += common.markdown_table(header, rows)
     conv = runs[0]
     lines += [
         "",
@@ -183,7 +172,7 @@ def report(runs: list[dict[str, Any]], setup: Setup, steps: int) -> list[str]:
         ]
         for r in runs[1:]
     ]
-    lines += markdown_table(["run", "bits (mean)", "bits (last quarter)", "accuracy"], rows)
+    lines += common.markdown_table(["run", "bits (mean)", "bits (last quarter)", "accuracy"], rows)
     return lines
 
 
@@ -216,16 +205,12 @@ def figure(runs: list[dict[str, Any]]) -> Any:
         ax.set_ylabel(f"{key.replace('_', ' ')} (mean of {SMOOTH} steps)")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
 def main(argv: list[str] | None = None) -> list[Any]:
-    args = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    setup = Setup(eval_batches=2) if args.quick else Setup()
-    data = load_data(setup)
+    args = common.parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS).parse_args(argv)
+    steps, setup, data = common.start(args, common.Setup(), common.Setup(eval_batches=2))
     seed = args.seed
     plan: list[tuple[float | None, float, int]] = [(None, 1.0, seed)]
     plan += [(lam, GAMMA, seed) for lam in LAMS]
@@ -242,18 +227,17 @@ def main(argv: list[str] | None = None) -> list[Any]:
             f"({r['seconds']:.0f} s)",
             flush=True,
         )
-    name = "gct_sweep" + ("-quick" if args.quick else "")
     payload = {
         "benchmark": "gct_sweep",
         "steps": steps,
         "seed": args.seed,
-        "setup": setup_dict(setup),
+        "setup": common.setup_dict(setup),
         "epochs": EPOCHS,
         "rel_step": REL_STEP,
-        "environment": environment(),
+        "environment": common.environment(),
         "runs": runs,
     }
-    paths = write(args.out, name, report(runs, setup, steps), payload, figure(runs))
+    paths = common.write(args, "gct_sweep", report(runs, setup, steps), payload, figure(runs))
     print("wrote", *map(str, paths))
     return paths
 

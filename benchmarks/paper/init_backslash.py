@@ -18,33 +18,17 @@ shapes' initial entropies are then predictions to compare with the paper's Table
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import matplotlib
+import _common as common
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import (  # noqa: E402
-    Setup,
-    environment,
-    evaluate,
-    flat,
-    load_data,
-    markdown_table,
-    optimizer,
-    parser,
-    setup_dict,
-    weight_stats,
-    write,
-)
-
-from ggcomm import rate  # noqa: E402
-from ggcomm.methods.backslash import BackSlash  # noqa: E402
-from ggcomm.methods.init import apply_gg_init  # noqa: E402
-from ggcomm.tools.workload import GPT  # noqa: E402
+from ggcomm import rate
+from ggcomm.methods.backslash import BackSlash
+from ggcomm.methods.init import apply_gg_init
+from ggcomm.tools.workload import GPT
 
 SHAPES = (0.1, 0.5, 1.0, 2.0)
 DEFAULT_STEPS = 1200
@@ -93,15 +77,17 @@ def calibrate_step(weights: torch.Tensor, target_bits: float) -> float:
     return 2.0 ** (0.5 * (lo + hi))
 
 
-def build(setup: Setup, shape: float, seed: int) -> tuple[GPT, dict[str, torch.nn.Parameter]]:
+def build(
+    setup: common.Setup, shape: float, seed: int
+) -> tuple[GPT, dict[str, torch.nn.Parameter]]:
     torch.manual_seed(seed)
-    model = GPT(setup.config())
+    model = GPT(setup.gpt)
     touched = apply_gg_init(model, shape, generator=torch.Generator().manual_seed(seed))
     return model, touched.weights
 
 
 def train(
-    setup: Setup,
+    setup: common.Setup,
     data: Any,
     shape: float,
     method: str,
@@ -112,33 +98,21 @@ def train(
     clip: float = CLIP,
 ) -> dict[str, Any]:
     model, weights = build(setup, shape, seed)
-    initial = weight_stats(flat(weights.values()), q_step)
-    opt, schedule = optimizer(model, setup, steps)
+    initial = common.weight_stats(common.flat(weights.values()), q_step)
     bs = None
     if method == "backslash":
         bs = BackSlash(weights.items(), strength=strength, clip=clip)
-    gen = torch.Generator().manual_seed(seed + 1)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for _ in range(steps):
-        x, y = data.batch("train", setup.batch_size, gen)
-        opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if bs is not None:
-            bs.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - start
-    trained = weight_stats(flat(weights.values()), q_step)
+    records, seconds = common.train_gpt(model, data, setup, steps, seed + 1,
+                                 after_step=[lambda step: bs.step()] if bs is not None else [])
+    losses = [r["loss"] for r in records]
+    trained = common.weight_stats(common.flat(weights.values()), q_step)
     return {
         "shape": shape,
         "method": method,
         "seed": seed,
         "initial": initial,
         "trained": trained,
-        **evaluate(model, data, setup, seed),
+        **common.evaluate(model, data, setup, seed),
         "final_train_loss": float(np.mean(losses[-max(1, steps // 10) :])),
         "loss_curve": [
             float(np.mean(losses[i : i + LOSS_LOG_EVERY]))
@@ -149,20 +123,11 @@ def train(
     }
 
 
-def progress(r: dict[str, Any]) -> None:
-    print(
-        f"shape {r['shape']:g} {r['method']:12s} seed {r['seed']}: entropy "
-        f"{r['initial']['entropy']:.2f} -> {r['trained']['entropy']:.2f}  "
-        f"EG {r['trained']['eg']:.2f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f} s)",
-        flush=True,
-    )
-
-
 def report(
     runs: list[dict[str, Any]],
     reference: dict[str, Any],
     q_step: float,
-    setup: Setup,
+    setup: common.Setup,
     steps: int,
     strength: float,
     clip: float,
@@ -172,10 +137,10 @@ def report(
     lines = [
         "# GG initialization and BackSlash, small scale (paper Tables 1-2)",
         "",
-        f"Byte-level GPT ({setup.n_layer} layers, width {setup.n_embd}, "
+        f"Byte-level GPT ({setup.gpt.n_layer} layers, width {setup.gpt.n_embd}, "
         f"{runs[0]['n_weights']:,} weights in its Linear and Embedding matrices), AdamW lr "
         f"{setup.lr:g} (warm-up over {setup.warmup:.0%} of the steps, cosine decay to 0), weight "
-        f"decay {setup.weight_decay:g}, batch {setup.batch_size} x {setup.block_size} "
+        f"decay {setup.weight_decay:g}, batch {setup.batch_size} x {setup.gpt.block_size} "
         f"bytes, {steps} steps per run on Python standard-library sources; BackSlash "
         f"strength {strength:g}, clip {clip:g}, refit every 100 steps. Accuracy: next-byte "
         f"accuracy on {setup.eval_batches * setup.eval_batch_size} held-out windows.",
@@ -187,46 +152,14 @@ def report(
         "",
         "## Table 1: weight entropy (bits per weight) by GG-init shape",
         "",
-    ]
-    header = ["", *[f"shape {s:g}" for s in shapes]]
-    rows = [
-        ["initial, paper", *[f"{PAPER_TABLE1[s][0]:.2f}" for s in shapes]],
-        ["initial, here", *[f"{by[s, 'conventional']['initial']['entropy']:.2f}" for s in shapes]],
-        ["trained, paper", *[f"{PAPER_TABLE1[s][1]:.2f}" for s in shapes]],
-        [
-            "trained conventional, here",
-            *[f"{by[s, 'conventional']['trained']['entropy']:.2f}" for s in shapes],
-        ],
-        [
-            "trained BackSlash, here",
-            *[f"{by[s, 'backslash']['trained']['entropy']:.2f}" for s in shapes],
-        ],
-    ]
-    lines += markdown_table(header, rows)
-    lines += [
+        *_table1(by, shapes),
         "",
         "## Table 2: code lengths of the trained weights and accuracy",
         "",
         "Paper columns: BERT-110M on IMDB (classification accuracy); here: next-byte accuracy.",
         "",
+        *_table2(by, shapes),
     ]
-    header = [
-        "shape", "method", "FL", "EG", "HM", "EG saving", "HM saving", "zeros",
-        "fitted beta", "val loss", "accuracy", "paper EG / HM / acc",
-    ]  # fmt: skip
-    rows = []
-    for s in shapes:
-        for m in METHODS:
-            r = by[s, m]
-            t = r["trained"]
-            fl, eg, hm, acc = PAPER_TABLE2[s, m]
-            rows.append([
-                f"{s:g}", m, f"{t['fl']:.0f}", f"{t['eg']:.2f}", f"{t['hm']:.2f}",
-                f"{1 - t['eg'] / t['fl']:.0%}", f"{1 - t['hm'] / t['fl']:.0%}",
-                f"{t['zeros']:.1%}", f"{t['beta']:.2f}", f"{r['val_loss']:.3f}",
-                f"{r['accuracy']:.2%}", f"{eg:.2f} / {hm:.2f} / {acc:.1f}%",
-            ])  # fmt: skip
-    lines += markdown_table(header, rows)
     t = reference["trained"]
     lines += [
         "",
@@ -246,8 +179,47 @@ def report(
             f"{s:g}", f"{i['fl']:.0f}", f"{i['eg']:.2f}", f"{i['hm']:.2f}",
             f"{i['entropy']:.2f}", f"{i['zeros']:.1%}", f"{i['beta']:.2f}",
         ])  # fmt: skip
-    lines += markdown_table(header, rows)
-    return lines
+    return lines + common.markdown_table(header, rows)
+
+
+def _table1(by: dict[tuple[float, str], dict[str, Any]], shapes: list[float]) -> list[str]:
+    """Weight entropy per shape: the paper's, initial, and trained by each method."""
+    header = ["", *[f"shape {s:g}" for s in shapes]]
+    rows = [
+        ["initial, paper", *[f"{PAPER_TABLE1[s][0]:.2f}" for s in shapes]],
+        ["initial, here", *[f"{by[s, 'conventional']['initial']['entropy']:.2f}" for s in shapes]],
+        ["trained, paper", *[f"{PAPER_TABLE1[s][1]:.2f}" for s in shapes]],
+        [
+            "trained conventional, here",
+            *[f"{by[s, 'conventional']['trained']['entropy']:.2f}" for s in shapes],
+        ],
+        [
+            "trained BackSlash, here",
+            *[f"{by[s, 'backslash']['trained']['entropy']:.2f}" for s in shapes],
+        ],
+    ]
+    return common.markdown_table(header, rows)
+
+
+def _table2(by: dict[tuple[float, str], dict[str, Any]], shapes: list[float]) -> list[str]:
+    """Code lengths of the trained weights and accuracy per shape and method."""
+    header = [
+        "shape", "method", "FL", "EG", "HM", "EG saving", "HM saving", "zeros",
+        "fitted beta", "val loss", "accuracy", "paper EG / HM / acc",
+    ]  # fmt: skip
+    rows = []
+    for s in shapes:
+        for m in METHODS:
+            r = by[s, m]
+            t = r["trained"]
+            fl, eg, hm, acc = PAPER_TABLE2[s, m]
+            rows.append([
+                f"{s:g}", m, f"{t['fl']:.0f}", f"{t['eg']:.2f}", f"{t['hm']:.2f}",
+                f"{1 - t['eg'] / t['fl']:.0%}", f"{1 - t['hm'] / t['fl']:.0%}",
+                f"{t['zeros']:.1%}", f"{t['beta']:.2f}", f"{r['val_loss']:.3f}",
+                f"{r['accuracy']:.2%}", f"{eg:.2f} / {hm:.2f} / {acc:.1f}%",
+            ])  # fmt: skip
+    return common.markdown_table(header, rows)
 
 
 def figure(runs: list[dict[str, Any]]) -> Any:
@@ -290,30 +262,29 @@ def figure(runs: list[dict[str, Any]]) -> Any:
     ax.set_ylabel("next-byte accuracy")
     ax.set_title("Accuracy vs weight bits (labels: shape)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
-def main(argv: list[str] | None = None) -> list[Any]:
-    p = parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS)
-    p.add_argument(
-        "--shapes",
-        type=float,
-        nargs="+",
-        default=list(SHAPES),
-        choices=SHAPES,
-        help="GG-init shapes to run (default: all four)",
+def progress(r: dict[str, Any]) -> None:
+    print(
+        f"shape {r['shape']:g} {r['method']:12s} seed {r['seed']}: entropy "
+        f"{r['initial']['entropy']:.2f} -> {r['trained']['entropy']:.2f}  "
+        f"EG {r['trained']['eg']:.2f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f} s)",
+        flush=True,
     )
+
+
+def main(argv: list[str] | None = None) -> list[Any]:
+    p = common.parser(__doc__.splitlines()[0], DEFAULT_STEPS, QUICK_STEPS)
+    p.add_argument("--shapes", type=float, nargs="+", default=list(SHAPES), choices=SHAPES,
+                   help="GG-init shapes to run (default: all four)")  # fmt: skip
     p.add_argument("--strength", type=float, default=STRENGTH, help="BackSlash strength")
     p.add_argument("--clip", type=float, default=CLIP, help="BackSlash clip")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    setup = Setup(eval_batches=2) if args.quick else Setup()
-    data = load_data(setup)
+    steps, setup, data = common.start(args, common.Setup(), common.Setup(eval_batches=2))
 
     _, gaussian = build(setup, 2.0, args.seed)
-    q_step = calibrate_step(flat(gaussian.values()), CALIBRATION_ENTROPY)
+    q_step = calibrate_step(common.flat(gaussian.values()), CALIBRATION_ENTROPY)
     n_weights = sum(p.numel() for p in gaussian.values())
 
     runs = []
@@ -328,23 +299,22 @@ def main(argv: list[str] | None = None) -> list[Any]:
     # conventional training of shape 2 with another seed: the spread to judge differences by
     reference = train(setup, data, 2.0, "conventional", steps, args.seed + 1, q_step)
     progress(reference)
-    name = "init_backslash" + ("-quick" if args.quick else "")
     payload = {
         "benchmark": "init_backslash",
         "steps": steps,
         "seed": args.seed,
-        "setup": setup_dict(setup),
+        "setup": common.setup_dict(setup),
         "backslash_strength": args.strength,
         "backslash_clip": args.clip,
         "quantization_step": q_step,
         "calibration_entropy": CALIBRATION_ENTROPY,
         "n_weights": n_weights,
-        "environment": environment(),
+        "environment": common.environment(),
         "runs": runs,
         "seed_reference": reference,
     }
     lines = report(runs, reference, q_step, setup, steps, args.strength, args.clip)
-    paths = write(args.out, name, lines, payload, figure(runs))
+    paths = common.write(args, "init_backslash", lines, payload, figure(runs))
     print("wrote", *map(str, paths))
     return paths
 

@@ -94,11 +94,11 @@ def init_std(
     return gain / math.sqrt(n)
 
 
-def _check_shape(shape: float) -> float:
-    shape = float(shape)
-    if not (math.isfinite(shape) and shape > 0):
-        raise ValueError(f"shape (the GG beta) must be a positive number, got {shape!r}")
-    return shape
+def _beta(beta: float | None, shape: float | None) -> float:
+    """The GG shape ``beta``, given as ``beta`` or under its former keyword ``shape``."""
+    if (beta is None) == (shape is None):
+        raise TypeError("give the GG shape once, as beta (shape= is its former name)")
+    return gg.check_beta(beta if beta is not None else shape)
 
 
 def _check_generator(generator: torch.Generator | None) -> None:
@@ -111,21 +111,23 @@ def _check_generator(generator: torch.Generator | None) -> None:
 
 def gg_(
     tensor: torch.Tensor,
-    shape: float,
+    beta: float | None = None,
     *,
     nonlinearity: str = "relu",
     a: float = 0.0,
     mode: Mode = "fan_in",
     generator: torch.Generator | None = None,
+    shape: float | None = None,
 ) -> torch.Tensor:
-    """Fill ``tensor`` in place with GG(0, alpha, ``shape``) draws of variance ``xi / fan``.
+    """Fill ``tensor`` in place with GG(0, alpha, ``beta``) draws of variance ``xi / fan``.
 
     The counterpart of ``torch.nn.init.kaiming_normal_`` (same ``nonlinearity``, ``a`` and
-    ``mode`` arguments, same variance; ``shape=2`` is a Kaiming-normal draw). ``shape`` is
-    the GG shape ``beta``: lower means more weights near zero and heavier tails at the same
-    variance, hence a lower quantized entropy. Samples come from ``generator`` (a CPU
-    ``torch.Generator``; the global RNG when ``None``) through :func:`ggcomm.gg.sample`, so
-    a seeded generator gives the same weights on every machine. Runs under ``no_grad`` and
+    ``mode`` arguments, same variance; ``beta=2`` is a Kaiming-normal draw). ``beta`` is
+    the GG shape (``shape=`` is its former keyword): lower means more weights near zero and
+    heavier tails at the same variance, hence a lower quantized entropy. Samples come from
+    ``generator`` (a CPU ``torch.Generator``; the global RNG when ``None``) through
+    :func:`ggcomm.gg.sample`, so a seeded generator gives the same weights on every machine.
+    Runs under ``no_grad`` and
     returns ``tensor``.
 
     Fan-in is the default, as the variance derivation requires (the output variance of a
@@ -133,20 +135,20 @@ def gg_(
     ``weight.shape[0]`` (``out_features``) instead; pass ``mode="fan_out"`` to reproduce
     that.
 
-    Very small shapes have enormous kurtosis (about ``3e6`` at ``shape=0.1``): the variance
+    Very small shapes have enormous kurtosis (about ``3e6`` at ``beta=0.1``): the variance
     is right in expectation, but the sample variance of a single layer can be far from it,
     dominated by a handful of large weights.
 
     Raises:
-        ValueError: for ``shape <= 0``, tensors with fewer than two dimensions, an unknown
+        ValueError: for ``beta <= 0``, tensors with fewer than two dimensions, an unknown
             ``mode`` or a non-CPU generator. TypeError: for non-floating-point tensors.
     """
     if not tensor.is_floating_point():
         raise TypeError(f"gg_ needs a floating-point tensor, got {tensor.dtype}")
-    shape = _check_shape(shape)
+    beta = _beta(beta, shape)
     _check_generator(generator)
     std = init_std(tensor, nonlinearity=nonlinearity, a=a, mode=mode)
-    draw = gg.sample(tensor.shape, shape, std=std, generator=generator, dtype=torch.float64)
+    draw = gg.sample(tensor.shape, beta, std=std, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         tensor.copy_(draw)
     return tensor
@@ -170,13 +172,14 @@ class GGInitResult:
 
 def apply_gg_init(
     model: nn.Module,
-    shape: float,
+    beta: float | None = None,
     *,
     nonlinearity: str = "relu",
     a: float = 0.0,
     mode: Mode = "fan_in",
     generator: torch.Generator | None = None,
     include: Iterable[type[nn.Module]] = DEFAULT_LAYERS,
+    shape: float | None = None,
 ) -> GGInitResult:
     """GG-initialize the weights of every ``include`` layer of ``model``; zero their biases.
 
@@ -196,7 +199,7 @@ def apply_gg_init(
     layer output, which keeps the residual stream of a transformer on one scale.
 
     Note that this replaces any model-specific scheme, for example GPT-2's down-scaling of
-    residual projections: with ``shape=2`` the model gets plain Kaiming-normal weights.
+    residual projections: with ``beta=2`` the model gets plain Kaiming-normal weights.
 
     Returns:
         A :class:`GGInitResult` naming the weights initialized and the biases zeroed.
@@ -205,7 +208,7 @@ def apply_gg_init(
     if not include or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in include):
         raise TypeError(f"include must be a non-empty sequence of nn.Module types, got {include}")
     # validate once up front so an error leaves the model untouched
-    shape = _check_shape(shape)
+    beta = _beta(beta, shape)
     _check_generator(generator)
     result = GGInitResult()
     seen: set[int] = set()
@@ -216,7 +219,7 @@ def apply_gg_init(
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and id(weight) not in seen:
             seen.add(id(weight))
-            gg_(weight, shape, nonlinearity=nonlinearity, a=a, mode=mode, generator=generator)
+            gg_(weight, beta, nonlinearity=nonlinearity, a=a, mode=mode, generator=generator)
             padding_idx = getattr(module, "padding_idx", None)
             if isinstance(module, nn.Embedding) and padding_idx is not None:
                 with torch.no_grad():

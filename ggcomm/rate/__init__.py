@@ -14,61 +14,9 @@ from ``ggcomm.rate`` as before the split.
 """
 
 from ..quant import quantize, rms
-from .bits import (
-    MAX_AUTO_K,
-    MAX_K,
-    CodecPlan,
-    check_coded_args,
-    check_k,
-    codec_bits,
-    codec_plan,
-    eg_bits,
-    eg_length,
-    entropy_bits,
-    fl_bits,
-    huffman_bits,
-    huffman_code_lengths,
-    signed_to_unsigned,
-    summary,
-    unsigned_to_signed,
-)
-from .differentiable import eg_rate, eg_rate_surrogate
-from .model import (
-    BETA_GRID,
-    eg_order_bits,
-    model_step,
-    predict_eg_bits,
-    predict_entropy_bits,
-    prepare,
-    step_for_rate,
-)
+from . import bits, differentiable, model
+from .bits import *  # noqa: F403  (each submodule's __all__)
+from .differentiable import *  # noqa: F403
+from .model import *  # noqa: F403
 
-__all__ = [
-    "BETA_GRID",
-    "MAX_AUTO_K",
-    "MAX_K",
-    "CodecPlan",
-    "check_coded_args",
-    "check_k",
-    "codec_bits",
-    "codec_plan",
-    "eg_bits",
-    "eg_length",
-    "eg_order_bits",
-    "eg_rate",
-    "eg_rate_surrogate",
-    "entropy_bits",
-    "fl_bits",
-    "huffman_bits",
-    "huffman_code_lengths",
-    "model_step",
-    "predict_eg_bits",
-    "predict_entropy_bits",
-    "prepare",
-    "quantize",
-    "rms",
-    "signed_to_unsigned",
-    "step_for_rate",
-    "summary",
-    "unsigned_to_signed",
-]
+__all__ = ["quantize", "rms", *bits.__all__, *differentiable.__all__, *model.__all__]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .. import codec, gg, rate
+from .train import draws, fit
 from .workload import GPT, ByteDataset, GPTConfig
 
 __all__ = ["GROUP_RULES", "analyze_model", "collect", "main", "measure"]
@@ -221,18 +222,12 @@ def analyze_model(
 
 
 def train(model: GPT, data: ByteDataset, steps: int, *, batch_size: int, seed: int) -> float:
-    """A few AdamW steps so the distributions are trained ones; returns the last loss."""
+    """A few AdamW steps at a constant learning rate, so the distributions are trained ones;
+    returns the last loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 1)
-    loss = torch.tensor(float("nan"))
-    model.train()
-    for _ in range(steps):
-        x, y = data.batch("train", batch_size, gen)
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    records = fit(model, opt, draws(lambda: data.batch("train", batch_size, gen)), steps)
+    return records[-1]["loss"] if records else math.nan
 
 
 def config_from_state_dict(state: dict[str, torch.Tensor], n_head: int) -> GPTConfig:

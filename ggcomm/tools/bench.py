@@ -15,32 +15,34 @@ fp32 warm-up steps), and ggcomm at 2, 3 and 4 bits per element with each exchang
 byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP, whose step is
 mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
 ``1gbit``, ``100mbit``: one network namespace per rank, joined by a bridge, every link shaped
-with ``tc tbf`` (``launch/testhosts.py``; needs root, and without it the benchmark says why
+with ``tc tbf`` (:mod:`ggcomm.tools.testhosts`; needs root, and without it the benchmark says why
 and runs on localhost only). Ranks: ``--ranks 2 4``.
 
-Measured per run (see ``launch/train_ddp.py`` for how bytes are counted): median step time;
+Measured per run (see ``ggcomm.tools.train_ddp`` for how bytes are counted): median step time;
 bytes each rank sends per step (ggcomm: the real frames; built-in hooks: computed from the
 tensors they pass, ring collectives); ggcomm's encode and decode time as a share of the step;
 the validation loss after the fixed number of steps. Step time and bytes are taken over the
 steady-state steps: every method's first step (DDP rebuilds its buckets, ggcomm sends it
-uncompressed), PowerSGD's fp32 warm-up and ggcomm's rate warm-up are left out. Across runs:
-how bytes per rank grow from 2 to 4 ranks for each method and exchange, and whether the
-targets in :data:`TARGETS` are met.
+uncompressed), PowerSGD's fp32 warm-up and ggcomm's rate warm-up are left out.
 
-Writes ``ddp_bench.json`` (every run, per-step series included), ``ddp_bench.md`` (tables and
-the targets' verdicts), ``ddp_bench-step_time.png`` (step time against link speed, per
-method) and ``ddp_bench-loss_vs_bytes.png`` (final loss against bytes sent) under ``--out``
-(default ``benchmarks/results``); ``--quick`` names end in ``-quick`` and are not committed.
+This module is the runner: options, launching the groups of ranks, collecting each run's
+summary. :mod:`ggcomm.tools.report` turns what it measured into the result and its files:
+how bytes per rank grow from 2 to 4 ranks, whether the targets in
+:data:`ggcomm.tools.report.TARGETS` are met, ``ddp_bench.json`` (every run, per-step series
+included), ``ddp_bench.md`` and two plots, under ``--out``: ``benchmarks/results`` when this
+module runs from a source checkout, else ``ggcomm-bench`` in the current directory
+(:func:`default_out_dir`); ``--quick`` names end in ``-quick`` and are not committed.
 
 How it runs: one launch per (workload, link, ranks) group. Each rank is a process
-(``python -m ggcomm.tools.bench --worker SPEC``, in its own test host on shaped links) that
-joins one process group and trains every method of the group in turn through
-:func:`ggcomm.tools.train_ddp.train`, so
-the start-up (interpreter, torch and numba imports, process group) is paid once per group
-rather than once per run. Localhost ranks meet through a file store (no port to pick) over the
-loopback interface. With CUDA (``--backend auto`` finds it) the ranks run NCCL, one GPU each,
-and time steps with CUDA events; on test hosts NCCL is confined to the shaped link (its
-peer-to-peer and shared-memory transports off). The CUDA path is untested.
+(``python -m ggcomm.tools.bench --worker SPEC`` with this interpreter, in its own test host on
+shaped links, in the launch's scratch folder: neither a checkout nor the current directory
+matters) that joins one process group and trains every method of the group in turn through
+:func:`ggcomm.tools.train_ddp.train`, so the start-up (interpreter, torch and numba imports,
+process group) is paid once per group rather than once per run. Localhost ranks meet through
+a file store (no port to pick) over the loopback interface. With CUDA (``--backend auto``
+finds it) the ranks run NCCL, one GPU each, and time steps with CUDA events; on test hosts
+NCCL is confined to the shaped link (its peer-to-peer and shared-memory transports off). The
+CUDA path is untested.
 
 Costs: the full default matrix is 176 runs in 16 launches; on a quiet 2-core machine it should
 take about 20-25 minutes (estimated from per-run CPU time: about 4 s per GPT run and 3 s per
@@ -71,9 +73,11 @@ from typing import Any
 
 from ..errors import BenchError
 
+# The source checkout this file sits in, when it does (an installed package sits in
+# site-packages instead): there results go to its benchmarks/results, where they are committed.
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-NAME = "ddp_bench"
+# Results folder outside a checkout, in the current directory (as `ggcomm demo`'s ggcomm-demo).
+LOCAL_OUT_DIR = Path("ggcomm-bench")
 
 # Steps per run. Every step costs its full exchange, and the GPT runs their full compute, so
 # steps set most of the benchmark's length: 14 leave 12 or 13 steady-state steps per run for
@@ -118,9 +122,6 @@ POLL_S = 0.2
 # Test-host name prefix: distinct from testhosts' default so that the benchmark never touches
 # hosts someone brought up by hand.
 HOSTS_PREFIX = "ggcbench"
-# Two final losses this close (relative) count as equal for the bytes-at-equal-loss target:
-# runs of a few dozen steps differ by about this much from batch noise alone.
-EQUAL_LOSS_REL_TOL = 0.01
 
 # --quick: enough to see every code path work, not to measure anything (nor is the step model
 # solved up front).
@@ -136,7 +137,7 @@ QUICK_RANKS = (2,)
 
 @dataclass(frozen=True)
 class Method:
-    """A gradient-communication method: ``launch/train_ddp.py`` options and its label."""
+    """A gradient-communication method: :mod:`ggcomm.tools.train_ddp` options and its label."""
 
     name: str
     label: str
@@ -203,33 +204,19 @@ WORKLOADS = {
     "mlp": "wide MLP (3 square layers)",
 }
 LINKS = ("localhost", "10gbit", "1gbit", "100mbit")
-# What the markdown checks the results against (reported, not enforced).
-TARGET_WORKLOAD = "mlp"
-TARGET_BITS = 3
-# per link: (speed-up over fp32 allreduce, must it also beat the fp16 hook)
-TARGET_SPEEDUPS = {"1gbit": (1.8, True), "100mbit": (5.0, False)}
-TARGET_GROWTH = 1.2
-
-
-def _speed_statement(link: str) -> str:
-    speedup, vs_fp16 = TARGET_SPEEDUPS[link]
-    return (f"at {link} on the {TARGET_WORKLOAD} workload, ggcomm at {TARGET_BITS} bits gives a "
-            f"step >= {speedup:g}x faster than fp32 allreduce"
-            + (" and faster than the fp16 hook" if vs_fp16 else ""))
-
-
-TARGETS = {
-    **{f"speed_{link}": _speed_statement(link) for link in TARGET_SPEEDUPS},
-    "bytes_at_equal_loss": "at equal final loss ggcomm sends fewer bytes than the uint8 "
-    "quantization hook",
-    "reduce_scatter_growth": f"with reduce_scatter, bytes per rank at 4 ranks within "
-    f"{TARGET_GROWTH:g}x of those at 2 ranks",
-}
 
 
 # ---------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------
+
+
+def default_out_dir() -> Path:
+    """Where results go without ``--out``: ``benchmarks/results`` of the source checkout this
+    module runs from (:data:`ROOT`, when it holds ``pyproject.toml`` and that folder), else
+    :data:`LOCAL_OUT_DIR` in the current directory (an installed package)."""
+    results = ROOT / "benchmarks" / "results"
+    return results if (ROOT / "pyproject.toml").is_file() and results.is_dir() else LOCAL_OUT_DIR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -291,7 +278,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"smoke test: {QUICK_STEPS} steps, a small matrix and model, results "
         "named *-quick.* (options given explicitly still apply)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=default_out_dir(),
+        help="results folder (default: benchmarks/results in a source checkout, else "
+        f"./{LOCAL_OUT_DIR}; here %(default)s)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -332,6 +325,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.methods = [x for x in METHODS if x in args.methods]
     args.workloads = [x for x in WORKLOADS if x in args.workloads]
     args.ranks = sorted(set(args.ranks))
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``p.error`` (status 2) on the first invalid option, saying why."""
     if any(r < 2 for r in args.ranks):
         p.error(f"--ranks must all be at least 2 (one rank exchanges nothing), got {args.ranks}")
     if args.psgd_start < PSGD_MIN_START:
@@ -359,7 +358,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     if not args.timeout > 0:
         p.error(f"--timeout must be positive, got {args.timeout}")
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +385,7 @@ def load_testhosts() -> ModuleType:
 
 
 def _train_argv(method: Method, workload: str, args: argparse.Namespace, out: Path) -> list[str]:
-    """``launch/train_ddp.py`` options of one run."""
+    """:mod:`ggcomm.tools.train_ddp` options of one run."""
     argv = [*method.train_argv(args.psgd_start, args.gg_warmup), "--model", workload]
     argv += f"--steps {args.steps} --seed {args.seed} --log-every {args.steps}".split()
     argv += f"--eval-batches {args.eval_batches} --backend {args.backend}".split()
@@ -500,9 +498,10 @@ def run_group(
     on_run_done: Any = None,
 ) -> None:
     """Launch ``group.ranks`` workers (in ``hosts`` when given, else on localhost) that train
-    every run of ``runs`` in turn; calls ``on_run_done(method)`` as each result appears.
-    Raises :class:`BenchError` with the failing rank's log when a rank fails or the launch
-    takes longer than ``args.timeout``."""
+    every run of ``runs`` in turn, each in ``workdir`` (its spec, logs and file store are
+    there); calls ``on_run_done(method)`` as each result appears. Raises :class:`BenchError`
+    with the failing rank's log when a rank fails or the launch takes longer than
+    ``args.timeout``."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {
         "backend": args.backend,
@@ -518,60 +517,78 @@ def run_group(
     logs = [workdir / f"rank{r}.log" for r in range(group.ranks)]
     try:
         for r in range(group.ranks):
-            env = _rank_env(r, group.ranks, args.threads)
             with open(logs[r], "w") as log:
-                if hosts is not None:
-                    env.pop("RANK")  # the hosts set their own, with MASTER_ADDR and ifname
-                    env.pop("WORLD_SIZE")
-                    env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-                    if args.backend == "nccl":
-                        env.update(_nccl_host_env(hosts, r))
-                    procs.append(
-                        hosts.popen(r, cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-                    )
-                else:
-                    if sys.platform.startswith("linux"):
-                        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-                    procs.append(
-                        subprocess.Popen(
-                            cmd,
-                            env={**os.environ, **env},
-                            cwd=ROOT,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
-        done = 0
-        deadline = time.monotonic() + args.timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            while done < len(runs) and runs[done][2].exists():
-                if on_run_done is not None:
-                    on_run_done(runs[done][0])
-                done += 1
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                _stop(procs)
-                r = failed[0]
-                raise BenchError(
-                    f"{group}: rank {r} exited with status {codes[r]} during "
-                    f"{runs[min(done, len(runs) - 1)][0].name}; its log ends:\n"
-                    f"{_tail(logs[r])}"
-                )
-            if all(c == 0 for c in codes):
-                break
-            if time.monotonic() > deadline:
-                _stop(procs)
-                raise BenchError(
-                    f"{group}: no result after {args.timeout:g} s (--timeout); rank 0's log "
-                    f"ends:\n{_tail(logs[0])}"
-                )
-            time.sleep(POLL_S)
-        missing = [m.name for m, _, out in runs if not out.exists()]
-        if missing:
-            raise BenchError(f"{group}: ranks exited without results for {', '.join(missing)}")
+                procs.append(_start_rank(group, r, cmd, args, workdir, log, hosts))
+        _wait_for_runs(group, runs, procs, logs, args.timeout, on_run_done)
     finally:
         _stop(procs)
+
+
+def _start_rank(
+    group: Group,
+    r: int,
+    cmd: list[str],
+    args: argparse.Namespace,
+    workdir: Path,
+    log: Any,
+    hosts: Any,
+) -> subprocess.Popen:
+    """Rank ``r`` of ``group``: ``cmd`` in test host ``r`` when ``hosts`` are given, else on
+    localhost; in ``workdir``, its output to ``log``."""
+    env = _rank_env(r, group.ranks, args.threads)
+    io = {"cwd": workdir, "stdout": log, "stderr": subprocess.STDOUT}
+    if hosts is not None:
+        env.pop("RANK")  # the hosts set their own, with MASTER_ADDR and ifname
+        env.pop("WORLD_SIZE")
+        env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if args.backend == "nccl":
+            env.update(_nccl_host_env(hosts, r))
+        return hosts.popen(r, cmd, env=env, **io)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return subprocess.Popen(cmd, env={**os.environ, **env}, **io)
+
+
+def _wait_for_runs(
+    group: Group,
+    runs: Sequence[tuple[Method, list[str], Path]],
+    procs: Sequence[subprocess.Popen],
+    logs: Sequence[Path],
+    timeout: float,
+    on_run_done: Any,
+) -> None:
+    """Poll the ranks until all exit with status 0 and every run's result is there; raise
+    :class:`BenchError` (after stopping the others) when a rank fails, when ``timeout``
+    seconds pass first, or when a result is missing."""
+    done = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        while done < len(runs) and runs[done][2].exists():
+            if on_run_done is not None:
+                on_run_done(runs[done][0])
+            done += 1
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            _stop(procs)
+            r = failed[0]
+            raise BenchError(
+                f"{group}: rank {r} exited with status {codes[r]} during "
+                f"{runs[min(done, len(runs) - 1)][0].name}; its log ends:\n"
+                f"{_tail(logs[r])}"
+            )
+        if all(c == 0 for c in codes):
+            break
+        if time.monotonic() > deadline:
+            _stop(procs)
+            raise BenchError(
+                f"{group}: no result after {timeout:g} s (--timeout); rank 0's log "
+                f"ends:\n{_tail(logs[0])}"
+            )
+        time.sleep(POLL_S)
+    missing = [m.name for m, _, out in runs if not out.exists()]
+    if missing:
+        raise BenchError(f"{group}: ranks exited without results for {', '.join(missing)}")
 
 
 def _worker(spec_path: str) -> int:
@@ -665,156 +682,6 @@ def summarize_run(
     return record
 
 
-def _index(records: Sequence[dict]) -> dict[tuple[str, str, int, str], dict]:
-    return {(r["workload"], r["link"], r["ranks"], r["method"]): r for r in records}
-
-
-def _reference_link(records: Sequence[dict], workload: str, ranks: int) -> str | None:
-    """The link whose runs stand for bytes and loss (they do not depend on the link):
-    the fastest one measured, localhost when it ran."""
-    links = {r["link"] for r in records if r["workload"] == workload and r["ranks"] == ranks}
-    return next((link for link in LINKS if link in links), None)
-
-
-def growth(records: Sequence[dict]) -> list[dict[str, Any]]:
-    """Bytes per rank per step at the most and the fewest ranks measured, per workload and
-    method, and their ratio (on each one's reference link)."""
-    idx = _index(records)
-    out = []
-    for workload in WORKLOADS:
-        ranks = sorted({r["ranks"] for r in records if r["workload"] == workload})
-        if len(ranks) < 2:
-            continue
-        lo, hi = ranks[0], ranks[-1]
-        link_lo, link_hi = (
-            _reference_link(records, workload, lo),
-            _reference_link(records, workload, hi),
-        )
-        for m in METHODS:
-            a, b = idx.get((workload, link_lo, lo, m)), idx.get((workload, link_hi, hi, m))
-            if a and b:
-                out.append(
-                    {
-                        "workload": workload,
-                        "method": m,
-                        "ranks": [lo, hi],
-                        "bytes_per_rank": [a["bytes_per_rank"], b["bytes_per_rank"]],
-                        "ratio": b["bytes_per_rank"] / a["bytes_per_rank"],
-                    }
-                )
-    return out
-
-
-def _verdict(met: bool | None) -> str:
-    return {True: "met", False: "**not met**", None: "not measured"}[met]
-
-
-def evaluate_targets(records: Sequence[dict]) -> list[dict[str, Any]]:
-    """Each target of :data:`TARGETS`: what was measured, and whether it is met (``None``: the
-    runs it needs were not in the benchmark)."""
-    idx = _index(records)
-    results = []
-
-    # speed: per link and rank count, the faster of the two exchanges
-    for link, (target, vs_fp16) in TARGET_SPEEDUPS.items():
-        details, verdicts = [], []
-        for ranks in sorted({r["ranks"] for r in records}):
-            key = (TARGET_WORKLOAD, link, ranks)
-            fp32, fp16 = idx.get((*key, "fp32")), idx.get((*key, "fp16"))
-            ggs = [idx.get((*key, f"gg{TARGET_BITS}-{x}")) for x in ("allgather",
-                                                                      "reduce_scatter")]
-            ggs = [g for g in ggs if g]
-            if not (fp32 and ggs and (fp16 or not vs_fp16)):
-                continue
-            best = min(ggs, key=lambda g: g["median_step_s"])
-            speedup = fp32["median_step_s"] / best["median_step_s"]
-            ok = speedup >= target and (not vs_fp16
-                                        or best["median_step_s"] < fp16["median_step_s"])
-            verdicts.append(ok)
-            details.append(
-                f"{ranks} ranks: {best['method']} {1e3 * best['median_step_s']:.0f} ms vs fp32 "
-                f"{1e3 * fp32['median_step_s']:.0f} ms ({speedup:.2f}x)"
-                + (f" and fp16 {1e3 * fp16['median_step_s']:.0f} ms" if fp16 else "")
-            )
-        results.append(
-            {
-                "target": f"speed_{link}",
-                "statement": TARGETS[f"speed_{link}"],
-                "measured": "; ".join(details)
-                or f"needs fp32{', fp16' if vs_fp16 else ''} and a gg{TARGET_BITS} method on "
-                f"{link}, {TARGET_WORKLOAD} workload",
-                "met": all(verdicts) if verdicts else None,
-            }
-        )
-
-    # bytes at equal loss: per workload and rank count, on the reference link
-    details, verdicts = [], []
-    for workload in WORKLOADS:
-        for ranks in sorted({r["ranks"] for r in records if r["workload"] == workload}):
-            link = _reference_link(records, workload, ranks)
-            q = idx.get((workload, link, ranks, "quant8"))
-            ggs = [
-                r
-                for (w, lk, n, m), r in idx.items()
-                if (w, lk, n) == (workload, link, ranks) and m.startswith("gg")
-            ]
-            if not q or not ggs or q["final_loss"] is None:
-                continue
-            limit = q["final_loss"] * (1 + EQUAL_LOSS_REL_TOL)
-            equal = [g for g in ggs if g["final_loss"] is not None and g["final_loss"] <= limit]
-            if not equal:
-                verdicts.append(False)
-                details.append(
-                    f"{workload}, {ranks} ranks: no ggcomm run reaches quant8's loss "
-                    f"{q['final_loss']:.4f} (+{100 * EQUAL_LOSS_REL_TOL:g}%)"
-                )
-                continue
-            best = min(equal, key=lambda g: g["bytes_per_rank"])
-            verdicts.append(best["bytes_per_rank"] < q["bytes_per_rank"])
-            details.append(
-                f"{workload}, {ranks} ranks: {best['method']} loss {best['final_loss']:.4f}, "
-                f"{best['bytes_per_rank'] / 1e3:.1f} kB vs quant8 loss {q['final_loss']:.4f}, "
-                f"{q['bytes_per_rank'] / 1e3:.1f} kB "
-                f"({q['bytes_per_rank'] / best['bytes_per_rank']:.2f}x fewer)"
-            )
-    results.append(
-        {
-            "target": "bytes_at_equal_loss",
-            "statement": TARGETS["bytes_at_equal_loss"],
-            "measured": "; ".join(details) or "needs quant8 and ggcomm runs",
-            "met": all(verdicts) if verdicts else None,
-        }
-    )
-
-    # reduce_scatter growth from 2 to 4 ranks
-    details, verdicts = [], []
-    for g in growth(records):
-        if g["method"].endswith("reduce_scatter") and g["ranks"] == [2, 4]:
-            verdicts.append(g["ratio"] <= TARGET_GROWTH)
-            details.append(f"{g['workload']} {g['method']}: {g['ratio']:.2f}x")
-    results.append(
-        {
-            "target": "reduce_scatter_growth",
-            "statement": TARGETS["reduce_scatter_growth"],
-            "measured": "; ".join(details) or "needs a gg reduce_scatter method at 2 and 4 ranks",
-            "met": all(verdicts) if verdicts else None,
-        }
-    )
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
 def _machine(backend: str) -> dict[str, Any]:
     import torch
 
@@ -832,299 +699,6 @@ def _machine(backend: str) -> dict[str, Any]:
     return info
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The results as markdown: set-up, targets, step times, bytes and loss, codec share."""
-    cfg, machine, records = result["config"], result["machine"], result["runs"]
-    idx = _index(records)
-    workloads = [w for w in cfg["workloads"] if any(r["workload"] == w for r in records)]
-    gpus = f", GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ""
-    lines = [
-        "# DDP gradient communication: methods side by side",
-        "",
-        f"Command: `{cfg['command']}`  ",
-        f"Machine: {machine['processor']}, {machine['cpus']} logical CPUs; Python "
-        f"{machine['python']}, torch {machine['torch']}; backend {machine['backend']}{gpus}; "
-        f"{cfg['threads']} torch and codec thread(s) per rank; load average "
-        f"{', '.join(f'{x:.1f}' for x in machine['load_average_start'] or [])} at the start, "
-        f"{', '.join(f'{x:.1f}' for x in result.get('load_average_end') or [])} at the end; "
-        f"{result['date']}; {result['wall_s'] / 60:.1f} min.  ",
-        f"Runs: {cfg['steps']} steps each (AdamW lr 3e-3: linear warm-up over the first "
-        f"{LR_WARMUP_FRACTION:.0%} of the steps, then cosine decay; `launch/train_ddp.py`), "
-        f"seed {cfg['seed']}; medians and means over the steady steps: "
-        f"step 1 left out for every method (DDP's bucket rebuild; ggcomm sends it "
-        "uncompressed)"
-        + (
-            f", PowerSGD's first {cfg['psgd_start']} steps (its fp32 warm-up)"
-            if any(m.startswith("powersgd") for m in cfg["methods"])
-            else ""
-        )
-        + (
-            f" and, after step 1, ggcomm's rate warm-up of {cfg['gg_warmup']} step(s) (from 8 "
-            "bits per element down to its rate, for AdamW).  "
-            if cfg["gg_warmup"]
-            else ".  "
-        ),
-    ]
-    for w in workloads:
-        n = next(r["num_parameters"] for r in records if r["workload"] == w)
-        if w == "mlp":
-            desc = f"{WORKLOADS[w]}, width {cfg['mlp_width']}, batch 16 per rank"
-        elif cfg["quick"]:
-            desc = f"{WORKLOADS[w]}, batch 4 x 32 tokens per rank"
-        else:
-            desc = f"{WORKLOADS[w]}, batch {GPT_BATCH} x 128 tokens per rank"
-        lines.append(
-            f"Workload `{w}`: {desc}; {n / 1e6:.2f}M parameters, "
-            f"{_fmt_bytes(4 * n)} of fp32 gradients.  "
-        )
-    ran = [m for m in cfg["methods"] if any(r["method"] == m for r in records)]
-    lines.append(
-        "Methods: " + "; ".join(f"`{m}` {METHODS[m].label}" for m in ran) + ".  "
-        if ran
-        else "Methods: none finished.  "
-    )
-    lines.append(
-        "Links: `localhost` is loopback; shaped links are one network namespace per rank joined "
-        "by a bridge, each link shaped with `tc tbf` both ways (`launch/testhosts.py`; no latency "
-        "emulation; every byte crosses the kernel on the same CPUs that train)."
-    )
-    for note in result["notes"]:
-        lines += ["", f"Note: {note}"]
-    for f in result["failures"]:
-        lines += ["", f"**Failed:** {f['error'].splitlines()[0]}"]
-
-    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['statement']} | {t['measured']} | {_verdict(t['met'])} |")
-    lines += [
-        "",
-        "Speed: the faster of the two exchanges per rank count. Equal loss: ggcomm runs whose "
-        f"final loss is at most {100 * EQUAL_LOSS_REL_TOL:g}% above quant8's, the cheapest of "
-        "them. Growth: any bandwidth-optimal allreduce sends 2 (N - 1) / N times its "
-        "message per rank, 1.5x more at 4 ranks than at 2 (fp32's own growth below), so "
-        "growth under 1.5x needs a message that shrinks with the number of ranks.",
-    ]
-
-    methods = ran
-
-    def step_cell(r: dict) -> str:
-        base = idx.get((r["workload"], r["link"], r["ranks"], "fp32"))
-        speed = f" ({base['median_step_s'] / r['median_step_s']:.2f}x)" if base else ""
-        return f"{1e3 * r['median_step_s']:.0f}{speed}"
-
-    def codec_cell(r: dict) -> str:
-        if r["codec_share"] is None:
-            return ""
-        codec = r["encode_s_per_step"] + r["decode_s_per_step"]
-        return f"{1e3 * codec:.1f} ({100 * r['codec_share']:.0f}%)"
-
-    for w in workloads:
-        cols = [
-            (n, link)
-            for n in cfg["ranks"]
-            for link in cfg["links_run"]
-            if any((w, link, n) == (r["workload"], r["link"], r["ranks"]) for r in records)
-        ]
-        if not cols:
-            continue
-        title = f"`{w}`: median step time, ms (speed-up vs fp32 on the same link)"
-        lines += _link_table(title, w, cols, methods, idx, step_cell)
-
-        ranks = [n for n in cfg["ranks"] if _reference_link(records, w, n)]
-        grow = {g["method"]: g for g in result["growth"] if g["workload"] == w}
-        head = ["method"]
-        for n in ranks:
-            head += [
-                f"bytes/rank/step, {n} ranks",
-                f"fewer than fp32, {n} ranks",
-                f"final loss, {n} ranks",
-            ]
-        if grow:
-            head.append(f"bytes growth {ranks[0]} -> {ranks[-1]} ranks")
-        refs = ", ".join(f"{n} ranks: {_reference_link(records, w, n)}" for n in ranks)
-        lines += [
-            "",
-            f"## `{w}`: bytes each rank sends per step, and final loss",
-            "",
-            f"From the runs on the fastest link measured ({refs}); neither depends on the link.",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|---|" + "---|" * (len(head) - 1),
-        ]
-        for m in methods:
-            cells = [m]
-            for n in ranks:
-                r = idx.get((w, _reference_link(records, w, n), n, m))
-                if not r:
-                    cells += ["", "", ""]
-                    continue
-                fewer = 1 / r["bytes_vs_fp32"] if r["bytes_vs_fp32"] else float("nan")
-                loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "n/a"
-                cells += [_fmt_bytes(r["bytes_per_rank"]), f"{fewer:.1f}x", loss]
-            if grow:
-                cells.append(f"{grow[m]['ratio']:.2f}x" if m in grow else "")
-            lines.append("| " + " | ".join(cells) + " |")
-
-        gg = [m for m in methods if m.startswith("gg")]
-        if gg:
-            title = f"`{w}`: ggcomm encode + decode per step, ms (share of the step time)"
-            lines += _link_table(title, w, cols, gg, idx, codec_cell)
-    lines += [
-        "",
-        "Bytes: what each rank hands to torch.distributed per step, as a bandwidth-optimal "
-        "(ring) collective moves it: ggcomm counts its real frames, size and statistics "
-        "exchanges; the built-in hooks are counted from the tensors they pass "
-        "(`launch/train_ddp.py` explains each). Final loss: validation loss on "
-        f"{cfg['eval_batches']} fixed batches after the last step. Encode + decode: time the "
-        "ggcomm hook spends coding (it runs on a background thread, partly under the rest of "
-        "backward); the share is that time over the step time.",
-        "",
-        f"Plots: `{result['plots']['step_time']}` (step time against link speed, per method), "
-        f"`{result['plots']['loss_vs_bytes']}` (final loss against bytes sent).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _link_table(
-    title: str, workload: str, cols: list[tuple[int, str]], methods: list[str], idx: dict, cell: Any
-) -> list[str]:
-    """A markdown section: one row per method, one column per (ranks, link), cells from
-    ``cell(record)`` (empty where the run is missing)."""
-    lines = [
-        "",
-        f"## {title}",
-        "",
-        "| method | " + " | ".join(f"{n} ranks, {link}" for n, link in cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for m in methods:
-        cells = []
-        for n, link in cols:
-            r = idx.get((workload, link, n, m))
-            cells.append(cell(r) if r else "")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _link_order(links: Sequence[str]) -> list[str]:
-    """Slowest link first, localhost last."""
-    testhosts = load_testhosts()
-    shaped = sorted((x for x in links if x != "localhost"), key=testhosts.parse_rate)
-    return shaped + (["localhost"] if "localhost" in links else [])
-
-
-# Plot colours: built-in hooks in greys and browns, PowerSGD in purples, ggcomm one hue per
-# rate with allgather solid and reduce_scatter dashed.
-_COLORS = {
-    "fp32": "black",
-    "fp16": "tab:gray",
-    "quant8": "tab:brown",
-    "powersgd-r1": "tab:purple",
-    "powersgd-r4": "tab:pink",
-    "gg2": "tab:blue",
-    "gg3": "tab:green",
-    "gg4": "tab:orange",
-}
-
-
-def _style(method: str) -> tuple[str, str, str]:
-    """(colour, marker, line style) of a method in the plots."""
-    base, _, exchange = method.partition("-")
-    if base.startswith("gg"):
-        return (
-            _COLORS[base],
-            "o" if exchange == "allgather" else "^",
-            ("-" if exchange == "allgather" else "--"),
-        )
-    return _COLORS[method], "s", ":"
-
-
-def plot(result: dict[str, Any], step_time_path: Path, loss_path: Path) -> None:
-    """Two PNGs: median step time against link speed per method; final loss against bytes
-    per rank per step. One panel per workload and rank count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = result["runs"]
-    panels = [
-        (w, n)
-        for w in WORKLOADS
-        for n in sorted({r["ranks"] for r in records})
-        if any(r["workload"] == w and r["ranks"] == n for r in records)
-    ]
-    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
-    style = {m: _style(m) for m in methods}
-    links = _link_order(sorted({r["link"] for r in records}))
-    idx = _index(records)
-
-    def step_times(ax: Any, w: str, n: int) -> None:
-        for m in methods:
-            pts = [
-                (i, idx[(w, link, n, m)]["median_step_s"])
-                for i, link in enumerate(links)
-                if (w, link, n, m) in idx
-            ]
-            if pts:
-                color, marker, line = style[m]
-                ax.plot(*zip(*pts, strict=True), marker=marker, ls=line, color=color, label=m)
-        ax.set_xticks(range(len(links)), links)
-        _log_axis(ax, "y", "s")
-        ax.set_xlabel("link")
-        ax.set_ylabel("median step time")
-        ax.set_title(f"{w}, {n} ranks")
-
-    def loss_vs_bytes(ax: Any, w: str, n: int) -> None:
-        link = _reference_link(records, w, n)
-        for m in methods:
-            r = idx.get((w, link, n, m))
-            if r and r["final_loss"] is not None:
-                color, marker, _ = style[m]
-                ax.scatter(
-                    r["bytes_per_rank"], r["final_loss"], color=color, marker=marker, label=m
-                )
-        _log_axis(ax, "x", "B")
-        ax.set_xlabel("bytes per rank per step")
-        ax.set_ylabel("final validation loss")
-        ax.set_title(f"{w}, {n} ranks ({link})")
-
-    for draw, path in ((step_times, step_time_path), (loss_vs_bytes, loss_path)):
-        _panel_figure(plt, panels, draw, methods, path)
-
-
-def _log_axis(ax: Any, which: str, unit: str) -> None:
-    """Axis ``which`` ("x" or "y") of ``ax`` on a log scale, labelled at 1, 2 and 5 times
-    powers of ten in SI units."""
-    from matplotlib import ticker
-
-    getattr(ax, f"set_{which}scale")("log")
-    axis = getattr(ax, f"{which}axis")
-    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(ticker.EngFormatter(unit=unit))
-    axis.set_minor_formatter(ticker.NullFormatter())
-
-
-def _panel_figure(plt: Any, panels: list, draw: Any, methods: list[str], path: Path) -> None:
-    """One panel per (workload, ranks), a column per rank count; one legend for all."""
-    cols = len({n for _, n in panels}) or 1
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
-    legend: dict[str, Any] = {}
-    for ax, (w, n) in zip(axes.flat, panels, strict=False):
-        draw(ax, w, n)
-        ax.grid(True, which="both", alpha=0.3)
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
-    labels = [m for m in methods if m in legend]
-    fig.legend([legend[m] for m in labels], labels, loc="center right", fontsize="small")
-    fig.tight_layout(rect=(0, 0, 0.82, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -1136,29 +710,34 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Run the benchmark described by ``args`` (from :func:`parse_args`) and write its files;
-    returns the result (what ``ddp_bench.json`` holds)."""
-    started = time.time()
-    notes = _resolve_backend(args)
-    links = list(args.links)
-    shaped = [x for x in links if x != "localhost"]
-    testhosts = load_testhosts() if shaped else None
-    if shaped and (why := testhosts.unavailable_reason(HOSTS_PREFIX)):
+def _usable_links(args: argparse.Namespace, notes: list[str]) -> tuple[list[str], Any]:
+    """The links of ``args`` that this machine can run, and :mod:`ggcomm.tools.testhosts`
+    when shaped links are among them (else ``None``). Without test hosts the shaped links are
+    left out, with a note saying why."""
+    shaped = [x for x in args.links if x != "localhost"]
+    if not shaped:
+        return list(args.links), None
+    testhosts = load_testhosts()
+    if why := testhosts.unavailable_reason(HOSTS_PREFIX):
         msg = (
             f"test hosts unavailable ({why}); shaped links {', '.join(shaped)} left out, "
             "running on localhost only"
         )
         print(f"ggcomm bench: {msg}", file=sys.stderr)
         notes.append(msg)
-        links = ["localhost"]
-    args.links_run = links
-    groups = [Group(w, link, n) for w in args.workloads for link in links for n in args.ranks]
-    methods = [METHODS[m] for m in args.methods]
-    machine = _machine(args.backend)
+        return ["localhost"], None
+    return list(args.links), testhosts
 
+
+def _run_groups(
+    args: argparse.Namespace, groups: Sequence[Group], testhosts: Any
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Launch every group in turn, in scratch folders; returns the records of the runs that
+    finished (:func:`summarize_run`), the failed launches and every launch's wall and CPU
+    time."""
     from tqdm import tqdm
 
+    methods = [METHODS[m] for m in args.methods]
     records: list[dict] = []
     failures: list[dict] = []
     launches: list[dict] = []
@@ -1194,16 +773,25 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             bar.update((gi + 1) * len(methods) - bar.n)  # failed runs count as done
             bar.write(f"{group}: {wall:.0f} s, {cpu:.0f} CPU s", file=sys.stderr)
     bar.close()
+    return records, failures, launches
 
-    suffix = "-quick" if args.quick else ""
-    paths = {
-        "json": args.out / f"{NAME}{suffix}.json",
-        "md": args.out / f"{NAME}{suffix}.md",
-        "step_time": args.out / f"{NAME}-step_time{suffix}.png",
-        "loss_vs_bytes": args.out / f"{NAME}-loss_vs_bytes{suffix}.png",
-    }
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (from :func:`parse_args`) and write its files
+    under ``args.out`` (:func:`ggcomm.tools.report.write`); returns the result (what
+    ``ddp_bench.json`` holds)."""
+    from . import report  # it reads this module's matrix, so it is imported once that exists
+
+    started = time.time()
+    notes = _resolve_backend(args)
+    args.links_run, testhosts = _usable_links(args, notes)
+    groups = [
+        Group(w, link, n) for w in args.workloads for link in args.links_run for n in args.ranks
+    ]
+    machine = _machine(args.backend)
+    records, failures, launches = _run_groups(args, groups, testhosts)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
-    result: dict[str, Any] = {
+    measured: dict[str, Any] = {
         "config": {**config, "command": command},
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
@@ -1212,17 +800,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "notes": notes,
         "failures": failures,
         "launches": launches,
-        "targets": evaluate_targets(records),
-        "growth": growth(records),
-        "plots": {k: paths[k].name for k in ("step_time", "loss_vs_bytes")},
         "runs": records,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    if records:
-        plot(result, paths["step_time"], paths["loss_vs_bytes"])
-    paths["md"].write_text(markdown(result))
-    paths["json"].write_text(json.dumps(result, indent=1))
-    return result
+    return report.write(measured, args.out, args.quick)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1236,7 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as e:
         print(f"ggcomm bench: {e}", file=sys.stderr)
         return 1
-    print(markdown(result), end="")
+    from . import report
+
+    print(report.markdown(result), end="")
     return 1 if result["failures"] else 0
 
 

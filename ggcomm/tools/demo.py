@@ -19,16 +19,28 @@ import queue as queue_mod
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .workload import free_port
+from .train import Step, draws, evaluate, fit, rank_generator, token_accuracy
+from .workload import GPT, ByteDataset, free_port, lr_factor
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "train_rank"]
 
 WORLD = 2
+
+RATE_WARMUP_ITERS = 20
+"""ggcomm's rate warm-up: its first compressed iterations start at 8 bits per element and
+fall to ``--rate`` over this many. At 3 bits most small gradients are sent as zeros and then,
+through error feedback, as an occasional whole quantization step; an AdamW second moment
+that never saw their real size turns those bursts into updates several times the learning
+rate, and the loss spikes early. In the convergence benchmark (README, "Use a rate warm-up
+with Adam-type optimizers"; benchmarks/results/convergence_ddp.json) the train loss rose
+0.17-0.32 above fp32's around steps 17-25 without the warm-up and never more than 0.05 with
+20 iterations of it."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=3.0, help="ggcomm bits per element")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank and step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    p.add_argument("--init-shape", type=float, default=1.0,
+    p.add_argument("--init-beta", "--init-shape", dest="init_beta", type=float, default=1.0,
                    help="GG shape of the initial weights in the ggcomm run (2: Gaussian)")
     p.add_argument("--gct-lam", type=float, default=0.001,
                    help="GCT multiplier (0: off); benchmarks/results/paper has the sweep")
@@ -45,80 +57,92 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="ggcomm-demo", help="where the plot and JSON go")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.steps < 10:
-        p.error("--steps must be at least 10")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
     return args
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import ggcomm
-    from ggcomm.tools.workload import GPT, ByteDataset, lr_factor, next_token_accuracy
 
     torch.set_num_threads(1)  # two ranks share the machine's cores
     ggcomm.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(args.seed)
-        model = GPT()
-        n_params = model.num_parameters()
-        gct = state = None
-        if mode == "ggcomm":
-            from ggcomm.ddp import GGCommState
-            from ggcomm.methods.gct import GCT
-            from ggcomm.methods.init import apply_gg_init
+        def progress(step: int, row: tuple) -> None:
+            queue.put(("step", mode, step, row))
 
-            apply_gg_init(model, args.init_shape, nonlinearity="linear",
-                          generator=torch.Generator().manual_seed(args.seed))
-        ddp = DDP(model)
-        if mode == "ggcomm":
-            state = GGCommState(rate=args.rate, warmup_iters=20)
-            state.register(ddp)
-            if args.gct_lam > 0:
-                gct = GCT(model.named_parameters(), lam=args.gct_lam)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.steps))
-        data = ByteDataset.from_stdlib(128)
-        gen = torch.Generator().manual_seed(args.seed + 1_000_003 * (rank + 1))
-        fp32_bytes = 2 * (WORLD - 1) / WORLD * 4 * n_params  # ring allreduce, per rank
-        rows = []
-        for step in range(args.steps):
-            x, y = data.batch("train", args.batch_size, gen)
-            t0 = time.perf_counter()
-            logits, loss = ddp(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if gct is not None:
-                gct.apply_()
-            opt.step()
-            sched.step()
-            elapsed = time.perf_counter() - t0
-            sent = fp32_bytes if state is None else state.stats.last_step["bytes_sent"]
-            rows.append((loss.item(), next_token_accuracy(logits.detach(), y), sent, elapsed))
-            if rank == 0:
-                queue.put(("step", mode, step, rows[-1]))
-        model.eval()
-        val_gen = torch.Generator().manual_seed(12345)
-        val_loss, val_acc = [], []
-        with torch.no_grad():
-            for _ in range(4):
-                x, y = data.batch("val", 32, val_gen)
-                logits, loss = model(x, y)
-                val_loss.append(float(loss))
-                val_acc.append(next_token_accuracy(logits, y))
+        result = train_rank(args, mode, progress if rank == 0 else None)
         if rank == 0:
-            queue.put(("done", mode, {"rows": rows, "num_parameters": n_params,
-                                      "val_loss": statistics.fmean(val_loss),
-                                      "val_accuracy": statistics.fmean(val_acc)}))
+            queue.put(("done", mode, result))
         dist.barrier()
     except BaseException as e:
         queue.put(("error", mode, f"rank {rank}: {type(e).__name__}: {e}"))
         raise
     finally:
         dist.destroy_process_group()
+
+
+def train_rank(
+    args: argparse.Namespace, mode: str, progress: Callable[[int, tuple], None] | None = None
+) -> dict[str, Any]:
+    """This rank's training in ``mode`` (one of :data:`MODES`) on the current process group.
+
+    Returns ``rows`` (per step, see :func:`_row`), ``num_parameters`` and the validation
+    loss and accuracy; ``progress(step, row)`` sees each row as it comes.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .train_ddp import allreduce_bytes
+
+    torch.manual_seed(args.seed)
+    model = GPT()
+    n_params = model.num_parameters()
+    fp32_bytes = allreduce_bytes(4 * n_params, dist.get_world_size())
+    gct = state = None
+    if mode == "ggcomm":
+        from ggcomm.methods.init import apply_gg_init
+
+        apply_gg_init(model, args.init_beta, nonlinearity="linear",
+                      generator=torch.Generator().manual_seed(args.seed))
+    ddp = DDP(model)
+    if mode == "ggcomm":
+        from ggcomm.ddp import GGCommState
+        from ggcomm.methods.gct import GCT
+
+        state = GGCommState(rate=args.rate, warmup_iters=RATE_WARMUP_ITERS)
+        state.register(ddp)
+        if args.gct_lam > 0:
+            gct = GCT(model.named_parameters(), lam=args.gct_lam)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    data = ByteDataset.from_stdlib(128)
+    gen = rank_generator(args.seed, dist.get_rank())
+
+    def account(step: Step) -> None:
+        r = step.record
+        r["accuracy"] = token_accuracy(step.output, step.batch)
+        r["bytes_sent"] = fp32_bytes if state is None else state.stats.last_step["bytes_sent"]
+        if progress is not None:
+            progress(step.index, _row(r))
+
+    records = fit(ddp, opt, draws(lambda: data.batch("train", args.batch_size, gen)),
+                  args.steps, schedule=lr_factor(args.steps),
+                  after_backward=[lambda step: gct.apply_()] if gct is not None else [],
+                  after_step=[account])
+    val_gen = torch.Generator().manual_seed(12345)
+    val_loss, val_acc = evaluate(model, (data.batch("val", 32, val_gen) for _ in range(4)),
+                                 metric=token_accuracy)
+    return {"rows": [_row(r) for r in records], "num_parameters": n_params,
+            "val_loss": val_loss, "val_accuracy": val_acc}
+
+
+def _row(record: dict[str, Any]) -> tuple[float, float, float, float]:
+    """A step's row: training loss, next-token accuracy, bytes this rank sent, seconds."""
+    return record["loss"], record["accuracy"], record["bytes_sent"], record["time_s"]
 
 
 MODES = ("plain DDP", "ggcomm")
@@ -229,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     print(f"ggcomm demo: 2 ranks on localhost (gloo), byte-level GPT on the standard "
           f"library's sources, {args.steps} steps per run; plain DDP, then ggcomm "
-          f"(GG init shape {args.init_shape:g}, GCT lam {args.gct_lam:g}, EG hook at "
+          f"(GG init beta {args.init_beta:g}, GCT lam {args.gct_lam:g}, EG hook at "
           f"{args.rate:g} bits per element).", flush=True)
     t0 = time.perf_counter()
     results = run(args)

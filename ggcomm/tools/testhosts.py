@@ -13,12 +13,12 @@ routes and addresses are never touched, and removing the namespaces removes ever
         procs = [hosts.popen(i, ["python", "train.py"]) for i in range(hosts.n)]
         # each process sees MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, RANK, WORLD_SIZE
 
-or from a shell::
+or from a shell (``python launch/testhosts.py`` in a checkout is the same command)::
 
-    python launch/testhosts.py up --hosts 2 --rate 100mbit
-    python launch/testhosts.py exec 1 -- python -c "import socket; print(socket.gethostname())"
-    python launch/testhosts.py measure            # TCP host 0 -> host 1, in Gbit/s
-    python launch/testhosts.py down
+    python -m ggcomm.tools.testhosts up --hosts 2 --rate 100mbit
+    python -m ggcomm.tools.testhosts exec 1 -- ip -br addr    # a command in host 1
+    python -m ggcomm.tools.testhosts measure                  # TCP host 0 -> host 1, in Gbit/s
+    python -m ggcomm.tools.testhosts down
 
 What it costs: root (CAP_NET_ADMIN and CAP_SYS_ADMIN), a kernel with network namespaces, veth,
 bridge and tbf, and iproute2's ``ip`` and ``tc``; nothing from Python beyond the standard
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PREFIX = "ggc"
-DEFAULT_RATE = "1gbit"
+DEFAULT_LINK_RATE = "1gbit"
 # A private /24 that is rarely used; the hosts are isolated from the machine's network, and the
 # subnet is still checked against the machine's routes so that no address means two things.
 DEFAULT_SUBNET = "10.213.0.0/24"
@@ -500,7 +500,7 @@ class TestHosts:
     def __init__(
         self,
         n: int = 2,
-        rate: str | int | None = DEFAULT_RATE,
+        rate: str | int | None = DEFAULT_LINK_RATE,
         prefix: str = DEFAULT_PREFIX,
         *,
         subnet: str = DEFAULT_SUBNET,
@@ -959,7 +959,7 @@ def _host_index(hosts: TestHosts, name: str) -> int:
     raise IndexError(f"host {name!r} is neither 0..{hosts.n - 1} nor one of {hosts.namespaces}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testhosts.py",
         description="Network namespaces on one machine, joined by a bridge, links shaped with tbf.",
@@ -976,8 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
     p.add_argument(
         "--rate",
-        default=DEFAULT_RATE,
-        help=f"link rate, e.g. 10gbit, 1gbit, 100mbit, none (default {DEFAULT_RATE})",
+        default=DEFAULT_LINK_RATE,
+        help=f"link rate, e.g. 10gbit, 1gbit, 100mbit, none (default {DEFAULT_LINK_RATE})",
     )
     p.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"default {DEFAULT_SUBNET}")
     p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
@@ -1006,47 +1006,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     for name in ("_receive", "_send", "_allreduce"):
         sub.add_parser(name)  # the processes measure/allreduce start in the hosts
-    args, rest = parser.parse_known_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: ``up``, ``down``, ``status``, ``measure`` or ``exec`` (see ``--help``);
+    returns its exit status (:data:`EXIT_UNAVAILABLE` when the machine cannot build hosts)."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
     try:
         if args.command.startswith("_"):
             return _internal(args.command, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command == "up":
-            hosts = TestHosts(
-                args.hosts, args.rate, args.prefix, subnet=args.subnet, master_port=args.master_port
-            )
-            hosts.up(persistent=True, replace=args.replace)
-            _print_status(hosts)
-        elif args.command == "down":
-            removed = cleanup(args.prefix, force=args.force)
-            print(
-                f"removed {', '.join(removed)}"
-                if removed
-                else f"nothing to remove for prefix {args.prefix!r}"
-            )
-        elif args.command == "status":
-            _print_status(TestHosts.attach(args.prefix))
-        elif args.command == "measure":
-            with contextlib.ExitStack() as stack:
-                if args.rate is not None:
-                    hosts = stack.enter_context(TestHosts(args.hosts, args.rate, args.prefix))
-                else:
-                    hosts = TestHosts.attach(args.prefix)
-                _measure(hosts, args)
-        elif args.command == "exec":
-            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-            if not cmd:
-                parser.error("exec needs a command: exec HOST -- cmd ...")
-            hosts = TestHosts.attach(args.prefix)
-            return hosts.run(_host_index(hosts, args.host), cmd).returncode
+        return _command(parser, args)
     except HostsUnavailable as e:
         print(f"testhosts: unavailable: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except (HostsError, ValueError, IndexError) as e:
         print(f"testhosts: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Carry out one of the user's commands; errors propagate to :func:`main`."""
+    if args.command == "up":
+        hosts = TestHosts(
+            args.hosts, args.rate, args.prefix, subnet=args.subnet, master_port=args.master_port
+        )
+        hosts.up(persistent=True, replace=args.replace)
+        _print_status(hosts)
+    elif args.command == "down":
+        removed = cleanup(args.prefix, force=args.force)
+        print(
+            f"removed {', '.join(removed)}"
+            if removed
+            else f"nothing to remove for prefix {args.prefix!r}"
+        )
+    elif args.command == "status":
+        _print_status(TestHosts.attach(args.prefix))
+    elif args.command == "measure":
+        with contextlib.ExitStack() as stack:
+            if args.rate is not None:
+                hosts = stack.enter_context(TestHosts(args.hosts, args.rate, args.prefix))
+            else:
+                hosts = TestHosts.attach(args.prefix)
+            _measure(hosts, args)
+    elif args.command == "exec":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("exec needs a command: exec HOST -- cmd ...")
+        hosts = TestHosts.attach(args.prefix)
+        return hosts.run(_host_index(hosts, args.host), cmd).returncode
     return 0
 
 

@@ -58,7 +58,8 @@ configuration, per-step ``loss`` / ``accuracy`` / ``step_time_s`` / ``bytes_sent
 for reference, the final validation loss and accuracy, and for ``gg`` the hook's cumulative
 statistics. Step time is the wall time of forward, backward (which waits for the gradient
 exchange) and the optimizer step: ``time.perf_counter`` on the CPU, CUDA events under
-``--backend nccl``.
+``--backend nccl`` (:class:`ggcomm.tools.train.StepTimer`). The loop is
+:func:`ggcomm.tools.train.fit`; the byte accounting and the log are its after-step callbacks.
 
 All ranks build the model from the same ``--seed``; each draws its batches from its own
 generator (seeded from ``--seed`` and the rank). ``train(args)`` runs in-process (it creates the
@@ -84,14 +85,16 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ggcomm.tools.workload import (
-    GPT,
-    ByteDataset,
-    GPTConfig,
-    make_mlp_workload,
-    mlp_batch,
-    next_token_accuracy,
+from ggcomm.tools.train import (
+    Step,
+    StepTimer,
+    draws,
+    evaluate,
+    fit,
+    rank_generator,
+    token_accuracy,
 )
+from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, Split, make_mlp_workload, mlp_batch
 from ggcomm.tools.workload import lr_factor as workload_lr_factor
 
 HOOKS = ("none", "fp16", "quant8", "powersgd", "gg")
@@ -357,6 +360,12 @@ def _register_hook(
     return counter, state
 
 
+def _parameter_sizes(model: nn.Module) -> tuple[int, int]:
+    """Trainable parameters of ``model`` and the bytes of their gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types from stats objects (dicts, numpy / torch scalars, NaN -> None)."""
     if isinstance(obj, dict):
@@ -392,63 +401,79 @@ def _fmt_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class _StepTimer:
-    """Wall time of one training step, in seconds.
+def _batch_draw(
+    args: argparse.Namespace,
+    dataset: ByteDataset | None,
+    split: Split,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A function that draws one ``(x, y)`` batch of ``--batch-size`` onto ``device``."""
 
-    On the CPU: ``time.perf_counter`` around the step. On CUDA: a pair of CUDA events on the
-    current stream, recorded after a device synchronize (so batch preparation is not counted)
-    and read after the end event completes: the GPU-side time from the start of the forward to
-    the end of the optimizer step, gradient exchange included (backward returns only after
-    every bucket's future, so the end event is queued after it).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self._begin.record()
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        if dataset is not None:
+            x, y = dataset.batch(split, args.batch_size, generator)
         else:
-            self._t0 = time.perf_counter()
+            x, y = mlp_batch(args.batch_size, args.mlp_width, generator)
+        return x.to(device), y.to(device)
 
-    def stop(self) -> float:
-        if self.cuda:
-            self._end.record()
-            self._end.synchronize()
-            return self._begin.elapsed_time(self._end) / 1e3  # elapsed_time is in ms
-        return time.perf_counter() - self._t0
+    return draw
 
 
-@torch.no_grad()
-def evaluate(
+def _step_records(
+    args: argparse.Namespace, counter: ByteCounter | None, hook_state: Any, fp32_bytes: float
+) -> Callable[[Step], None]:
+    """``after_step`` callback: the step's next-token ``accuracy`` (GPT; ``None`` for the MLP),
+    the bytes this rank sent (``bytes_sent``) and, for ``gg``, the hook's ``encode_s`` and
+    ``decode_s``."""
+    is_gpt = args.model != "mlp"
+
+    def record(step: Step) -> None:
+        r = step.record
+        r["accuracy"] = token_accuracy(step.output, step.batch) if is_gpt else None
+        if args.hook == "none":
+            r["bytes_sent"] = fp32_bytes
+        elif args.hook == "gg":
+            last = hook_state.stats.last_step
+            r["bytes_sent"] = float(last["bytes_sent"]) if last else 0.0
+            r["encode_s"] = float(last["encode_s"]) if last else 0.0
+            r["decode_s"] = float(last["decode_s"]) if last else 0.0
+        else:
+            assert counter is not None
+            r["bytes_sent"] = counter.reset()
+
+    return record
+
+
+def _progress_log(args: argparse.Namespace, fp32_bytes: float) -> Callable[[Step], None]:
+    """``after_step`` callback printing the first step, every ``--log-every``-th and the last."""
+
+    def log(step: Step) -> None:
+        n, r = step.index + 1, step.record
+        if not (n % args.log_every == 0 or n == args.steps or n == 1):
+            return
+        acc = f"  acc {r['accuracy']:.4f}" if r["accuracy"] is not None else ""
+        ratio = f" ({r['bytes_sent'] / fp32_bytes:.3f} of fp32)" if fp32_bytes else ""
+        print(
+            f"step {n:5d}/{args.steps}  loss {r['loss']:.4f}{acc}  "
+            f"sent {_fmt_bytes(r['bytes_sent'])}/rank{ratio}  "
+            f"{r['time_s'] * 1e3:.1f} ms",
+            flush=True,
+        )
+
+    return log
+
+
+def _validate(
     model: nn.Module,
     args: argparse.Namespace,
     dataset: ByteDataset | None,
     device: torch.device,
 ) -> tuple[float, float | None]:
     """Mean loss (and next-token accuracy for GPT) over ``args.eval_batches`` fixed batches."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(EVAL_SEED)
-    losses: list[float] = []
-    accs: list[float] = []
-    for _ in range(args.eval_batches):
-        if dataset is not None:
-            x, y = dataset.batch("val", args.batch_size, gen)
-        else:
-            x, y = mlp_batch(args.batch_size, args.mlp_width, gen)
-        out, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
-        if dataset is not None:
-            accs.append(next_token_accuracy(out, y.to(device)))
-    model.train(was_training)
-    return statistics.fmean(losses), statistics.fmean(accs) if accs else None
+    draw = _batch_draw(args, dataset, "val", torch.Generator().manual_seed(EVAL_SEED), device)
+    batches = (draw() for _ in range(args.eval_batches))
+    return evaluate(model, batches, metric=token_accuracy if dataset is not None else None)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -470,13 +495,12 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = _device(args.backend)
-    is_gpt = args.model != "mlp"
-
     model = _build_model(args).to(device)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    n_params, grad_bytes = _parameter_sizes(model)
     fp32_bytes = allreduce_bytes(grad_bytes, world_size)
-    dataset = ByteDataset.from_stdlib(args.block_size, args.corpus_bytes) if is_gpt else None
+    dataset = None
+    if args.model != "mlp":
+        dataset = ByteDataset.from_stdlib(args.block_size, args.corpus_bytes)
 
     ddp_model = DDP(
         model,
@@ -485,9 +509,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     )
     counter, hook_state = _register_hook(args, ddp_model, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
-    gen = torch.Generator().manual_seed(args.seed + 1_000_003 * (rank + 1))
-
+    gen = rank_generator(args.seed, rank)
+    callbacks = [_step_records(args, counter, hook_state, fp32_bytes)]
     if rank == 0:
         print(
             f"train_ddp: model={args.model} ({n_params / 1e6:.2f}M params) hook={args.hook} "
@@ -495,65 +518,56 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
             f"fp32 allreduce={_fmt_bytes(fp32_bytes)}/rank/step",
             flush=True,
         )
+        callbacks.append(_progress_log(args, fp32_bytes))
 
-    losses: list[float] = []
-    accuracies: list[float | None] = []
-    step_times: list[float] = []
-    sent: list[float] = []
-    encode_s: list[float] = []
-    decode_s: list[float] = []
-    timer = _StepTimer(device)
     t_start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        if dataset is not None:
-            x, y = dataset.batch("train", args.batch_size, gen)
-        else:
-            x, y = mlp_batch(args.batch_size, args.mlp_width, gen)
-        x, y = x.to(device), y.to(device)
-
-        timer.start()
-        out, loss = ddp_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step_times.append(timer.stop())
-
-        losses.append(loss.item())
-        accuracies.append(next_token_accuracy(out.detach(), y) if is_gpt else None)
-        if args.hook == "none":
-            sent.append(fp32_bytes)
-        elif args.hook == "gg":
-            last = hook_state.stats.last_step
-            sent.append(float(last["bytes_sent"]) if last else 0.0)
-            encode_s.append(float(last["encode_s"]) if last else 0.0)
-            decode_s.append(float(last["decode_s"]) if last else 0.0)
-        else:
-            assert counter is not None
-            sent.append(counter.reset())
-
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps or step == 1):
-            acc = f"  acc {accuracies[-1]:.4f}" if is_gpt else ""
-            ratio = f" ({sent[-1] / fp32_bytes:.3f} of fp32)" if fp32_bytes else ""
-            print(
-                f"step {step:5d}/{args.steps}  loss {losses[-1]:.4f}{acc}  "
-                f"sent {_fmt_bytes(sent[-1])}/rank{ratio}  "
-                f"{step_times[-1] * 1e3:.1f} ms",
-                flush=True,
-            )
+    records = fit(
+        ddp_model,
+        optimizer,
+        draws(_batch_draw(args, dataset, "train", gen, device)),
+        args.steps,
+        schedule=lr_factor(args),
+        after_step=callbacks,
+        timer=StepTimer(device),
+    )
     total_time = time.perf_counter() - t_start
 
-    val_loss = val_acc = None
+    val: tuple[float | None, float | None] = (None, None)
     if rank == 0:
-        val_loss, val_acc = evaluate(model, args, dataset, device)
+        val = _validate(model, args, dataset, device)
         print(
-            f"final: val loss {val_loss:.4f}"
-            + (f"  val acc {val_acc:.4f}" if val_acc is not None else ""),
+            f"final: val loss {val[0]:.4f}"
+            + (f"  val acc {val[1]:.4f}" if val[1] is not None else ""),
             flush=True,
         )
     # Keep the others in the group until rank 0 has finished evaluating.
     dist.barrier()
 
+    summary = _summary(args, model, records, world_size, device, total_time, val, hook_state)
+    if rank == 0 and args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def _summary(
+    args: argparse.Namespace,
+    model: nn.Module,
+    records: list[dict[str, Any]],
+    world_size: int,
+    device: torch.device,
+    total_time: float,
+    val: tuple[float | None, float | None],
+    hook_state: Any,
+) -> dict[str, Any]:
+    """The summary :func:`train` returns, in plain JSON types (see the module docstring)."""
+    n_params, grad_bytes = _parameter_sizes(model)
+    fp32_bytes = allreduce_bytes(grad_bytes, world_size)
+    losses = [r["loss"] for r in records]
+    step_times = [r["time_s"] for r in records]
+    sent = [r["bytes_sent"] for r in records]
+    gg = args.hook == "gg"
     # Mean step time leaves out the first steps (DDP bucket rebuild, allocator warm-up).
     skip = min(2, len(step_times) - 1)
     mean_sent = statistics.fmean(sent) if sent else 0.0
@@ -569,11 +583,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "fp32_allreduce_bytes_per_rank": fp32_bytes,
         "steps": {
             "loss": losses,
-            "accuracy": accuracies,
+            "accuracy": [r["accuracy"] for r in records],
             "step_time_s": step_times,
             "bytes_sent_per_rank": sent,
-            "encode_s": encode_s if args.hook == "gg" else None,
-            "decode_s": decode_s if args.hook == "gg" else None,
+            "encode_s": [r["encode_s"] for r in records] if gg else None,
+            "decode_s": [r["decode_s"] for r in records] if gg else None,
         },
         "mean_step_time_s": statistics.fmean(step_times[skip:]) if step_times else None,
         "median_step_time_s": statistics.median(step_times) if step_times else None,
@@ -581,16 +595,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "mean_bytes_sent_per_rank": mean_sent,
         "bytes_vs_fp32": mean_sent / fp32_bytes if fp32_bytes else None,
         "final_train_loss": losses[-1] if losses else None,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
-        "gg_stats": _gg_stats(hook_state) if args.hook == "gg" else None,
+        "val_loss": val[0],
+        "val_accuracy": val[1],
+        "gg_stats": _gg_stats(hook_state) if gg else None,
     }
-    summary = _jsonable(summary)
-    if rank == 0 and args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+    return _jsonable(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ggcomm.tools.train import draws
 from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, gpt_layers, lm_loss
 
 
@@ -77,21 +78,16 @@ class _CountingSend:
         return self.original(tensor, dest_stage, async_op)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    deepspeed = _init_deepspeed(args.backend)
+def _engine(args: argparse.Namespace, deepspeed: Any) -> tuple[Any, GPTConfig]:
+    """The GPT cut into one pipeline stage per rank, in a DeepSpeed engine with AdamW."""
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe import p2p
 
-    world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(args.seed)
     config = GPTConfig.small() if args.model == "gpt-small" else GPTConfig()
     config.block_size = args.block_size
     gpt = GPT(config)
-    module = PipelineModule(layers=gpt_layers(gpt), num_stages=world, loss_fn=lm_loss,
-                            partition_method="uniform")
+    module = PipelineModule(layers=gpt_layers(gpt), num_stages=dist.get_world_size(),
+                            loss_fn=lm_loss, partition_method="uniform")
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": args.micro_batches,
@@ -101,53 +97,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine, *_ = deepspeed.initialize(
         model=module, config=ds_config,
         model_parameters=[p for p in module.parameters() if p.requires_grad])
+    return engine, config
 
-    plugin = counter = None
-    if args.compress == "gg":
-        import ggcomm.deepspeed as ggds
 
-        kw = {k: v for k, v in (("rate", args.rate), ("step", args.step),
-                                ("rel_step", args.rel_step)) if v is not None}
-        plugin = ggds.enable(engine, **kw)
-    else:
-        counter = _CountingSend(p2p)
-        p2p.send = counter
+class _Links:
+    """What crosses this rank's stage links: ggcomm's plugin (``--compress gg``) or a
+    count of DeepSpeed's own sends (``none``)."""
 
-    def sent() -> dict[str, float]:
+    def __init__(self, args: argparse.Namespace, engine: Any) -> None:
+        from deepspeed.runtime.pipe import p2p
+
+        self.p2p = p2p
+        self.plugin = self.counter = None
+        if args.compress == "gg":
+            import ggcomm.deepspeed as ggds
+
+            kw = {k: v for k, v in (("rate", args.rate), ("step", args.step),
+                                    ("rel_step", args.rel_step)) if v is not None}
+            self.plugin = ggds.enable(engine, **kw)
+        else:
+            self.counter = _CountingSend(p2p)
+            p2p.send = self.counter
+
+    def sent(self) -> dict[str, float]:
         """Bytes this rank has sent so far, per direction."""
-        if plugin is not None:
-            s = plugin.stats.counts
+        if self.plugin is not None:
+            s = self.plugin.stats.counts
             return {d: s[d]["bytes_sent"] for d in ("forward", "backward")}
-        return dict(counter.counts)
+        return dict(self.counter.counts)
 
-    data = ByteDataset.from_stdlib(args.block_size)
-    gen = torch.Generator().manual_seed(args.seed)
+    def close(self, summary: dict[str, Any]) -> None:
+        """Restore DeepSpeed's sends; the plugin's statistics go into ``summary``."""
+        if self.plugin is not None:
+            summary["plugin_stats"] = self.plugin.stats.summary()
+            self.plugin.disable()
+        else:
+            self.p2p.send = self.counter.original
 
-    def batches(split: str, g: torch.Generator):
-        while True:
-            yield data.batch(split, args.micro_batch_size, g)
 
-    train_iter = batches("train", gen)
-    losses, times, fwd, bwd = [], [], [], []
+def _train_steps(
+    args: argparse.Namespace, engine: Any, links: _Links, batches: Any
+) -> dict[str, list[float]]:
+    """``--steps`` pipeline steps: per step the loss, seconds and bytes per micro-batch sent
+    each way (``fwd``: activations, ``bwd``: their gradients)."""
+    rank = dist.get_rank()
+    history: dict[str, list[float]] = {"loss": [], "time_s": [], "fwd": [], "bwd": []}
     for step in range(1, args.steps + 1):
-        before = sent()
+        before = links.sent()
         dist.barrier()
         t0 = time.perf_counter()
-        loss = engine.train_batch(data_iter=train_iter)
-        times.append(time.perf_counter() - t0)
-        after = sent()
-        losses.append(float(loss))
-        fwd.append((after["forward"] - before["forward"]) / args.micro_batches)
-        bwd.append((after["backward"] - before["backward"]) / args.micro_batches)
+        loss = engine.train_batch(data_iter=batches)
+        history["time_s"].append(time.perf_counter() - t0)
+        after = links.sent()
+        history["loss"].append(float(loss))
+        for key, direction in (("fwd", "forward"), ("bwd", "backward")):
+            history[key].append((after[direction] - before[direction]) / args.micro_batches)
         if rank == 0 and (step % args.log_every == 0 or step in (1, args.steps)):
-            print(f"step {step:4d}/{args.steps}  loss {losses[-1]:.4f}  "
-                  f"{times[-1] * 1e3:.0f} ms  per micro-batch: activations "
-                  f"{fwd[-1] / 1e3:.1f} kB", flush=True)
+            print(f"step {step:4d}/{args.steps}  loss {history['loss'][-1]:.4f}  "
+                  f"{history['time_s'][-1] * 1e3:.0f} ms  per micro-batch: activations "
+                  f"{history['fwd'][-1] / 1e3:.1f} kB", flush=True)
+    return history
 
-    val_iter = batches("val", torch.Generator().manual_seed(12345))
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    deepspeed = _init_deepspeed(args.backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    engine, config = _engine(args, deepspeed)
+    links = _Links(args, engine)
+    data = ByteDataset.from_stdlib(args.block_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    history = _train_steps(args, engine, links,
+                           draws(lambda: data.batch("train", args.micro_batch_size, gen)))
+    val_gen = torch.Generator().manual_seed(12345)
+    val_iter = draws(lambda: data.batch("val", args.micro_batch_size, val_gen))
     val = [float(engine.eval_batch(data_iter=val_iter)) for _ in range(args.eval_batches)]
 
     # Stage 0 sends the activations; the last stage sends the gradients back. Gather both.
+    fwd, bwd, times = history["fwd"], history["bwd"], history["time_s"]
     mine = torch.tensor([statistics.fmean(fwd[1:] or fwd), statistics.fmean(bwd[1:] or bwd)],
                         dtype=torch.float64)
     parts = [torch.zeros_like(mine) for _ in range(world)]
@@ -165,15 +194,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "activation_bits_per_element": 8 * act_bytes / elements,
         "gradient_bits_per_element": 8 * grad_bytes / elements,
         "median_step_time_s": statistics.median(times[1:] or times),
-        "final_train_loss": statistics.fmean(losses[-10:]),
+        "final_train_loss": statistics.fmean(history["loss"][-10:]),
         "val_loss": statistics.fmean(val),
-        "steps": {"loss": losses, "time_s": times},
+        "steps": {"loss": history["loss"], "time_s": times},
     }
-    if plugin is not None:
-        summary["plugin_stats"] = plugin.stats.summary()
-        plugin.disable()
-    else:
-        p2p.send = counter.original
+    links.close(summary)
     if rank == 0:
         print(f"final: train loss {summary['final_train_loss']:.4f}  val loss "
               f"{summary['val_loss']:.4f}  median step {summary['median_step_time_s'] * 1e3:.0f}"

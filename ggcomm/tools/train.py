@@ -1,0 +1,239 @@
+"""The training loop every ggcomm tool and benchmark runs.
+
+:func:`fit` runs ``steps`` optimizer steps of a model on batches from an iterable, and
+returns one record (a dict) per step. What differs between the tools is plugged in, not
+written into the loop:
+
+* ``loss_fn(model, batch) -> (output, loss)``: the forward pass. The default,
+  :func:`model_loss`, is the :mod:`~ggcomm.tools.workload` models' convention
+  ``model(*batch)``.
+* ``schedule``: the learning-rate multiplier per step (``LambdaLR``'s function, e.g.
+  :func:`ggcomm.tools.workload.lr_factor`).
+* ``penalties``: terms added to the loss before the backward pass and left out of the
+  recorded loss (ACT's :meth:`~ggcomm.methods.act.ACT.penalty`).
+* ``after_backward``: callbacks between the backward pass and the optimizer step, while
+  the gradients are there to read or rewrite (GCT's ``apply_()``, gradient measurements,
+  clipping).
+* ``after_step``: callbacks after the optimizer and learning-rate steps (BackSlash's
+  ``step()``, DDP-hook byte accounting, logging). They may add entries to the step's
+  record, or set ``Step.stop`` to end training after this step.
+* ``timer``: what the record's ``time_s`` measures (:class:`StepTimer`: wall time on the
+  CPU, CUDA events on a GPU).
+
+A step draws its batch, then (timed) zeroes the gradients, runs ``loss_fn``, adds the
+penalties, runs the backward pass and the ``after_backward`` callbacks in order, steps
+the optimizer and the learning rate; then records ``loss`` and ``time_s`` and runs the
+``after_step`` callbacks in order. Every record starts as ``{"step": i, "lr": ...}``
+(``i`` from 0; the learning rate the step used). Nothing in the loop draws random
+numbers, so a seeded model and batch source give the same records every run.
+
+:func:`evaluate` is the matching evaluation loop: mean loss (and a metric) over fixed
+batches, in eval mode, without gradients.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .workload import next_token_accuracy
+
+__all__ = [
+    "Step",
+    "StepTimer",
+    "draws",
+    "evaluate",
+    "fit",
+    "model_loss",
+    "rank_generator",
+    "token_accuracy",
+]
+
+Batch = Any
+"""What the batch source yields and ``loss_fn`` takes: for the workload models a tuple
+``(inputs, targets)``."""
+
+LossFn = Callable[[nn.Module, Batch], tuple[Any, torch.Tensor]]
+Callback = Callable[["Step"], None]
+
+
+def model_loss(model: nn.Module, batch: Batch) -> tuple[Any, torch.Tensor]:
+    """``model(*batch)``: the workload models return ``(output, loss)`` given targets."""
+    return model(*batch)
+
+
+def token_accuracy(output: torch.Tensor, batch: Batch) -> float:
+    """Next-token accuracy of a GPT's logits against the batch's targets (its last item)."""
+    return next_token_accuracy(output.detach(), batch[-1])
+
+
+def draws(draw: Callable[[], Batch]) -> Iterator[Batch]:
+    """An endless batch source from a function that draws one batch, e.g.
+    ``draws(lambda: data.batch("train", 16, generator))``."""
+    while True:
+        yield draw()
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """The batch generator of one data-parallel rank: seeded from ``seed`` and the rank, so
+    the ranks draw different batches, and a rerun draws the same ones."""
+    return torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
+
+
+class StepTimer:
+    """Time of one training step, in seconds.
+
+    On the CPU (the default): ``time.perf_counter`` around the step. On CUDA: a pair of CUDA
+    events on the current stream, recorded after a device synchronize (so batch preparation
+    is not counted) and read after the end event completes: the GPU-side time from the start
+    of the forward pass to the end of the optimizer step, gradient exchange included (a DDP
+    backward returns only after every bucket's future, so the end event is queued after it).
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.cuda = device is not None and device.type == "cuda"
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._begin.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            return self._begin.elapsed_time(self._end) / 1e3  # elapsed_time is in ms
+        return time.perf_counter() - self._t0
+
+
+@dataclass
+class Step:
+    """One training step as the callbacks see it.
+
+    ``index`` counts from 0; ``output`` and ``loss`` are what ``loss_fn`` returned (the loss
+    without penalties, still attached to the graph). ``record`` is the dict :func:`fit`
+    returns for this step: callbacks may add entries. Setting ``stop`` ends training after
+    this step's ``after_step`` callbacks.
+    """
+
+    index: int
+    batch: Batch
+    output: Any
+    loss: torch.Tensor
+    record: dict[str, Any]
+    stop: bool = False
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    steps: int,
+    *,
+    schedule: Callable[[int], float] | None = None,
+    loss_fn: LossFn = model_loss,
+    penalties: Sequence[Callable[[], torch.Tensor]] = (),
+    after_backward: Sequence[Callback] = (),
+    after_step: Sequence[Callback] = (),
+    timer: StepTimer | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` for ``steps`` optimizer steps; returns one record per step.
+
+    Args:
+        model: what ``loss_fn`` calls (a ``DistributedDataParallel`` wrapper under DDP). Put
+            in training mode first.
+        optimizer: stepped once per step; its gradients are zeroed (set to ``None``) before
+            each forward pass.
+        batches: one batch per step, in order; training ends early if it runs out.
+        steps: the number of steps.
+        schedule: learning-rate multiplier of step ``i`` (from 0), applied through
+            ``torch.optim.lr_scheduler.LambdaLR``; ``None`` keeps the optimizer's rate.
+        loss_fn: ``(model, batch) -> (output, loss)``.
+        penalties: zero-argument callables whose results are added to the loss for the
+            backward pass (after the forward pass, which they may depend on).
+        after_backward, after_step: callbacks taking the :class:`Step`, run in order (see the
+            module docstring for where).
+        timer: measures each step's ``time_s``; a CPU :class:`StepTimer` by default.
+
+    Returns:
+        Per step, the dict ``{"step", "lr", "time_s", "loss", ...}`` with whatever the
+        callbacks added.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    scheduler = None
+    if schedule is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    timer = timer if timer is not None else StepTimer()
+    source = iter(batches)
+    records: list[dict[str, Any]] = []
+    model.train()
+    for index in range(steps):
+        try:
+            batch = next(source)
+        except StopIteration:
+            break
+        record: dict[str, Any] = {"step": index, "lr": optimizer.param_groups[0]["lr"]}
+        timer.start()
+        optimizer.zero_grad(set_to_none=True)
+        output, loss = loss_fn(model, batch)
+        objective = loss
+        for penalty in penalties:
+            objective = objective + penalty()
+        objective.backward()
+        step = Step(index, batch, output, loss, record)
+        for callback in after_backward:
+            callback(step)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        record["time_s"] = timer.stop()
+        record["loss"] = loss.item()
+        for callback in after_step:
+            callback(step)
+        records.append(record)
+        if step.stop:
+            break
+    return records
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    loss_fn: LossFn = model_loss,
+    metric: Callable[[Any, Batch], float] | None = None,
+) -> tuple[float, float | None]:
+    """Mean loss over ``batches`` (and mean ``metric(output, batch)``, or ``None``).
+
+    Runs in eval mode without gradients, and puts the model back in the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    values: list[float] = []
+    try:
+        for batch in batches:
+            output, loss = loss_fn(model, batch)
+            losses.append(loss.item())
+            if metric is not None:
+                values.append(metric(output, batch))
+    finally:
+        model.train(was_training)
+    if not losses:
+        raise ValueError("evaluate needs at least one batch")
+    return statistics.fmean(losses), statistics.fmean(values) if values else None

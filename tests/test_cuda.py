@@ -1,0 +1,38 @@
+"""The transports and the codec with CUDA tensors. Skipped without a CUDA device (CI has
+none); run on a GPU machine with ``python -m pytest -q tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import cuda_workers as w
+import dist_utils
+import pytest
+import torch
+
+import ggcomm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_codec_round_trip_from_a_cuda_tensor() -> None:
+    x = torch.randn(4096, 257, device="cuda")
+    frame = ggcomm.encode(x, step=0.02)
+    y = ggcomm.decode(frame.buffer.cuda())
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert float((y.to(x.device) - x).abs().max()) <= 0.01 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ddp_hook_on_cuda_buckets(dtype: torch.dtype) -> None:
+    a, b = dist_utils.values(dist_utils.run(w.ddp_on_cuda, 2, 4, dtype, timeout=600))
+    assert a["grad_device"] == "cuda:0"
+    assert torch.equal(a["grads"], b["grads"]) and torch.equal(a["params"], b["params"])
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (a, b))
+    assert a["stats"]["ratio"] > 4 and a["stats"]["bytes_sent"] > 0
+
+
+def test_pipeline_send_recv_of_cuda_tensors() -> None:
+    a, b = dist_utils.values(dist_utils.run(w.pipe_on_cuda, 2, timeout=600))
+    assert b["same_buffer"] and b["err"] <= 0.2 * b["rms"]
+    assert b["stats"]["ratio_received"] > 4
+    assert a["device"] == "cuda:0"
+    assert float((a["back"] - 2 * b["got"]).abs().max()) <= 0.2 * 2 * b["rms"]
