@@ -12,11 +12,11 @@ from ggcomm.ddp import GGCommState
 from ggcomm.pipeline import PipeComm
 
 
-def ddp_on_cuda(rank: int, world: int, steps: int, dtype: torch.dtype) -> dict:
-    dev = torch.device("cuda", 0)
+def ddp_on_device(rank: int, world: int, steps: int, dtype: torch.dtype, device: str) -> dict:
+    dev = torch.device(device)
     torch.manual_seed(0)
     model = Net(dtype).to(dev)
-    ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.05)
+    ddp = DDP(model, device_ids=[0] if dev.type == "cuda" else None, bucket_cap_mb=0.05)
     state = GGCommState(rate=4.0)
     state.register(ddp)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -29,7 +29,7 @@ def ddp_on_cuda(rank: int, world: int, steps: int, dtype: torch.dtype) -> dict:
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters()]).cpu()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     params = torch.cat([p.detach().float().flatten() for p in model.parameters()]).cpu()
     return {"grads": grads, "params": params, "losses": losses,
             "grad_device": str(next(model.parameters()).grad.device),
@@ -43,7 +43,7 @@ def pipe_on_cuda(rank: int, world: int) -> dict:
     if rank == 0:
         comm.send(x, dst=1)
         y = comm.recv(src=1)
-        return {"back": y.cpu(), "device": str(y.device)}
+        return {"back": y, "device": str(y.device)}  # no out=: decoded on the host (gloo)
     out = torch.empty_like(x)
     got = comm.recv(src=0, out=out)
     comm.send(got * 2, dst=0)
