@@ -20,7 +20,8 @@ import torch
 
 from .kernels.eg import QMAX
 
-__all__ = ["QMAX", "check_step", "fake_quantize", "finite_values", "quantize", "rms"]
+__all__ = ["QMAX", "check_step", "fake_quantize", "finite_values", "quantize", "quantize_coded",
+           "rms"]
 
 
 def check_step(step: float, name: str = "step") -> float:
@@ -50,13 +51,20 @@ def quantize(x: Any, step: float) -> np.ndarray | torch.Tensor:
     return np.rint(np.asarray(x, dtype=np.float64) * inv).astype(np.int64)
 
 
-def fake_quantize(x: torch.Tensor, step: float) -> torch.Tensor:
-    """``x`` as the receiver decodes it (``round(x / step) * step``, as :func:`quantize`
-    rounds; non-finite values and ``|x / step| > QMAX`` raw, as exceptions), with a
-    straight-through gradient."""
+def quantize_coded(x: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the codec codes of ``x`` (on ``x``'s device): ``(q, coded)``, ``q`` the
+    float64 symbols of :func:`quantize` where ``coded`` and 0 where not (non-finite values
+    and ``|x / step| > QMAX`` travel in the exception list)."""
     v = x.detach().to(torch.float64) * (1.0 / check_step(step))
     coded = torch.isfinite(v) & (v.abs() <= QMAX)
-    deq = torch.where(coded, torch.round(v) * step, x.detach().to(torch.float64))
+    return torch.where(coded, torch.round(v), torch.zeros_like(v)), coded
+
+
+def fake_quantize(x: torch.Tensor, step: float) -> torch.Tensor:
+    """``x`` as the receiver decodes it (``round(x / step) * step``, exceptions raw), with
+    a straight-through gradient."""
+    q, coded = quantize_coded(x, step)
+    deq = torch.where(coded, q * step, x.detach().to(torch.float64))
     return x + (deq.to(x.dtype) - x).detach()
 
 

@@ -27,7 +27,7 @@ import torch
 
 from .. import codec as _codec
 from ..kernels import eg as _eg_kernels
-from ..quant import check_step
+from ..quant import check_step, quantize_coded
 
 __all__ = [
     "MAX_AUTO_K",
@@ -396,9 +396,8 @@ def _plan_torch(
     (``zero_runs=True``, or "auto" with at least a third of the symbols zero), that mode
     when it is strictly smaller; see docs/FORMAT.md.
     """
-    v = x.detach().reshape(-1).to(torch.float64) * (1.0 / step)
-    ok = torch.isfinite(v) & (v.abs() <= _eg_kernels.QMAX)
-    q = torch.where(ok, torch.round(v), torch.zeros_like(v)).to(torch.int64)
+    q, ok = quantize_coded(x.reshape(-1), step)
+    q = q.to(torch.int64)
     u = torch.where(q > 0, 2 * q - 1, -2 * q)
     n = u.numel()
     n_blocks = -(-n // block_size)
