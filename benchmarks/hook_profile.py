@@ -8,7 +8,7 @@ load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm
 
 * the median step time of each method, and its ratio to plain DDP;
 * for ggcomm, per DDP bucket, the median wall time of each pass of the hook (its own
-  counters, ``GGCommStats.last_buckets``): copy in, encode (fused error feedback +
+  counters, ``state.stats.last_buckets``): copy in, encode (fused error feedback +
   statistics + quantization + coding), ``c1`` statistics/size all-gather, ``c2`` frame
   all-to-all, decode-and-accumulate into the bucket, ``c3`` (reduce_scatter's second phase),
   and the rest;
