@@ -1,5 +1,7 @@
 """Codec benchmark: ggcomm encode/decode speed and bits per element, side by side with the
-fp16 cast, zstd level 1 and lz4 measured in the same run on the same tensors.
+fp16 cast, zstd level 1 and lz4 measured in the same run on the same tensors, and pcodec on
+the same quantized symbols ggcomm codes (its columns say why they are empty when the
+``pcodec`` package is not installed).
 
 Data: generalized-Gaussian samples (beta 0.5, 1, 2) at about 2, 3 and 4.5 bits per element,
 real gradients of a tiny transformer-like model, and a 90%-zeros sparse tensor.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -42,6 +45,15 @@ import ggcomm
 from ggcomm import gg, rate
 from ggcomm.tools.train import Step, draws, fit
 from ggcomm.tools.workload import lm_loss
+
+try:
+    import pcodec
+    from pcodec import standalone as pco_standalone
+except ImportError as err:  # optional: the pcodec columns then say why they are empty
+    pcodec = pco_standalone = None
+    PCODEC_MISSING = f"pcodec is not installed ({err})"
+else:
+    PCODEC_MISSING = ""
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -79,6 +91,16 @@ class Baselines:
 
 
 @dataclass
+class PcodecResult:
+    """pcodec's standalone format (default ChunkConfig) on one row's quantized symbols."""
+
+    dtype: str  # integer type the symbols were handed to pcodec as
+    bits: float  # bits per element of the whole standalone file
+    c_gbps: float  # simple_compress, GB/s of the float32 input the symbols stand for
+    d_gbps: float  # simple_decompress (allocating), same unit
+
+
+@dataclass
 class CodecRow:
     """One (data, step, size) measurement."""
 
@@ -108,6 +130,7 @@ class CodecRow:
     lz4_q_bits: float
     roundtrip_ok: bool  # decode == float32(float64(q) * step), bit for bit
     baselines: Baselines
+    pcodec: PcodecResult | None  # None when pcodec cannot be imported (PCODEC_MISSING)
 
 
 @dataclass
@@ -372,6 +395,26 @@ def measure_baselines(x: torch.Tensor, reps: int, zstd_threads: int) -> Baseline
     )
 
 
+def measure_pcodec(q: np.ndarray, reps: int) -> PcodecResult | None:
+    """pcodec at its default level on integer symbols ``q`` (int8 is widened to int16: pcodec
+    refuses 8-bit input unless told otherwise), timed like the other codecs; it runs on one
+    thread. Raises if decompressing does not give back ``q`` exactly. None without pcodec."""
+    if pco_standalone is None:
+        return None
+    if q.dtype.itemsize < 2:
+        q = q.astype(np.int16)
+    config = pcodec.ChunkConfig()
+    blob = pco_standalone.simple_compress(q, config)
+    back = pco_standalone.simple_decompress(blob)
+    if back is None or back.dtype != q.dtype or not np.array_equal(back, q):
+        raise RuntimeError(f"pcodec round trip of {q.size} {q.dtype} symbols is not exact")
+    n = q.size
+    return PcodecResult(
+        dtype=q.dtype.name, bits=bits_per_element(len(blob), n),
+        c_gbps=gbps(n, median_seconds(lambda: pco_standalone.simple_compress(q, config), reps)),
+        d_gbps=gbps(n, median_seconds(lambda: pco_standalone.simple_decompress(blob), reps)))
+
+
 def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: float,
                   base: Baselines, cfg: Config) -> CodecRow:
     n = x.numel()
@@ -395,6 +438,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
     del qn
     zstd_q = zstandard.ZstdCompressor(level=1, threads=cfg.zstd_threads).compress(q_bytes)
     lz4_q = lz4.frame.compress(q_bytes)
+    pco = measure_pcodec(q_bytes, cfg.reps)
     del q_bytes
 
     eg_ks = [b.k for b in info.blocks if b.mode == "eg"]
@@ -416,7 +460,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
         q_dtype=q_dtype.name,
         zstd_q_bits=bits_per_element(len(zstd_q), n),
         lz4_q_bits=bits_per_element(len(lz4_q), n),
-        roundtrip_ok=roundtrip_ok, baselines=base,
+        roundtrip_ok=roundtrip_ok, baselines=base, pcodec=pco,
     )
 
 
@@ -564,6 +608,7 @@ def machine_info() -> dict[str, Any]:
         "numba": numba.__version__,
         "zstandard": zstandard.__version__,
         "lz4": lz4.version.version,
+        "pcodec": importlib.metadata.version("pcodec") if pcodec else "not installed",
         "ggcomm": ggcomm.__version__,
         "ggcomm_threads": ggcomm.get_num_threads(),
         "torch_threads": torch.get_num_threads(),
@@ -607,9 +652,11 @@ def _intro(m: dict[str, Any], cfg: Config) -> list[str]:
         f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), "
         f"{m['memory_gib']} GiB memory; {m['platform']}",
         f"- Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, numba {m['numba']}, "
-        f"zstandard {m['zstandard']}, lz4 {m['lz4']}, ggcomm {m['ggcomm']}",
+        f"zstandard {m['zstandard']}, lz4 {m['lz4']}, pcodec {m['pcodec']}, "
+        f"ggcomm {m['ggcomm']}",
         f"- threads: ggcomm {m['ggcomm_threads']}, torch {m['torch_threads']}, zstd compress "
-        f"{cfg.zstd_threads} (0 = single-threaded; zstd decompress and lz4 are single-threaded)",
+        f"{cfg.zstd_threads} (0 = single-threaded; zstd decompress, lz4 and pcodec are "
+        "single-threaded)",
         f"- load average (1, 5, 15 min) at start {m['loadavg_start']}, "
         f"at end {m['loadavg_end']}",
         f"- sizes {', '.join(f'{s:g}' for s in cfg.sizes_mib)} MiB of float32; median of "
@@ -627,20 +674,33 @@ def _intro(m: dict[str, Any], cfg: Config) -> list[str]:
     ]
 
 
+def _pco(row: CodecRow, attr: str, fmt: str) -> str:
+    """One pcodec cell: ``fmt`` of the row's pcodec ``attr``, or n/a without pcodec."""
+    return "n/a" if row.pcodec is None else format(getattr(row.pcodec, attr), fmt)
+
+
+def _pco_note() -> str:
+    return f" pcodec columns: n/a, {PCODEC_MISSING}." if PCODEC_MISSING else ""
+
+
 def _throughput(rows: list[CodecRow]) -> list[str]:
-    """Encode and decode speed next to fp16, zstd and lz4 on the same tensors."""
+    """Encode and decode speed next to fp16, zstd, lz4 and pcodec on the same tensors."""
     return md_section(
         "Throughput (GB/s of float32 input)",
         "`dec out=` decodes into a preallocated tensor, `dec alloc` allocates its result. "
-        "zstd-1 and lz4 work on the raw float32 bytes. Looped calls re-use one input, so "
-        "sizes that fit in the CPU caches are measured cache-hot, for every method alike.",
+        "zstd-1 and lz4 work on the raw float32 bytes. `pco c` / `pco d` are pcodec's "
+        "standalone compress and decompress (default level, one thread) of the quantized "
+        "symbols of the bits table (`pcodec q`), quantization not included, in GB/s of the "
+        "float32 input those symbols stand for. Looped calls re-use one input, so sizes that "
+        "fit in the CPU caches are measured cache-hot, for every method alike." + _pco_note(),
         ["data", "MiB", "enc", "dec out=", "dec alloc", "fp16 cast", "enc / fp16",
-         "zstd-1 c", "zstd-1 d", "lz4 c", "lz4 d"],
+         "zstd-1 c", "zstd-1 d", "lz4 c", "lz4 d", "pco c", "pco d"],
         [[r.label, f"{r.size_mib:g}", f"{r.encode_gbps:.2f}", f"{r.decode_out_gbps:.2f}",
           f"{r.decode_alloc_gbps:.2f}", f"{r.baselines.fp16_gbps:.2f}",
           f"{r.encode_gbps / r.baselines.fp16_gbps:.2f}", f"{r.baselines.zstd_c_gbps:.2f}",
           f"{r.baselines.zstd_d_gbps:.2f}", f"{r.baselines.lz4_c_gbps:.2f}",
-          f"{r.baselines.lz4_d_gbps:.2f}"] for r in rows])
+          f"{r.baselines.lz4_d_gbps:.2f}", _pco(r, "c_gbps", ".2f"), _pco(r, "d_gbps", ".2f")]
+         for r in rows])
 
 
 def _bits(rows: list[CodecRow]) -> list[str]:
@@ -651,17 +711,22 @@ def _bits(rows: list[CodecRow]) -> list[str]:
         "table, shape, segment and CRC). `H` is the empirical entropy of the quantized "
         "symbols over the whole tensor (zeroth order: per-block adaptation can beat it on "
         "non-stationary data such as gradients). `zstd-1 q` / `lz4 q` compress those symbols "
-        "stored as the `q as` integer type; `f32` columns compress the raw float32 input. "
+        "stored as the `q as` integer type, `pcodec q` the same symbols with pcodec's "
+        "standalone format at its default level (as int16 where `q as` is int8; decompressed "
+        "exactly, else the run stops); `f32` columns compress the raw float32 input. "
         "`ZR blk` is the share of blocks coded as zero runs, `mean k` the mean Exp-Golomb "
-        "order of the other blocks; `rt` says decode returned exactly float32(q * step).",
+        "order of the other blocks; `rt` says decode returned exactly float32(q * step)."
+        + _pco_note(),
         ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "zero sym",
-         "ZR blk", "mean k", "q as", "zstd-1 q", "lz4 q", "zstd-1 f32", "lz4 f32", "rt"],
+         "ZR blk", "mean k", "q as", "zstd-1 q", "lz4 q", "pcodec q", "zstd-1 f32", "lz4 f32",
+         "rt"],
         [[r.label, f"{r.size_mib:g}", f"{r.step:.4g}", f"{r.frame_bits:.3f}",
           f"{r.payload_bits:.3f}", f"{r.header_pct:.3f}", f"{r.entropy_bits:.3f}",
           f"{r.bits_over_entropy:.4f}", f"{r.zero_symbol_fraction:.1%}",
           f"{r.zero_run_block_fraction:.0%}",
           f"{r.mean_k:.2f}" if math.isfinite(r.mean_k) else "-", r.q_dtype,
-          f"{r.zstd_q_bits:.3f}", f"{r.lz4_q_bits:.3f}", f"{r.baselines.zstd_raw_bits:.3f}",
+          f"{r.zstd_q_bits:.3f}", f"{r.lz4_q_bits:.3f}", _pco(r, "bits", ".3f"),
+          f"{r.baselines.zstd_raw_bits:.3f}",
           f"{r.baselines.lz4_raw_bits:.3f}", "ok" if r.roundtrip_ok else "MISMATCH"]
          for r in rows])
 

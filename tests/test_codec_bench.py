@@ -1,0 +1,90 @@
+"""The codec benchmark's pcodec comparison: bits and round trip on quantized symbols, and
+the report with and without pcodec installed."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ggcomm import quant
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import codec_bench  # noqa: E402
+
+
+def gaussian_symbols(n: int, step: float, seed: int = 0) -> np.ndarray:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return quant.quantize(x, step).numpy()
+
+
+def small_row() -> codec_bench.CodecRow:
+    """One benchmark row measured end to end on 16384 GG(beta=1) elements."""
+    spec = codec_bench.DataSpec(
+        "gg", "GG beta=1", lambda n: torch.randn(n), [codec_bench.Setting("GG @3b", 3.0, 0.3)],
+        beta=1.0)
+    x = codec_bench.gg.sample(1 << 14, 1.0, generator=torch.Generator().manual_seed(1))
+    cfg = codec_bench.Config([0.0625], reps=1, quick=True, seed=0, zstd_threads=0)
+    base = codec_bench.measure_baselines(x, cfg.reps, cfg.zstd_threads)
+    return codec_bench.measure_codec(spec, spec.settings[0], x, 0.0625, base, cfg)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int8])
+def test_pcodec_bits_near_entropy_exact_round_trip(dtype: type) -> None:
+    pytest.importorskip("pcodec")
+    q = gaussian_symbols(100_000, 0.3).astype(dtype)
+    entropy = codec_bench.empirical_entropy(q)
+    res = codec_bench.measure_pcodec(q, reps=1)
+    assert res is not None
+    assert res.dtype == ("int16" if dtype is np.int8 else np.dtype(dtype).name)
+    # a static code over the whole chunk cannot go below the empirical entropy
+    assert entropy < res.bits < 1.05 * entropy, (res.bits, entropy)
+    assert math.isfinite(res.c_gbps) and res.c_gbps > 0
+    assert math.isfinite(res.d_gbps) and res.d_gbps > 0
+
+
+def test_pcodec_round_trip_mismatch_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pcodec")
+    real = codec_bench.pco_standalone
+
+    def corrupt(blob: bytes) -> np.ndarray:
+        back = real.simple_decompress(blob)
+        back[123] += 1
+        return back
+
+    fake = SimpleNamespace(simple_compress=real.simple_compress, simple_decompress=corrupt)
+    monkeypatch.setattr(codec_bench, "pco_standalone", fake)
+    with pytest.raises(RuntimeError, match="not exact"):
+        codec_bench.measure_pcodec(gaussian_symbols(10_000, 0.5), reps=1)
+
+
+def test_report_has_pcodec_columns() -> None:
+    pytest.importorskip("pcodec")
+    row = small_row()
+    assert row.roundtrip_ok and row.pcodec is not None
+    assert row.pcodec.bits < 1.05 * row.entropy_bits
+    throughput, bits = codec_bench._throughput([row]), codec_bench._bits([row])
+    assert "| pco c | pco d |" in throughput[5] and "| pcodec q |" in bits[5]
+    assert f"| {row.pcodec.c_gbps:.2f} | {row.pcodec.d_gbps:.2f} |" in throughput[-1]
+    assert f"| {row.pcodec.bits:.3f} |" in bits[-1]
+    assert "n/a" not in "\n".join(throughput + bits)
+
+
+def test_report_without_pcodec(monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = "pcodec is not installed (No module named 'pcodec')"
+    monkeypatch.setattr(codec_bench, "pco_standalone", None)
+    monkeypatch.setattr(codec_bench, "PCODEC_MISSING", reason)
+    assert codec_bench.measure_pcodec(gaussian_symbols(1000, 0.5), reps=1) is None
+    row = small_row()
+    assert row.pcodec is None and row.roundtrip_ok
+    for section in (codec_bench._throughput([row]), codec_bench._bits([row])):
+        assert f"pcodec columns: n/a, {reason}." in section[3]
+        assert "| n/a |" in section[-1]
