@@ -57,7 +57,7 @@ else:
 
 MIB = 1 << 20
 KIB = 1 << 10
-GG_BETAS = (0.5, 1.0, 2.0)
+GG_BETAS = (0.5, 1.0, 2.0, 3.0)
 GG_TARGET_BITS = (2.0, 3.0, 4.5)
 GRAD_TARGET_BITS = 3.0
 SPARSE_ZERO_FRACTION = 0.9
@@ -67,11 +67,14 @@ OVERHEAD_SIZES_KIB = (4, 64, 256, 1024)
 MIN_SAMPLE_SECONDS = 0.02  # shorter calls are looped inside one timed sample
 
 # Targets (see the "Targets" section of the report).
-TARGET_GBPS = 2.0
-TARGET_ENTROPY_SLACK = 1.08
+TARGET_GBPS = 4.0
+TARGET_SPEED_MIN_MIB = 16
+# frame bits / entropy at most this at each GG target rate (the lowest rate gets more: a
+# prefix code spends at least one bit on the most frequent symbol)
+TARGET_ENTROPY_SLACK = {2.0: 1.08, 3.0: 1.05, 4.5: 1.05}
 TARGET_HEADER_PCT = 1.0
 TARGET_HEADER_MIN_BYTES = 256 * KIB
-TARGET_SPARSE_BITS = 1.0
+TARGET_SPARSE_BITS = 0.9
 
 
 # --------------------------------------------------------------------------- records
@@ -124,7 +127,9 @@ class CodecRow:
     bits_over_entropy: float  # frame_bits / entropy_bits
     zero_symbol_fraction: float
     zero_run_block_fraction: float
+    rice_block_fraction: float  # blocks in Golomb-Rice mode (FORMAT.md mode 2)
     mean_k: float  # mean Exp-Golomb order over "eg" blocks (nan if none)
+    mean_k_rice: float  # mean Golomb-Rice parameter over "rice" blocks (nan if none)
     q_dtype: str  # integer type the quantized symbols were stored as for zstd / lz4
     zstd_q_bits: float
     lz4_q_bits: float
@@ -442,6 +447,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
     del q_bytes
 
     eg_ks = [b.k for b in info.blocks if b.mode == "eg"]
+    rice_ks = [b.k for b in info.blocks if b.mode == "rice"]
     payload = len(info.payload)
     return CodecRow(
         data=spec.data, label=setting.label, size_mib=size_mib, numel=n, step=step,
@@ -456,7 +462,9 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
         zero_symbol_fraction=zero_fraction,
         zero_run_block_fraction=sum(b.mode == "zero_runs" for b in info.blocks)
         / len(info.blocks),
+        rice_block_fraction=len(rice_ks) / len(info.blocks),
         mean_k=statistics.fmean(eg_ks) if eg_ks else math.nan,
+        mean_k_rice=statistics.fmean(rice_ks) if rice_ks else math.nan,
         q_dtype=q_dtype.name,
         zstd_q_bits=bits_per_element(len(zstd_q), n),
         lz4_q_bits=bits_per_element(len(lz4_q), n),
@@ -519,6 +527,10 @@ def _where(row: CodecRow) -> str:
 
 def evaluate_targets(rows: list[CodecRow], overhead: list[OverheadRow]) -> list[TargetResult]:
     results = []
+    all_rows = rows
+    # speed targets: tensors of 16 MiB and more (the cast comparison at the largest size)
+    rows = [r for r in all_rows if r.size_mib >= TARGET_SPEED_MIN_MIB] or all_rows
+    largest = [r for r in rows if r.size_mib == max(r.size_mib for r in rows)]
     for attr, name in (("encode_gbps", "encode"), ("decode_out_gbps", "decode (out=)"),
                        ("decode_alloc_gbps", "decode (allocating)")):
         worst = min(rows, key=lambda r: getattr(r, attr))
@@ -527,28 +539,32 @@ def evaluate_targets(rows: list[CodecRow], overhead: list[OverheadRow]) -> list[
             f"{s:g} MiB: {min(getattr(r, attr) for r in rows if r.size_mib == s):.2f}"
             for s in sorted({r.size_mib for r in rows}))
         results.append(TargetResult(
-            f"{name} >= {TARGET_GBPS:g} GB/s of float32 input", met == len(rows),
+            f"{name} >= {TARGET_GBPS:g} GB/s of float32 input, tensors of "
+            f"{TARGET_SPEED_MIN_MIB:g} MiB and more", met == len(rows),
             f"{met}/{len(rows)} rows; min {getattr(worst, attr):.2f} GB/s ({_where(worst)}); "
             f"min per size: {per_size}"))
 
     for attr, name in (("encode_gbps", "encode"), ("decode_out_gbps", "decode (out=)"),
                        ("decode_alloc_gbps", "decode (allocating)")):
-        ratios = [(getattr(r, attr) / r.baselines.fp16_gbps, r) for r in rows]
+        ratios = [(getattr(r, attr) / r.baselines.fp16_gbps, r) for r in largest]
         worst_ratio, worst = min(ratios, key=lambda t: t[0])
         met = sum(ratio >= 1.0 for ratio, _ in ratios)
         results.append(TargetResult(
-            f"{name} no slower than x.half() on the same tensor", met == len(rows),
-            f"{met}/{len(rows)} rows; worst {name} / fp16 throughput {worst_ratio:.2f} "
+            f"{name} no slower than x.half() on the same tensor, {largest[0].size_mib:g} MiB",
+            met == len(largest),
+            f"{met}/{len(largest)} rows; worst {name} / fp16 throughput {worst_ratio:.2f} "
             f"({_where(worst)})"))
 
+    rows = all_rows
     gg_rows = [r for r in rows if r.data == "gg"]
     for beta in sorted({r.beta for r in gg_rows}):
         for target in sorted({r.target_bits for r in gg_rows if r.beta == beta}):
             group = [r for r in gg_rows if r.beta == beta and r.target_bits == target]
             worst = max(group, key=lambda r: r.bits_over_entropy)
+            slack = TARGET_ENTROPY_SLACK[target]
             results.append(TargetResult(
-                f"GG beta={beta:g} @~{target:g}b: frame bits <= {TARGET_ENTROPY_SLACK:g} x "
-                "entropy", worst.bits_over_entropy <= TARGET_ENTROPY_SLACK,
+                f"GG beta={beta:g} @~{target:g}b: frame bits <= {slack:g} x "
+                "entropy", worst.bits_over_entropy <= slack,
                 f"worst over sizes {worst.bits_over_entropy:.4f} "
                 f"({worst.frame_bits:.3f} vs {worst.entropy_bits:.3f} b/e, "
                 f"{worst.size_mib:g} MiB)"))
@@ -714,17 +730,20 @@ def _bits(rows: list[CodecRow]) -> list[str]:
         "stored as the `q as` integer type, `pcodec q` the same symbols with pcodec's "
         "standalone format at its default level (as int16 where `q as` is int8; decompressed "
         "exactly, else the run stops); `f32` columns compress the raw float32 input. "
-        "`ZR blk` is the share of blocks coded as zero runs, `mean k` the mean Exp-Golomb "
-        "order of the other blocks; `rt` says decode returned exactly float32(q * step)."
+        "`ZR blk` is the share of blocks coded as zero runs and `GR blk` in Golomb-Rice mode "
+        "(frame format 2's mode 2), `mean k` the mean Exp-Golomb order of the EG blocks and "
+        "`GR k` the mean Golomb-Rice parameter; `rt` says decode returned exactly "
+        "float32(q * step)."
         + _pco_note(),
         ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "zero sym",
-         "ZR blk", "mean k", "q as", "zstd-1 q", "lz4 q", "pcodec q", "zstd-1 f32", "lz4 f32",
-         "rt"],
+         "ZR blk", "GR blk", "mean k", "GR k", "q as", "zstd-1 q", "lz4 q", "pcodec q",
+         "zstd-1 f32", "lz4 f32", "rt"],
         [[r.label, f"{r.size_mib:g}", f"{r.step:.4g}", f"{r.frame_bits:.3f}",
           f"{r.payload_bits:.3f}", f"{r.header_pct:.3f}", f"{r.entropy_bits:.3f}",
           f"{r.bits_over_entropy:.4f}", f"{r.zero_symbol_fraction:.1%}",
-          f"{r.zero_run_block_fraction:.0%}",
-          f"{r.mean_k:.2f}" if math.isfinite(r.mean_k) else "-", r.q_dtype,
+          f"{r.zero_run_block_fraction:.0%}", f"{r.rice_block_fraction:.0%}",
+          f"{r.mean_k:.2f}" if math.isfinite(r.mean_k) else "-",
+          f"{r.mean_k_rice:.2f}" if math.isfinite(r.mean_k_rice) else "-", r.q_dtype,
           f"{r.zstd_q_bits:.3f}", f"{r.lz4_q_bits:.3f}", _pco(r, "bits", ".3f"),
           f"{r.baselines.zstd_raw_bits:.3f}",
           f"{r.baselines.lz4_raw_bits:.3f}", "ok" if r.roundtrip_ok else "MISMATCH"]

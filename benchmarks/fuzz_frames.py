@@ -392,9 +392,10 @@ def forge(rng) -> bytes:
                                     for i in range(0, n, max(1, bs))), 300))
     blocks, payload, zeros, n = [], b"", [], 0  # zeros: positions coded u = 0
     for c in counts:
-        mode = int(rng.random() < 0.4)
+        r_mode = rng.random()
+        mode = eg.MODE_ZERO_RUNS if r_mode < 0.3 else eg.MODE_RICE if r_mode < 0.55 else eg.MODE_EG
         k = int(rng.integers(0, 5)) if rng.random() < 0.9 else int(rng.integers(0, 32))
-        krun = int(rng.integers(0, 4)) if mode else 0
+        krun = int(rng.integers(0, 4)) if mode == eg.MODE_ZERO_RUNS else 0
         if rng.random() < 0.7 and c <= 4096 and k <= 30 and krun <= 30:
             us = [0 if rng.random() < 0.6 else int(rng.integers(1, 50)) for _ in range(c)]
             data, nbits = reference.encode_block(us, mode, k, krun)
@@ -422,7 +423,7 @@ def forge(rng) -> bytes:
 
 def craft(*, numel: int, shape=None, segments=None, block_size: int = 16384, blocks=(),
           exc_pos=(), exc_raw: bytes = b"", payload: bytes = b"", dcode: int = 1,
-          magic: bytes = b"GGEG", version: int = 1, flags: int = 0, tag: int = 0,
+          magic: bytes = b"GGEG", version: int = 2, flags: int = 0, tag: int = 0,
           ndim=None, n_segments=None, n_blocks=None, n_exceptions=None,
           payload_len=None) -> bytes:
     """A frame from its fields (FORMAT.md, Layout) with a valid CRC; the counts in the
@@ -500,11 +501,15 @@ def _expected(data: bytes, info: codec.FrameInfo, q: torch.Tensor) -> tuple[torc
     return vals.reshape(info.shape), overflow
 
 
+_MODES = {"eg": eg.MODE_EG, "zero_runs": eg.MODE_ZERO_RUNS, "rice": eg.MODE_RICE}
+
+
 def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
     """A frame that decodes must obey FORMAT.md's rules on its header and tables."""
     problems = []
     magic, version, dcode, ndim, flags = HEAD.unpack_from(data, 0)[:5]
-    if (magic, version, flags) != (b"GGEG", 1, 0) or dcode not in ITEMSIZE or ndim > 64:
+    if (magic, flags) != (b"GGEG", 0) or version not in (1, 2) or dcode not in ITEMSIZE \
+            or ndim > 64:
         problems.append("magic, version, dtype, ndim or flags")
     lay = layout(data)
     if any(data[lay.blk + 8 * i + 3] for i in range(lay.n_blocks)):
@@ -521,10 +526,11 @@ def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
             pos and not 0 <= pos[0] <= pos[-1] < info.numel):
         problems.append("exception positions")
     for b in info.blocks:
-        need = codec._min_block_bits(np.array([0 if b.mode == "eg" else 1]),
+        need = codec._min_block_bits(np.array([_MODES[b.mode]]),
                                      np.array([b.k]), np.array([b.k_run]),
                                      np.array([b.count]))[0]
-        if b.k > 30 or b.k_run > 30 or (b.mode == "eg" and b.k_run) or b.bit_length < need:
+        if b.k > 30 or b.k_run > 30 or (b.mode != "zero_runs" and b.k_run) \
+                or b.bit_length < need or (b.mode == "rice" and version < 2):
             problems.append(f"block {b}")
             break
     if problems:
@@ -542,8 +548,7 @@ def _reference_symbols(info: codec.FrameInfo) -> np.ndarray:
         lo, hi = b.bit_offset // 8, (b.bit_offset + b.bit_length + 7) // 8
         chunk = info.payload[lo:hi]
         try:
-            us = reference.decode_block(chunk, b.bit_length, b.count,
-                                        eg.MODE_EG if b.mode == "eg" else eg.MODE_ZERO_RUNS,
+            us = reference.decode_block(chunk, b.bit_length, b.count, _MODES[b.mode],
                                         b.k, b.k_run)
         except ValueError as e:
             raise Violation(f"decoded a block the reference rejects: {e}") from None

@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 MAGIC = b"GGEG"
-VERSION = 1
+VERSION = 2  # the version ggcomm writes
+# Versions ggcomm reads, with the block modes each may use: version 1 has no mode 2.
+READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_RICE}
 DEFAULT_BLOCK_SIZE = 16384
 MAX_NDIM = 64
 # Largest element count, and dimension, a frame may claim: element indices and sums of a
@@ -81,6 +83,8 @@ def header_bytes(ndim: int, n_segments: int, n_blocks, n_exceptions, itemsize: i
     return (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_segments + _BLOCK.itemsize * n_blocks
             + n_exceptions * (8 + itemsize))
 
+_MODE_NAMES = {eg.MODE_EG: "eg", eg.MODE_ZERO_RUNS: "zero_runs", eg.MODE_RICE: "rice"}
+
 # Below this many blocks a task, threads cost more than they save.
 _MIN_BLOCKS_PER_TASK = 4
 
@@ -102,8 +106,8 @@ class BlockInfo:
     first: int  # index of the block's first element in the flattened tensor
     count: int  # elements in the block
     segment: int  # the segment the block belongs to (blocks never span segments)
-    mode: str  # "eg" or "zero_runs"
-    k: int  # Exp-Golomb order of the values
+    mode: str  # "eg", "zero_runs" or "rice" (modes 0, 1, 2 of docs/FORMAT.md)
+    k: int  # Exp-Golomb order (Golomb-Rice parameter in "rice" mode) of the values
     k_run: int  # order of the zero-run lengths (zero_runs mode only)
     bit_offset: int  # first bit of the block within the payload
     bit_length: int  # bits of codewords (the block is then zero-padded to a byte)
@@ -149,6 +153,7 @@ class _Header:
     payload_off: int
     payload_len: int
     nbytes: int
+    version: int = VERSION
 
 
 class Frame:
@@ -537,7 +542,7 @@ def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
                     counts: np.ndarray) -> np.ndarray:
     """The fewest bits a valid block of ``counts`` elements can have (FORMAT.md, Blocks).
 
-    Mode 0: one codeword of at least k + 1 bits per element. Mode 1: the cheapest parse is
+    Modes 0 and 2: one codeword of at least k + 1 bits per element. Mode 1: the cheapest parse is
     one run of all ``count`` zeros, or a run of ``count - 1`` zeros and the value 1 (merging
     two runs around a value never costs bits: EG_krun(a + b + 1) <= EG_krun(max) + 2, and
     the run and value codewords it removes take at least 2), so the minimum is the
@@ -546,7 +551,7 @@ def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
     eg_bits = counts * (k + 1)
     one_run = _eg_lengths(counts, k_run)
     run_and_one = _eg_lengths(np.maximum(counts - 1, 0), k_run) + k + 1
-    return np.where(mode == eg.MODE_EG, eg_bits, np.minimum(one_run, run_and_one))
+    return np.where(mode != eg.MODE_ZERO_RUNS, eg_bits, np.minimum(one_run, run_and_one))
 
 
 def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
@@ -561,8 +566,9 @@ def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
         payload_len = _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FrameError(f"not a ggcomm frame: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise FrameError(f"frame version {version}, this ggcomm reads version {VERSION}")
+    if version not in READ_VERSIONS:
+        raise FrameError(f"frame version {version}, this ggcomm reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}")
     (crc,) = _CRC.unpack_from(buf, n - _CRC.size)
     if zlib.crc32(buf[: n - _CRC.size]) != crc:
         raise FrameError(f"checksum mismatch: the {n}-byte frame is corrupt or truncated")
@@ -590,20 +596,23 @@ def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
     if expected != n:
         raise FrameError(f"frame is {n} bytes but its header describes {expected}")
 
-    return dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len
+    return (dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len,
+            version)
 
 
 def _check_block_table(buf: np.ndarray, payload_at: int, blocks: np.ndarray,
-                       bits: np.ndarray, nbytes: np.ndarray, counts: np.ndarray) -> None:
+                       bits: np.ndarray, nbytes: np.ndarray, counts: np.ndarray,
+                       version: int) -> None:
     """Modes, orders, reserved bytes, each block's minimum bit budget and its padding."""
-    if (blocks["mode"] > eg.MODE_ZERO_RUNS).any():
-        raise FrameError(f"unknown block mode {int(blocks['mode'].max())}")
+    if (blocks["mode"] > READ_VERSIONS[version]).any():
+        raise FrameError(f"unknown block mode {int(blocks['mode'].max())} in a version "
+                         f"{version} frame")
     if (blocks["k"] > eg.K_MAX).any() or (blocks["k_run"] > eg.K_MAX).any():
         raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
     if (blocks["reserved"] != 0).any():
         raise FrameError("reserved block-table bytes are not zero")
-    if ((blocks["mode"] == eg.MODE_EG) & (blocks["k_run"] != 0)).any():
-        raise FrameError("an EG-mode block has a nonzero k_run")
+    if ((blocks["mode"] != eg.MODE_ZERO_RUNS) & (blocks["k_run"] != 0)).any():
+        raise FrameError("an EG- or Rice-mode block has a nonzero k_run")
     need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
                            blocks["k_run"].astype(np.int64), counts)
     short = np.flatnonzero(bits < need)
@@ -632,8 +641,8 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     caller's limit.
     """
     n = buf.size
-    dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len = \
-        _fixed_fields(buf, max_numel)
+    dtype, itemsize, ndim, tag, block_size, numel, n_seg, n_blocks, n_exc, payload_len, \
+        version = _fixed_fields(buf, max_numel)
 
     o = _FIXED.size
     shape = tuple(int(d) for d in buf[o:o + 8 * ndim].view("<u8"))
@@ -673,12 +682,12 @@ def _parse(buf: np.ndarray, max_numel: int | None = None) -> _Header:
     if int(nbytes.sum()) != payload_len:  # no blocks: no payload
         raise FrameError(f"block lengths do not add up to the {payload_len}-byte payload")
     if n_blocks:
-        _check_block_table(buf, o, blocks, bits, nbytes, layout[1])
+        _check_block_table(buf, o, blocks, bits, nbytes, layout[1], version)
     if n_exc and ((exc_pos < 0).any() or (exc_pos >= numel).any()
                   or (np.diff(exc_pos) <= 0).any()):
         raise FrameError("exception positions are not increasing positions inside the tensor")
     return _Header(dtype, shape, numel, tag, block_size, bounds, steps, layout, blocks,
-                   exc_pos, exc_off, o, payload_len, n)
+                   exc_pos, exc_off, o, payload_len, n, version)
 
 
 # --------------------------------------------------------------------------- decode
@@ -825,11 +834,11 @@ def inspect(frame, *, max_numel: int | None = None) -> FrameInfo:
     for b, rec in enumerate(h.blocks):
         nbits = int(rec["bits"])
         blocks.append(BlockInfo(int(starts[b]), int(counts[b]), int(seg[b]),
-                                "eg" if rec["mode"] == eg.MODE_EG else "zero_runs",
+                                _MODE_NAMES[int(rec["mode"])],
                                 int(rec["k"]), int(rec["k_run"]), bit_off, nbits))
         bit_off += (nbits + 7) // 8 * 8
     return FrameInfo(
-        version=VERSION, dtype=h.dtype, shape=h.shape, numel=h.numel, tag=h.tag,
+        version=h.version, dtype=h.dtype, shape=h.shape, numel=h.numel, tag=h.tag,
         block_size=h.block_size,
         segment_lengths=tuple(int(v) for v in np.diff(h.seg_bounds)),
         steps=tuple(float(s) for s in h.steps), blocks=tuple(blocks),

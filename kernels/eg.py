@@ -30,6 +30,8 @@ MAX_BLOCK_SIZE = 1 << 22
 
 MODE_EG = 0  # each element: EG_k(u)
 MODE_ZERO_RUNS = 1  # (EG_krun(run of zeros), EG_k(u - 1)) pairs, see FORMAT.md
+MODE_RICE = 2  # each element: Golomb-Rice_k(u), EG_k(u) escape after RICE_ESC zeros
+RICE_ESC = 16  # unary prefixes of this many zeros start an escape (FORMAT.md, mode 2)
 
 
 @register_jitable
@@ -51,7 +53,11 @@ ERR_EXCEPTION_CODE = 7
 _QMAXF = float(QMAX)
 NBINS = 33  # bit lengths 0..32: every code value (symbols below 2**31, zero runs below 2**23)
 _NBINS = NBINS
-_HCOLS = 2 * _NBINS + 1  # histogram, row total, suffix sums (see _summarize)
+# Columns of a block histogram H: the (m, t) histogram, row total, suffix sums (see
+# _summarize), then _TOP columns counting the top 4 bits of u per bit length m (Rice costs)
+_TOP = 16
+_GCOL = 2 * _NBINS + 1
+_HCOLS = _GCOL + _TOP
 _SMALL = 64  # symbols below this are histogrammed by table
 
 
@@ -84,13 +90,16 @@ def _quantize_to(x, start, cnt, inv, lim, scratch):
 
 @njit(nogil=True, cache=True)
 def _hist_add(H, u):
-    """Histogram of (bit length m of u, leading one bits t of u); see _eg_cost."""
+    """Histogram of (bit length m of u, leading one bits t of u); see _eg_cost. Also the
+    top four bits of u per m (u shifted to 4 bits, see _rice_cost)."""
     if u == 0:
         H[0, 0] += 1
+        H[0, _GCOL] += 1
     else:
         m = 64 - clz64(u)
         y = u << (64 - m)
         H[m, clz64(~y)] += 1
+        H[m, _GCOL + lshr(y, 60)] += 1
 
 
 @njit(nogil=True, cache=True)
@@ -119,9 +128,12 @@ def _fold_small(T, H):
         if c:
             if u == 0:
                 H[0, 0] += c
+                H[0, _GCOL] += c
             else:
                 m = 64 - clz64(u)
-                H[m, clz64(~(np.int64(u) << (64 - m)))] += c
+                y = np.int64(u) << (64 - m)
+                H[m, clz64(~y)] += c
+                H[m, _GCOL + lshr(y, 60)] += c
 
 
 @njit(nogil=True, cache=True)
@@ -135,14 +147,53 @@ def _eg_cost(H, k):
     """
     total = 0
     for m in range(_NBINS):
-        c = H[m, _NBINS]
-        if c == 0:
-            continue
-        if m <= k:
-            total += c * (k + 1)
-        else:
-            total += c * (2 * m - k - 1) + 2 * H[m, _NBINS + 1 + m - k]
+        total += _eg_row_cost(H, m, k)
     return total
+
+
+@njit(nogil=True, cache=True)
+def _eg_row_cost(H, m, k):
+    """EG_k bits of the symbols of bit length m histogrammed in H (see _eg_cost)."""
+    c = H[m, _NBINS]
+    if m <= k:
+        return c * (k + 1)
+    return c * (2 * m - k - 1) + 2 * H[m, _NBINS + 1 + m - k]
+
+
+@njit(nogil=True, cache=True)
+def _rice_cost(H, k):
+    """Exact bits of mode 2 (Golomb-Rice_k, EG_k escape) over the symbols histogrammed in H
+    (summarized).
+
+    For u of bit length m: m <= k costs k + 1 bits; k < m <= k + 4 costs (u >> k) + 1 + k,
+    where u >> k is the top m - k bits of u, read off the top-4-bits columns; m > k + 4
+    means u >= 16 * 2**k, an escape: RICE_ESC + EG_k(u), as in _eg_cost.
+    """
+    total = 0
+    for m in range(_NBINS):
+        if m <= k or H[m, _NBINS] == 0:
+            total += H[m, _NBINS] * (k + 1)
+        elif m <= k + 4:
+            sh = 4 - (m - k)
+            for j in range(_TOP):
+                total += H[m, _GCOL + j] * ((j >> sh) + 1 + k)
+        else:
+            total += H[m, _NBINS] * RICE_ESC + _eg_row_cost(H, m, k)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _best_order(H, maxm, rice):
+    """(k, bits) minimising EG_k bits (mode 2's with rice) for the summarized histogram;
+    ties go to the smaller k. Orders past maxm (the largest bit length) only add bits."""
+    best_k = 0
+    best = _rice_cost(H, 0) if rice else _eg_cost(H, 0)
+    for k in range(1, min(maxm, K_MAX) + 1):
+        c = _rice_cost(H, k) if rice else _eg_cost(H, k)
+        if c < best:
+            best = c
+            best_k = k
+    return best_k, best
 
 
 @njit(nogil=True, cache=True)
@@ -162,16 +213,11 @@ def _summarize(H):
 
 @njit(nogil=True, cache=True)
 def _best_k(H):
-    """(k, bits) minimising EG_k bits for the histogram; ties go to the smaller k."""
+    """(k, bits, largest bit length) minimising EG_k bits for the histogram; ties go to the
+    smaller k."""
     maxm = _summarize(H)
-    best_k = 0
-    best = _eg_cost(H, 0)
-    for k in range(1, min(maxm, K_MAX) + 1):
-        c = _eg_cost(H, k)
-        if c < best:
-            best = c
-            best_k = k
-    return best_k, best
+    best_k, best = _best_order(H, maxm, False)
+    return best_k, best, maxm
 
 
 @njit(nogil=True, cache=True)
@@ -240,6 +286,23 @@ def _put_eg(ptr, p, acc, nacc, u, k):
 
 
 @njit(nogil=True, cache=True)
+def _put_rice(ptr, p, acc, nacc, u, k):
+    """Append u's mode-2 codeword: q = u >> k zeros, then 2**k + (u mod 2**k) in k + 1 bits
+    (q < RICE_ESC); else RICE_ESC zeros and the order-k EG codeword of u."""
+    q = u >> k
+    if q >= RICE_ESC:
+        p, acc, nacc = _put(ptr, p, acc, nacc, np.int64(0), RICE_ESC)
+        return _put_eg(ptr, p, acc, nacc, u, k)
+    one_k = np.int64(1) << k
+    c = one_k | (u & (one_k - 1))
+    length = q + 1 + k
+    if length <= 32:
+        return _put(ptr, p, acc, nacc, c, length)
+    p, acc, nacc = _put(ptr, p, acc, nacc, np.int64(0), q)  # q > 0 here: k + 1 <= 31
+    return _put(ptr, p, acc, nacc, c, k + 1)
+
+
+@njit(nogil=True, cache=True)
 def _write_block(scratch, cnt, mode, k, krun, out, p):
     """Write one block's codewords at byte p of out; returns (new p, bits written)."""
     p0 = p
@@ -264,6 +327,26 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
             j += 2
         if j < cnt:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, np.int64(scratch[j]), k)
+    elif mode == MODE_RICE:
+        # two codewords per store, as above, when neither is an escape and they fit
+        one_k = np.int64(1) << k
+        mask = one_k - 1
+        j = 0
+        while j + 1 < cnt:
+            u1 = np.int64(scratch[j])
+            u2 = np.int64(scratch[j + 1])
+            q1 = u1 >> k
+            q2 = u2 >> k
+            l2 = q2 + 1 + k
+            if q1 < RICE_ESC and q2 < RICE_ESC and q1 + l2 + 1 + k <= 32:
+                c = (((one_k | (u1 & mask)) << l2) | one_k | (u2 & mask))
+                p, acc, nacc = _put(ptr, p, acc, nacc, c, q1 + 1 + k + l2)
+            else:
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u1, k)
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u2, k)
+            j += 2
+        if j < cnt:
+            p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
     else:
         run = np.int64(0)
         for j in range(cnt):
@@ -365,31 +448,36 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
     position, or -1 if out is too small (nothing is written past its end).
     """
     _histogram(scratch, cnt, H, T)
+    mode = MODE_EG
     if k_fixed >= 0:
         _summarize(H)
         k = k_fixed
         bits = _eg_cost(H, k)
     else:
-        k, bits = _best_k(H)
-    mode = MODE_EG
+        k, bits, maxm = _best_k(H)
+        kr, rice_bits = _best_order(H, maxm, True)
+        if rice_bits < bits:
+            mode = MODE_RICE
+            k = kr
+            bits = rice_bits
     krun = 0
     zeros = H[0, 0]
     if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, cnt)
                           and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits):
         _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
-        krun, run_bits = _best_k(Hrun)
+        krun, run_bits, _ = _best_k(Hrun)
         if k_fixed >= 0:
             _summarize(Hval)
             kv = k_fixed
             val_bits = _eg_cost(Hval, kv)
         else:
-            kv, val_bits = _best_k(Hval)
+            kv, val_bits, _ = _best_k(Hval)
         if zero_runs == 2 or run_bits + val_bits < bits:
             mode = MODE_ZERO_RUNS
             k = kv
             bits = run_bits + val_bits
         else:
-            krun = 0  # mode 0 blocks carry k_run = 0
+            krun = 0  # mode 0 and 2 blocks carry k_run = 0
     if p + worst_case_bytes(cnt, zero_runs) > out.size:
         return -1
     p, written = _write_block(scratch, cnt, mode, k, krun, out, p)
@@ -617,6 +705,21 @@ def _read_eg(ptr, nbuf, pos, k):
     return c - (np.int64(1) << k), pos + length, 0
 
 
+@njit(nogil=True, cache=True)
+def _read_rice(ptr, nbuf, pos, k):
+    """Read one mode-2 codeword at bit pos: (value, new pos, error code)."""
+    w = _peek(ptr, nbuf, pos)
+    z = clz64(w)
+    if z < RICE_ESC:
+        length = z + 1 + k  # <= 46 bits: within the 64 peeked
+        u = (np.int64(z) << k) + lshr(w, 64 - length) - (np.int64(1) << k)
+        return u, pos + length, 0
+    u, pos, err = _read_eg(ptr, nbuf, pos + RICE_ESC, k)
+    if err == 0 and u < (np.int64(RICE_ESC) << k):  # has a shorter codeword: not canonical
+        return u, pos, ERR_VALUE_RANGE
+    return u, pos, err
+
+
 # Table-driven decoding: for orders k <= LUT_K_MAX, the top LUT_BITS bits of the stream
 # index a table entry holding up to three whole codewords found there (their symbols,
 # their total length, their count). One lookup then decodes ~2-3 symbols at the
@@ -626,8 +729,8 @@ LUT_K_MAX = 8
 
 
 @njit(nogil=True, cache=True)
-def build_lut(k, table):
-    """Fill table[0 : 2**LUT_BITS] for order k.
+def build_lut(k, table, rice=False):
+    """Fill table[0 : 2**LUT_BITS] for order k (EG codewords; mode-2 ones with rice).
 
     Entry: count (bits 0-1), total bits (bits 2-5), symbols at bits 8, 24, 40 (16 each).
     Count 0 means the first codeword is longer than LUT_BITS bits (or the bits are all
@@ -641,22 +744,33 @@ def build_lut(k, table):
             z = 0
             while used + z < LUT_BITS and (pat >> (LUT_BITS - 1 - used - z)) & 1 == 0:
                 z += 1
-            length = 2 * z + k + 1
-            if used + length > LUT_BITS:
-                break
-            nb = z + k + 1
-            c = (pat >> (LUT_BITS - used - length)) & ((1 << nb) - 1)
-            entry |= np.int64(c - (1 << k)) << (8 + 16 * n)
+            if rice:
+                length = z + k + 1
+                if used + length > LUT_BITS:
+                    break
+                c = (pat >> (LUT_BITS - used - length)) & ((1 << (k + 1)) - 1)
+                sym = (z << k) + c - (1 << k)
+            else:
+                length = 2 * z + k + 1
+                if used + length > LUT_BITS:
+                    break
+                nb = z + k + 1
+                c = (pat >> (LUT_BITS - used - length)) & ((1 << nb) - 1)
+                sym = c - (1 << k)
+            entry |= np.int64(sym) << (8 + 16 * n)
             n += 1
             used += length
         table[pat] = entry | n | (used << 2)
 
 
 @njit(nogil=True, cache=True)
-def _decode_eg_slow(ptr, nbuf, pos, k, scratch, j0, cnt):
+def _decode_eg_slow(ptr, nbuf, pos, k, scratch, j0, cnt, rice):
     """Decode symbols j0..cnt-1 one codeword at a time: (new pos, error code)."""
     for j in range(j0, cnt):
-        u, pos, err = _read_eg(ptr, nbuf, pos, k)
+        if rice:
+            u, pos, err = _read_rice(ptr, nbuf, pos, k)
+        else:
+            u, pos, err = _read_eg(ptr, nbuf, pos, k)
         if err:
             return pos, err
         if u > UMAX:
@@ -666,8 +780,9 @@ def _decode_eg_slow(ptr, nbuf, pos, k, scratch, j0, cnt):
 
 
 @njit(nogil=True, cache=True)
-def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
-    """Decode cnt EG_k symbols from bit pos into scratch: (new pos, error code).
+def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
+    """Decode cnt EG_k symbols (mode-2 ones with rice) from bit pos into scratch: (new pos,
+    error code).
 
     A 64-bit bit buffer is refilled without branches (an unaligned 8-byte load every
     iteration, F. Giesen's "variant 4"), so the serial dependency per step is a table
@@ -706,8 +821,23 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
             if j > jlim:
                 break
         z = clz64(bitbuf)
+        if rice:
+            length = z + kp1
+            if z < RICE_ESC and length <= bitcount:
+                u = (np.int64(z) << k) + lshr(bitbuf, 64 - length) - one_k
+                if u <= UMAX:
+                    scratch[j] = u
+                    j += 1
+                    pos += length
+                    continue
+            # an escape, a short window or a value out of range: the checked reader
+            pos, err = _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, j + 1, rice)
+            if err:
+                return pos, err
+            j += 1
+            continue
         if z > zfast or bitcount < 32:  # long (or corrupt) codeword, or a short window
-            pos, err = _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, j + 1)
+            pos, err = _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, j + 1, rice)
             if err:
                 return pos, err
             j += 1
@@ -716,7 +846,7 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch):
         scratch[j] = lshr(bitbuf, 64 - length) - one_k
         j += 1
         pos += length
-    return _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, cnt)
+    return _decode_eg_slow(ptr, nbuf, pos, k, scratch, j, cnt, rice)
 
 
 @njit(nogil=True, cache=True)
@@ -748,8 +878,10 @@ def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
     """Decode one block's symbols into scratch[:cnt] and check its length and padding."""
     ptr = data_ptr(payload)
     nbuf = payload.size
-    if mode == MODE_EG:
-        pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[min(k, LUT_K_MAX)], scratch)
+    if mode != MODE_ZERO_RUNS:
+        rice = mode == MODE_RICE
+        pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[np.int64(rice), min(k, LUT_K_MAX)],
+                              scratch, rice)
     else:
         pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch)
     if err:
@@ -786,7 +918,7 @@ def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, 
     [8*offsets[b], 8*offsets[b] + bits[b]). The code at every position of exc_pos (sorted)
     must be u = 0 (checked on the symbols: a value q * step can round to 0). Returns (error
     code, block), (0, -1) if ok. The block table itself (modes, ks, lengths adding up) is
-    validated by the caller. luts[k] is build_lut's table for order k, k = 0..LUT_K_MAX.
+    validated by the caller. luts is build_luts()' tables.
     """
     scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
     for b in range(b_lo, b_hi):
@@ -891,8 +1023,10 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
 
 
 def build_luts():
-    """Decoding tables for every order the table path covers (8 KiB-32 KiB each)."""
-    luts = np.empty((LUT_K_MAX + 1, 1 << LUT_BITS), np.int64)
+    """Decoding tables for every order the table path covers, EG codewords ([0, k]) and
+    mode-2 ones ([1, k]), 32 KiB each."""
+    luts = np.empty((2, LUT_K_MAX + 1, 1 << LUT_BITS), np.int64)
     for k in range(LUT_K_MAX + 1):
-        build_lut(k, luts[k])
+        build_lut(k, luts[0, k], False)
+        build_lut(k, luts[1, k], True)
     return luts

@@ -11,7 +11,16 @@ from fractions import Fraction
 
 import numpy as np
 
-from .eg import K_MAX, MODE_EG, MODE_ZERO_RUNS, QMAX, UMAX, zero_runs_considered
+from .eg import (
+    K_MAX,
+    MODE_EG,
+    MODE_RICE,
+    MODE_ZERO_RUNS,
+    QMAX,
+    RICE_ESC,
+    UMAX,
+    zero_runs_considered,
+)
 
 
 def coded(v: float, step: float, vmax: float) -> bool:
@@ -65,6 +74,18 @@ def eg_len(u: int, k: int) -> int:
     return len(eg_codeword(u, k))
 
 
+def rice_codeword(u: int, k: int) -> str:
+    """The mode-2 codeword of u >= 0 with parameter k: Golomb-Rice, or an escape."""
+    q = u >> k
+    if q >= RICE_ESC:
+        return "0" * RICE_ESC + eg_codeword(u, k)
+    return "0" * q + "1" + (format(u & ((1 << k) - 1), f"0{k}b") if k else "")
+
+
+def rice_len(u: int, k: int) -> int:
+    return len(rice_codeword(u, k))
+
+
 def _runs_and_values(us: list) -> tuple[list, list]:
     runs, vals, run = [], [], 0
     for u in us:
@@ -89,11 +110,16 @@ def _best(symbols: list) -> tuple[int, int]:
 
 def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, int]:
     """(mode, k, k_run) the encoder picks for a block; same rules as encode_blocks."""
+    mode, krun = MODE_EG, 0
     if k_fixed >= 0:
         k, bits = k_fixed, sum(eg_len(u, k_fixed) for u in us)
     else:
         k, bits = _best(us)
-    mode, krun = MODE_EG, 0
+        top = max(us, default=0).bit_length()
+        costs = [sum(rice_len(u, kr) for u in us) for kr in range(min(top, K_MAX) + 1)]
+        kr = min(range(len(costs)), key=lambda i: (costs[i], i))
+        if costs[kr] < bits:
+            mode, k, bits = MODE_RICE, kr, costs[kr]
     zeros = sum(1 for u in us if u == 0)
     if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, len(us))):
         runs, vals = _runs_and_values(us)
@@ -113,6 +139,8 @@ def encode_block(us: list, mode: int, k: int, krun: int) -> tuple[bytes, int]:
     """(bytes, bit length) of one block."""
     if mode == MODE_EG:
         bits = "".join(eg_codeword(u, k) for u in us)
+    elif mode == MODE_RICE:
+        bits = "".join(rice_codeword(u, k) for u in us)
     else:
         parts = []
         run = 0
@@ -149,14 +177,31 @@ class _Reader:
         self.pos += length
         return c - (1 << k)
 
+    def rice(self, k: int) -> int:
+        z = 0
+        while self.pos + z < len(self.bits) and z < RICE_ESC and self.bits[self.pos + z] == "0":
+            z += 1
+        if z == RICE_ESC:
+            self.pos += RICE_ESC
+            u = self.eg(k)
+            if u < RICE_ESC << k:
+                raise ValueError("escape holds a value with a shorter codeword")
+            return u
+        length = z + 1 + k
+        if self.pos + length > len(self.bits):
+            raise ValueError("codeword runs past the block")
+        r = int(self.bits[self.pos + z + 1 : self.pos + length] or "0", 2)
+        self.pos += length
+        return (z << k) + r
+
 
 def decode_block(data: bytes, nbits: int, count: int, mode: int, k: int, krun: int) -> list:
     """u symbols of one block; raises ValueError on anything malformed."""
     r = _Reader(data, nbits)
     us: list = []
-    if mode == MODE_EG:
+    if mode in (MODE_EG, MODE_RICE):
         for _ in range(count):
-            u = r.eg(k)
+            u = r.eg(k) if mode == MODE_EG else r.rice(k)
             if u > UMAX:
                 raise ValueError("value out of range")
             us.append(u)

@@ -30,9 +30,9 @@ def _inject(kind: str, state: GGCommState):
         real = ggcomm.ddp._all_to_all
 
         def corrupt(send, send_sizes, recv_sizes, group, dev):
-            if send.numel():
+            if send.numel():  # a payload byte of the last frame (the CRC-32 is its last 4)
                 send = send.clone()
-                send[send.numel() // 2] ^= 0x10
+                send[-5] ^= 0x10
             return real(send, send_sizes, recv_sizes, group, dev)
 
         ggcomm.ddp._all_to_all = corrupt

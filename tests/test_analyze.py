@@ -28,9 +28,10 @@ def test_measure_recovers_a_known_shape() -> None:
     assert r["step"] == pytest.approx(0.05 * float(x.square().mean().sqrt()), rel=1e-6)
     assert r["entropy"] <= r["hm"] <= r["entropy"] + 1.0
     assert r["eg"] >= r["entropy"] - 1e-9
-    assert r["codec"] == pytest.approx(r["eg"], rel=0.02)  # frame overhead is small here
+    # the codec sends EG or, where cheaper, Golomb-Rice blocks; frame overhead is small here
+    assert r["entropy"] <= r["codec"] <= 1.02 * r["eg"]
     at4 = analyze.measure(x, bits=4.0)
-    assert at4["eg"] == pytest.approx(4.0, abs=0.1)  # the GG fit predicts the code
+    assert at4["codec"] == pytest.approx(4.0, abs=0.1)  # the GG fit predicts the codec
     with pytest.raises(ValueError):
         analyze.measure(x, rel_step=0.05, bits=4.0)
     with pytest.raises(ValueError):
@@ -87,7 +88,8 @@ def test_state_dict_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert report["quantization"] == {"rel_step": None, "bits": 3.0}
     groups = report["groups"]
     assert "skipped" not in groups["weight/bias"]
-    assert groups["weight/attention"]["eg"] == pytest.approx(3.0, abs=0.25)
+    # the frame of these 3072 elements carries ~0.2 bits per element of header and CRC
+    assert groups["weight/attention"]["codec"] == pytest.approx(3.0 + 0.2, abs=0.15)
     attention = [p for n, p in model.named_parameters() if ".attn." in n and "bias" not in n]
     assert groups["weight/attention"]["n"] == sum(p.numel() for p in attention)
 

@@ -1,8 +1,10 @@
 """An independent ggcomm frame reader, written from docs/FORMAT.md alone.
 
 The reader below uses nothing from ggcomm: it parses the header, tables and payload with
-``struct`` and ``zlib``, decodes every Exp-Golomb codeword bit by bit, and reconstructs the
-values as the spec describes. ggcomm is used only to produce frames and as a comparison.
+``struct`` and ``zlib``, decodes every Exp-Golomb and Golomb-Rice codeword bit by bit, and
+reconstructs the values as the spec describes. It reads frame versions 1 and 2 (the
+spec's version 2 adds block mode 2, which a version 1 frame must not use). ggcomm is used
+only to produce frames and as a comparison.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ HEADER = struct.Struct("<4sBBBBIIQIIQQ")
 assert HEADER.size == 48
 
 MAGIC = b"GGEG"
+VERSION = 2  # what ggcomm writes
+# the versions a reader accepts, and the block modes each allows
+MODES_BY_VERSION = {1: (0, 1), 2: (0, 1, 2)}
+GR_ESCAPE_ZEROS = 16  # mode 2: q < 16 is a Golomb-Rice codeword, 16 zeros start an escape
 MAX_SYMBOL = 2**31 - 2
 MAX_Q = 2**30 - 1
 MAX_BLOCK_SIZE = 2**22
@@ -94,6 +100,28 @@ class BitReader:
         self.pos = end
         return c - (1 << k)
 
+    def gr(self, k: int) -> int:
+        """One mode-2 codeword: Golomb-Rice of parameter k, or 16 zeros and an EG-k escape."""
+        one = self.bits.find("1", self.pos, self.n)
+        if one < 0:
+            raise ValueError("codeword overruns the block's bit length")
+        z = one - self.pos
+        if z < GR_ESCAPE_ZEROS:
+            end = one + 1 + k
+            if end > self.n:
+                raise ValueError("codeword overruns the block's bit length")
+            r = int(self.bits[one + 1 : end], 2) if k else 0
+            self.pos = end
+            return (z << k) + r
+        # an escape: skip the first 16 zeros, then an order-k EG codeword whose own prefix
+        # (z - 16 zeros) eg() bounds by 31 - k
+        self.pos += GR_ESCAPE_ZEROS
+        u = self.eg(k)
+        if u < GR_ESCAPE_ZEROS << k:
+            # that value has a Golomb-Rice codeword: the escape is not canonical
+            raise ValueError(f"escape holds {u}, below 16 * 2^{k}")
+        return u
+
     def padding_is_zero(self) -> bool:
         return "1" not in self.bits[self.n :]
 
@@ -122,6 +150,13 @@ def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
                 raise ValueError(f"symbol {v + 1} out of range")
             out.append(v + 1)
             i += 1
+    elif blk.mode == 2:
+        for _ in range(count):
+            # the Golomb-Rice branch reaches 16 * 2^k - 1, above 2^31 - 2 when k >= 27
+            u = br.gr(blk.k)
+            if u > MAX_SYMBOL:
+                raise ValueError(f"symbol {u} out of range")
+            out.append(u)
     else:
         raise ValueError(f"unknown block mode {blk.mode}")
     if br.pos != blk.bit_length:
@@ -130,6 +165,18 @@ def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
         raise ValueError("nonzero padding")
     assert len(out) == count
     return out
+
+
+def eg_len(v: int, k: int) -> int:
+    """len(EG_k(v)) = 2 floor(log2(v + 2^k)) + 1 - k."""
+    return 2 * (v + (1 << k)).bit_length() - 1 - k
+
+
+def min_block_bits(mode: int, k: int, k_run: int, count: int) -> int:
+    """The fewest bits a block of ``count`` elements can take (FORMAT.md, "Blocks")."""
+    if mode in (0, 2):
+        return count * (k + 1)  # every codeword of either mode has at least k + 1 bits
+    return min(eg_len(count, k_run), eg_len(count - 1, k_run) + k + 1)
 
 
 def u_to_q(u: int) -> int:
@@ -148,7 +195,7 @@ def parse_frame(data: bytes) -> ParsedFrame:
      n_exc, payload_len) = HEADER.unpack_from(data, 0)  # fmt: skip
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r}")
-    if version != 1:
+    if version not in MODES_BY_VERSION:
         raise ValueError(f"unknown version {version}")
     if dtype_code not in DTYPES:
         raise ValueError(f"unknown dtype {dtype_code}")
@@ -194,12 +241,12 @@ def parse_frame(data: bytes) -> ParsedFrame:
         off += 8
         if reserved != 0:
             raise ValueError("nonzero reserved byte in the block table")
-        if mode not in (0, 1):
-            raise ValueError(f"unknown block mode {mode}")
+        if mode not in MODES_BY_VERSION[version]:
+            raise ValueError(f"block mode {mode} is not valid in a version {version} frame")
         if k > 30 or k_run > 30:
             raise ValueError("EG order above 30")
-        if mode == 0 and k_run != 0:
-            raise ValueError("mode-0 block with nonzero k_run")
+        if mode in (0, 2) and k_run != 0:
+            raise ValueError(f"mode-{mode} block with nonzero k_run")
         blocks.append(Block(mode, k, k_run, reserved, bit_length, offset=pos))
         pos += -(-bit_length // 8)
     if pos != payload_len:
@@ -223,6 +270,10 @@ def parse_frame(data: bytes) -> ParsedFrame:
               for i in range(0, seg_len, block_size)]
     if len(counts) != n_blocks:
         raise ValueError("n_blocks disagrees with the segments and block_size")
+    for blk, count in zip(blocks, counts, strict=True):
+        # decoding would find these too (as an overrun); the spec lists the rule on its own
+        if blk.bit_length < min_block_bits(blk.mode, blk.k, blk.k_run, count):
+            raise ValueError(f"bit_length {blk.bit_length} below the fewest bits of the block")
     symbols: list[int] = []
     for blk, count in zip(blocks, counts, strict=True):
         nbytes = -(-blk.bit_length // 8)
@@ -276,10 +327,21 @@ def bits_to_bytes(bits: str) -> bytes:
     return int(bits, 2).to_bytes(len(bits) // 8, "big")
 
 
+def gr_bits(u: int, k: int) -> str:
+    """Mode 2's codeword of u: Golomb-Rice below 16 * 2^k, else 16 zeros and EG-k of u."""
+    q = u >> k
+    if q < GR_ESCAPE_ZEROS:
+        return "0" * q + "1" + (format(u & ((1 << k) - 1), f"0{k}b") if k else "")
+    return "0" * GR_ESCAPE_ZEROS + eg_bits(u, k)
+
+
 def block_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> str:
     """The codewords the spec says an encoder emits for a block."""
     if mode == 0:
         return "".join(eg_bits(u, k) for u in symbols)
+    if mode == 2:
+        return "".join(gr_bits(u, k) for u in symbols)
+    assert mode == 1
     out = []
     run = 0
     for u in symbols:
@@ -374,6 +436,9 @@ CASES = [
     ((2000,), "special", 0.5, {"block_size": 16384}),
     ((40, 50), "ties", 0.5, {"block_size": 64, "zero_runs": False}),
     ((1500,), "gauss", 1e-4, {"block_size": 7, "zero_runs": True}),
+    # about 3 bits per element: light-tailed blocks, coded in mode 2 (Golomb-Rice)
+    ((4096,), "gauss", 0.5, {"block_size": 512}),
+    ((4096,), "gauss", 0.5, {"block_size": 512, "zero_runs": False}),
 ]
 
 
@@ -419,12 +484,16 @@ def test_reader_matches_ggcomm_and_spec(dtype: torch.dtype, case: int) -> None:
     assert data == bytes(frame.buffer.numpy())
     pf = check_frame(x, [step], [x.numel()], data, tag=tag,
                      block_size=kw.get("block_size", 16384))  # fmt: skip
+    assert pf.version == VERSION
     if isinstance(kw.get("k"), int):
         assert all(b.k == kw["k"] for b in pf.blocks)
+        # FORMAT.md: a user-fixed k asks for the EG-k code and turns mode 2 off
+        assert all(b.mode != 2 for b in pf.blocks)
     if kw.get("zero_runs") is True:
         assert all(b.mode == 1 for b in pf.blocks)
     if kw.get("zero_runs") is False:
-        assert all(b.mode == 0 and b.k_run == 0 for b in pf.blocks)
+        # no zero runs; with an auto k the Golomb-Rice mode is still allowed
+        assert all(b.mode in (0, 2) and b.k_run == 0 for b in pf.blocks)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
@@ -460,9 +529,10 @@ def test_quantization_threshold_edges() -> None:
 @pytest.mark.parametrize("zero_runs", ["auto", False])
 @pytest.mark.parametrize("n", [3, 4, 64])
 def test_mode0_blocks_have_k_run_zero(n: int, zero_runs) -> None:
-    """FORMAT.md, mode 0: "k_run is 0". In an all-zero block the zero-run code can tie
-    with mode 0 (3 zeros: 3 bits either way with k_run = 2; 4 zeros: 4 bits with
-    k_run = 1); the block is then mode 0 and its k_run must still be 0."""
+    """FORMAT.md, modes 0 and 2: "k_run is 0". In an all-zero block the zero-run code can
+    tie with mode 0 (3 zeros: 3 bits either way with k_run = 2; 4 zeros: 4 bits with
+    k_run = 1), and so does mode 2 (one bit per zero with k = 0); the block is then mode 0
+    and its k_run must still be 0."""
     x = torch.zeros(n, dtype=torch.float32)
     if n > 4:
         x[0] = 2.0  # first block not all zero, the others are
@@ -471,8 +541,10 @@ def test_mode0_blocks_have_k_run_zero(n: int, zero_runs) -> None:
     ndim, n_seg, n_blocks = fields[3], fields[8], fields[9]
     off = HEADER.size + 8 * ndim + 16 * n_seg
     rows = [struct.unpack_from("<BBBBI", data, off + 8 * i) for i in range(n_blocks)]
-    bad = [(i, r) for i, r in enumerate(rows) if r[0] == 0 and r[2] != 0]
-    assert not bad, f"mode-0 blocks (mode, k, k_run, reserved, bit_length) with k_run != 0: {bad}"
+    bad = [(i, r) for i, r in enumerate(rows) if r[0] in (0, 2) and r[2] != 0]
+    assert not bad, f"mode-0/2 blocks (mode, k, k_run, reserved, bit_length) with k_run != 0: {bad}"
+    # ties go to mode 0: an all-zero block is never mode 2
+    assert all(r[0] != 2 for r in rows[1 if n > 4 else 0 :])
     assert bits_equal(read_frame(data), x)
 
 
@@ -523,7 +595,7 @@ def test_header_fields() -> None:
     x = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5) * 0.1
     data = ggcomm.encode(x, [0.5, 0.25], segments=[11, 49], block_size=7, tag=0xDEADBEEF).tobytes()
     fields = HEADER.unpack_from(data, 0)
-    assert fields[:5] == (b"GGEG", 1, 1, 3, 0)
+    assert fields[:5] == (b"GGEG", VERSION, 1, 3, 0)
     assert fields[5] == 0xDEADBEEF  # tag
     assert fields[6] == 7  # block_size
     assert fields[7] == 60  # numel
@@ -582,7 +654,10 @@ def _tamper_cases():
     shift = 7 - pf.blocks[pad_blk].bit_length % 8
     cases = {
         "magic": patch(0, "4s", b"GGEH"),
-        "version": patch(4, "B", 2),
+        # 1 and 2 are the known versions (base is ggcomm's own, version 2)
+        "version_3": patch(4, "B", 3),
+        "version_0": patch(4, "B", 0),
+        "version_255": patch(4, "B", 255),
         "dtype": patch(5, "B", 5),
         "flags": patch(7, "B", 1),
         "block_size_0": patch(12, "I", 0),
@@ -594,7 +669,7 @@ def _tamper_cases():
         "step_neg": patch(seg_off + 8, "d", -0.5),
         "step_inf": patch(seg_off + 8, "d", math.inf),
         "step_nan": patch(seg_off + 8, "d", math.nan),
-        "mode": patch(bt_off, "B", 2),
+        "mode": patch(bt_off, "B", 3),
         "k_31": patch(bt_off + 1, "B", 31),
         "reserved": patch(bt_off + 3, "B", 1),
         "bit_length": patch(bt_off + 4, "I", pf.blocks[0].bit_length + 8),
@@ -610,35 +685,92 @@ def _tamper_cases():
     cases["overrun"] = patch(bt_off + 8 * pad_blk + 4, "I", pf.blocks[pad_blk].bit_length - 1)
     # nonzero code at the exception position: exception moved onto element 3 (q = -2)
     cases["exc_on_nonzero"] = patch(exc_off, "Q", 3)
-    return base, cases
+    # valid variants of base: labelled version 1 (it uses modes 0 and 1 only), and block 0
+    # recoded in mode 2 (k = 0: 15 bits for its 14 of EG-0, still 2 bytes of payload)
+    v1 = bytearray(base)
+    v1[4] = 1
+    m2_bits = block_bits(2, 0, 0, pf.blocks[0].symbols)
+    assert -(-len(m2_bits) // 8) == -(-pf.blocks[0].bit_length // 8)
+    m2 = bytearray(base)
+    struct.pack_into("<BBBBI", m2, bt_off, 2, 0, 0, 0, len(m2_bits))
+    m2[pay_off : pay_off + len(bits_to_bytes(m2_bits))] = bits_to_bytes(m2_bits)
+    valid = {"version_1": _with_crc(v1), "block0_mode2": _with_crc(m2)}
+    # ... and broken from the mode-2 variant: mode 2 in a version 1 frame, nonzero k_run
+    m2_v1 = bytearray(m2)
+    m2_v1[4] = 1
+    cases["mode2_in_version1"] = _with_crc(m2_v1)
+    m2_k_run = bytearray(m2)
+    m2_k_run[bt_off + 2] = 1
+    cases["mode2_k_run"] = _with_crc(m2_k_run)
+    return base, cases, valid
 
 
 def test_tampered_frames_are_rejected_by_both() -> None:
-    base, cases = _tamper_cases()
-    read_frame(base)
-    ggcomm.decode(base)
-    failures = []
-    for name, bad in cases.items():
+    base, cases, valid = _tamper_cases()
+    want = read_frame(base)
+    assert bits_equal(ggcomm.decode(base), want)
+    for name, data in valid.items():
+        assert bits_equal(read_frame(data), want), name
+        assert bits_equal(ggcomm.decode(data), want), name
+    _rejected_by_both(cases)
+
+
+@pytest.mark.parametrize("version", [0, 3, 255])
+def test_unknown_version_is_named(version: int) -> None:
+    """FORMAT.md: 1 and 2 are the known versions; any other is rejected with an error that
+    names it."""
+    data = bytearray(ggcomm.encode(torch.ones(5), 1.0).tobytes())
+    data[4] = version
+    data = _with_crc(data)
+    with pytest.raises(ValueError, match=f"version {version}"):
+        read_frame(data)
+    with pytest.raises(ggcomm.FrameError, match=f"version {version}"):
+        ggcomm.decode(data)
+
+
+def hand_frame(
+    mode: int,
+    k: int,
+    k_run: int,
+    bits: str,
+    numel: int,
+    *,
+    version: int = VERSION,
+    bit_length: int | None = None,
+) -> bytes:
+    """A frame built byte by byte from the spec: float64, shape (numel,), one segment of
+    step 1.0 (so each value is its q), one block of ``numel`` elements coded by ``bits``."""
+    payload = bits_to_bytes(bits)
+    nbits = len(bits) if bit_length is None else bit_length
+    assert -(-nbits // 8) == len(payload)
+    head = HEADER.pack(MAGIC, version, 4, 1, 0, 0, numel, numel, 1, 1, 0, len(payload))
+    body = (head + struct.pack("<Q", numel) + struct.pack("<Qd", numel, 1.0)
+            + struct.pack("<BBBBI", mode, k, k_run, 0, nbits) + payload)  # fmt: skip
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _rejected_by_both(bad: dict[str, bytes]) -> None:
+    """Each frame raises ValueError in the reader and FrameError in ggcomm."""
+    accepted = []
+    for name, data in bad.items():
         with pytest.raises(ValueError):
-            read_frame(bad)
+            read_frame(data)
         try:
-            ggcomm.decode(bad)
+            ggcomm.decode(data)
         except ggcomm.FrameError:
             pass
         else:
-            failures.append(name)
-    assert not failures, f"ggcomm.decode accepted frames the spec rejects: {failures}"
+            accepted.append(name)
+    assert not accepted, f"ggcomm.decode accepted frames the spec rejects: {accepted}"
 
 
-def test_reader_rejects_out_of_range_codewords() -> None:
-    """Hand-built frames: too-long EG prefix, symbol above 2^31 - 2, run past the block."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_reader_rejects_out_of_range_codewords(version: int) -> None:
+    """Hand-built frames: too-long EG prefix, symbol above 2^31 - 2, run past the block
+    (modes 0 and 1, so the same in a version 1 and a version 2 frame)."""
 
     def frame(mode: int, k: int, k_run: int, bits: str, numel: int) -> bytes:
-        payload = bits_to_bytes(bits)
-        head = HEADER.pack(MAGIC, 1, 4, 1, 0, 0, numel, numel, 1, 1, 0, len(payload))
-        body = (head + struct.pack("<Q", numel) + struct.pack("<Qd", numel, 1.0)
-                + struct.pack("<BBBBI", mode, k, k_run, 0, len(bits)) + payload)  # fmt: skip
-        return body + struct.pack("<I", zlib.crc32(body))
+        return hand_frame(mode, k, k_run, bits, numel, version=version)
 
     ok = frame(0, 0, 0, "1" + "010" + "011", 3)
     assert read_frame(ok).tolist() == [0.0, 1.0, -1.0]
@@ -652,53 +784,268 @@ def test_reader_rejects_out_of_range_codewords() -> None:
         "mode1_v_too_big": frame(1, 0, 0, eg_bits(0, 0) + eg_bits(2**31 - 2, 0), 1),
         "unread_bits": frame(0, 0, 0, "1" + "1", 1),
     }
-    accepted = []
-    for name, data in bad.items():
+    _rejected_by_both(bad)
+
+
+# Mode-2 codewords spelled out from FORMAT.md, independently of gr_bits: (k, u, bits).
+# q = floor(u / 2^k) < 16: q zeros, a one, the k low bits of u; u >= 16 * 2^k: 16 zeros,
+# then EG_k(u) (c = u + 2^k: nb - 1 - k zeros and the nb bits of c).
+MODE2_CODEWORDS = [
+    (0, 0, "1"),
+    (0, 1, "01"),
+    (0, 15, "0" * 15 + "1"),
+    (0, 16, "0" * 16 + "0000" + "10001"),  # first escape: c = 17, nb = 5
+    (0, 300, "0" * 16 + "00000000" + "100101101"),  # c = 301, nb = 9
+    (0, MAX_SYMBOL, "0" * 16 + "0" * 30 + "1" * 31),  # c = 2^31 - 1, nb = 31
+    (1, 3, "01" + "1"),
+    (1, 31, "0" * 15 + "1" + "1"),  # q = 15, the last Golomb-Rice codeword
+    (1, 32, "0" * 16 + "0000" + "100010"),  # c = 34, nb = 6
+    # c = 2^31, nb = 32: the EG prefix is 30 = 31 - k, the longest allowed
+    (1, MAX_SYMBOL, "0" * 16 + "0" * 30 + "1" + "0" * 31),
+    (3, 0, "1" + "000"),
+    (3, 13, "01" + "101"),
+    (3, 127, "0" * 15 + "1" + "111"),
+    (3, 128, "0" * 16 + "0000" + "10001000"),  # c = 136, nb = 8
+    (3, 1000, "0" * 16 + "000000" + "1111110000"),  # c = 1008, nb = 10
+    (26, 2**30 - 1, "0" * 15 + "1" + "1" * 26),
+    (26, 2**30, "0" * 16 + "0000" + "10001" + "0" * 26),  # c = 2^30 + 2^26, nb = 31
+    (30, 5, "1" + "0" * 27 + "101"),
+    (30, MAX_SYMBOL, "01" + "1" * 29 + "0"),  # q = 1, r = 2^30 - 2
+]
+MODE2_KS = sorted({k for k, _, _ in MODE2_CODEWORDS})
+
+
+def _mode2_block(k: int) -> tuple[list[int], str]:
+    """All of MODE2_CODEWORDS' symbols of order k, as one block: (symbols, bits)."""
+    rows = [(u, bits) for kk, u, bits in MODE2_CODEWORDS if kk == k]
+    return [u for u, _ in rows], "".join(bits for _, bits in rows)
+
+
+def test_mode2_codewords_spelled_out() -> None:
+    """The table above is what the test-side encoder (gr_bits) emits, and the reader reads
+    every codeword back, alone and in a stream."""
+    for k, u, bits in MODE2_CODEWORDS:
+        assert gr_bits(u, k) == bits, (k, u)
+        assert len(bits) >= k + 1
+        blk = Block(2, k, 0, 0, len(bits))
+        assert decode_block(blk, bits_to_bytes(bits), 1) == [u], (k, u)
+    for k in MODE2_KS:
+        us, bits = _mode2_block(k)
+        assert block_bits(2, k, 0, us) == bits
+        assert decode_block(Block(2, k, 0, 0, len(bits)), bits_to_bytes(bits), len(us)) == us
+
+
+@pytest.mark.parametrize("k", MODE2_KS)
+def test_reader_decodes_hand_built_mode2_frames(k: int) -> None:
+    """Hand-built version 2 frames with one mode-2 block: Golomb-Rice codewords (q < 16)
+    and escapes, including u = 16 * 2^k exactly and the largest symbol."""
+    us, bits = _mode2_block(k)
+    data = hand_frame(2, k, 0, bits, len(us))
+    pf = parse_frame(data)
+    assert pf.version == 2
+    assert [(b.mode, b.k, b.k_run, b.bit_length) for b in pf.blocks] == [(2, k, 0, len(bits))]
+    assert pf.symbols == us
+    want = torch.tensor([float(u_to_q(u)) for u in us], dtype=torch.float64)
+    assert bits_equal(read_frame(data), want)
+
+
+@pytest.mark.parametrize("k", MODE2_KS)
+def test_ggcomm_decodes_hand_built_mode2_frames(k: int) -> None:
+    """The same frames through ggcomm (its mode 2 and escape decoder)."""
+    us, bits = _mode2_block(k)
+    data = hand_frame(2, k, 0, bits, len(us))
+    want = torch.tensor([float(u_to_q(u)) for u in us], dtype=torch.float64)
+    assert bits_equal(ggcomm.codec.decode(data), want)
+    assert bits_equal(ggcomm.codec.decode(data), read_frame(data))
+    q, pos, _ = ggcomm.codec.decode_symbols(data)
+    assert q.tolist() == want.tolist() and pos.numel() == 0
+
+
+def _bad_mode2_frames() -> dict[str, bytes]:
+    """Version 2 frames with one mode-2 block each, invalid in one way each."""
+    f = hand_frame
+    return {
+        # an escape must hold u >= 16 * 2^k: these values have Golomb-Rice codewords
+        "escape_u_15_k0": f(2, 0, 0, "0" * 16 + eg_bits(15, 0), 1),
+        "escape_u_0_k0": f(2, 0, 0, "0" * 16 + "1", 1),
+        "escape_u_0_k3": f(2, 3, 0, "0" * 16 + "1000", 1),
+        "escape_u_127_k3": f(2, 3, 0, "0" * 16 + eg_bits(127, 3), 1),
+        # k = 27: 16 * 2^k = 2^31 is above every valid symbol, so no escape is valid
+        "escape_max_k27": f(2, 27, 0, "0" * 16 + eg_bits(MAX_SYMBOL, 27), 1),
+        # the escape's own EG prefix (after the first 16 zeros) above 31 - k
+        "escape_prefix_32_k0": f(2, 0, 0, "0" * 16 + "0" * 32 + "1" + "0" * 32, 1),
+        "escape_prefix_31_k1": f(2, 1, 0, "0" * 16 + "0" * 31 + "1" + "0" * 32, 1),
+        "escape_prefix_28_k4": f(2, 4, 0, "0" * 16 + "0" * 28 + "1" + "0" * 32, 1),
+        # symbols above 2^31 - 2, from an escape and from the Golomb-Rice branch
+        "escape_u_2^31-1_k0": f(2, 0, 0, "0" * 16 + eg_bits(2**31 - 1, 0), 1),
+        "gr_u_2^31-1_k27": f(2, 27, 0, "0" * 15 + "1" + "1" * 27, 1),
+        "gr_u_2^31-1_k30": f(2, 30, 0, "01" + "1" * 30, 1),
+        # codewords cut by the block's end, bits left over, padding
+        "gr_overrun": f(2, 3, 0, "01" + "10", 1),
+        "escape_overrun": f(2, 0, 0, "0" * 16 + "0001", 1),
+        "zeros_only": f(2, 0, 0, "0" * 20, 1),
+        "unread_bits": f(2, 0, 0, "1" + "1", 1),
+        "nonzero_padding": f(2, 0, 0, "11", 1, bit_length=1),
+        # the block table: k_run must be 0, k at most 30, bit_length >= count * (k + 1)
+        "k_run_1": f(2, 0, 1, "1", 1),
+        "k_31": f(2, 31, 0, "1" + "0" * 31, 1),
+        "below_min_bits": f(2, 3, 0, "1000", 2),
+    }
+
+
+def test_reader_rejects_bad_mode2_blocks() -> None:
+    bad = _bad_mode2_frames()
+    for data in bad.values():
         with pytest.raises(ValueError):
             read_frame(data)
-        try:
-            ggcomm.decode(data)
-        except ggcomm.FrameError:
-            pass
-        else:
-            accepted.append(name)
-    assert not accepted, f"ggcomm.decode accepted: {accepted}"
+    # the escape and table rules by their message (not some other check failing first)
+    for name in ("escape_u_15_k0", "escape_u_0_k3", "escape_u_127_k3", "escape_max_k27"):
+        with pytest.raises(ValueError, match="below 16"):
+            read_frame(bad[name])
+    for name in ("escape_prefix_32_k0", "escape_prefix_31_k1", "escape_prefix_28_k4"):
+        with pytest.raises(ValueError, match="prefix"):
+            read_frame(bad[name])
+    with pytest.raises(ValueError, match="fewest bits"):
+        read_frame(bad["below_min_bits"])
+    with pytest.raises(ValueError, match="k_run"):
+        read_frame(bad["k_run_1"])
+
+
+def test_ggcomm_rejects_bad_mode2_blocks() -> None:
+    _rejected_by_both(_bad_mode2_frames())
+
+
+def _mode2_frame_pair() -> tuple[list[int], bytes, bytes]:
+    """(symbols, version 1 frame, version 2 frame): the same mode-2 block, k = 3."""
+    us, bits = _mode2_block(3)
+    return us, hand_frame(2, 3, 0, bits, len(us), version=1), hand_frame(2, 3, 0, bits, len(us))
+
+
+def test_reader_mode2_needs_version_2() -> None:
+    """FORMAT.md: a mode-2 block in a version 1 frame is invalid; the same bytes labelled
+    version 2 (and with their CRC recomputed) are a valid frame."""
+    us, v1, v2 = _mode2_frame_pair()
+    assert v1[4] == 1 and v2[4] == 2 and v1[5:-4] == v2[5:-4]
+    with pytest.raises(ValueError, match="version 1"):
+        parse_frame(v1)
+    assert parse_frame(v2).symbols == us
+    # modes 0 and 1 are read in either version
+    for version in (1, 2):
+        for mode, bits in ((0, eg_bits(0, 0) + eg_bits(3, 0)), (1, eg_bits(1, 0) + eg_bits(2, 0))):
+            assert parse_frame(hand_frame(mode, 0, 0, bits, 2, version=version)).symbols == [0, 3]
+
+
+def test_ggcomm_mode2_needs_version_2() -> None:
+    us, v1, v2 = _mode2_frame_pair()
+    with pytest.raises(ggcomm.FrameError, match="version"):
+        ggcomm.codec.decode(v1)
+    want = torch.tensor([float(u_to_q(u)) for u in us], dtype=torch.float64)
+    assert bits_equal(ggcomm.codec.decode(v2), want)
+    assert bits_equal(read_frame(v2), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_ggcomm_uses_mode2_for_gaussian_data(dtype: torch.dtype, outliers: bool) -> None:
+    """Gaussian data at about 3 bits per element (sigma = 2 steps): with the default auto
+    k, mode 2 is smaller than EG-k in every block (see expected_choice), so ggcomm's frame
+    has mode-2 blocks; the reader, ggcomm and the spec's quantization agree, and the payload
+    is the canonical codewords. With outliers, some of those blocks carry escapes."""
+    x = make_data("gauss", (4096,), dtype, seed=21)
+    step = 0.5
+    if outliers:
+        x[::97] = torch.tensor(3000.0, dtype=dtype)  # q = 6000, u = 11999: escapes for k < 10
+    data = ggcomm.codec.encode(x, step, block_size=512).tobytes()
+    pf = check_frame(x, [step], [x.numel()], data, block_size=512)
+    assert pf.version == 2
+    modes = [b.mode for b in pf.blocks]
+    assert 2 in modes, f"no mode-2 block: modes {modes}"
+    for blk in pf.blocks:
+        assert (blk.mode, blk.k, blk.k_run, blk.bit_length) == expected_choice(blk.symbols)
+    if outliers:
+        escapes = [u for b in pf.blocks if b.mode == 2 for u in b.symbols
+                   if u >= GR_ESCAPE_ZEROS << b.k]  # fmt: skip
+        assert escapes, "expected escapes in the mode-2 blocks"
+
+
+def _eg_lens(us: np.ndarray, k: int) -> np.ndarray:
+    """len(EG_k(u)) per element: 2 nb - 1 - k with nb the bit length of u + 2^k."""
+    nb = np.floor(np.log2(us.astype(np.float64) + 2.0**k)).astype(np.int64) + 1
+    return 2 * nb - 1 - k
 
 
 def _mode0_bits(us: np.ndarray, k: int) -> int:
-    nb = np.floor(np.log2(us.astype(np.float64) + 2.0**k)).astype(np.int64) + 1
-    return int((2 * nb - 1 - k).sum())
+    return int(_eg_lens(us, k).sum())
 
 
-@pytest.mark.parametrize("kind", ["laplace", "sparse"])
-def test_encoder_choices_documented(kind: str) -> None:
-    """The spec's description of ggcomm's per-block choices (not needed by readers)."""
-    x = make_data(kind, (2048,), torch.float32, seed=5)
-    pf = parse_frame(ggcomm.encode(x, 0.01, block_size=256).tobytes())
-    for blk in pf.blocks:
-        us = np.array(blk.symbols, dtype=np.int64)
-        costs0 = [_mode0_bits(us, k) for k in range(31)]
-        best0 = min(costs0)
-        k0 = costs0.index(best0)
-        runs, nz, run = [], [], 0
-        for u in blk.symbols:
-            if u == 0:
-                run += 1
-            else:
-                runs.append(run)
-                nz.append(u - 1)
-                run = 0
-        if run:
-            runs.append(run)
-        r_costs = [_mode0_bits(np.array(runs), k) for k in range(31)]
-        v_costs = [_mode0_bits(np.array(nz, dtype=np.int64), k) for k in range(31)]
-        best1 = min(r_costs) + min(v_costs)
-        third = 3 * int((us == 0).sum()) >= len(us)
-        if third and best1 < best0:
-            assert blk.mode == 1
-            assert blk.k_run == r_costs.index(min(r_costs))
-            assert blk.k == v_costs.index(min(v_costs))
-            assert blk.bit_length == best1
+def _mode2_bits(us: np.ndarray, k: int) -> int:
+    """Mode 2: q + 1 + k bits while q = floor(u / 2^k) < 16, else 16 + len(EG_k(u))."""
+    q = us >> k
+    return int(np.where(q < GR_ESCAPE_ZEROS, q + 1 + k, GR_ESCAPE_ZEROS + _eg_lens(us, k)).sum())
+
+
+def expected_choice(symbols: list[int], k_fixed: int | None = None) -> tuple[int, int, int, int]:
+    """(mode, k, k_run, bit_length) that FORMAT.md's "Choices the format leaves to the
+    encoder" gives a block with zero_runs "auto": the best k of mode 0 and of mode 2, mode 2
+    when strictly smaller than mode 0, then zero runs when strictly smaller than the better
+    of the two (and at least a third of the symbols are zero); ties to mode 0, then mode 2,
+    then the smaller k (list.index finds the first minimum). A fixed k turns mode 2 off and
+    is the k of modes 0 and 1."""
+    us = np.array(symbols, dtype=np.int64)
+    ks = range(31) if k_fixed is None else [k_fixed]
+    costs0 = {k: _mode0_bits(us, k) for k in ks}
+    k0 = min(costs0, key=lambda k: (costs0[k], k))
+    choice = (0, k0, 0, costs0[k0])
+    if k_fixed is None:
+        costs2 = [_mode2_bits(us, k) for k in range(31)]
+        k2 = costs2.index(min(costs2))
+        if costs2[k2] < choice[3]:
+            choice = (2, k2, 0, costs2[k2])
+    runs, nz, run = [], [], 0
+    for u in symbols:
+        if u == 0:
+            run += 1
         else:
-            assert (blk.mode, blk.k, blk.k_run) == (0, k0, 0)
-            assert blk.bit_length == best0
+            runs.append(run)
+            nz.append(u - 1)
+            run = 0
+    if run:
+        runs.append(run)
+    r_costs = [_mode0_bits(np.array(runs, dtype=np.int64), k) for k in range(31)]
+    v_costs = {k: _mode0_bits(np.array(nz, dtype=np.int64), k) for k in ks}
+    k_run = r_costs.index(min(r_costs))
+    k1 = min(v_costs, key=lambda k: (v_costs[k], k))
+    best1 = r_costs[k_run] + v_costs[k1]
+    if 3 * int((us == 0).sum()) >= len(us) and best1 < choice[3]:
+        choice = (1, k1, k_run, best1)
+    return choice
+
+
+def test_mode2_bits_helper_matches_codewords() -> None:
+    """The cost helpers agree with the codewords they count."""
+    us = np.array([0, 1, 5, 15, 16, 17, 63, 64, 1000, 2**20, MAX_SYMBOL], dtype=np.int64)
+    for k in range(31):
+        assert _mode0_bits(us, k) == len(block_bits(0, k, 0, us.tolist()))
+        assert _mode2_bits(us, k) == len(block_bits(2, k, 0, us.tolist()))
+
+
+# (kind, step): "gauss" at step 0.5 is about 3 bits per element, a light-tailed body that
+# mode 2 codes in fewer bits than EG
+CHOICE_CASES = [("laplace", 0.01), ("sparse", 0.01), ("gauss", 0.5), ("gauss", 0.05)]
+
+
+@pytest.mark.parametrize("k", ["auto", 2])
+@pytest.mark.parametrize("case", CHOICE_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_encoder_choices_documented(case, k) -> None:
+    """The spec's description of ggcomm's per-block choices (not needed by readers)."""
+    kind, step = case
+    x = make_data(kind, (2048,), torch.float32, seed=5)
+    pf = parse_frame(ggcomm.encode(x, step, block_size=256, k=k).tobytes())
+    k_fixed = None if k == "auto" else k
+    wrong = []
+    for i, blk in enumerate(pf.blocks):
+        got = (blk.mode, blk.k, blk.k_run, blk.bit_length)
+        want = expected_choice(blk.symbols, k_fixed)
+        if got != want:
+            wrong.append((i, got, want))
+    assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"

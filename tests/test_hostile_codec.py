@@ -62,7 +62,7 @@ def with_crc(body: bytes) -> bytes:
 
 def craft(*, numel: int, shape=None, segments=None, block_size: int = 16384, blocks=(),
           exc_pos=(), exc_raw: bytes = b"", payload: bytes = b"", dtype: int = 1,
-          magic: bytes = b"GGEG", version: int = 1, flags: int = 0, tag: int = 0,
+          magic: bytes = b"GGEG", version: int = 2, flags: int = 0, tag: int = 0,
           ndim=None, n_segments=None, n_blocks=None, n_exceptions=None,
           payload_len=None) -> bytes:
     """A frame from its fields (FORMAT.md, Layout), CRC included. The fixed header's
@@ -262,7 +262,7 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "crc": (edit(eg0, crc=False, tag=5), "checksum"),
         # magic, version, dtype, flags, reserved
         "magic": (edit(eg0, magic=b"GGEH"), "magic"),
-        "version": (edit(eg0, version=2), "version"),
+        "version": (edit(eg0, version=3), "version"),
         "dtype": (edit(eg0, dtype=5), "dtype code 5"),
         "flags": (edit(eg0, flags=1), "flags"),
         "reserved": (edit(eg0, **{"block[0].reserved": 1}), "reserved"),
@@ -307,7 +307,10 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "step_nan": (edit(eg0, **{"segment[0].step": math.nan}), "step"),
         "step_reciprocal_inf": (edit(eg0, **{"segment[0].step": 5e-324}), "step"),
         # the block table
-        "mode_2": (edit(runs, **{"block[0].mode": 2}), "block mode 2"),
+        "mode_3": (edit(runs, **{"block[0].mode": 3}), "block mode 3"),
+        "mode_2_in_version_1": (edit(runs, version=1, **{"block[0].mode": 2}),
+                                "block mode 2 in a version 1 frame"),
+        "k_run_in_mode_2": (one_block("1" * 4, 4, mode=2, k_run=1), "nonzero k_run"),
         "k_31": (edit(eg0, **{"block[0].k": 31}), "order above 30"),
         "k_run_31": (edit(runs, **{"block[0].k_run": 31}), "order above 30"),
         "k_run_in_mode_0": (edit(eg0, **{"block[0].k_run": 1}), "nonzero k_run"),
@@ -329,6 +332,14 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "u_above_2^31-2_mode1": (one_block(eg_bits(0, 0) + eg_bits(2**31 - 2, 1), 1, mode=1,
                                            k=1), "outside"),
         "run_past_block": (one_block(eg_bits(4, 0), 3, mode=1), "run of zeros"),
+        # mode 2: an escape (16 zeros, then EG_k(u)) must hold u >= 16 * 2^k; its EG prefix
+        # is at most 31 - k zeros; Golomb-Rice values past 2^31 - 2 at large k
+        "escape_below_range": (one_block("0" * 16 + eg_bits(15, 0), 1, mode=2), "outside"),
+        "escape_prefix_too_long": (one_block("0" * 16 + "0" * 32 + "1" + "0" * 32, 1, mode=2),
+                                   "zero prefix"),
+        "u_above_2^31-2_mode2": (one_block("0" * 15 + "1" + "1" * 27, 1, mode=2, k=27),
+                                 "outside"),
+        "budget_mode2": (one_block("10" * 9, 10, mode=2, k=1), "cannot hold"),
         # the budgets: fewer bits than the elements need (mode 0: count * (k + 1))
         "budget_mode0": (one_block("1" * 9, 10, k=0), "cannot hold"),
         "budget_mode0_k": (one_block("100" * 9 + "10", 10, k=2), "cannot hold"),

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from ggcomm import rate
 from ggcomm.gg import GGFit
 from ggcomm.rate import (
     MAX_AUTO_K,
@@ -24,6 +25,7 @@ from ggcomm.rate import (
     fl_bits,
     huffman_bits,
     huffman_code_lengths,
+    predict_bits,
     predict_eg_bits,
     predict_entropy_bits,
     quantize,
@@ -252,6 +254,26 @@ def test_predict_eg_bits_matches_cellwise_sum(beta: float, k: int) -> None:
         )
 
 
+def rice_length(u, k: int) -> np.ndarray:
+    """Mode-2 codeword lengths (docs/FORMAT.md): u >> k < 16 zeros, a one and k bits, else
+    16 zeros and EG_k(u)."""
+    u = np.asarray(u, dtype=np.int64)
+    return np.where(u >> k < 16, (u >> k) + 1 + k, 16 + eg_length(u, k))
+
+
+@pytest.mark.parametrize("beta", (0.5, 1.0, 2.0))
+@pytest.mark.parametrize("k", (0, 2))
+def test_predict_rice_bits_matches_cellwise_sum(beta: float, k: int) -> None:
+    fit = GGFit(loc=0.3, scale=1.5, beta=beta, n=1)
+    dist = stats.gennorm(fit.beta, loc=fit.loc, scale=fit.scale)
+    for step in (0.05, 0.7, 4.0):
+        q = np.arange(math.floor(dist.ppf(1e-15) / step) - 1, math.ceil(dist.isf(1e-15) / step) + 2)
+        p = dist.cdf((q + 0.5) * step) - dist.cdf((q - 0.5) * step)
+        want = float(np.dot(p, rice_length(signed_to_unsigned(q), k)))
+        got = rate.eg_order_bits(fit, np.array([step]), (k,), rice=True)[0][0, 0]
+        assert got == pytest.approx(want, rel=1e-9)
+
+
 @pytest.mark.parametrize("beta", (0.5, 1.0, 2.0))
 def test_predict_matches_empirical(beta: float) -> None:
     x = gennorm_data(beta)
@@ -259,9 +281,20 @@ def test_predict_matches_empirical(beta: float) -> None:
     for target in (2.0, 4.0, 6.0):
         step = step_for_rate(fit, target)
         q = quantize(x, step)
-        empirical, k_emp = eg_bits(signed_to_unsigned(q))
+        u = signed_to_unsigned(q)
+        # the codec's blocks: the cheaper of EG and Golomb-Rice at their best orders
+        bits, mode, k_code = predict_bits(fit, step)
+        assert bits == pytest.approx(target, rel=1e-6)
+        codes = [(eg_bits(u, kk)[0], "eg", kk) for kk in range(20)]
+        codes += [(float(rice_length(u, kk).mean()), "rice", kk) for kk in range(20)]
+        best = min(codes, key=lambda c: c[0])
+        assert best[0] == pytest.approx(bits, rel=0.02)
+        assert best[1] == mode or abs(best[0] - bits) < 0.02 * bits
+        if beta >= 1.0:
+            assert mode == "rice"  # light tails: Golomb-Rice
+        # EG alone, as the paper's code
+        empirical, k_emp = eg_bits(u)
         predicted, k_pred = predict_eg_bits(fit, step)
-        assert predicted == pytest.approx(target, rel=1e-6)
         assert empirical == pytest.approx(predicted, rel=0.02)
         assert eg_bits(signed_to_unsigned(q), k_pred)[0] == pytest.approx(predicted, rel=0.02)
         assert predict_entropy_bits(fit, step) == pytest.approx(entropy_bits(q), rel=0.02)
@@ -291,7 +324,7 @@ def test_step_for_rate_round_trip() -> None:
     for target in (1.5, 3.0, 5.5, 12.0):
         step = step_for_rate(fit, target)
         steps.append(step)
-        assert predict_eg_bits(fit, step)[0] == pytest.approx(target, rel=1e-8)
+        assert predict_bits(fit, step)[0] == pytest.approx(target, rel=1e-8)
         step0 = step_for_rate(fit, target + 1.0, k=0)
         assert predict_eg_bits(fit, step0, 0)[0] == pytest.approx(target + 1.0, rel=1e-8)
     assert steps == sorted(steps, reverse=True)
@@ -391,6 +424,7 @@ def test_codec_bits_is_the_frame_size() -> None:
     from ggcomm.rate import codec_bits
     from ggcomm.rate.bits import _plan_codec, _plan_torch
 
+    rice_seen = False
     for x, step, k, block_size, zero_runs in _codec_cases():
         frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)
         args = (x, step, k, block_size, zero_runs)
@@ -399,8 +433,10 @@ def test_codec_bits_is_the_frame_size() -> None:
         )
         # The torch reproduction (used off the CPU) agrees with the codec block by block.
         mine, ref = _plan_torch(*args), _plan_codec(*args)
-        for field in ("order", "zero_run", "count", "frame_bits", "payload_bits"):
+        for field in ("order", "zero_run", "rice", "count", "frame_bits", "payload_bits"):
             assert torch.equal(getattr(mine, field), getattr(ref, field)), (field, args[1:])
+        rice_seen |= bool(ref.rice.any())
+    assert rice_seen  # the cases reach Golomb-Rice blocks (FORMAT.md mode 2)
 
 
 def test_eg_rate_value_and_gradient() -> None:
@@ -415,9 +451,24 @@ def test_eg_rate_value_and_gradient() -> None:
     payload = eg_rate(x, step, overhead=False, **one_block)
     u = signed_to_unsigned(quantize(x, step))
     best, k = eg_bits(u)
-    assert float(payload.detach()) == pytest.approx(best, rel=1e-12)
+    # Laplacian data: the block is coded in Golomb-Rice mode (FORMAT.md mode 2), whose
+    # codeword is u >> kr zeros, a one and kr bits (an escape past 16 zeros)
+    un = u.numpy().astype(np.int64)
+    rice = min((sum(int(v >> kr) + 1 + kr if v >> kr < 16 else 16 + int(eg_length(v, kr))
+                    for v in un), kr) for kr in range(12))
+    assert rice[0] / un.size < best
+    assert float(payload.detach()) == pytest.approx(rice[0] / un.size, rel=1e-12)
     r.backward()
-    # The gradient is the smooth bound's at the codec's order (straight-through floor).
+    # Its smoothed length u / 2^kr + 1 + kr has the slope 2 sign(q) / (2^kr step) per element
+    q = quantize(x.detach(), step).to(torch.float64)
+    want = torch.sign(q) * (2.0 / (2.0 ** rice[1] * step * x.numel()))
+    torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-15)
+    # EG blocks (an order fixed by the user turns Golomb-Rice off): the gradient is the
+    # smooth bound's at the codec's order (straight-through floor).
+    x.grad = None
+    fixed = eg_rate(x, step, overhead=False, k=k, **one_block)
+    assert float(fixed.detach()) == pytest.approx(best, rel=1e-12)
+    fixed.backward()
     y = x.detach().clone().requires_grad_(True)
     eg_rate_surrogate(y, step, k, exact_forward=True).backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-15)

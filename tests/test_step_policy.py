@@ -41,7 +41,7 @@ def test_table_is_the_predicted_bits() -> None:
         curve = model._curves()[index]
         assert curve.bits[0] < 1 + 1e-6 and curve.bits[-1] > 17
         for i in range(0, len(curve.log_step), 37):
-            bits, _ = rate.predict_eg_bits(_unit_fit(beta), math.exp(curve.log_step[i]))
+            bits, _, _ = rate.predict_bits(_unit_fit(beta), math.exp(curve.log_step[i]))
             assert curve.bits[i] == pytest.approx(bits, abs=1e-7)
 
 
@@ -51,7 +51,7 @@ def test_model_step_costs_no_solve(monkeypatch) -> None:
     def solve(*args, **kwargs):
         raise AssertionError("the table should answer without the rate model")
 
-    for name in ("step_for_rate", "predict_eg_bits", "eg_order_bits"):
+    for name in ("step_for_rate", "predict_bits", "predict_eg_bits", "eg_order_bits"):
         monkeypatch.setattr(model, name, solve)
     targets = np.linspace(1.0 + 1e-9, 24.0, 200)
     for beta in (0.1, 0.3, 1.0, 2.0, 4.0):

@@ -296,25 +296,62 @@ def _length_table(device: torch.device) -> torch.Tensor:
     return length.reshape(_N_ORDERS, _NBITS * _NBITS)
 
 
+_TOP = 16  # top-4-bit classes of a bit length (mode 2's unary part)
+
+
+def _rice_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 2's lengths, ``(orders, 33 * 16)`` over ``(m, top)`` classes and ``(orders,
+    33 * 33)`` over EG's ``(m, j)`` classes, float64; a value's length is the sum of its two
+    entries.
+
+    ``top`` is ``u``'s top four bits (``u`` shifted to a 4-bit number). Order ``k``: ``m <= k``
+    costs ``k + 1``; ``k < m <= k + 4`` costs ``(u >> k) + 1 + k`` with ``u >> k = top >>
+    (4 - m + k)``; longer values escape, ``RICE_ESC`` zeros then ``EG_k(u)``
+    (docs/FORMAT.md, mode 2).
+    """
+    k = torch.arange(_N_ORDERS, device=device)[:, None, None]
+    m = torch.arange(_NBITS, device=device)[None, :, None]
+    top = torch.arange(_TOP, device=device)[None, None, :]
+    shift = torch.clamp(4 - m + k, 0, 62)
+    body = torch.where(m <= k, k + 1, (top >> shift) + 1 + k)
+    body = torch.where(m > k + 4, 0, body).to(torch.float64)
+    escape = torch.where(m > k + 4, float(_eg_kernels.RICE_ESC), 0.0) + _length_table(
+        device).reshape(_N_ORDERS, _NBITS, _NBITS)
+    escape = torch.where(m > k + 4, escape, 0.0)
+    return body.reshape(_N_ORDERS, _NBITS * _TOP), escape.reshape(_N_ORDERS, _NBITS * _NBITS)
+
+
 def _bit_length_exact(v: torch.Tensor) -> torch.Tensor:
     """``bit_length`` of non-negative int64 values below 2^53 (exact through float64)."""
     return torch.frexp(v.to(torch.float64))[1].to(torch.int64)
 
 
-def _order_costs(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """``(n_groups, orders)`` exact EG bits of the non-negative ``values`` of each group.
+def _order_costs(values: torch.Tensor, group: torch.Tensor, n_groups: int,
+                 rice: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(n_groups, orders)`` exact EG bits of the non-negative ``values`` of each group, and
+    with ``rice`` mode 2's bits (else None).
 
-    One histogram pass over the values plus a small matrix product, whatever the number of
-    orders; the codec's kernels count the same classes.
+    One histogram pass over the values (two with ``rice``) plus small matrix products,
+    whatever the number of orders; the codec's kernels count the same classes.
     """
     table = _length_table(values.device)
     if values.numel() == 0:
-        return torch.zeros(n_groups, _N_ORDERS, dtype=torch.float64, device=values.device)
+        zeros = torch.zeros(n_groups, _N_ORDERS, dtype=torch.float64, device=values.device)
+        return zeros, zeros.clone() if rice else None
     m = _bit_length_exact(values)
     j = _bit_length_exact(torch.clamp((1 << m) - values - 1, min=0))
     cell = (group * _NBITS + m) * _NBITS + j
     hist = torch.bincount(cell, minlength=n_groups * _NBITS * _NBITS)
-    return hist.reshape(n_groups, _NBITS * _NBITS).to(torch.float64) @ table.T
+    hist = hist.reshape(n_groups, _NBITS * _NBITS).to(torch.float64)
+    eg = hist @ table.T
+    if not rice:
+        return eg, None
+    top = torch.where(m >= 4, values >> torch.clamp(m - 4, min=0),
+                      values << torch.clamp(4 - m, min=0))
+    tops = torch.bincount((group * _NBITS + m) * _TOP + top, minlength=n_groups * _NBITS * _TOP)
+    body, escape = _rice_tables(values.device)
+    rice_bits = tops.reshape(n_groups, _NBITS * _TOP).to(torch.float64) @ body.T
+    return eg, rice_bits + hist @ escape.T
 
 
 def _pick_order(costs: torch.Tensor, k: KArg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,8 +393,9 @@ class CodecPlan:
 
     ``frame_bits``: the whole frame (headers, block table, exceptions, padded payload,
     checksum); ``payload_bits``: the blocks' codewords without padding (float64 0-d
-    tensors). Per block: ``order`` (its EG order), ``zero_run`` (coded in zero-run mode,
-    where nonzero symbols are coded as ``u - 1``) and ``count`` (its elements).
+    tensors). Per block: ``order`` (its EG order, or Golomb-Rice parameter), ``zero_run``
+    (coded in zero-run mode, where nonzero symbols are coded as ``u - 1``), ``rice`` (coded
+    in Golomb-Rice mode) and ``count`` (its elements).
     """
 
     order: torch.Tensor
@@ -365,6 +403,7 @@ class CodecPlan:
     count: torch.Tensor
     frame_bits: torch.Tensor
     payload_bits: torch.Tensor
+    rice: torch.Tensor
 
 
 def _plan_codec(
@@ -382,6 +421,7 @@ def _plan_codec(
         payload_bits=torch.tensor(
             float(sum(b.bit_length for b in info.blocks)), dtype=torch.float64
         ),
+        rice=torch.tensor([b.mode == "rice" for b in info.blocks], dtype=torch.bool),
     )
 
 
@@ -392,7 +432,8 @@ def _plan_torch(
 
     Quantization as the codec does it (float64 ``x * (1 / step)`` rounded half to even;
     non-finite values and ``|q| > QMAX`` are exceptions, coded as 0). Per block: the order
-    with the fewest bits (or the fixed one) and, where the zero-run mode is allowed
+    with the fewest bits (or the fixed one), Golomb-Rice mode when its best order is
+    strictly smaller (``k="auto"`` only) and, where the zero-run mode is allowed
     (``zero_runs=True``, or "auto" with at least a third of the symbols zero), that mode
     when it is strictly smaller; see docs/FORMAT.md.
     """
@@ -404,7 +445,14 @@ def _plan_torch(
     block = torch.arange(n, device=u.device) // block_size
     counts = torch.clamp(n - torch.arange(n_blocks, device=u.device) * block_size, max=block_size)
 
-    bits, order = _pick_order(_order_costs(u, block, n_blocks), k)
+    eg_costs, rice_costs = _order_costs(u, block, n_blocks, rice=k == "auto")
+    bits, order = _pick_order(eg_costs, k)
+    rice = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
+    if rice_costs is not None:
+        rice_bits, rice_order = _pick_order(rice_costs, "auto")
+        rice = rice_bits < bits
+        bits = torch.where(rice, rice_bits, bits)
+        order = torch.where(rice, rice_order, order)
     zero_run = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
     if zero_runs is True:
         zero_run = ~zero_run
@@ -413,14 +461,15 @@ def _plan_torch(
         zero_run = _eg_kernels.zero_runs_considered(zeros, counts)
     if bool(zero_run.any()):
         nz = u != 0
-        val_bits, val_order = _pick_order(_order_costs(u[nz] - 1, block[nz], n_blocks), k)
+        val_bits, val_order = _pick_order(_order_costs(u[nz] - 1, block[nz], n_blocks)[0], k)
         runs, run_block = _run_lengths(u, block, block_size, n_blocks)
-        run_bits, _ = _pick_order(_order_costs(runs, run_block, n_blocks), "auto")
+        run_bits, _ = _pick_order(_order_costs(runs, run_block, n_blocks)[0], "auto")
         alt = val_bits + run_bits
         if zero_runs == "auto":
             zero_run &= alt < bits
         bits = torch.where(zero_run, alt, bits)
         order = torch.where(zero_run, val_order, order)
+        rice &= ~zero_run
     n_exceptions = (~ok).sum()
     header = _codec.header_bytes(x.dim(), 1, n_blocks, n_exceptions, x.element_size())
     frame = 8 * (header + _codec.CRC_BYTES) + 8 * torch.ceil(bits / 8).sum()
@@ -430,6 +479,7 @@ def _plan_torch(
         count=counts,
         frame_bits=frame.to(torch.float64),
         payload_bits=bits.sum(),
+        rice=rice,
     )
 
 

@@ -83,11 +83,11 @@ def _smooth_gradient(x: torch.Tensor, step: float, plan: CodecPlan) -> torch.Ten
     """d(mean smooth codeword length)/dx, flattened, in float32 (float64 for float64 x).
 
     With ``u = 2|q| - [q > 0] = |2q - 1/2| - 1/2`` (``- 1`` for a nonzero in a zero-run
-    block) and the block's order ``k``, the bound ``2 log2(u / 2^k + 1) + k + 1`` has slope
-    ``4 sign(q) / (ln 2 step (u + 2^k))`` through the straight-through quantizer. The
-    zero-run shift is applied to every element of such a block: where ``q = 0`` the slope
-    is 0 anyway (the denominator is kept positive there), and so it is for non-finite
-    elements (coded as 0).
+    block) and the block's order ``k``, in an EG block the bound
+    ``2 log2(u / 2^k + 1) + k + 1`` has slope ``4 sign(q) / (ln 2 step (u + 2^k))`` through
+    the straight-through quantizer. The zero-run shift is applied to every element of such a
+    block: where ``q = 0`` the slope is 0 anyway (the denominator is kept positive there),
+    and so it is for non-finite elements (coded as 0).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     q = torch.round(finite_values(x, dtype).mul_(1.0 / step))
@@ -99,7 +99,16 @@ def _smooth_gradient(x: torch.Tensor, step: float, plan: CodecPlan) -> torch.Ten
     # u + 2^k >= 1 wherever q != 0; the clamp only keeps q = 0 of a zero-run block (whose
     # shifted u + 2^k is 0) from 0 / 0.
     denom = torch.abs(q * 2.0 - 0.5).add_(offset).clamp_(min=0.5)
-    return torch.sign(q).div_(denom).mul_(4.0 / (math.log(2.0) * step * q.numel()))
+    coef = torch.sign(q).div_(denom).mul_(4.0 / (math.log(2.0) * step * q.numel()))
+    if bool(plan.rice.any()):
+        # Golomb-Rice blocks: the length u / 2^k + 1 + k (the unary part smoothed) has the
+        # slope 2 sign(q) / (2^k step)
+        n = q.numel()
+        rice = plan.rice.to(q.device).repeat_interleave(plan.count.to(q.device), output_size=n)
+        scale = torch.pow(2.0, -plan.order.to(dtype)).to(q.device)
+        scale = scale.repeat_interleave(plan.count.to(q.device), output_size=n)
+        coef = torch.where(rice, torch.sign(q) * scale * (2.0 / (step * n)), coef)
+    return coef
 
 
 def eg_rate(

@@ -23,8 +23,10 @@ from ..gg import GGFit, scale_for_std
 from ..quant import check_step
 from .bits import MAX_AUTO_K, KArg, check_k
 
-__all__ = ["BETA_GRID", "eg_order_bits", "model_step", "predict_eg_bits",
+__all__ = ["BETA_GRID", "eg_order_bits", "model_step", "predict_bits", "predict_eg_bits",
            "predict_entropy_bits", "prepare", "step_for_rate"]
+
+_RICE_ESC = 16  # docs/FORMAT.md, mode 2: an escape after 16 zeros
 
 _ENTROPY_TAIL = 1e-12
 _MAX_ENTROPY_CELLS = 4_000_000
@@ -52,8 +54,9 @@ def _masses(
 
 
 @functools.cache
-def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    """The tail-probability terms of the expected EG length of each order in ``orders``.
+def _eg_terms(orders: tuple[int, ...], rice: bool = False) -> tuple[np.ndarray, ...]:
+    """The tail-probability terms of the expected EG length of each order in ``orders``
+    (with ``rice``, of the codec's Golomb-Rice mode, see below).
 
     ``L_k(u) = k + 1 + 2 #{m > k : u >= 2^m - 2^k}``, so ``E[L_k] = k + 1 + 2 sum_m P(u >= t)``
     with ``t = 2^m - 2^k``. Under the ``se(v)`` map ``u >= t`` exactly when
@@ -62,18 +65,35 @@ def _eg_terms(orders: tuple[int, ...]) -> tuple[np.ndarray, ...]:
     The terms run over ``m = k+1..63``; the one at ``m = 64`` (weight ``-(127 - k)/2``) takes
     out the values past the longest codeword class (``u + 2^k >= 2^64``), which are not
     counted. Returns per term (grouped by order, in the order of ``orders``): its order's
-    position in ``orders``, weight, ``right`` and ``left``; and per order its first term.
+    position in ``orders``, weight, ``right`` and ``left``; per order its first term and
+    its number of terms.
+
+    Golomb-Rice with parameter k and an EG escape (docs/FORMAT.md, mode 2): the length is
+    ``k + 1`` plus one bit for each ``i = 1..15`` with ``u >= i 2^k``, plus 9 bits when
+    ``u >= 16 2^k`` (the 16th unary zero and the escape's EG prefix and suffix through
+    ``m = k + 4``), plus 2 for each ``m >= k + 5`` with ``u >= 2^m - 2^k``: terms of weight
+    1/2, 9/2 and 1 (the weights are halved, as the sum is doubled).
     """
-    col, weight, right, left = [], [], [], []
+    col, weight, thresholds, count = [], [], [], []
     for i, k in enumerate(orders):
-        for m in range(k + 1, 65):
-            t = (1 << m) - (1 << k)
+        if rice:
+            terms = [(j << k, 0.5) for j in range(1, _RICE_ESC)]
+            terms.append((_RICE_ESC << k, 4.5))
+            terms += [((1 << m) - (1 << k), 1.0) for m in range(k + 5, 64)]
+            terms.append(((1 << 64) - (1 << k), (k - 143) / 2))  # as EG's m = 64 term
+        else:
+            terms = [((1 << m) - (1 << k), 1.0 if m < 64 else (k - 127) / 2)
+                     for m in range(k + 1, 65)]
+        for t, w in terms:
             col.append(i)
-            weight.append(1.0 if m < 64 else (k - 127) / 2)
-            right.append(t // 2 + 0.5)
-            left.append((t - 1) // 2 + 0.5)
-    first = np.cumsum([0] + [64 - k for k in orders[:-1]])
-    return np.array(col), np.array(weight), np.array(right), np.array(left), first
+            weight.append(w)
+            thresholds.append(t)
+        count.append(len(terms))
+    right = [t // 2 + 0.5 for t in thresholds]
+    left = [(t - 1) // 2 + 0.5 for t in thresholds]
+    count = np.array(count)
+    first = np.cumsum(count) - count
+    return (np.array(col), np.array(weight), np.array(right), np.array(left), first, count)
 
 
 def eg_order_bits(
@@ -84,9 +104,11 @@ def eg_order_bits(
     tail: float = 0.0,
     only: np.ndarray | None = None,
     slopes: bool = False,
+    rice: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Expected EG bits per element of each order (columns) at each step (rows) for
-    ``X ~ GG(fit)``, and with ``slopes`` their derivatives in ``log(step)``.
+    ``X ~ GG(fit)``, and with ``slopes`` their derivatives in ``log(step)``; with ``rice``
+    those of the codec's Golomb-Rice mode with each parameter (docs/FORMAT.md, mode 2).
 
     Sums the terms of :func:`_eg_terms`: two GG tail probabilities per codeword length (a few
     dozen per order, for any step), ``P(Z >= y) = gammaincc(1/beta, |y|^beta) / 2`` for
@@ -96,14 +118,14 @@ def eg_order_bits(
     ``512 tail``), and ``only``, a boolean ``(steps, orders)`` mask, evaluates just those
     entries (the rest are returned as inf).
     """
-    col, weight, right, left, first = _eg_terms(orders)
+    col, weight, right, left, first, n_terms = _eg_terms(tuple(orders), rice)
     steps = np.asarray(steps, dtype=np.float64)
     beta, scale, loc = fit.beta, fit.scale, fit.loc
     y_cut = special.gammainccinv(1.0 / beta, 2.0 * tail) ** (1.0 / beta) if tail > 0 else np.inf
     # every term of every (step, order) wanted
     wanted = np.ones((steps.size, len(orders)), dtype=bool) if only is None else only
     row, order = np.nonzero(wanted)
-    count = 64 - np.asarray(orders)[order]
+    count = n_terms[order]
     start = np.cumsum(count) - count
     row = np.repeat(row, count)
     term = np.arange(row.size) + np.repeat(first[order] - start, count)
@@ -154,6 +176,29 @@ def predict_eg_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, i
     return float(eg_order_bits(fit, np.array([step]), (k,))[0][0, 0]), k
 
 
+def predict_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, str, int]:
+    """Expected bits per element the codec's blocks take for ``X ~ GG(fit)`` quantized with
+    ``step``: ``(bits, mode, k)``.
+
+    With ``k="auto"`` the codec picks, per block, the cheaper of EG (mode ``"eg"``) and
+    Golomb-Rice (``"rice"``) at their best orders (docs/FORMAT.md); this is the cheaper of
+    the two expectations (:func:`predict_eg_bits` and its Golomb-Rice counterpart), ties to
+    EG. A fixed ``k`` means EG at that order, as in the codec. Zero-run blocks (sparse data)
+    and the frame's header are not modelled.
+    """
+    step = check_step(step)
+    if k != "auto":
+        bits, k = predict_eg_bits(fit, step, k)
+        return bits, "eg", k
+    orders = tuple(range(MAX_AUTO_K + 1))
+    eg = eg_order_bits(fit, np.array([step]), orders)[0][0]
+    rice = eg_order_bits(fit, np.array([step]), orders, rice=True)[0][0]
+    ke, kr = int(np.argmin(eg)), int(np.argmin(rice))
+    if rice[kr] < eg[ke]:
+        return float(rice[kr]), "rice", kr
+    return float(eg[ke]), "eg", ke
+
+
 def predict_entropy_bits(fit: GGFit, step: float) -> float:
     """Entropy (bits per element) of ``round(X / step)`` for ``X ~ GG(fit)``.
 
@@ -176,8 +221,8 @@ def predict_entropy_bits(fit: GGFit, step: float) -> float:
 
 
 def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
-    """Quantization step whose predicted EG bits per element (:func:`predict_eg_bits`) equal
-    ``target_bits``.
+    """Quantization step whose predicted bits per element (:func:`predict_bits`: the codec's
+    EG or Golomb-Rice blocks, EG alone at a fixed ``k``) equal ``target_bits``.
 
     The predicted rate falls as the step grows, towards ``k + 1`` bits (1 bit with
     ``k="auto"``), so ``target_bits`` must exceed that floor. The root is bracketed by
@@ -194,7 +239,7 @@ def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
         )
 
     def excess(log_step: float) -> float:
-        return predict_eg_bits(fit, math.exp(log_step), k)[0] - target_bits
+        return predict_bits(fit, math.exp(log_step), k)[0] - target_bits
 
     lo = hi = math.log(fit.std)
     for _ in range(64):
@@ -215,10 +260,11 @@ def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
 # The step table
 
 
-# The step for a target rate: predicted EG bits (predict_eg_bits, best order) of
-# a unit-variance GG of each shape, tabulated once per process and inverted by interpolation;
-# step_for_rate solves the same equation, at 40-150 ms a solve.
-# Orders tabulated: order k costs at least k + 1 bits, so none past 16 is best below 17 bits.
+# The step for a target rate: predicted bits (predict_bits: the codec's EG or Golomb-Rice
+# blocks, best order) of a unit-variance GG of each shape, tabulated once per process and
+# inverted by interpolation; step_for_rate solves the same equation, at 40-150 ms a solve.
+# Orders tabulated: order k costs at least k + 1 bits in either mode, so none past 16 is
+# best below 17 bits.
 _ORDERS = tuple(range(17))
 # The table runs from the step with P(|X| > step / 2) = _FLOOR_TAIL (1 + ~4e-8 bits) to the one
 # where the entropy bound alone exceeds _TOP_BITS (17.7 bits or more in fact); past it, the
@@ -264,16 +310,24 @@ def _shape_curve(beta: float) -> _Curve:
     median = scale * special.gammainccinv(1 / beta, 0.5) ** (1 / beta)
     guess = np.maximum(np.floor(np.log2(median / steps)), 0.0)[:, None]
     k = np.arange(len(_ORDERS))
-    only = (k >= guess) & (k <= guess + 3)
-    bits, slopes = eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True)
-    best = np.argmin(bits, axis=1)
-    rows = np.arange(best.size)
-    redo = ~(only[rows, np.maximum(best - 1, 0)] & only[rows, np.minimum(best + 1, k[-1])])
-    if redo.any():
-        bits[redo], slopes[redo] = eg_order_bits(
-            fit, steps[redo], _ORDERS, tail=_TAIL, slopes=True
-        )
+    rows = np.arange(steps.size)
+    per_mode = []
+    for rice, lo in ((False, 0), (True, -1)):  # Golomb-Rice's best order is about 1 lower
+        only = (k >= guess + lo) & (k <= guess + lo + 3)
+        bits, slopes = eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True,
+                                     rice=rice)
         best = np.argmin(bits, axis=1)
+        redo = ~(only[rows, np.maximum(best - 1, 0)] & only[rows, np.minimum(best + 1, k[-1])])
+        if redo.any():
+            bits[redo], slopes[redo] = eg_order_bits(
+                fit, steps[redo], _ORDERS, tail=_TAIL, slopes=True, rice=rice
+            )
+        per_mode.append((bits, slopes))
+    # The codec codes each block in the cheaper mode: columns are EG's orders, then
+    # Golomb-Rice's (ties to EG, as the codec)
+    bits = np.concatenate([per_mode[0][0], per_mode[1][0]], axis=1)
+    slopes = np.concatenate([per_mode[0][1], per_mode[1][1]], axis=1)
+    best = np.argmin(bits, axis=1)
     ends = np.stack([rows[:-1], rows[1:]], axis=1)[:, None, :]  # (cells, 1, 2 ends)
     pair = np.stack([best[:-1], best[1:]], axis=1)[:, :, None]  # (cells, 2 orders, 1)
     cells = np.concatenate([bits[ends, pair], slopes[ends, pair]], axis=2)
@@ -336,7 +390,8 @@ def _beta_index(mean_sq: float, mean_abs: float) -> int:
 
 
 def model_step(mean_sq: float, mean_abs: float, target_bits: float) -> float:
-    """The GG model's step for ``target_bits`` EG bits per element, from two moments.
+    """The GG model's step for ``target_bits`` bits per element (the codec's EG or
+    Golomb-Rice blocks, :func:`predict_bits`), from two moments.
 
     The shape comes from the moment ratio (nearest of 60 tabulated shapes), the scale from
     the RMS. The step is read off the shape's table of predicted bits (built once per process,

@@ -157,7 +157,8 @@ def measure(
     """GG and Gaussian fits of ``x`` and its code lengths at one quantization.
 
     The step is ``rel_step`` times the RMS of ``x``, or (``bits``) the one at which the
-    fitted GG predicts that many EG bits per element (:func:`ggcomm.rate.step_for_rate`).
+    fitted GG predicts that many bits per element of the codec's blocks (EG or Golomb-Rice,
+    :func:`ggcomm.rate.step_for_rate`).
     Returns plain numbers: ``n``, ``gg`` / ``gaussian`` parameters, ``ll_gg``,
     ``ll_gauss`` and ``ll_gain`` (mean log-likelihood per element in nats, on the fitting
     sample), ``step`` and the bits per element ``fl``, ``eg`` (with its order ``eg_k``),
@@ -384,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--bits",
         type=_positive(float),
-        help="instead, the step at which each group's GG fit predicts this many EG bits",
+        help="instead, the step at which each group's GG fit predicts the codec sends this "
+             "many bits per element",
     )
     p.add_argument("--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE)
     p.add_argument(
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     quantization = (
         f"step = {rel_step:g} x RMS of each group"
         if rel_step is not None
-        else f"step where the GG fit predicts {args.bits:g} EG bits per element"
+        else f"step where the GG fit predicts {args.bits:g} codec bits per element"
     )
     trained = ""
     if final_loss is not None:
