@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import struct
 import threading
 import zlib
@@ -750,6 +751,32 @@ def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
     return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="))).view(h.dtype)
 
 
+# Fresh outputs at least this large go on transparent huge pages where the OS offers them.
+_HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _fresh(n: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array of n elements for a decode's result.
+
+    A fresh allocation's first touch costs one page fault per 4 KiB page: at 256 MiB, as
+    long as decoding itself. Large arrays are mapped privately and advised onto 2 MiB
+    transparent huge pages (``MADV_HUGEPAGE``, Linux; 512 times fewer faults) where the OS
+    offers them, else allocated as usual. The array owns its mapping, which is unmapped when
+    the last reference (a tensor made from it) goes.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < _HUGE_PAGE_MIN_BYTES or advice is None:
+        return np.empty(n, dtype)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(advice)
+    except (OSError, ValueError, AttributeError):  # not offered here: ordinary pages
+        return np.empty(n, dtype)
+    return np.frombuffer(region, dtype, count=n)
+
+
 def _decode_scratch(n: int, dtype: torch.dtype) -> np.ndarray:
     """A reusable per-calling-thread array of n elements for ``decode(out=)`` (it keeps the
     largest size decoded so far on that thread)."""
@@ -789,7 +816,8 @@ def decode(frame, *, out: torch.Tensor | None = None,
             raise ValueError(f"out must be a CPU {h.dtype} tensor of {h.numel} elements")
     work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if out is None:
-        work = torch.empty(h.numel, dtype=work_dtype)
+        work = torch.from_numpy(_fresh(h.numel, np.float64 if h.dtype == torch.float64
+                                       else np.float32))
     else:  # the calling thread's reusable scratch: no fresh pages (and page faults) per call
         work = torch.from_numpy(_decode_scratch(h.numel, work_dtype))
     _decode_into(buf, h, work.numpy(), h.steps)  # every FrameError is raised here
@@ -813,7 +841,7 @@ def decode_symbols(frame, *, max_numel: int | None = None
     :func:`decode`.
     """
     buf, h = _frame_and_header(frame, max_numel)
-    q = torch.empty(h.numel, dtype=torch.float64)
+    q = torch.from_numpy(_fresh(h.numel, np.float64))
     _decode_into(buf, h, q.numpy(), np.ones_like(h.steps))
     pos = torch.from_numpy(h.exc_pos)
     vals = _exception_values(buf, h).double() if h.exc_pos.size else \

@@ -489,3 +489,19 @@ def test_rice_blocks_with_escapes_match_reference(scale):
     us, _ = reference.quantize(x.numpy(), np.array([0, x.numel()], np.int64), np.array([1.0]))
     assert any(u >> b.k >= 16 for b in rice for u in us[b.first:b.first + b.count])
     assert same_bits(decode(frame), expected(x, [1.0], [x.numel()]))
+
+
+def test_large_fresh_outputs_are_ordinary_tensors():
+    """Results of 8 MiB and more are mapped on huge pages where the OS offers them: the same
+    values as a decode into ``out``, writable, usable as any tensor."""
+    from ggcomm import codec
+
+    x = torch.randn(3 << 20, generator=torch.Generator().manual_seed(5))
+    frame = encode(x, 0.05)
+    y = decode(frame)
+    assert y.numel() * 4 >= codec._HUGE_PAGE_MIN_BYTES
+    assert torch.equal(y, decode(frame, out=torch.empty_like(x)))
+    y[::2] = 1.0  # writable
+    assert float(y[0]) == 1.0 and torch.equal(y[1::2], decode(frame)[1::2])
+    q, _, _ = codec.decode_symbols(frame)
+    assert torch.equal(q, torch.round(x.double() / 0.05))
