@@ -460,7 +460,8 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
         entropy_bits=entropy,
         bits_over_entropy=frame.bits_per_element / entropy if entropy > 0 else math.inf,
         zero_symbol_fraction=zero_fraction,
-        zero_run_block_fraction=sum(b.mode == "zero_runs" for b in info.blocks)
+        zero_run_block_fraction=sum(b.mode in ("zero_runs", "zero_runs_rice")
+                                    for b in info.blocks)
         / len(info.blocks),
         rice_block_fraction=len(rice_ks) / len(info.blocks),
         mean_k=statistics.fmean(eg_ks) if eg_ks else math.nan,

@@ -392,10 +392,10 @@ def forge(rng) -> bytes:
                                     for i in range(0, n, max(1, bs))), 300))
     blocks, payload, zeros, n = [], b"", [], 0  # zeros: positions coded u = 0
     for c in counts:
-        r_mode = rng.random()
-        mode = eg.MODE_ZERO_RUNS if r_mode < 0.3 else eg.MODE_RICE if r_mode < 0.55 else eg.MODE_EG
+        mode = int(rng.choice([eg.MODE_EG, eg.MODE_ZERO_RUNS, eg.MODE_RICE,
+                               eg.MODE_ZERO_RUNS_RICE], p=[0.4, 0.2, 0.2, 0.2]))
         k = int(rng.integers(0, 5)) if rng.random() < 0.9 else int(rng.integers(0, 32))
-        krun = int(rng.integers(0, 4)) if mode == eg.MODE_ZERO_RUNS else 0
+        krun = int(rng.integers(0, 4)) if eg.is_zero_runs(mode) else 0
         if rng.random() < 0.7 and c <= 4096 and k <= 30 and krun <= 30:
             us = [0 if rng.random() < 0.6 else int(rng.integers(1, 50)) for _ in range(c)]
             data, nbits = reference.encode_block(us, mode, k, krun)
@@ -501,7 +501,8 @@ def _expected(data: bytes, info: codec.FrameInfo, q: torch.Tensor) -> tuple[torc
     return vals.reshape(info.shape), overflow
 
 
-_MODES = {"eg": eg.MODE_EG, "zero_runs": eg.MODE_ZERO_RUNS, "rice": eg.MODE_RICE}
+_MODES = {"eg": eg.MODE_EG, "zero_runs": eg.MODE_ZERO_RUNS, "rice": eg.MODE_RICE,
+          "zero_runs_rice": eg.MODE_ZERO_RUNS_RICE}
 
 
 def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
@@ -529,8 +530,9 @@ def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
         need = codec._min_block_bits(np.array([_MODES[b.mode]]),
                                      np.array([b.k]), np.array([b.k_run]),
                                      np.array([b.count]))[0]
-        if b.k > 30 or b.k_run > 30 or (b.mode != "zero_runs" and b.k_run) \
-                or b.bit_length < need or (b.mode == "rice" and version < 2):
+        zero_runs = b.mode in ("zero_runs", "zero_runs_rice")
+        if b.k > 30 or b.k_run > 30 or (not zero_runs and b.k_run) or b.bit_length < need \
+                or (_MODES[b.mode] > eg.MODE_ZERO_RUNS and version < 2):
             problems.append(f"block {b}")
             break
     if problems:

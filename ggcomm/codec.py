@@ -50,7 +50,7 @@ __all__ = [
 MAGIC = b"GGEG"
 VERSION = 2  # the version ggcomm writes
 # Versions ggcomm reads, with the block modes each may use: version 1 has no mode 2.
-READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_RICE}
+READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_ZERO_RUNS_RICE}
 DEFAULT_BLOCK_SIZE = 16384
 MAX_NDIM = 64
 # Largest element count, and dimension, a frame may claim: element indices and sums of a
@@ -84,7 +84,8 @@ def header_bytes(ndim: int, n_segments: int, n_blocks, n_exceptions, itemsize: i
     return (_FIXED.size + 8 * ndim + _SEGMENT.itemsize * n_segments + _BLOCK.itemsize * n_blocks
             + n_exceptions * (8 + itemsize))
 
-_MODE_NAMES = {eg.MODE_EG: "eg", eg.MODE_ZERO_RUNS: "zero_runs", eg.MODE_RICE: "rice"}
+_MODE_NAMES = {eg.MODE_EG: "eg", eg.MODE_ZERO_RUNS: "zero_runs", eg.MODE_RICE: "rice",
+               eg.MODE_ZERO_RUNS_RICE: "zero_runs_rice"}
 
 # Below this many blocks a task, threads cost more than they save.
 _MIN_BLOCKS_PER_TASK = 4
@@ -107,7 +108,7 @@ class BlockInfo:
     first: int  # index of the block's first element in the flattened tensor
     count: int  # elements in the block
     segment: int  # the segment the block belongs to (blocks never span segments)
-    mode: str  # "eg", "zero_runs" or "rice" (modes 0, 1, 2 of docs/FORMAT.md)
+    mode: str  # "eg", "zero_runs", "rice", "zero_runs_rice" (modes 0-3 of docs/FORMAT.md)
     k: int  # Exp-Golomb order (Golomb-Rice parameter in "rice" mode) of the values
     k_run: int  # order of the zero-run lengths (zero_runs mode only)
     bit_offset: int  # first bit of the block within the payload
@@ -543,16 +544,16 @@ def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
                     counts: np.ndarray) -> np.ndarray:
     """The fewest bits a valid block of ``counts`` elements can have (FORMAT.md, Blocks).
 
-    Modes 0 and 2: one codeword of at least k + 1 bits per element. Mode 1: the cheapest parse is
-    one run of all ``count`` zeros, or a run of ``count - 1`` zeros and the value 1 (merging
-    two runs around a value never costs bits: EG_krun(a + b + 1) <= EG_krun(max) + 2, and
-    the run and value codewords it removes take at least 2), so the minimum is the
-    smaller of the two.
+    Modes 0 and 2: one codeword of at least k + 1 bits per element. Modes 1 and 3: the
+    cheapest parse is one run of all ``count`` zeros, or a run of ``count - 1`` zeros and
+    the value 1 (k + 1 bits in either value code; merging two runs around a value never
+    costs bits: EG_krun(a + b + 1) <= EG_krun(max) + 2, and the run and value codewords it
+    removes take at least 2), so the minimum is the smaller of the two.
     """
     eg_bits = counts * (k + 1)
     one_run = _eg_lengths(counts, k_run)
     run_and_one = _eg_lengths(np.maximum(counts - 1, 0), k_run) + k + 1
-    return np.where(mode != eg.MODE_ZERO_RUNS, eg_bits, np.minimum(one_run, run_and_one))
+    return np.where(eg.is_zero_runs(mode), np.minimum(one_run, run_and_one), eg_bits)
 
 
 def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
@@ -612,7 +613,7 @@ def _check_block_table(buf: np.ndarray, payload_at: int, blocks: np.ndarray,
         raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
     if (blocks["reserved"] != 0).any():
         raise FrameError("reserved block-table bytes are not zero")
-    if ((blocks["mode"] != eg.MODE_ZERO_RUNS) & (blocks["k_run"] != 0)).any():
+    if ((~eg.is_zero_runs(blocks["mode"])) & (blocks["k_run"] != 0)).any():
         raise FrameError("an EG- or Rice-mode block has a nonzero k_run")
     need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
                            blocks["k_run"].astype(np.int64), counts)

@@ -31,7 +31,14 @@ MAX_BLOCK_SIZE = 1 << 22
 MODE_EG = 0  # each element: EG_k(u)
 MODE_ZERO_RUNS = 1  # (EG_krun(run of zeros), EG_k(u - 1)) pairs, see FORMAT.md
 MODE_RICE = 2  # each element: Golomb-Rice_k(u), EG_k(u) escape after RICE_ESC zeros
+MODE_ZERO_RUNS_RICE = 3  # mode 1 with the nonzero values in mode 2's code
 RICE_ESC = 16  # unary prefixes of this many zeros start an escape (FORMAT.md, mode 2)
+
+
+@register_jitable
+def is_zero_runs(mode):
+    """Whether a block mode codes runs of zeros (modes 1 and 3)."""
+    return (mode == MODE_ZERO_RUNS) | (mode == MODE_ZERO_RUNS_RICE)
 
 
 @register_jitable
@@ -348,6 +355,7 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
         if j < cnt:
             p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
     else:
+        rice = mode == MODE_ZERO_RUNS_RICE
         run = np.int64(0)
         for j in range(cnt):
             u = np.int64(scratch[j])
@@ -355,7 +363,10 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
                 run += 1
             else:
                 p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
-                p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
+                if rice:
+                    p, acc, nacc = _put_rice(ptr, p, acc, nacc, u - 1, k)
+                else:
+                    p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
                 run = 0
         if run > 0:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
@@ -383,6 +394,13 @@ def _eg_len(v, k):
 
 
 @njit(nogil=True, cache=True)
+def _rice_len(v, k):
+    """Bits of the mode-2 codeword of v >= 0 (non-decreasing in v)."""
+    q = v >> k
+    return q + 1 + k if q < RICE_ESC else RICE_ESC + _eg_len(v, k)
+
+
+@njit(nogil=True, cache=True)
 def _zero_runs_bound(scratch, cnt, T, H, zeros):
     """A lower bound of the zero-run mode's bits for the block, in one light pass.
 
@@ -392,9 +410,10 @@ def _zero_runs_bound(scratch, cnt, T, H, zeros):
     same. Runs: there is one run codeword per nonzero, plus one for trailing zeros; counting
     the maximal runs of zeros of length >= 1, 2 and 3 bounds their EG lengths for every
     order (k_run = 0: 1, 3, 5 bits from lengths 0, 1, 3; k_run = 1: 2, 4 bits from 0, 2;
-    k_run >= 2: 3 bits or more). Values: nonzero u is sent as u - 1; u below 64 is exact
-    from the small-symbol tables T of the histogram pass, larger u costs at least what 63
-    costs. H must be summarized (row totals in column 33).
+    k_run >= 2: 3 bits or more). Values: nonzero u is sent as u - 1 in EG or mode 2's code,
+    whichever is smaller; u below 64 is exact from the small-symbol tables T of the
+    histogram pass, larger u costs at least what 63 costs (both lengths grow with u). H
+    must be summarized (row totals in column 33).
     """
     # Windows of 2, 3, 4 consecutive zeros (P2, P3, P4): a maximal run of length L holds
     # L - 1, L - 2, L - 3 of them, so zeros - P2 runs have length >= 1, P2 - P3 length
@@ -430,13 +449,31 @@ def _zero_runs_bound(scratch, cnt, T, H, zeros):
     best = np.int64(-1)
     for k in range(min(maxm, K_MAX) + 1):
         c = large * _eg_len(np.int64(_SMALL - 1), k)
+        cr = large * _rice_len(np.int64(_SMALL - 1), k)  # the values in mode 2's code
         for u in range(1, _SMALL):
             n = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
             if n:
                 c += n * _eg_len(np.int64(u - 1), k)
+                cr += n * _rice_len(np.int64(u - 1), k)
+        c = min(c, cr)
         if best < 0 or c < best:
             best = c
     return run_lb + best
+
+
+@njit(nogil=True, cache=True)
+def _best_code(H, k_fixed):
+    """(Golomb-Rice?, k, bits) for the symbols histogrammed in H: EG at a fixed order
+    (k_fixed >= 0), else the cheaper of EG and mode 2's code at their best orders (ties to
+    EG)."""
+    if k_fixed >= 0:
+        _summarize(H)
+        return False, k_fixed, _eg_cost(H, k_fixed)
+    k, bits, maxm = _best_k(H)
+    kr, rice_bits = _best_order(H, maxm, True)
+    if rice_bits < bits:
+        return True, kr, rice_bits
+    return False, k, bits
 
 
 @njit(nogil=True, cache=True)
@@ -448,32 +485,17 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
     position, or -1 if out is too small (nothing is written past its end).
     """
     _histogram(scratch, cnt, H, T)
-    mode = MODE_EG
-    if k_fixed >= 0:
-        _summarize(H)
-        k = k_fixed
-        bits = _eg_cost(H, k)
-    else:
-        k, bits, maxm = _best_k(H)
-        kr, rice_bits = _best_order(H, maxm, True)
-        if rice_bits < bits:
-            mode = MODE_RICE
-            k = kr
-            bits = rice_bits
+    rice, k, bits = _best_code(H, k_fixed)
+    mode = MODE_RICE if rice else MODE_EG
     krun = 0
     zeros = H[0, 0]
     if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, cnt)
                           and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits):
         _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
         krun, run_bits, _ = _best_k(Hrun)
-        if k_fixed >= 0:
-            _summarize(Hval)
-            kv = k_fixed
-            val_bits = _eg_cost(Hval, kv)
-        else:
-            kv, val_bits, _ = _best_k(Hval)
+        rice, kv, val_bits = _best_code(Hval, k_fixed)
         if zero_runs == 2 or run_bits + val_bits < bits:
-            mode = MODE_ZERO_RUNS
+            mode = MODE_ZERO_RUNS_RICE if rice else MODE_ZERO_RUNS
             k = kv
             bits = run_bits + val_bits
         else:
@@ -850,7 +872,7 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
 
 
 @njit(nogil=True, cache=True)
-def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch):
+def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
     i = 0
     while i < cnt:
         run, pos, err = _read_eg(ptr, nbuf, pos, krun)
@@ -863,7 +885,10 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch):
         i += run
         if i == cnt:
             break
-        v, pos, err = _read_eg(ptr, nbuf, pos, k)
+        if rice:
+            v, pos, err = _read_rice(ptr, nbuf, pos, k)
+        else:
+            v, pos, err = _read_eg(ptr, nbuf, pos, k)
         if err:
             return pos, err
         if v >= UMAX:
@@ -878,12 +903,13 @@ def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
     """Decode one block's symbols into scratch[:cnt] and check its length and padding."""
     ptr = data_ptr(payload)
     nbuf = payload.size
-    if mode != MODE_ZERO_RUNS:
+    if not is_zero_runs(mode):
         rice = mode == MODE_RICE
         pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[np.int64(rice), min(k, LUT_K_MAX)],
                               scratch, rice)
     else:
-        pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch)
+        pos, err = _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch,
+                                     mode == MODE_ZERO_RUNS_RICE)
     if err:
         return err
     if pos != stop:

@@ -16,6 +16,7 @@ from .eg import (
     MODE_EG,
     MODE_RICE,
     MODE_ZERO_RUNS,
+    MODE_ZERO_RUNS_RICE,
     QMAX,
     RICE_ESC,
     UMAX,
@@ -100,10 +101,11 @@ def _runs_and_values(us: list) -> tuple[list, list]:
     return runs, vals
 
 
-def _best(symbols: list) -> tuple[int, int]:
-    """(k, bits) minimising the EG_k bits of symbols; ties to the smaller k."""
+def _best(symbols: list, length=eg_len) -> tuple[int, int]:
+    """(k, bits) minimising the bits of symbols in a code (EG_k by default); ties to the
+    smaller k."""
     top = max(symbols, default=0).bit_length()
-    costs = [sum(eg_len(s, k) for s in symbols) for k in range(min(top, K_MAX) + 1)]
+    costs = [sum(length(s, k) for s in symbols) for k in range(min(top, K_MAX) + 1)]
     k = min(range(len(costs)), key=lambda i: (costs[i], i))
     return k, costs[k]
 
@@ -115,21 +117,23 @@ def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, i
         k, bits = k_fixed, sum(eg_len(u, k_fixed) for u in us)
     else:
         k, bits = _best(us)
-        top = max(us, default=0).bit_length()
-        costs = [sum(rice_len(u, kr) for u in us) for kr in range(min(top, K_MAX) + 1)]
-        kr = min(range(len(costs)), key=lambda i: (costs[i], i))
-        if costs[kr] < bits:
-            mode, k, bits = MODE_RICE, kr, costs[kr]
+        kr, rice_bits = _best(us, rice_len)
+        if rice_bits < bits:
+            mode, k, bits = MODE_RICE, kr, rice_bits
     zeros = sum(1 for u in us if u == 0)
     if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, len(us))):
         runs, vals = _runs_and_values(us)
         krun, run_bits = _best(runs)
+        zr_mode = MODE_ZERO_RUNS
         if k_fixed >= 0:
             kv, val_bits = k_fixed, sum(eg_len(v, k_fixed) for v in vals)
         else:
             kv, val_bits = _best(vals)
+            kvr, val_rice = _best(vals, rice_len)
+            if val_rice < val_bits:
+                zr_mode, kv, val_bits = MODE_ZERO_RUNS_RICE, kvr, val_rice
         if zero_runs == 2 or run_bits + val_bits < bits:
-            mode, k = MODE_ZERO_RUNS, kv
+            mode, k = zr_mode, kv
         else:
             krun = 0
     return mode, k, krun
@@ -149,7 +153,8 @@ def encode_block(us: list, mode: int, k: int, krun: int) -> tuple[bytes, int]:
                 run += 1
             else:
                 parts.append(eg_codeword(run, krun))
-                parts.append(eg_codeword(u - 1, k))
+                parts.append((rice_codeword if mode == MODE_ZERO_RUNS_RICE else eg_codeword)(
+                    u - 1, k))
                 run = 0
         if run > 0:
             parts.append(eg_codeword(run, krun))
@@ -213,7 +218,7 @@ def decode_block(data: bytes, nbits: int, count: int, mode: int, k: int, krun: i
             us.extend([0] * run)
             if len(us) == count:
                 break
-            v = r.eg(k)
+            v = r.rice(k) if mode == MODE_ZERO_RUNS_RICE else r.eg(k)
             if v + 1 > UMAX:
                 raise ValueError("value out of range")
             us.append(v + 1)

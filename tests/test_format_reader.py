@@ -3,13 +3,14 @@
 The reader below uses nothing from ggcomm: it parses the header, tables and payload with
 ``struct`` and ``zlib``, decodes every Exp-Golomb and Golomb-Rice codeword bit by bit, and
 reconstructs the values as the spec describes. It reads frame versions 1 and 2 (the
-spec's version 2 adds block mode 2, which a version 1 frame must not use). ggcomm is used
-only to produce frames and as a comparison.
+spec's version 2 adds block modes 2 and 3, which a version 1 frame must not use). ggcomm is
+used only to produce frames and as a comparison.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ assert HEADER.size == 48
 MAGIC = b"GGEG"
 VERSION = 2  # what ggcomm writes
 # the versions a reader accepts, and the block modes each allows
-MODES_BY_VERSION = {1: (0, 1), 2: (0, 1, 2)}
-GR_ESCAPE_ZEROS = 16  # mode 2: q < 16 is a Golomb-Rice codeword, 16 zeros start an escape
+MODES_BY_VERSION = {1: (0, 1), 2: (0, 1, 2, 3)}
+ZERO_RUN_MODES = (1, 3)  # runs of zeros, with EG (mode 1) or mode-2 (mode 3) value codewords
+GR_ESCAPE_ZEROS = 16  # modes 2, 3: q < 16 is a Golomb-Rice codeword, 16 zeros an escape
 MAX_SYMBOL = 2**31 - 2
 MAX_Q = 2**30 - 1
 MAX_BLOCK_SIZE = 2**22
@@ -101,7 +103,8 @@ class BitReader:
         return c - (1 << k)
 
     def gr(self, k: int) -> int:
-        """One mode-2 codeword: Golomb-Rice of parameter k, or 16 zeros and an EG-k escape."""
+        """One mode-2 codeword (also mode 3's value codewords): Golomb-Rice of parameter k,
+        or 16 zeros and an EG-k escape."""
         one = self.bits.find("1", self.pos, self.n)
         if one < 0:
             raise ValueError("codeword overruns the block's bit length")
@@ -135,7 +138,9 @@ def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
             if u > MAX_SYMBOL:
                 raise ValueError(f"symbol {u} out of range")
             out.append(u)
-    elif blk.mode == 1:
+    elif blk.mode in ZERO_RUN_MODES:
+        # mode 3 is mode 1 with each value codeword a mode-2 one (its escape rule included)
+        value = br.eg if blk.mode == 1 else br.gr
         i = 0
         while i < count:
             r = br.eg(blk.k_run)
@@ -145,7 +150,7 @@ def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
             i += r
             if i == count:
                 break
-            v = br.eg(blk.k)
+            v = value(blk.k)
             if v + 1 > MAX_SYMBOL:
                 raise ValueError(f"symbol {v + 1} out of range")
             out.append(v + 1)
@@ -176,6 +181,8 @@ def min_block_bits(mode: int, k: int, k_run: int, count: int) -> int:
     """The fewest bits a block of ``count`` elements can take (FORMAT.md, "Blocks")."""
     if mode in (0, 2):
         return count * (k + 1)  # every codeword of either mode has at least k + 1 bits
+    # modes 1 and 3: one run of all the zeros, or a run and the symbol 1 (k + 1 bits in
+    # EG-k and in mode 2's code alike)
     return min(eg_len(count, k_run), eg_len(count - 1, k_run) + k + 1)
 
 
@@ -341,14 +348,15 @@ def block_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> str:
         return "".join(eg_bits(u, k) for u in symbols)
     if mode == 2:
         return "".join(gr_bits(u, k) for u in symbols)
-    assert mode == 1
+    assert mode in ZERO_RUN_MODES
+    value_bits = eg_bits if mode == 1 else gr_bits  # mode 3: v = u - 1 in mode 2's code
     out = []
     run = 0
     for u in symbols:
         if u == 0:
             run += 1
         else:
-            out.append(eg_bits(run, k_run) + eg_bits(u - 1, k))
+            out.append(eg_bits(run, k_run) + value_bits(u - 1, k))
             run = 0
     if run or not symbols:
         out.append(eg_bits(run, k_run))
@@ -439,6 +447,10 @@ CASES = [
     # about 3 bits per element: light-tailed blocks, coded in mode 2 (Golomb-Rice)
     ((4096,), "gauss", 0.5, {"block_size": 512}),
     ((4096,), "gauss", 0.5, {"block_size": 512, "zero_runs": False}),
+    # 90% zeros, Gaussian values of about 10-20 steps: zero runs with Golomb-Rice values
+    ((8192,), "sparse", 0.05, {"block_size": 4096}),
+    ((8192,), "sparse", 0.05, {"block_size": 4096, "zero_runs": True}),
+    ((8192,), "sparse", 0.05, {"block_size": 4096, "k": 3}),
 ]
 
 
@@ -487,10 +499,10 @@ def test_reader_matches_ggcomm_and_spec(dtype: torch.dtype, case: int) -> None:
     assert pf.version == VERSION
     if isinstance(kw.get("k"), int):
         assert all(b.k == kw["k"] for b in pf.blocks)
-        # FORMAT.md: a user-fixed k asks for the EG-k code and turns mode 2 off
-        assert all(b.mode != 2 for b in pf.blocks)
+        # FORMAT.md: a user-fixed k asks for the EG-k code and turns modes 2 and 3 off
+        assert all(b.mode in (0, 1) for b in pf.blocks)
     if kw.get("zero_runs") is True:
-        assert all(b.mode == 1 for b in pf.blocks)
+        assert all(b.mode in ZERO_RUN_MODES for b in pf.blocks)
     if kw.get("zero_runs") is False:
         # no zero runs; with an auto k the Golomb-Rice mode is still allowed
         assert all(b.mode in (0, 2) and b.k_run == 0 for b in pf.blocks)
@@ -669,7 +681,9 @@ def _tamper_cases():
         "step_neg": patch(seg_off + 8, "d", -0.5),
         "step_inf": patch(seg_off + 8, "d", math.inf),
         "step_nan": patch(seg_off + 8, "d", math.nan),
-        "mode": patch(bt_off, "B", 3),
+        # 0..3 are the modes of a version 2 frame
+        "mode_4": patch(bt_off, "B", 4),
+        "mode_255": patch(bt_off, "B", 255),
         "k_31": patch(bt_off + 1, "B", 31),
         "reserved": patch(bt_off + 3, "B", 1),
         "bit_length": patch(bt_off + 4, "I", pf.blocks[0].bit_length + 8),
@@ -984,13 +998,40 @@ def _mode2_bits(us: np.ndarray, k: int) -> int:
     return int(np.where(q < GR_ESCAPE_ZEROS, q + 1 + k, GR_ESCAPE_ZEROS + _eg_lens(us, k)).sum())
 
 
+def _zero_run_parts(symbols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(runs, values) that modes 1 and 3 code for a block: the zeros before each nonzero
+    symbol and its v = u - 1, then the trailing zeros when there are any (an all-zero block,
+    or an empty one, is one run)."""
+    runs, vals, run = [], [], 0
+    for u in symbols:
+        if u == 0:
+            run += 1
+        else:
+            runs.append(run)
+            vals.append(u - 1)
+            run = 0
+    if run or not symbols:
+        runs.append(run)
+    return np.array(runs, dtype=np.int64), np.array(vals, dtype=np.int64)
+
+
+def _zero_run_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> int:
+    """Mode 1 or 3: EG_krun of each run plus, per value v, EG_k(v) (mode 1) or mode 2's
+    codeword of v (mode 3)."""
+    runs, vals = _zero_run_parts(symbols)
+    value_bits = _mode0_bits if mode == 1 else _mode2_bits
+    return _mode0_bits(runs, k_run) + value_bits(vals, k)
+
+
 def expected_choice(symbols: list[int], k_fixed: int | None = None) -> tuple[int, int, int, int]:
     """(mode, k, k_run, bit_length) that FORMAT.md's "Choices the format leaves to the
     encoder" gives a block with zero_runs "auto": the best k of mode 0 and of mode 2, mode 2
     when strictly smaller than mode 0, then zero runs when strictly smaller than the better
-    of the two (and at least a third of the symbols are zero); ties to mode 0, then mode 2,
-    then the smaller k (list.index finds the first minimum). A fixed k turns mode 2 off and
-    is the k of modes 0 and 1."""
+    of the two (and at least a third of the symbols are zero), with k_run the best order of
+    the runs and the values in mode 3 (Golomb-Rice) when their bits at the best k are
+    strictly fewer than their EG bits at the best k (else mode 1); ties to mode 0, then
+    mode 2, mode 1 before mode 3, then the smaller k (list.index finds the first minimum).
+    A fixed k turns modes 2 and 3 off and is the k of modes 0 and 1."""
     us = np.array(symbols, dtype=np.int64)
     ks = range(31) if k_fixed is None else [k_fixed]
     costs0 = {k: _mode0_bits(us, k) for k in ks}
@@ -1001,23 +1042,19 @@ def expected_choice(symbols: list[int], k_fixed: int | None = None) -> tuple[int
         k2 = costs2.index(min(costs2))
         if costs2[k2] < choice[3]:
             choice = (2, k2, 0, costs2[k2])
-    runs, nz, run = [], [], 0
-    for u in symbols:
-        if u == 0:
-            run += 1
-        else:
-            runs.append(run)
-            nz.append(u - 1)
-            run = 0
-    if run:
-        runs.append(run)
-    r_costs = [_mode0_bits(np.array(runs, dtype=np.int64), k) for k in range(31)]
-    v_costs = {k: _mode0_bits(np.array(nz, dtype=np.int64), k) for k in ks}
+    runs, vals = _zero_run_parts(symbols)
+    r_costs = [_mode0_bits(runs, k) for k in range(31)]
     k_run = r_costs.index(min(r_costs))
-    k1 = min(v_costs, key=lambda k: (v_costs[k], k))
-    best1 = r_costs[k_run] + v_costs[k1]
-    if 3 * int((us == 0).sum()) >= len(us) and best1 < choice[3]:
-        choice = (1, k1, k_run, best1)
+    v_costs = {k: _mode0_bits(vals, k) for k in ks}
+    k_val = min(v_costs, key=lambda k: (v_costs[k], k))
+    zr = (1, k_val, k_run, r_costs[k_run] + v_costs[k_val])
+    if k_fixed is None:
+        gr_costs = [_mode2_bits(vals, k) for k in range(31)]
+        k3 = gr_costs.index(min(gr_costs))
+        if gr_costs[k3] < v_costs[k_val]:
+            zr = (3, k3, k_run, r_costs[k_run] + gr_costs[k3])
+    if 3 * int((us == 0).sum()) >= len(us) and zr[3] < choice[3]:
+        choice = zr
     return choice
 
 
@@ -1027,11 +1064,21 @@ def test_mode2_bits_helper_matches_codewords() -> None:
     for k in range(31):
         assert _mode0_bits(us, k) == len(block_bits(0, k, 0, us.tolist()))
         assert _mode2_bits(us, k) == len(block_bits(2, k, 0, us.tolist()))
+    # modes 1 and 3: runs (leading, between, trailing) and values, escapes included
+    blocks = [[0, 0, 3, 1, 0, 40, 0, 0, 0], [5, 0, MAX_SYMBOL], [0] * 7, [1], []]
+    for symbols in blocks:
+        for mode in ZERO_RUN_MODES:
+            for k in (0, 1, 3, 30):
+                for k_run in (0, 2):
+                    want = len(block_bits(mode, k, k_run, symbols))
+                    assert _zero_run_bits(mode, k, k_run, symbols) == want, (symbols, mode, k)
 
 
 # (kind, step): "gauss" at step 0.5 is about 3 bits per element, a light-tailed body that
-# mode 2 codes in fewer bits than EG
-CHOICE_CASES = [("laplace", 0.01), ("sparse", 0.01), ("gauss", 0.5), ("gauss", 0.05)]
+# mode 2 codes in fewer bits than EG; "sparse" (90% zeros) at 0.05 and 0.1 has Gaussian
+# values of 10-20 steps, which zero runs code with Golomb-Rice values (mode 3)
+CHOICE_CASES = [("laplace", 0.01), ("sparse", 0.01), ("sparse", 0.05), ("sparse", 0.1),
+                ("gauss", 0.5), ("gauss", 0.05)]  # fmt: skip
 
 
 @pytest.mark.parametrize("k", ["auto", 2])
@@ -1049,3 +1096,286 @@ def test_encoder_choices_documented(case, k) -> None:
         if got != want:
             wrong.append((i, got, want))
     assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
+
+
+# --------------------------------------------------------------------------------------
+# Mode 3: zero runs with Golomb-Rice values
+# --------------------------------------------------------------------------------------
+
+# Mode-3 blocks spelled out from FORMAT.md, independently of block_bits: (k, k_run,
+# symbols, bits). Runs are EG of order k_run (c = r + 2^k_run: nb - 1 - k_run zeros and the
+# nb bits of c); each nonzero u is v = u - 1 in mode 2's code of parameter k (q =
+# floor(v / 2^k) < 16: q zeros, a one, the k low bits of v; else 16 zeros and EG_k(v)).
+# fmt: off
+MODE3_BLOCKS = [
+    # all zeros: one run, EG_0(4) (c = 5)
+    (0, 0, [0, 0, 0, 0], "00101"),
+    # one element, the symbol 1: run 0, then v = 0 (k + 1 bits): the fewest bits, 2
+    (0, 0, [1], "1" + "1"),
+    (
+        1, 0, [0, 0, 3, 40, 0, 0, 0],
+        "011"  # run 2: c = 3
+        + "01" + "0"  # u = 3, v = 2: q = 1, low bit 0
+        + "1"  # run 0
+        + "0" * 16 + "0000" + "101001"  # u = 40, v = 39: q = 19, an escape; c = 41, nb = 6
+        + "00100",  # trailing run 3: c = 4
+    ),
+    (
+        0, 1, [16, 17, 0, 0, 0],
+        "10"  # run 0 (k_run = 1: c = 2)
+        + "0" * 15 + "1"  # u = 16, v = 15: the last Golomb-Rice codeword of k = 0
+        + "10"  # run 0
+        + "0" * 16 + "0000" + "10001"  # u = 17, v = 16 = 16 * 2^0: the first escape, c = 17
+        + "0101",  # trailing run 3: c = 5
+    ),
+    (
+        2, 2, [0] * 5 + [1, 0, 7, MAX_SYMBOL] + [0] * 10,
+        "01001"  # run 5: c = 9, nb = 4
+        + "1" + "00"  # u = 1, v = 0
+        + "101"  # run 1: c = 5
+        + "01" + "10"  # u = 7, v = 6: q = 1, low bits 10
+        + "100"  # run 0: c = 4
+        # u = 2^31 - 2, v = 2^31 - 3: an escape, c = 2^31 + 1, nb = 32, prefix 29 = 31 - k
+        + "0" * 16 + "0" * 29 + "1" + "0" * 30 + "1"
+        + "01110",  # trailing run 10: c = 14
+    ),
+    # k = 30: u = 2^31 - 2 without an escape (v = 2^31 - 3: q = 1, r = 2^30 - 3)
+    (30, 0, [MAX_SYMBOL, 0], "1" + "01" + format(2**30 - 3, "030b") + "010"),
+]
+# fmt: on
+MODE3_IDS = [f"k{k}-krun{kr}-n{len(us)}" for k, kr, us, _ in MODE3_BLOCKS]
+
+
+def _values(symbols: list[int]) -> torch.Tensor:
+    """What a hand-built frame (step 1.0, float64) of these symbols decodes to."""
+    return torch.tensor([float(u_to_q(u)) for u in symbols], dtype=torch.float64)
+
+
+def test_mode3_blocks_spelled_out() -> None:
+    """The table above is what the test-side encoder emits, its lengths are what the cost
+    helper counts, and the reader reads every block back. Blocks with a value above 1
+    differ from mode 1's bits (v = 0 is a one and k zero bits in either code)."""
+    for k, k_run, us, bits in MODE3_BLOCKS:
+        assert block_bits(3, k, k_run, us) == bits, (k, k_run, us)
+        assert _zero_run_bits(3, k, k_run, us) == len(bits)
+        assert len(bits) >= min_block_bits(3, k, k_run, len(us))
+        blk = Block(3, k, k_run, 0, len(bits))
+        assert decode_block(blk, bits_to_bytes(bits), len(us)) == us
+        assert (block_bits(1, k, k_run, us) == bits) == all(u <= 1 for u in us)
+    # the fewest bits of a mode-3 block are mode 1's: [1] with k = k_run = 0 takes 2
+    assert min_block_bits(3, 0, 0, 1) == min_block_bits(1, 0, 0, 1) == 2
+
+
+@pytest.mark.parametrize("row", MODE3_BLOCKS, ids=MODE3_IDS)
+def test_reader_and_ggcomm_decode_hand_built_mode3_frames(row) -> None:
+    """Hand-built version 2 frames with one mode-3 block: runs (leading, between, trailing,
+    all zeros, with k_run 0, 1, 2), Golomb-Rice values and escapes (v = 16 * 2^k exactly and
+    the largest symbol)."""
+    k, k_run, us, bits = row
+    data = hand_frame(3, k, k_run, bits, len(us))
+    pf = parse_frame(data)
+    assert pf.version == 2
+    assert [(b.mode, b.k, b.k_run, b.bit_length) for b in pf.blocks] == [(3, k, k_run, len(bits))]
+    assert pf.symbols == us
+    want = _values(us)
+    assert bits_equal(read_frame(data), want)
+    assert bits_equal(ggcomm.codec.decode(data), want)
+    q, pos, _ = ggcomm.codec.decode_symbols(data)
+    assert q.tolist() == want.tolist() and pos.numel() == 0
+    info = ggcomm.codec.inspect(data)
+    assert [(b.mode, b.k, b.k_run, b.bit_length) for b in info.blocks] == [
+        ("zero_runs_rice", k, k_run, len(bits))
+    ]
+
+
+def _bad_mode3_frames() -> dict[str, bytes]:
+    """Version 2 frames with one mode-3 block each, invalid in one way each. "1" is the run
+    codeword 0 of k_run = 0 (a value follows at once)."""
+    f = hand_frame
+    esc = "0" * 16  # the start of a mode-2 escape
+    return {
+        # mode 1's rule: a run past the end of the block, first or after a value
+        "run_past_end": f(3, 0, 0, eg_bits(4, 0), 3),
+        "run_past_end_after_value": f(3, 0, 0, "1" + "1" + eg_bits(2, 0), 2),
+        "run_past_end_k_run_2": f(3, 0, 2, eg_bits(2, 2) + "1" + eg_bits(2, 2), 4),
+        # mode 2's rule: an escape must hold v >= 16 * 2^k
+        "escape_v_15_k0": f(3, 0, 0, "1" + esc + eg_bits(15, 0), 1),
+        "escape_v_0_k0": f(3, 0, 0, "1" + esc + "1", 1),
+        "escape_v_0_k3": f(3, 3, 0, "1" + esc + "1000", 1),
+        "escape_v_127_k3": f(3, 3, 1, "10" + esc + eg_bits(127, 3), 1),
+        # k = 27: 16 * 2^k = 2^31, so an escape's v + 1 is above 2^31 - 2 or it is below 2^31
+        "escape_max_k27": f(3, 27, 0, "1" + esc + eg_bits(MAX_SYMBOL - 1, 27), 1),
+        # the escape's own EG prefix (after the first 16 zeros) above 31 - k
+        "escape_prefix_32_k0": f(3, 0, 0, "1" + esc + "0" * 32 + "1" + "0" * 32, 1),
+        "escape_prefix_30_k2": f(3, 2, 0, "1" + esc + "0" * 30 + "1" + "0" * 33, 1),
+        # the run codeword's prefix above 31 - k_run
+        "run_prefix_32": f(3, 0, 0, "0" * 32 + "1" + "0" * 32, 1),
+        # v + 1 above 2^31 - 2, from an escape and from the Golomb-Rice branch
+        "escape_v+1_2^31-1_k0": f(3, 0, 0, "1" + esc + eg_bits(MAX_SYMBOL, 0), 1),
+        "escape_v+1_2^31_k0": f(3, 0, 0, "1" + esc + eg_bits(2**31 - 1, 0), 1),
+        "gr_v+1_2^31_k27": f(3, 27, 0, "1" + "0" * 15 + "1" + "1" * 27, 1),
+        "gr_v+1_2^31-1_k30": f(3, 30, 0, "1" + "01" + format(2**30 - 2, "030b"), 1),
+        # codewords cut by the block's end, bits left over, padding
+        "gr_overrun": f(3, 3, 0, "1" + "01" + "10", 1),
+        "escape_overrun": f(3, 0, 0, "1" + esc + "0001", 1),
+        "run_overrun": f(3, 0, 0, "00" + "1", 2),
+        "zeros_only": f(3, 0, 0, "1" + "0" * 20, 1),
+        "unread_bits": f(3, 0, 0, "1" + "1" + "1", 1),
+        "nonzero_padding": f(3, 0, 0, "11" + "1", 1, bit_length=2),
+        # the block table: k and k_run at most 30, bit_length at least the fewest bits
+        "k_31": f(3, 31, 0, "1" + "1" + "0" * 31, 1),
+        "k_run_31": f(3, 0, 31, "1" + "0" * 31 + "1", 1),
+        "below_min_bits_1": f(3, 0, 0, "1", 1),
+        # 100 elements, k = 5: min(len(EG_0(100)), len(EG_0(99)) + 6) = 13
+        "below_min_bits_100": f(3, 5, 0, "0" * 6 + "1100101", 100, bit_length=12),
+    }
+
+
+def test_reader_rejects_bad_mode3_blocks() -> None:
+    bad = _bad_mode3_frames()
+    for data in bad.values():
+        with pytest.raises(ValueError):
+            read_frame(data)
+    # each rule by its message (not some other check failing first)
+    by_message = {
+        "overruns the block (": ["run_past_end", "run_past_end_after_value",
+                                 "run_past_end_k_run_2"],
+        "below 16": ["escape_v_15_k0", "escape_v_0_k0", "escape_v_0_k3", "escape_v_127_k3",
+                     "escape_max_k27"],
+        "prefix": ["escape_prefix_32_k0", "escape_prefix_30_k2", "run_prefix_32"],
+        "out of range": ["escape_v+1_2^31-1_k0", "escape_v+1_2^31_k0", "gr_v+1_2^31_k27",
+                         "gr_v+1_2^31-1_k30"],
+        "bit length": ["gr_overrun", "escape_overrun", "run_overrun", "zeros_only"],
+        "unread": ["unread_bits"],
+        "padding": ["nonzero_padding"],
+        "above 30": ["k_31", "k_run_31"],
+        "fewest bits": ["below_min_bits_1", "below_min_bits_100"],
+    }  # fmt: skip
+    assert sorted(n for names in by_message.values() for n in names) == sorted(bad)
+    for message, names in by_message.items():
+        for name in names:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                read_frame(bad[name])
+
+
+def test_ggcomm_rejects_bad_mode3_blocks() -> None:
+    _rejected_by_both(_bad_mode3_frames())
+
+
+def test_mode3_needs_version_2() -> None:
+    """FORMAT.md: a mode-3 block in a version 1 frame is invalid (reader and ggcomm); the
+    same bytes labelled version 2 are a valid frame."""
+    rejected = {}
+    for k, k_run, us, bits in MODE3_BLOCKS:
+        v1 = hand_frame(3, k, k_run, bits, len(us), version=1)
+        v2 = hand_frame(3, k, k_run, bits, len(us))
+        assert v1[4] == 1 and v2[4] == 2 and v1[5:-4] == v2[5:-4]
+        with pytest.raises(ValueError, match="version 1"):
+            parse_frame(v1)
+        with pytest.raises(ggcomm.FrameError, match="version"):
+            ggcomm.codec.decode(v1)
+        assert parse_frame(v2).symbols == us
+        assert bits_equal(ggcomm.codec.decode(v2), _values(us))
+        rejected[f"v1_{k}_{k_run}_{len(us)}"] = v1
+    _rejected_by_both(rejected)
+
+
+def sparse_gauss(n: int, dtype: torch.dtype, seed: int, density: float = 0.1) -> torch.Tensor:
+    """About (1 - density) of the elements exact zeros, the others N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    x = x * (torch.rand(n, generator=g, dtype=torch.float64) < density)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
+@pytest.mark.parametrize("step", [0.05, 0.1])
+def test_ggcomm_uses_mode3_for_sparse_gaussian_data(dtype: torch.dtype, step: float) -> None:
+    """90% exact zeros and N(0, 1) values at 10-20 steps, default settings, block_size 4096:
+    zero runs beat modes 0 and 2, and the Golomb-Rice code beats EG on the values, so
+    ggcomm's frame has mode-3 blocks. The reader, ggcomm and the spec's quantization agree
+    on every value, the payload is the canonical codewords, and every block is the one
+    expected_choice gives."""
+    n, bs = 4 * 4096 + 1000, 4096
+    x = sparse_gauss(n, dtype, seed=31)
+    assert 0.85 < float((x == 0).double().mean()) < 0.95
+    data = ggcomm.codec.encode(x, step, block_size=bs).tobytes()
+    pf = check_frame(x, [step], [n], data, block_size=bs)
+    assert pf.version == 2
+    modes = [b.mode for b in pf.blocks]
+    assert modes.count(3) >= 4, f"expected mode-3 blocks, got modes {modes}"
+    wrong = []
+    for i, blk in enumerate(pf.blocks):
+        got = (blk.mode, blk.k, blk.k_run, blk.bit_length)
+        want = expected_choice(blk.symbols)
+        if got != want:
+            wrong.append((i, got, want))
+    assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
+    info = ggcomm.codec.inspect(data)
+    names = {0: "eg", 1: "zero_runs", 2: "rice", 3: "zero_runs_rice"}
+    assert [b.mode for b in info.blocks] == [names[m] for m in modes]
+    assert [(b.k, b.k_run, b.bit_length) for b in info.blocks] == [
+        (b.k, b.k_run, b.bit_length) for b in pf.blocks
+    ]
+    q, _, _ = ggcomm.codec.decode_symbols(data)
+    assert q.tolist() == [u_to_q(u) for u in pf.symbols]
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_fixed_k_turns_mode3_off(k: int) -> None:
+    """The same sparse data with a user-fixed k: zero runs with EG values (mode 1) at that
+    k, never mode 2 or 3, as expected_choice gives."""
+    x = sparse_gauss(2 * 4096, torch.float32, seed=32)
+    data = ggcomm.codec.encode(x, 0.05, block_size=4096, k=k).tobytes()
+    pf = check_frame(x, [0.05], [x.numel()], data, block_size=4096)
+    assert [b.mode for b in pf.blocks] == [1, 1]
+    for blk in pf.blocks:
+        assert blk.k == k
+        assert (blk.mode, blk.k, blk.k_run, blk.bit_length) == expected_choice(blk.symbols, k)
+    # with the auto k the same data is mode 3
+    auto = parse_frame(ggcomm.codec.encode(x, 0.05, block_size=4096).tobytes())
+    assert [b.mode for b in auto.blocks] == [3, 3]
+
+
+def _zero_run_case(case: str) -> tuple[torch.Tensor, float, int, int]:
+    """(x, step, block_size, the zero-run mode its blocks must use)."""
+    if case == "outliers":
+        # sparse Gaussian plus values of 1000 steps (v = 1999): escapes in mode 3 (k = 4)
+        x = sparse_gauss(4 * 4096, torch.float32, seed=33)
+        x[100::1500] = 50.0
+        return x, 0.05, 4096, 3
+    if case == "heavy_tailed":
+        # 90% zeros, values with a heavy tail (N(0, 1) times log(U)^2): EG beats
+        # Golomb-Rice on the values, so the block is mode 1
+        g = torch.Generator().manual_seed(3)
+        n = 2 * 4096
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        x = x * torch.rand(n, generator=g, dtype=torch.float64).log() ** 2
+        x = x * (torch.rand(n, generator=g, dtype=torch.float64) < 0.1)
+        return x.to(torch.float32), 0.05, 4096, 1
+    assert case == "tie"
+    # every value u = 1 (v = 0): k + 1 bits in EG and Golomb-Rice alike, and mode 1 goes
+    # before mode 3 on a tie
+    x = torch.zeros(64, dtype=torch.float32)
+    x[::5] = 1.0
+    return x, 1.0, 64, 1
+
+
+@pytest.mark.parametrize("case", ["outliers", "heavy_tailed", "tie"])
+def test_zero_run_value_code_choice(case: str) -> None:
+    """FORMAT.md: zero-run values go in mode 3 only when their Golomb-Rice bits at the best
+    k are strictly fewer than their EG bits at the best k. ggcomm's blocks are the ones
+    expected_choice gives, read back by the reader as by ggcomm (escapes included)."""
+    x, step, bs, want_mode = _zero_run_case(case)
+    data = ggcomm.codec.encode(x, step, block_size=bs).tobytes()
+    pf = check_frame(x, [step], [x.numel()], data, block_size=bs)
+    assert [b.mode for b in pf.blocks] == [want_mode] * len(pf.blocks)
+    for blk in pf.blocks:
+        assert (blk.mode, blk.k, blk.k_run, blk.bit_length) == expected_choice(blk.symbols)
+        if case == "outliers":
+            escapes = [u for u in blk.symbols if u and u - 1 >= GR_ESCAPE_ZEROS << blk.k]
+            assert escapes, "expected escapes in every mode-3 block"
+        if case == "tie":
+            _, vals = _zero_run_parts(blk.symbols)
+            eg_best = min(_mode0_bits(vals, k) for k in range(31))
+            assert eg_best == min(_mode2_bits(vals, k) for k in range(31))

@@ -307,7 +307,9 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "step_nan": (edit(eg0, **{"segment[0].step": math.nan}), "step"),
         "step_reciprocal_inf": (edit(eg0, **{"segment[0].step": 5e-324}), "step"),
         # the block table
-        "mode_3": (edit(runs, **{"block[0].mode": 3}), "block mode 3"),
+        "mode_4": (edit(runs, **{"block[0].mode": 4}), "block mode 4"),
+        "mode_3_in_version_1": (edit(runs, version=1, **{"block[0].mode": 3}),
+                                "block mode 3 in a version 1 frame"),
         "mode_2_in_version_1": (edit(runs, version=1, **{"block[0].mode": 2}),
                                 "block mode 2 in a version 1 frame"),
         "k_run_in_mode_2": (one_block("1" * 4, 4, mode=2, k_run=1), "nonzero k_run"),
@@ -340,6 +342,11 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "u_above_2^31-2_mode2": (one_block("0" * 15 + "1" + "1" * 27, 1, mode=2, k=27),
                                  "outside"),
         "budget_mode2": (one_block("10" * 9, 10, mode=2, k=1), "cannot hold"),
+        # mode 3: zero runs, the values in mode 2's code (a run of 0, then an escape)
+        "escape_below_range_mode3": (one_block("1" + "0" * 16 + eg_bits(15, 0), 1, mode=3),
+                                     "outside"),
+        "run_past_block_mode3": (one_block(eg_bits(4, 0), 3, mode=3), "run of zeros"),
+        "budget_mode3": (one_block("001", 3, mode=3), "cannot hold"),
         # the budgets: fewer bits than the elements need (mode 0: count * (k + 1))
         "budget_mode0": (one_block("1" * 9, 10, k=0), "cannot hold"),
         "budget_mode0_k": (one_block("100" * 9 + "10", 10, k=2), "cannot hold"),

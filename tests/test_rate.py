@@ -473,13 +473,22 @@ def test_eg_rate_value_and_gradient() -> None:
     eg_rate_surrogate(y, step, k, exact_forward=True).backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-15)
 
-    # Zero-run blocks code nonzero symbols as u - 1: the slope follows.
+    # Zero-run blocks code nonzero symbols as u - 1: the slope follows (EG values at a
+    # fixed order: mode 1).
     s = torch.tensor([0.0] * 30 + [0.26, -0.26], dtype=torch.float64, requires_grad=True)
-    eg_rate(s, 0.25).backward()
-    assert codec.inspect(codec.encode(s.detach(), 0.25)).blocks[0].mode == "zero_runs"
+    eg_rate(s, 0.25, k=0).backward()
+    assert codec.inspect(codec.encode(s.detach(), 0.25, k=0)).blocks[0].mode == "zero_runs"
     slope = 4.0 / (math.log(2.0) * 0.25 * 32)  # u - 1 + 2^0 = 1 for q = 1 and 2 for q = -1
     torch.testing.assert_close(s.grad[-2:], torch.tensor([slope, -slope / 2], dtype=s.dtype))
     assert (s.grad[:-2] == 0).all()  # zeros of a zero-run block: no slope, and not 0 / 0
+    # With the order picked, the values 0 and 1 cost 1 and 2 bits in Golomb-Rice against
+    # EG's 1 and 3 (mode 3): the slope is Golomb-Rice's, 2 sign(q) / (2^k step n)
+    s.grad = None
+    eg_rate(s, 0.25).backward()
+    assert codec.inspect(codec.encode(s.detach(), 0.25)).blocks[0].mode == "zero_runs_rice"
+    slope = 2.0 / (0.25 * 32)
+    torch.testing.assert_close(s.grad[-2:], torch.tensor([slope, -slope], dtype=s.dtype))
+    assert (s.grad[:-2] == 0).all()
 
     z = (5.0 * torch.randn(40, 50)).requires_grad_(True)
     rel = eg_rate(z, rel_step=0.1)

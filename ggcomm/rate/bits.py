@@ -394,8 +394,9 @@ class CodecPlan:
     ``frame_bits``: the whole frame (headers, block table, exceptions, padded payload,
     checksum); ``payload_bits``: the blocks' codewords without padding (float64 0-d
     tensors). Per block: ``order`` (its EG order, or Golomb-Rice parameter), ``zero_run``
-    (coded in zero-run mode, where nonzero symbols are coded as ``u - 1``), ``rice`` (coded
-    in Golomb-Rice mode) and ``count`` (its elements).
+    (coded in a zero-run mode, where nonzero symbols are coded as ``u - 1``), ``rice`` (its
+    symbols, or the nonzero ones of a zero-run block, in Golomb-Rice codewords) and
+    ``count`` (its elements).
     """
 
     order: torch.Tensor
@@ -415,13 +416,15 @@ def _plan_codec(
     )
     return CodecPlan(
         order=torch.tensor([b.k for b in info.blocks], dtype=torch.int64),
-        zero_run=torch.tensor([b.mode == "zero_runs" for b in info.blocks], dtype=torch.bool),
+        zero_run=torch.tensor([b.mode in ("zero_runs", "zero_runs_rice") for b in info.blocks],
+                              dtype=torch.bool),
         count=torch.tensor([b.count for b in info.blocks], dtype=torch.int64),
         frame_bits=torch.tensor(8.0 * info.nbytes, dtype=torch.float64),
         payload_bits=torch.tensor(
             float(sum(b.bit_length for b in info.blocks)), dtype=torch.float64
         ),
-        rice=torch.tensor([b.mode == "rice" for b in info.blocks], dtype=torch.bool),
+        rice=torch.tensor([b.mode in ("rice", "zero_runs_rice") for b in info.blocks],
+                          dtype=torch.bool),
     )
 
 
@@ -461,7 +464,14 @@ def _plan_torch(
         zero_run = _eg_kernels.zero_runs_considered(zeros, counts)
     if bool(zero_run.any()):
         nz = u != 0
-        val_bits, val_order = _pick_order(_order_costs(u[nz] - 1, block[nz], n_blocks)[0], k)
+        val_eg, val_rice = _order_costs(u[nz] - 1, block[nz], n_blocks, rice=k == "auto")
+        val_bits, val_order = _pick_order(val_eg, k)
+        val_is_rice = torch.zeros_like(zero_run)
+        if val_rice is not None:  # the values in Golomb-Rice where smaller (mode 3)
+            rice_bits, rice_order = _pick_order(val_rice, "auto")
+            val_is_rice = rice_bits < val_bits
+            val_bits = torch.where(val_is_rice, rice_bits, val_bits)
+            val_order = torch.where(val_is_rice, rice_order, val_order)
         runs, run_block = _run_lengths(u, block, block_size, n_blocks)
         run_bits, _ = _pick_order(_order_costs(runs, run_block, n_blocks)[0], "auto")
         alt = val_bits + run_bits
@@ -469,7 +479,7 @@ def _plan_torch(
             zero_run &= alt < bits
         bits = torch.where(zero_run, alt, bits)
         order = torch.where(zero_run, val_order, order)
-        rice &= ~zero_run
+        rice = torch.where(zero_run, val_is_rice, rice)
     n_exceptions = (~ok).sum()
     header = _codec.header_bytes(x.dim(), 1, n_blocks, n_exceptions, x.element_size())
     frame = 8 * (header + _codec.CRC_BYTES) + 8 * torch.ceil(bits / 8).sum()
