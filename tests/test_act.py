@@ -38,7 +38,8 @@ def test_rate_tracks_codec_on_sparse_blocks() -> None:
     step = rate.step_for_rate(gg.fit(x), 1.2)
     act = ACT(1.0, step=step)
     act.record("a", x.requires_grad_(True))
-    assert codec.inspect(codec.encode(x.detach(), step)).blocks[0].mode == "zero_runs"
+    assert codec.inspect(codec.encode(x.detach(), step)).blocks[0].mode in (
+        "zero_runs", "zero_runs_rice")
     assert act.rate().item() == pytest.approx(codec_bpe(x, step), rel=1e-6)
     act.penalty().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -88,3 +88,14 @@ def test_report_without_pcodec(monkeypatch: pytest.MonkeyPatch) -> None:
     for section in (codec_bench._throughput([row]), codec_bench._bits([row])):
         assert f"pcodec columns: n/a, {reason}." in section[3]
         assert "| n/a |" in section[-1]
+
+
+def test_codec_stages_are_the_codecs_work(tmp_path: Path) -> None:
+    """The per-stage profile runs each stage with the codec's choices and checks its output
+    against the frame (payload bytes, symbols, values) before timing it."""
+    import codec_stages
+
+    assert codec_stages.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "codec_stages-quick.md").read_text()
+    assert "| GG beta=3 @3b |" in report and "rice" in report
+    assert "zero_runs_rice" in report  # the sparse tensor's blocks
