@@ -3,7 +3,7 @@ fp16 cast, zstd level 1 and lz4 measured in the same run on the same tensors, an
 the same quantized symbols ggcomm codes (its columns say why they are empty when the
 ``pcodec`` package is not installed).
 
-Data: generalized-Gaussian samples (beta 0.5, 1, 2) at about 2, 3 and 4.5 bits per element,
+Data: generalized-Gaussian samples (beta 0.5, 1, 2, 3) at about 2, 3 and 4.5 bits per element,
 real gradients of a tiny transformer-like model, and a 90%-zeros sparse tensor.
 
     python benchmarks/codec_bench.py                 # 1, 16, 256 MiB -> results/codec.{md,json}
