@@ -1,4 +1,7 @@
-"""The wire codec: tensor -> quantize -> Exp-Golomb blocks -> one self-describing frame.
+"""The wire codec: tensor -> quantize -> coded blocks -> one self-describing frame.
+
+Each block is coded with Exp-Golomb or Golomb-Rice codewords, or as runs of zeros,
+whichever takes the fewest bits (frame format 2).
 
 ``encode`` turns a floating-point tensor into a :class:`Frame` (a uint8 tensor ready for
 torch.distributed), ``decode`` turns a frame (or any buffer holding one) back into the
@@ -49,7 +52,8 @@ __all__ = [
 
 MAGIC = b"GGEG"
 VERSION = 2  # the version ggcomm writes
-# Versions ggcomm reads, with the block modes each may use: version 1 has no mode 2.
+# Versions ggcomm reads, with the largest block mode each may use: version 1 has no modes
+# 2 and 3.
 READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_ZERO_RUNS_RICE}
 DEFAULT_BLOCK_SIZE = 16384
 MAX_NDIM = 64

@@ -1,4 +1,5 @@
-"""numba kernels: quantize, choose codes, and bit-pack blocks of Exp-Golomb codewords.
+"""numba kernels: quantize, choose codes, and bit-pack blocks of Exp-Golomb and Golomb-Rice
+codewords.
 
 The wire format is specified in ``docs/FORMAT.md``; ``ggcomm.kernels.reference`` is a
 slow pure-Python implementation of the same format that the tests hold these kernels to,
