@@ -316,8 +316,11 @@ class GGCommState(StepSettings):
         if not isinstance(sd, dict) or sd.get("version") not in (1, 2, _STATE_VERSION):
             raise StateLoadError(f"unsupported GGCommState state_dict version "
                                  f"{sd.get('version') if isinstance(sd, dict) else sd!r}")
-        mine = {k: v for k, v in self.settings().items() if k != "ggcomm"}
-        theirs = {k: v for k, v in sd["settings"].items() if k != "ggcomm"}
+        # the package version and the frame format are wire properties: residuals and steps
+        # carry over an upgrade (the frames' fingerprints still keep mixed ranks apart)
+        wire = ("ggcomm", "format")
+        mine = {k: v for k, v in self.settings().items() if k not in wire}
+        theirs = {k: v for k, v in sd["settings"].items() if k not in wire}
         if mine != theirs:
             raise SettingsMismatchError(f"state_dict was saved with settings {theirs}, "
                                         f"this state has {mine}")

@@ -182,6 +182,10 @@ def test_state_validates_settings():
     other = GGCommState(rate=4.0)
     with pytest.raises(SettingsMismatchError):
         other.load_state_dict(s.state_dict())
+    # a state saved under frame format 1 resumes under format 2: the format is the wire's
+    old = s.state_dict()
+    old["settings"] = {**old["settings"], "format": 1}
+    GGCommState(rel_step=0.2).load_state_dict(old)
     restored = pickle.loads(pickle.dumps(s))
     assert restored.settings() == s.settings() and restored.process_group is None
 
