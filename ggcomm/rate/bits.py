@@ -299,7 +299,7 @@ def _length_table(device: torch.device) -> torch.Tensor:
 _TOP = 16  # top-4-bit classes of a bit length (mode 2's unary part)
 
 
-def _rice_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _rice_tables(eg_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mode 2's lengths, ``(orders, 33 * 16)`` over ``(m, top)`` classes and ``(orders,
     33 * 33)`` over EG's ``(m, j)`` classes, float64; a value's length is the sum of its two
     entries.
@@ -307,16 +307,17 @@ def _rice_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ``top`` is ``u``'s top four bits (``u`` shifted to a 4-bit number). Order ``k``: ``m <= k``
     costs ``k + 1``; ``k < m <= k + 4`` costs ``(u >> k) + 1 + k`` with ``u >> k = top >>
     (4 - m + k)``; longer values escape, ``RICE_ESC`` zeros then ``EG_k(u)``
-    (docs/FORMAT.md, mode 2).
+    (docs/FORMAT.md, mode 2). ``eg_table`` is :func:`_length_table`'s.
     """
+    device = eg_table.device
     k = torch.arange(_N_ORDERS, device=device)[:, None, None]
     m = torch.arange(_NBITS, device=device)[None, :, None]
     top = torch.arange(_TOP, device=device)[None, None, :]
     shift = torch.clamp(4 - m + k, 0, 62)
     body = torch.where(m <= k, k + 1, (top >> shift) + 1 + k)
     body = torch.where(m > k + 4, 0, body).to(torch.float64)
-    escape = torch.where(m > k + 4, float(_eg_kernels.RICE_ESC), 0.0) + _length_table(
-        device).reshape(_N_ORDERS, _NBITS, _NBITS)
+    escape = torch.where(m > k + 4, float(_eg_kernels.RICE_ESC), 0.0) + eg_table.reshape(
+        _N_ORDERS, _NBITS, _NBITS)
     escape = torch.where(m > k + 4, escape, 0.0)
     return body.reshape(_N_ORDERS, _NBITS * _TOP), escape.reshape(_N_ORDERS, _NBITS * _NBITS)
 
@@ -349,7 +350,7 @@ def _order_costs(values: torch.Tensor, group: torch.Tensor, n_groups: int,
     top = torch.where(m >= 4, values >> torch.clamp(m - 4, min=0),
                       values << torch.clamp(4 - m, min=0))
     tops = torch.bincount((group * _NBITS + m) * _TOP + top, minlength=n_groups * _NBITS * _TOP)
-    body, escape = _rice_tables(values.device)
+    body, escape = _rice_tables(table)
     rice_bits = tops.reshape(n_groups, _NBITS * _TOP).to(torch.float64) @ body.T
     return eg, rice_bits + hist @ escape.T
 

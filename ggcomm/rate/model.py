@@ -305,23 +305,26 @@ def _shape_curve(beta: float) -> _Curve:
     log_step = np.append(np.interp(grid, warped[::-1], fine[::-1]), top)
     steps = np.exp(log_step)
     # The best order is 1 or 2 above log2(median |X| / step) all over the table: evaluate 4
-    # orders from that guess. The bits are unimodal in the order, so a best order with both
-    # neighbours evaluated is the best of all; rows where one is missing get every order.
+    # orders from that guess (either mode). The bits are unimodal in the order, so a best
+    # order with both neighbours evaluated is the best of all; rows where one is missing get
+    # the other orders too.
     median = scale * special.gammainccinv(1 / beta, 0.5) ** (1 / beta)
     guess = np.maximum(np.floor(np.log2(median / steps)), 0.0)[:, None]
     k = np.arange(len(_ORDERS))
     rows = np.arange(steps.size)
+    only = (k >= guess) & (k <= guess + 3)
     per_mode = []
-    for rice, lo in ((False, 0), (True, -1)):  # Golomb-Rice's best order is about 1 lower
-        only = (k >= guess + lo) & (k <= guess + lo + 3)
+    for rice in (False, True):
         bits, slopes = eg_order_bits(fit, steps, _ORDERS, tail=_TAIL, only=only, slopes=True,
                                      rice=rice)
         best = np.argmin(bits, axis=1)
         redo = ~(only[rows, np.maximum(best - 1, 0)] & only[rows, np.minimum(best + 1, k[-1])])
-        if redo.any():
-            bits[redo], slopes[redo] = eg_order_bits(
-                fit, steps[redo], _ORDERS, tail=_TAIL, slopes=True, rice=rice
-            )
+        if redo.any():  # those rows' other orders
+            rest = ~only[redo]
+            more, more_slopes = eg_order_bits(fit, steps[redo], _ORDERS, tail=_TAIL, only=rest,
+                                              slopes=True, rice=rice)
+            bits[redo] = np.where(rest, more, bits[redo])
+            slopes[redo] = np.where(rest, more_slopes, slopes[redo])
         per_mode.append((bits, slopes))
     # The codec codes each block in the cheaper mode: columns are EG's orders, then
     # Golomb-Rice's (ties to EG, as the codec)
