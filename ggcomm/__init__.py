@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
 _SUBMODULES = {"codec", "ddp", "deepspeed", "errors", "gg", "kernels", "methods",
-               "pipeline", "pipelining", "quant", "rate", "step_policy", "tools"}
+               "pipeline", "pipelining", "quant", "rate", "rf8", "step_policy", "tools",
+               "weights"}
 
 # Modules that moved into a wing keep their former names: `import ggcomm.act` and
 # `from ggcomm.workload import GPT` give the module itself (one object under two names).
@@ -35,6 +36,7 @@ _MOVED = {
     "act": "ggcomm.methods.act",
     "gct": "ggcomm.methods.gct",
     "backslash": "ggcomm.methods.backslash",
+    "deepshape": "ggcomm.methods.deepshape",
     "cli": "ggcomm.tools.cli",
     "demo": "ggcomm.tools.demo",
     "bench": "ggcomm.tools.bench",

@@ -43,6 +43,7 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameInfo",
+    "byte_tensor",
     "decode",
     "decode_symbols",
     "encode",
@@ -184,7 +185,7 @@ class Frame:
         holds more than ``max_numel`` elements (see :func:`decode`).
         """
         _check_max_numel(max_numel)
-        t = _as_uint8_tensor(buffer)
+        t = byte_tensor(buffer)
         return cls(t, _parse(t.numpy(), max_numel))
 
     @property
@@ -512,7 +513,9 @@ def _assemble(dtype, shape, tag, block_size, bounds, steps, layout, meta, chunks
 # --------------------------------------------------------------------------- parse
 
 
-def _as_uint8_tensor(buffer) -> torch.Tensor:
+def byte_tensor(buffer) -> torch.Tensor:
+    """``buffer`` (a :class:`Frame`, uint8 tensor or array, bytes-like) as a flat, contiguous
+    uint8 CPU tensor, without a copy where it already is one. TypeError for anything else."""
     if isinstance(buffer, Frame):
         return buffer.buffer
     if isinstance(buffer, torch.Tensor):
@@ -712,7 +715,7 @@ def _frame_and_header(frame, max_numel: int | None = None) -> tuple[np.ndarray, 
             raise FrameError(f"the frame holds {frame._h.numel} elements, more than the "
                              f"receiver's max_numel={max_numel}")
         return frame.buffer.numpy(), frame._h
-    buf_t = _as_uint8_tensor(frame)
+    buf_t = byte_tensor(frame)
     buf = buf_t.numpy()
     return buf, _parse(buf, max_numel)
 

@@ -14,21 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Layers of the library, bottom first: a module imports from its own layer or below.
 LAYERS = [
-    {"ggcomm.errors", "ggcomm._parallel", "ggcomm.kernels", "ggcomm.kernels.eg",
+    {"ggcomm.errors", "ggcomm._parallel", "ggcomm._params", "ggcomm.kernels", "ggcomm.kernels.eg",
      "ggcomm.kernels.reference", "ggcomm.kernels._intrinsics"},
-    {"ggcomm.codec", "ggcomm.gg"},
+    {"ggcomm.codec", "ggcomm.gg", "ggcomm.rf8"},
     {"ggcomm.quant"},
     {"ggcomm.rate", "ggcomm.rate.bits", "ggcomm.rate.model", "ggcomm.rate.differentiable"},
     {"ggcomm.step_policy"},
     {"ggcomm.methods", "ggcomm.methods.init", "ggcomm.methods.act", "ggcomm.methods.gct",
-     "ggcomm.methods.backslash"},
+     "ggcomm.methods.backslash", "ggcomm.methods.deepshape"},
     {"ggcomm.transport"},
-    {"ggcomm.ddp", "ggcomm.pipeline"},
+    {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights"},
     {"ggcomm.deepspeed", "ggcomm.pipelining"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 TRANSPORTS = {"ggcomm.transport", "ggcomm.ddp", "ggcomm.pipeline", "ggcomm.deepspeed",
-              "ggcomm.pipelining"}
+              "ggcomm.pipelining", "ggcomm.weights"}
 
 
 def _modules() -> dict[str, Path]:
@@ -135,7 +135,8 @@ def test_no_library_module_loads_a_repository_script(name: str) -> None:
 
 def test_the_architecture_page_names_every_module() -> None:
     page = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    named = {m.split("/")[-1] for m in re.findall(r"`([a-z_]+(?:/[a-z_]+)*)(?:\.py|/)`", page)}
+    paths = re.findall(r"`([a-z0-9_]+(?:/[a-z0-9_]+)*)(?:\.py|/)`", page)
+    named = {m.split("/")[-1] for m in paths}
     for name in MODULES:
         if name == "ggcomm":
             continue

@@ -5,6 +5,8 @@
   a pipeline stage sends.
 - :mod:`.gct`: gradient compression training (``GCT``), a rate term on the gradients DDP sends.
 - :mod:`.backslash`: ``BackSlash``, the weight-rate baseline with a fitted GG prior.
+- :mod:`.deepshape`: DeepShape, the post-training remap of the weights to a sharper GG
+  (arXiv 2506.00486, earlier version).
 
 They use the library core (``ggcomm.gg``, ``ggcomm.rate``, ``ggcomm.quant``) and no
 transport; the transports do not import them. ``ggcomm.init``, ``ggcomm.act``,
@@ -13,7 +15,18 @@ transport; the transports do not import them. ``ggcomm.init``, ``ggcomm.act``,
 
 from .act import ACT, RateTap
 from .backslash import BackSlash
+from .deepshape import DeepShapeReport, deepshape_
 from .gct import GCT
 from .init import GGInitResult, apply_gg_init, gg_
 
-__all__ = ["ACT", "BackSlash", "GCT", "GGInitResult", "RateTap", "apply_gg_init", "gg_"]
+__all__ = [
+    "ACT",
+    "BackSlash",
+    "DeepShapeReport",
+    "GCT",
+    "GGInitResult",
+    "RateTap",
+    "apply_gg_init",
+    "deepshape_",
+    "gg_",
+]

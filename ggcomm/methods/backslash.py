@@ -45,28 +45,11 @@ from typing import Any
 import torch
 
 from ggcomm import gg
+from ggcomm._params import float_tensors
 
 __all__ = ["BackSlash"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _tensors(params: Iterable[Any]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for i, item in enumerate(params):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            item = item[1]
-        if not isinstance(item, torch.Tensor) or not item.is_floating_point():
-            raise TypeError(
-                "params must be floating-point tensors or (name, tensor) pairs, "
-                f"got {type(item).__name__} at position {i}"
-            )
-        out.append(item)
-    if not out:
-        raise ValueError("params is empty")
-    if len({id(p) for p in out}) != len(out):
-        raise ValueError("params lists the same tensor twice")
-    return out
 
 
 class BackSlash:
@@ -103,7 +86,7 @@ class BackSlash:
         refit_every: int = 100,
         max_fit_samples: int = 200_000,
     ) -> None:
-        self._params = _tensors(params)
+        self._params = float_tensors(params)
         self.strength = float(strength)
         if not (math.isfinite(self.strength) and self.strength >= 0):
             raise ValueError(f"strength must be a non-negative finite number, got {strength!r}")

@@ -1,0 +1,120 @@
+"""Rank functions for tests/test_weights.py (spawned processes import them from here)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ggcomm import codec, rf8, weights
+
+
+def model(seed: int, width: int = 48) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, 8))
+    with torch.no_grad():  # a non-finite weight and a bf16 tensor travel too
+        m[0].weight[0, 0] = float("nan")
+    m[2].bias.data = m[2].bias.data.to(torch.bfloat16)
+    return m
+
+
+def flat(m: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
+
+
+def expected(m: nn.Module, fmt: str, rel_step: float | None) -> list[torch.Tensor]:
+    """The sender's weights rounded locally, without any communication."""
+    out = []
+    for p in m.parameters():
+        if fmt == "rf8":
+            out.append(rf8.quantize(p.detach().reshape(-1)).view(p.shape))
+            continue
+        v = p.detach().reshape(-1).double()
+        v = v[torch.isfinite(v)]
+        step = rel_step * float(v.square().mean().sqrt())
+        out.append(codec.decode(codec.encode(p.detach().reshape(-1), step)).view(p.shape))
+    return out
+
+
+class Counter:
+    """Counts what the torch.distributed calls ggcomm.weights makes move."""
+
+    def __init__(self, world: int) -> None:
+        self.n, self.sent, self.received = world, 0, 0
+        self._orig = {}
+
+    def __enter__(self):
+        for name in ("all_gather", "broadcast"):
+            self._orig[name] = getattr(dist, name)
+            setattr(dist, name, getattr(self, name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+
+    def all_gather(self, parts, t, group=None, async_op=False):
+        b = t.numel() * t.element_size()
+        self.sent += (self.n - 1) * b
+        self.received += (self.n - 1) * b
+        return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
+
+    def broadcast(self, t, src, group=None, async_op=False):
+        b = t.numel() * t.element_size()
+        if dist.get_rank() == src:
+            self.sent += (self.n - 1) * b
+        else:
+            self.received += b
+        return self._orig["broadcast"](t, src, group=group, async_op=async_op)
+
+
+def transfer(rank, world, fmt, src, round_source):
+    m = model(100 + rank)
+    want = expected(m, fmt, weights.WEIGHTS_REL_STEP)
+    before = flat(m)
+    with Counter(world) as c:
+        got = weights.broadcast(m, src, format=fmt, round_source=round_source)
+    return {"params": flat(m), "expected": want, "before": before,
+            "counted": (c.sent, c.received), "reported": (got["bytes_sent"],
+                                                          got["bytes_received"]),
+            "bits": got["bits_per_element"], "ratio": got["ratio"]}
+
+
+def mismatch(rank, world):
+    m = model(rank, width=48 if rank != world - 1 else 40)
+    try:
+        weights.broadcast(m, 0)
+    except Exception as e:  # noqa: BLE001 - the type goes back to the test
+        return type(e).__name__, str(e)
+    return None
+
+
+def hostile(rank, world, how):
+    """The sender's message is corrupt (a flipped byte) or announces more than any valid
+    message: every rank raises FrameError and keeps its weights."""
+    m = model(rank)
+    before = flat(m)
+    if rank == 0:
+        real = weights._encode
+
+        def bad(t, *args):
+            b = real(t, *args)
+            if how == "flip":
+                b = b.clone()
+                b[len(b) // 2] ^= 0x40
+            else:
+                b = torch.cat([b, torch.zeros(10 * len(b) + 4096, dtype=torch.uint8)])
+            return b
+
+        weights._encode = bad
+    try:
+        weights.broadcast(m, 0, format="rf8")
+    except Exception as e:  # noqa: BLE001 - the type goes back to the test
+        same = all(same_bits(a, b) for a, b in zip(flat(m), before, strict=True))
+        return type(e).__name__, str(e), bool(same)
+    return None
