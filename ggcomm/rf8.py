@@ -34,8 +34,8 @@ bf16, fp8 e4m3 and int8 on a GPT's weights.
 ``encode`` gives a self-describing uint8 tensor (ready for torch.distributed); ``decode``
 reads it back, checking every field against the bytes received (``FrameError`` otherwise);
 ``quantize`` is ``decode(encode(x))`` without the bytes, and ``quantize_`` rounds a model's
-parameters in place. Computation is vectorised torch in float64, in chunks of ``CHUNK``
-elements, so the working memory stays near 100 bytes per chunk element.
+parameters in place. The work is done by numba kernels (``ggcomm.kernels.rf8``) over
+blocks, on the codec's threads (``ggcomm.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _parallel
 from .codec import DTYPE_CODES, DTYPES, MAX_NDIM, MAX_NUMEL, byte_tensor
 from .errors import FrameError
+from .kernels import rf8 as kr
 
 __all__ = [
     "BLOCK_SIZE",
@@ -65,21 +67,27 @@ __all__ = [
 
 MAGIC = b"GGR8"
 VERSION = 1
-MAX_GAP = 4
+MAX_GAP = kr.MAX_GAP
 """n: the second term is kept only when it is at most this many octaves below the first."""
-WINDOW = 15
+WINDOW = kr.WINDOW
 """Octaves a block spans below its largest value (E = 1..15)."""
 BLOCK_SIZE = 1024
 """Values per shared exponent base (2 bytes per block: 0.016 bits per value)."""
 MAX_BLOCK_SIZE = (1 << 31) - 1
-CHUNK = 1 << 20
-"""Elements processed at once (a multiple of any power-of-two block size up to it)."""
 
 _FIXED = struct.Struct("<4sBBBBII")
 _CRC = struct.Struct("<I")
-_SQRT_HALF = math.sqrt(0.5)  # |w| >= 2^(e + 1/2) <=> frexp mantissa >= sqrt(1/2)
 _RAW_INT = {torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16, torch.float64: torch.int64}
+# Where each dtype rounds a float64 value to infinity: (2 - 2^-p) 2^emax, p its precision.
+_OVERFLOW_AT = {torch.float32: (2.0 - 2.0**-24) * 2.0**127,
+                torch.float16: (2.0 - 2.0**-11) * 2.0**15,
+                torch.bfloat16: (2.0 - 2.0**-8) * 2.0**127,
+                torch.float64: math.inf}
+_MIN_BLOCKS_PER_TASK = 64 * 1024  # values per thread task, at least
+_ERRORS = {kr.ERR_ZERO_TAIL: "a zero code (E = 0) with a nonzero tail code",
+           kr.ERR_RANGE: "a code outside the dtype's finite range (its block base is out "
+                         "of range)"}
 
 
 def _check_block_size(block_size: Any) -> int:
@@ -87,67 +95,6 @@ def _check_block_size(block_size: Any) -> int:
             not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be an int in 1..{MAX_BLOCK_SIZE}, got {block_size!r}")
     return block_size
-
-
-def _round_log2(a: torch.Tensor) -> torch.Tensor:
-    """round(log2 a) for a > 0 (int64): the exponent e with 2^(e-1/2) <= a < 2^(e+1/2)."""
-    m, ex = torch.frexp(a)  # a = m 2^ex, m in [0.5, 1)
-    return ex.long() - 1 + (m >= _SQRT_HALF).long()
-
-
-def _chunk_codes(v: torch.Tensor, dtype: torch.dtype, block_size: int):
-    """Codes (uint8), block bases (int64) and the exception mask of a block-aligned chunk."""
-    a = v.abs()
-    nz = torch.isfinite(v) & (a > 0)
-    e1 = _round_log2(torch.where(nz, a, 1.0))
-    r = a - torch.ldexp(torch.ones_like(a), e1)  # exact: within a factor 2 of a
-    rabs = r.abs()
-    e2 = _round_log2(torch.where(rabs > 0, rabs, 1.0))
-    d = e1 - e2
-    second = (rabs > 0) & (d <= MAX_GAP)
-    t = torch.where(d == 1, 1, 2 + 2 * (d - 2) + (r < 0).long())
-    t = torch.where(second, t, 0)
-    value = _value(e1, t, torch.ones_like(a))
-    with torch.no_grad():
-        overflow = nz & ~torch.isfinite(value.to(dtype))
-    exc = ~torch.isfinite(v) | overflow
-    coded = nz & ~overflow
-    nblocks = -(-v.numel() // block_size)
-    pad = nblocks * block_size - v.numel()
-    lowest = torch.iinfo(torch.int64).min
-    emax = torch.nn.functional.pad(torch.where(coded, e1, lowest), (0, pad), value=lowest)
-    emax = emax.view(nblocks, block_size).amax(dim=1)
-    base = torch.where(emax == lowest, 0, emax - WINDOW)
-    e_off = e1 - base.repeat_interleave(block_size)[: v.numel()]
-    keep = coded & (e_off >= 1)
-    code = torch.where(keep, (e_off.clamp(0, WINDOW) << 3) | t, 0)
-    code |= (torch.signbit(v) & ~exc).long() << 7
-    return code.to(torch.uint8), base, exc
-
-
-def _value(e1: torch.Tensor, t: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
-    """|value| in float64 of first exponents e1 and tail codes t (t = 0: one term)."""
-    d = torch.where(t == 1, 1, 2 + (t - 2) // 2)
-    s2 = torch.where((t >= 2) & ((t & 1) == 1), -1.0, 1.0)
-    first = torch.ldexp(one, e1)
-    return torch.where(t == 0, first, first + s2 * torch.ldexp(one, e1 - d))
-
-
-def _chunk_values(code: torch.Tensor, base: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float64 values of the codes of a block-aligned chunk with its blocks' bases."""
-    c = code.long()
-    e = (c >> 3) & 15
-    t = c & 7
-    e1 = base.repeat_interleave(block_size)[: c.numel()] + e
-    mag = torch.where(e == 0, 0.0, _value(e1, t, torch.ones(c.shape, dtype=torch.float64)))
-    return torch.where((c >> 7) == 1, -mag, mag)
-
-
-def _flat_float64_chunks(x: torch.Tensor, block_size: int):
-    flat = x.detach().reshape(-1)
-    step = max(block_size, CHUNK - CHUNK % block_size)
-    for lo in range(0, flat.numel(), step):
-        yield lo, flat[lo: lo + step].to("cpu", torch.float64)
 
 
 def _check_tensor(x: Any) -> None:
@@ -159,21 +106,53 @@ def _check_tensor(x: Any) -> None:
         raise ValueError(f"at most {MAX_NDIM} dimensions")
 
 
+def _tasks(numel: int, block_size: int) -> tuple[int, list[tuple[int, int]]]:
+    n_blocks = -(-numel // block_size)
+    per_task = max(1, _MIN_BLOCKS_PER_TASK // block_size)
+    return n_blocks, _parallel.split(n_blocks, per_task)
+
+
+def _codes(x: torch.Tensor, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (uint8), block bases (int64) and exception positions (int64) of flat ``x``."""
+    flat = x.detach().reshape(-1).cpu()
+    xs = (flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).numpy()
+    n_blocks, tasks = _tasks(xs.size, block_size)
+    codes = np.empty(xs.size, np.uint8)
+    bases = np.empty(n_blocks, np.int64)
+    exc = np.empty(xs.size, np.uint8)
+    over = _OVERFLOW_AT[x.dtype]
+    _parallel.run(lambda lo, hi: kr.encode_blocks(xs, block_size, over, lo, hi, codes,
+                                                  bases, exc), tasks)
+    return codes, bases, np.flatnonzero(exc)
+
+
+def _values(codes: np.ndarray, bases: np.ndarray, block_size: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The values of the codes as a flat tensor of ``dtype`` (FrameError for a bad code)."""
+    # computed in float64 and rounded once: float32 and float64 directly, float16 and
+    # bfloat16 through a float64 array (rounding through float32 first could differ)
+    work = np.empty(codes.size, np.float32 if dtype == torch.float32 else np.float64)
+    _, tasks = _tasks(codes.size, block_size)
+    over = _OVERFLOW_AT[dtype]
+    for err, _ in _parallel.run(lambda lo, hi: kr.decode_blocks(
+            codes, bases, block_size, over, lo, hi, work), tasks):
+        if err:
+            raise FrameError(_ERRORS[err])
+    out = torch.from_numpy(work)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 def quantize(x: torch.Tensor, *, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """``x`` rounded to RF8: bit for bit what ``decode(encode(x, block_size=...))`` gives
     (same dtype, shape and device), computed without the bytes."""
     _check_tensor(x)
     block_size = _check_block_size(block_size)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    flat = out.view(-1)
-    for lo, v in _flat_float64_chunks(x, block_size):
-        code, base, exc = _chunk_codes(v, x.dtype, block_size)
-        value = _chunk_values(code, base, block_size)
-        flat[lo: lo + v.numel()] = torch.where(exc, v, value).to(x.dtype)
-        if exc.any():  # exceptions keep their exact bits (NaN payloads too)
-            src = x.detach().reshape(-1)[lo: lo + v.numel()].cpu()
-            flat[lo: lo + v.numel()][exc] = src[exc]
-    return out.to(x.device)
+    codes, bases, pos = _codes(x, block_size)
+    out = _values(codes, bases, block_size, x.dtype)
+    if pos.size:  # exceptions keep their exact bits (NaN payloads too)
+        p = torch.from_numpy(pos)
+        out[p] = x.detach().reshape(-1).cpu()[p]
+    return out.view(x.shape).to(x.device)
 
 
 def quantize_(params: Any, *, block_size: int = BLOCK_SIZE) -> int:
@@ -213,35 +192,20 @@ def encode(x: torch.Tensor, *, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     _check_tensor(x)
     block_size = _check_block_size(block_size)
     numel = x.numel()
-    codes = torch.empty(numel, dtype=torch.uint8)
-    bases, exc_pos = [], []
-    for lo, v in _flat_float64_chunks(x, block_size):
-        code, base, exc = _chunk_codes(v, x.dtype, block_size)
-        codes[lo: lo + v.numel()] = code
-        bases.append(base)
-        exc_pos.append(torch.nonzero(exc).reshape(-1) + lo)
-    base = torch.cat(bases) if bases else torch.zeros(0, dtype=torch.int64)
-    pos = torch.cat(exc_pos) if exc_pos else torch.zeros(0, dtype=torch.int64)
-    if base.numel() and not (-32768 <= int(base.min()) and int(base.max()) <= 32767):
+    codes, bases, pos = _codes(x, block_size)
+    if bases.size and not (-32768 <= int(bases.min()) and int(bases.max()) <= 32767):
         raise AssertionError("an exponent base outside int16")  # float64 bounds it to +-1100
-    src = x.detach().reshape(-1)
-    raw = (src[pos.to(src.device)].cpu() if pos.numel() else
-           torch.zeros(0, dtype=x.dtype)).view(_RAW_INT[x.dtype])
     itemsize = x.element_size()
-    parts = [
-        _FIXED.pack(MAGIC, VERSION, DTYPE_CODES[x.dtype], x.dim(), 0, block_size, pos.numel()),
-        struct.pack(f"<{x.dim()}Q", *x.shape),
-        base.to(torch.int16).numpy().astype("<i2").tobytes(),
-    ]
-    body = b"".join(parts)
-    tail = pos.numpy().astype("<u8").tobytes() + raw.numpy().astype(
-        raw.numpy().dtype.newbyteorder("<")).tobytes()
-    size = encoded_bytes(numel, x.dim(), block_size, pos.numel(), itemsize)
+    raw = x.detach().reshape(-1).cpu()[torch.from_numpy(pos)].view(_RAW_INT[x.dtype]).numpy()
+    head = (_FIXED.pack(MAGIC, VERSION, DTYPE_CODES[x.dtype], x.dim(), 0, block_size, pos.size)
+            + struct.pack(f"<{x.dim()}Q", *x.shape) + bases.astype("<i2").tobytes())
+    tail = pos.astype("<u8").tobytes() + raw.astype(raw.dtype.newbyteorder("<")).tobytes()
+    size = encoded_bytes(numel, x.dim(), block_size, pos.size, itemsize)
     out = torch.empty(size, dtype=torch.uint8)
     o = out.numpy()
-    o[: len(body)] = np.frombuffer(body, np.uint8)
-    o[len(body): len(body) + numel] = codes.numpy()
-    o[len(body) + numel: size - _CRC.size] = np.frombuffer(tail, np.uint8)
+    o[: len(head)] = np.frombuffer(head, np.uint8)
+    o[len(head): len(head) + numel] = codes
+    o[len(head) + numel: size - _CRC.size] = np.frombuffer(tail, np.uint8)
     _CRC.pack_into(o, size - _CRC.size, zlib.crc32(o[: size - _CRC.size]))
     return out
 
@@ -319,19 +283,7 @@ def decode(buffer: Any, *, max_numel: int | None = None,
     if n_exc and bool((codes[pos] != 0).any()):
         raise FrameError("a value in the exception list has a nonzero code")
 
-    result = torch.empty(numel, dtype=dtype)
-    step = max(block_size, CHUNK - CHUNK % block_size)
-    for lo in range(0, numel, step):
-        c = codes[lo: lo + step]
-        cl = c.long()
-        if bool(((((cl >> 3) & 15) == 0) & ((cl & 7) != 0)).any()):
-            raise FrameError("a zero code (E = 0) with a nonzero tail code")
-        blocks = base[lo // block_size: lo // block_size + -(-c.numel() // block_size)]
-        v = _chunk_values(c, blocks, block_size).to(dtype)
-        if not bool(torch.isfinite(v).all()):
-            raise FrameError("a code outside the dtype's finite range (its block base is "
-                             "out of range)")
-        result[lo: lo + c.numel()] = v
+    result = _values(codes.numpy(), base.numpy(), block_size, dtype)
     if n_exc:
         result[pos] = raw.view(dtype)  # the exact bits sent
     result = result.view(shape)

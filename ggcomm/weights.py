@@ -66,10 +66,12 @@ def _encode(t: torch.Tensor, fmt: str, control: StepControl | None, block_size: 
     flat = t.detach().reshape(-1)
     if fmt == "rf8":
         return rf8.encode(flat, block_size=block_size)
-    v = flat.double()
-    v = v[torch.isfinite(v)]
-    mean_sq = float(v.square().mean()) if v.numel() else 0.0
-    mean_abs = float(v.abs().mean()) if v.numel() else 0.0
+    work = flat.cpu()
+    work = work if work.dtype in (torch.float32, torch.float64) else work.float()
+    sum_sq, sum_abs, non_finite = codec.moments(work.numpy())[0]
+    finite = work.numel() - non_finite
+    mean_sq = sum_sq / finite if finite else 0.0
+    mean_abs = sum_abs / finite if finite else 0.0
     step = control.step("weights", mean_sq, mean_abs) or 1.0
     return codec.encode(flat, step, block_size=block_size, tag=tag).buffer
 

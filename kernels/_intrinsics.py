@@ -120,3 +120,31 @@ def store_be64(typingctx, ptr, idx, val):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def f64_bits(typingctx, x):
+    """The IEEE 754 bit pattern of a float64, as int64 (a bitcast, no instruction)."""
+    if not isinstance(x, types.Float):
+        return None
+    sig = types.int64(x)
+
+    def codegen(context, builder, signature, args):
+        v = context.cast(builder, args[0], x, types.float64)
+        return builder.bitcast(v, _I64)
+
+    return sig, codegen
+
+
+@intrinsic
+def f64_from_bits(typingctx, x):
+    """The float64 whose IEEE 754 bit pattern is the int64 x."""
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.float64(x)
+
+    def codegen(context, builder, signature, args):
+        v = context.cast(builder, args[0], x, types.int64)
+        return builder.bitcast(v, ir.DoubleType())
+
+    return sig, codegen

@@ -269,3 +269,62 @@ def frame_sum(us_per_frame: list, extra: dict, seg_bounds, steps, divisor: float
             else:
                 out[i] = np.float32(total * (float(steps[s]) / divisor))
     return out
+
+
+# --------------------------------------------------------------------------- RF8
+
+
+def _pow2(e: int) -> float:
+    """2^e as a float (inf above the float64 range, as C's ldexp gives)."""
+    return math.inf if e > 1023 else math.ldexp(1.0, e)
+
+
+def rf8_split(a: float) -> tuple[int, int]:
+    """(e1, T) of a finite a > 0 (FORMAT.md, "RF8 tensors": what the encoder chooses)."""
+    m, e = math.frexp(a)
+    e1 = e - 1 + (m >= math.sqrt(0.5))
+    r = a - _pow2(e1)
+    if r == 0.0:
+        return e1, 0
+    m2, e2 = math.frexp(abs(r))
+    d = e1 - (e2 - 1 + (m2 >= math.sqrt(0.5)))
+    if d > 4:
+        return e1, 0
+    return e1, 1 if d == 1 else 2 + 2 * (d - 2) + (r < 0)
+
+
+def rf8_value(e1: int, t: int) -> float:
+    """|value| of the code (e1, T), per FORMAT.md's table."""
+    if t == 0:
+        return _pow2(e1)
+    if t == 1:
+        return _pow2(e1) + _pow2(e1 - 1)
+    d = 2 + (t - 2) // 2
+    return _pow2(e1) + (1 if t % 2 == 0 else -1) * _pow2(e1 - d)
+
+
+def rf8_encode(x: list[float], block: int, overflow_at: float
+               ) -> tuple[list[int], list[int], list[int]]:
+    """(codes, block bases, exception positions) of the values x, one element at a time."""
+    codes, bases, exc = [], [], []
+    for lo in range(0, len(x), block):
+        split = {}
+        for i, v in enumerate(x[lo: lo + block], lo):
+            if not math.isfinite(v):
+                exc.append(i)
+            elif v != 0.0:
+                e1, t = rf8_split(abs(v))
+                if rf8_value(e1, t) >= overflow_at:
+                    exc.append(i)
+                else:
+                    split[i] = (e1, t)
+        base = max(e1 for e1, _ in split.values()) - 15 if split else 0
+        bases.append(base)
+        for i, v in enumerate(x[lo: lo + block], lo):
+            code = 0
+            if i in split and split[i][0] - base >= 1:
+                code = ((split[i][0] - base) << 3) | split[i][1]
+            if math.isfinite(v) and i not in exc[-block:] and math.copysign(1.0, v) < 0:
+                code |= 128
+            codes.append(code)
+    return codes, bases, exc

@@ -38,6 +38,20 @@ def test_measure_recovers_a_known_shape() -> None:
         analyze.measure(torch.zeros(100), rel_step=0.05)
 
 
+def test_weight_measures_report_rf8_and_deepshape() -> None:
+    x = gg.sample(50_000, 1.0, std=0.05, generator=torch.Generator().manual_seed(1))
+    before = x.clone()
+    r = analyze.weight_measures(x)
+    assert torch.equal(x, before)  # measured on a copy
+    assert 8.0 < r["rf8_bits"] < 8.05
+    assert 0.03 < r["rf8_rel_err"] < 0.05  # RF8's documented ~4% RMS relative error
+    # DeepShape sharpens the body (shape x 0.8, scale x 0.6): fewer EG bits on its grid
+    assert r["ds_eg_after"] < r["ds_eg_before"] - 0.3
+    assert 0.1 < r["ds_rel_change"] < 1.0
+    flat = analyze.weight_measures(torch.ones(1000))  # one value: nothing to reshape
+    assert "ds_skipped" in flat and "ds_eg_after" not in flat
+
+
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.COMMANDS["analyze"][0] == "ggcomm.tools.analyze"
     out = tmp_path / "report.json"
@@ -45,7 +59,7 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["analyze", *TINY, "--train-steps", "3", "--json", str(out), "--plot-dir", str(plots)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "GG shape" in printed and "activation/block1" in printed
+    assert "GG shape" in printed and "activation/block1" in printed and "DS EG13" in printed
 
     report = json.loads(out.read_text())
     assert report["model"]["n_layer"] == 2 and report["model"]["train_steps"] == 3
@@ -61,6 +75,7 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert r["ll_gain"] > -1e-6, name  # the GG family contains the Gaussian
         assert 1.0 <= r["eg"] < 32 and r["hm"] <= r["eg"] + 1e-9 and r["fl"] >= 1, name
         assert r["codec"] > 0 and r["step"] > 0, name
+        assert ("rf8_rel_err" in r) == name.startswith("weight/"), name
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16))
     per_group = [r["n"] for k, r in groups.items() if k.startswith("weight/") and k != "weight/all"]
     assert sum(per_group) == model.num_parameters()

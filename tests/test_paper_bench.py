@@ -66,3 +66,20 @@ def test_gct_sweep_quick(tmp_path: Path) -> None:
         assert all(1.0 <= b < 32.0 for b in r["grad_bits"])
     # the first step has no secant yet: every run of one seed computes the same gradient
     assert len({r["grad_bits"][0] for r in runs[:-1]}) == 1
+
+
+def test_deepshape_rf8_quick(tmp_path: Path) -> None:
+    mod = _script("deepshape_rf8")
+    md, payload = _outputs(mod.main(["--quick", "--steps", "3", "--out", str(tmp_path)]),
+                           "deepshape_rf8")  # fmt: skip
+    assert "## conventional" in md and "## gg+backslash" in md and "| RF8 | 8.04 |" in md
+    runs = payload["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("conventional", 0), ("gg+backslash", 0)]
+    for r in runs:
+        f = r["formats"]
+        assert list(f) == list(mod.FORMATS)
+        assert f["fp32"]["rel_err"] == 0.0 and f["bf16"]["bits"] == 16.0
+        assert 0.035 < f["RF8"]["rel_err"] < 0.045  # RF8's documented 4% RMS error
+        for frac in mod.FRAC_BITS:  # DeepShape sharpens the weights: fewer EG bits
+            assert f[f"DeepShape + EG (2^-{frac})"]["bits"] < f[f"EG (2^-{frac})"]["bits"]
+        assert all(0.0 <= v["accuracy"] <= 1.0 for v in f.values())

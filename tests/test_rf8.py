@@ -10,7 +10,9 @@ import zlib
 import pytest
 import torch
 
+import ggcomm
 from ggcomm import FrameError, rf8
+from ggcomm.kernels import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -82,12 +84,46 @@ def test_decode_of_encode_is_quantize_and_matches_the_documented_layout(dtype, s
     assert buf.numel() == rf8.encoded_bytes(x.numel(), x.dim(), block, 0, x.element_size())
 
 
-def test_chunks_do_not_change_the_result(monkeypatch):
+def test_threads_do_not_change_the_result(monkeypatch):
     x = torch.randn(10_000) * torch.exp2(torch.randint(-20, 20, (10_000,)).float())
     whole = rf8.encode(x, block_size=64)
-    monkeypatch.setattr(rf8, "CHUNK", 640)
-    assert torch.equal(rf8.encode(x, block_size=64), whole)
-    assert _same_bits(rf8.decode(whole), rf8.quantize(x, block_size=64))
+    monkeypatch.setattr(rf8, "_MIN_BLOCKS_PER_TASK", 64)  # one block per task
+    threads = ggcomm.get_num_threads()
+    ggcomm.set_num_threads(2)
+    try:
+        assert torch.equal(rf8.encode(x, block_size=64), whole)
+        assert _same_bits(rf8.decode(whole), rf8.quantize(x, block_size=64))
+    finally:
+        ggcomm.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_match_the_pure_python_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-30, 30, (3000,), generator=g).double())
+    x[::97] = 0.0
+    x[1::101] = -0.0
+    x[2::103] = float("nan")
+    x[3::107] = -float("inf")
+    x = x.to(dtype)
+    block = 37
+    over = rf8._OVERFLOW_AT[dtype]
+    vals = x.double().tolist()
+    codes, bases, exc = reference.rf8_encode(vals, block, over)
+    buf = rf8.encode(x, block_size=block).numpy().tobytes()
+    at = 16 + 8
+    n_blocks = -(-x.numel() // block)
+    assert list(struct.unpack_from(f"<{n_blocks}h", buf, at)) == bases
+    assert list(buf[at + 2 * n_blocks: at + 2 * n_blocks + x.numel()]) == codes
+    assert list(struct.unpack_from(f"<{len(exc)}Q", buf, at + 2 * n_blocks + x.numel())) == exc
+    want = [(-1 if c >> 7 else 1) * (0.0 if (c >> 3) & 15 == 0 else
+            reference.rf8_value(bases[i // block] + ((c >> 3) & 15), c & 7))
+            for i, c in enumerate(codes)]
+    got = rf8.decode(buf)
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[exc] = False
+    assert _same_bits(got[keep], torch.tensor(want, dtype=torch.float64).to(dtype)[keep])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,3 +41,20 @@ def test_a_bad_message_raises_frame_error_everywhere_and_changes_nothing(how):
         assert r is not None and r[0] == "FrameError" and r[2], r
     if how == "oversize":
         assert all("announced" in r[1] for r in res)
+
+
+def test_weights_bench_quick(tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        mod = importlib.import_module("weights_bench")
+        mod.main(["--n-layer", "1", "--n-embd", "64", "--repeats", "1",
+                  "--out", str(tmp_path / "weights")])
+    finally:
+        sys.path.remove(str(bench))
+    md = (tmp_path / "weights.md").read_text()
+    assert "| rf8 | 8.0" in md and "| eg 1/16 |" in md and "## GG initialization" in md

@@ -34,9 +34,9 @@ def expected(m: nn.Module, fmt: str, rel_step: float | None) -> list[torch.Tenso
         if fmt == "rf8":
             out.append(rf8.quantize(p.detach().reshape(-1)).view(p.shape))
             continue
-        v = p.detach().reshape(-1).double()
-        v = v[torch.isfinite(v)]
-        step = rel_step * float(v.square().mean().sqrt())
+        flat = p.detach().reshape(-1)
+        sum_sq, _, bad = codec.moments(flat.float().numpy())[0]
+        step = rel_step * (sum_sq / (flat.numel() - bad)) ** 0.5
         out.append(codec.decode(codec.encode(p.detach().reshape(-1), step)).view(p.shape))
     return out
 

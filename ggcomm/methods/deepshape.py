@@ -19,7 +19,8 @@ treated together:
 The defaults are those of the authors' public code (shape x 0.8, scale x 0.6, 13 fractional
 bits, count threshold 1000), tuned for models of ~100M parameters. The body is where every
 level holds more than ``min_count`` weights, so a smaller model should pass a smaller
-``min_count``. The output lies on the grid of step ``2**-frac_bits``: it pairs with EG coding
+``min_count``: :func:`scaled_min_count` scales the authors' threshold to its size. The
+output lies on the grid of step ``2**-frac_bits``: it pairs with EG coding
 at that step (e.g. ``ggcomm.rate.eg_bits(ggcomm.rate.signed_to_unsigned(q))``). The remap
 moves weights, so a short fine-tune afterwards fits (the paper calls the step post-training
 regularization).
@@ -46,7 +47,13 @@ from torch import nn
 from ggcomm import gg
 from ggcomm._params import float_tensors
 
-__all__ = ["DeepShapeReport", "deepshape_"]
+__all__ = ["AUTHORS_MIN_COUNT", "AUTHORS_MODEL_SIZE", "DeepShapeReport", "deepshape_",
+           "scaled_min_count"]
+
+AUTHORS_MIN_COUNT = 1000
+"""The authors' body threshold (weights per level), set for BERT-base-sized models."""
+AUTHORS_MODEL_SIZE = 110_000_000
+"""BERT-base's parameter count, the size the authors' threshold was set at."""
 
 _MAX_PARAM_MAX = 2**26  # beyond this the level table itself would take gigabytes
 
@@ -90,11 +97,17 @@ def _param_max(q: torch.Tensor, min_count: int) -> int:
 
 
 @torch.no_grad()
+def scaled_min_count(n: int) -> int:
+    """The authors' threshold scaled in proportion to a model of ``n`` weights (at least 1):
+    the same share of the weights per level marks the body's edge at any size."""
+    return max(1, round(AUTHORS_MIN_COUNT * n / AUTHORS_MODEL_SIZE))
+
+
 def deepshape_(
     params: nn.Module | Iterable[Any],
     *,
     frac_bits: int = 13,
-    min_count: int = 1000,
+    min_count: int = AUTHORS_MIN_COUNT,
     shape_scale: float = 0.8,
     scale_scale: float = 0.6,
 ) -> DeepShapeReport:

@@ -6,7 +6,9 @@ by kind: embeddings, attention, MLP, norms, biases, head; each block's output ac
 the gradients of the same weight groups over a few batches) fits a GG and a Gaussian
 (:func:`ggcomm.gg.compare`) and measures, at one stated quantization, the paper's code
 lengths: FL (fixed length for the range), EG (Exp-Golomb, best order), HM (Huffman) and
-the bits the ggcomm codec actually sends (frame included). The printed table is the
+the bits the ggcomm codec actually sends (frame included). Weight groups also get the
+weight-side methods' effects (:func:`weight_measures`): RF8's relative error, and EG bits
+on DeepShape's fixed-point grid before and after its remap. The printed table is the
 paper's Tables 1-4 and Fig. 1 for this model; ``--json`` keeps the numbers and
 ``--plot-dir`` draws each group's histogram with both fits on a log axis.
 
@@ -33,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import codec, gg, rate
+from .. import codec, gg, rate, rf8
+from ..methods.deepshape import deepshape_, scaled_min_count
 from .train import draws, fit
 from .workload import GPT, ByteDataset, GPTConfig
 
-__all__ = ["GROUP_RULES", "analyze_model", "collect", "main", "measure"]
+__all__ = ["GROUP_RULES", "analyze_model", "collect", "main", "measure", "weight_measures"]
 
 DEFAULT_REL_STEP = 0.05
 """Quantization step relative to each group's RMS: fine enough (noise 1.4% of the RMS)
@@ -57,6 +60,9 @@ DEFAULT_THREADS = 1
 """torch CPU threads. The default model's matrices are small: a second thread gains little
 on an idle machine, and on a busy one threads that wait for each other run several times
 slower than one."""
+
+DEEPSHAPE_FRAC_BITS = 13
+"""DeepShape's fixed-point grid (the authors' 13 fractional bits)."""
 
 HIST_BINS = 201
 PLOT_COLUMNS = 4
@@ -197,6 +203,40 @@ def measure(
     }
 
 
+def weight_measures(x: torch.Tensor, *, frac_bits: int = DEEPSHAPE_FRAC_BITS
+                    ) -> dict[str, Any]:
+    """RF8 and DeepShape on one group of weights (a copy; ``x`` is not changed).
+
+    Returns ``rf8_bits`` (bits per weight of :func:`ggcomm.rf8.encode`, bases and header
+    included) and ``rf8_rel_err`` (``||rf8(x) - x|| / ||x||``); on the grid of step
+    ``2**-frac_bits``, the paper's EG bits per weight of ``x`` (``ds_eg_before``) and of
+    :func:`ggcomm.methods.deepshape.deepshape_` applied to the group alone with the
+    authors' settings and their count threshold scaled to the group's size
+    (``ds_eg_after``), and the remap's relative change ``ds_rel_change``. A group DeepShape
+    cannot reshape (no body: e.g. LayerNorm gains, all near one value) gets
+    ``ds_skipped`` with the reason instead.
+    """
+    w = x.detach().reshape(-1).float()
+    norm = float(w.norm())
+    out: dict[str, Any] = {
+        "rf8_bits": 8.0 * rf8.encode(w).numel() / w.numel(),
+        "rf8_rel_err": float((rf8.quantize(w) - w).norm()) / norm if norm else 0.0,
+    }
+    scale = 2.0**frac_bits
+    fixed = torch.round(w.double() * scale)
+    out["ds_eg_before"] = rate.summary(fixed.long())["eg"]
+    y = (fixed / scale).clone()
+    try:
+        deepshape_([y], frac_bits=frac_bits, min_count=scaled_min_count(w.numel()))
+    except ValueError as err:
+        out["ds_skipped"] = str(err)
+        return out
+    out["ds_eg_after"] = rate.summary(torch.round(y * scale).long())["eg"]
+    ref = float((fixed / scale).norm())
+    out["ds_rel_change"] = float((y - fixed / scale).norm()) / ref if ref else 0.0
+    return out
+
+
 def analyze_model(
     model: GPT,
     data: ByteDataset,
@@ -219,6 +259,9 @@ def analyze_model(
             results[name] = measure(x, rel_step=rel_step, bits=bits, max_samples=max_samples)
         except ValueError as err:
             results[name] = {"n": int(x.numel()), "skipped": str(err)}
+            continue
+        if name.startswith("weight/"):
+            results[name].update(weight_measures(x))
     return results, tensors
 
 
@@ -255,11 +298,15 @@ def format_table(results: dict[str, dict[str, Any]], quantization: str) -> str:
     """The results as a fixed-width text table (one row per group)."""
     head = (
         f"{'group':<22}{'elements':>10}{'GG shape':>10}{'LL gain':>10}"
-        f"{'step':>11}{'FL':>5}{'EG':>7}{'HM':>7}{'codec':>7}"
+        f"{'step':>11}{'FL':>5}{'EG':>7}{'HM':>7}{'codec':>7}{'RF8 err':>9}"
+        f"{'EG13':>7}{'DS EG13':>9}"
     )
     lines = [
         f"Quantization: {quantization}. LL gain: mean log-likelihood of the GG fit minus the "
         "Gaussian fit's, nats per element. FL / EG / HM / codec: bits per element.",
+        f"Weights only: RF8 err = relative RMS error of RF8 (8 bits per weight); EG13 / DS "
+        f"EG13 = EG bits per weight on the 2^-{DEEPSHAPE_FRAC_BITS} grid before / after "
+        "DeepShape (on the group alone).",
         "",
         head,
         "-" * len(head),
@@ -268,9 +315,14 @@ def format_table(results: dict[str, dict[str, Any]], quantization: str) -> str:
         if "skipped" in r:
             lines.append(f"{name:<22}{r['n']:>10}  skipped: {r['skipped']}")
             continue
+        weights = ""
+        if "rf8_rel_err" in r:
+            after = f"{r['ds_eg_after']:>9.2f}" if "ds_eg_after" in r else f"{'-':>9}"
+            weights = f"{r['rf8_rel_err']:>9.4f}{r['ds_eg_before']:>7.2f}{after}"
         lines.append(
             f"{name:<22}{r['n']:>10}{r['gg']['beta']:>10.3f}{r['ll_gain']:>10.4f}"
             f"{r['step']:>11.3g}{r['fl']:>5d}{r['eg']:>7.2f}{r['hm']:>7.2f}{r['codec']:>7.2f}"
+            f"{weights}"
         )
     return "\n".join(lines)
 
