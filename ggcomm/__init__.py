@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
-_SUBMODULES = {"codec", "ddp", "deepspeed", "errors", "gg", "kernels", "methods",
+_SUBMODULES = {"codec", "ddp", "deepspeed", "errors", "fsdp", "gg", "kernels", "methods",
                "pipeline", "pipelining", "quant", "rate", "rf8", "step_policy", "tools",
                "weights"}
 

@@ -52,7 +52,7 @@ from . import __version__, codec
 from .codec import DEFAULT_BLOCK_SIZE
 from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
 from .step_policy import StepControl, StepSettings
-from .transport import TrafficStats, fingerprint
+from .transport import TrafficStats, check_saved_settings, fingerprint
 
 __all__ = ["GGCommState", "SettingsMismatchError", "gg_hook"]
 
@@ -316,14 +316,7 @@ class GGCommState(StepSettings):
         if not isinstance(sd, dict) or sd.get("version") not in (1, 2, _STATE_VERSION):
             raise StateLoadError(f"unsupported GGCommState state_dict version "
                                  f"{sd.get('version') if isinstance(sd, dict) else sd!r}")
-        # the package version and the frame format are wire properties: residuals and steps
-        # carry over an upgrade (the frames' fingerprints still keep mixed ranks apart)
-        wire = ("ggcomm", "format")
-        mine = {k: v for k, v in self.settings().items() if k not in wire}
-        theirs = {k: v for k, v in sd["settings"].items() if k not in wire}
-        if mine != theirs:
-            raise SettingsMismatchError(f"state_dict was saved with settings {theirs}, "
-                                        f"this state has {mine}")
+        check_saved_settings(self.settings(), sd["settings"])
         rank, world = self._rank_and_world()
         if "rank" in sd and (sd["rank"], sd["world_size"]) != (rank, world):
             raise StateLoadError(

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, codec
+from .errors import SettingsMismatchError
 
-__all__ = ["TrafficStats", "fingerprint"]
+__all__ = ["TrafficStats", "check_saved_settings", "fingerprint"]
 
 
 def fingerprint(settings: dict[str, Any]) -> int:
@@ -27,6 +28,18 @@ def fingerprint(settings: dict[str, Any]) -> int:
     format versions: what two ends compare before trusting each other's bytes."""
     tagged = {"ggcomm": __version__, "format": codec.VERSION, **settings}
     return zlib.crc32(json.dumps(tagged, sort_keys=True).encode())
+
+
+def check_saved_settings(mine: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Raise :class:`~ggcomm.errors.SettingsMismatchError` unless a checkpoint's settings
+    equal the loader's, apart from the package version and the frame format: those are wire
+    properties, so residuals and steps carry over an upgrade (the frames' fingerprints
+    still keep ranks on different versions apart)."""
+    wire = ("ggcomm", "format")
+    a = {k: v for k, v in mine.items() if k not in wire}
+    b = {k: v for k, v in saved.items() if k not in wire}
+    if a != b:
+        raise SettingsMismatchError(f"state_dict was saved with settings {b}, this one has {a}")
 
 
 class TrafficStats:

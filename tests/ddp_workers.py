@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 
+import dist_utils
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -73,59 +74,13 @@ def identical_params(rank, world, exchange, steps, hook, dtype_name):
     return flat_params(model), losses, state.stats.summary() if state else None
 
 
-class ByteCounter:
-    """Wraps the torch.distributed calls ggcomm.ddp makes and counts their tensors."""
-
-    def __init__(self, world: int):
-        self.n = world
-        self.sent = 0.0
-        self.received = 0.0
-        self.calls = 0
-        self._orig = {}
-
-    def install(self):
-        for name in ("all_gather", "all_to_all_single", "all_reduce"):
-            self._orig[name] = getattr(dist, name)
-            setattr(dist, name, getattr(self, name))
-
-    def uninstall(self):
-        for name, fn in self._orig.items():
-            setattr(dist, name, fn)
-
-    def all_gather(self, parts, t, group=None, async_op=False):
-        self.calls += 1
-        self.sent += (self.n - 1) * t.numel() * t.element_size()
-        self.received += (self.n - 1) * t.numel() * t.element_size()
-        return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
-
-    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None,
-                          group=None, async_op=False):
-        self.calls += 1
-        rank = dist.get_rank(group)
-        item = inp.element_size()
-        ins = input_split_sizes or [inp.numel() // self.n] * self.n
-        outs = output_split_sizes or [out.numel() // self.n] * self.n
-        self.sent += (sum(ins) - ins[rank]) * item
-        self.received += (sum(outs) - outs[rank]) * item
-        return self._orig["all_to_all_single"](out, inp, output_split_sizes=output_split_sizes,
-                                               input_split_sizes=input_split_sizes,
-                                               group=group, async_op=async_op)
-
-    def all_reduce(self, t, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        self.calls += 1
-        b = t.numel() * t.element_size()
-        self.sent += 2 * (self.n - 1) / self.n * b
-        self.received += 2 * (self.n - 1) / self.n * b
-        return self._orig["all_reduce"](t, op=op, group=group, async_op=async_op)
-
-
 def bytes_counted(rank, world, exchanges):
     return [_bytes_counted(rank, world, ex) for ex in exchanges]
 
 
 def _bytes_counted(rank, world, exchange):
     model, ddp = make(rank)
-    counter = ByteCounter(world)
+    counter = dist_utils.ByteCounter(world)
     counter.install()
     try:
         state = GGCommState(rel_step=0.3, exchange=exchange, overlap=False)
@@ -146,7 +101,7 @@ def collectives_per_step(rank, world, exchange, step_drift):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(rank)
     train(ddp, opt, g, 2)  # iteration 0 uncompressed, 1 agrees on the first steps
-    counter = ByteCounter(world)
+    counter = dist_utils.ByteCounter(world)
     counter.install()
     out = []
     try:

@@ -65,3 +65,71 @@ def values(results: list) -> list:
     if errors:
         raise AssertionError("\n".join(errors))
     return [v for _, v in results]
+
+
+class ByteCounter:
+    """Wraps the torch.distributed calls ggcomm's transports make and counts the bytes each
+    rank hands out and takes in (all-gather: (n - 1) x the tensor each way; all-to-all: the
+    splits to and from the other ranks; broadcast: (n - 1) x from the source, once to each
+    other rank; all-reduce: a ring's 2 (n - 1) / n x). Use as a context manager, or
+    install() / uninstall()."""
+
+    NAMES = ("all_gather", "all_to_all_single", "all_reduce", "broadcast")
+
+    def __init__(self, world: int):
+        self.n = world
+        self.sent = 0.0
+        self.received = 0.0
+        self.calls = 0
+        self._orig = {}
+
+    def install(self):
+        for name in self.NAMES:
+            self._orig[name] = getattr(dist, name)
+            setattr(dist, name, getattr(self, name))
+
+    def uninstall(self):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+
+    def __enter__(self):
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+    def all_gather(self, parts, t, group=None, async_op=False):
+        self.calls += 1
+        self.sent += (self.n - 1) * t.numel() * t.element_size()
+        self.received += (self.n - 1) * t.numel() * t.element_size()
+        return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
+
+    def all_to_all_single(self, out, inp, output_split_sizes=None, input_split_sizes=None,
+                          group=None, async_op=False):
+        self.calls += 1
+        rank = dist.get_rank(group)
+        item = inp.element_size()
+        ins = input_split_sizes or [inp.numel() // self.n] * self.n
+        outs = output_split_sizes or [out.numel() // self.n] * self.n
+        self.sent += (sum(ins) - ins[rank]) * item
+        self.received += (sum(outs) - outs[rank]) * item
+        return self._orig["all_to_all_single"](out, inp, output_split_sizes=output_split_sizes,
+                                               input_split_sizes=input_split_sizes,
+                                               group=group, async_op=async_op)
+
+    def all_reduce(self, t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        self.calls += 1
+        b = t.numel() * t.element_size()
+        self.sent += 2 * (self.n - 1) / self.n * b
+        self.received += 2 * (self.n - 1) / self.n * b
+        return self._orig["all_reduce"](t, op=op, group=group, async_op=async_op)
+
+    def broadcast(self, t, src, group=None, async_op=False):
+        self.calls += 1
+        b = t.numel() * t.element_size()
+        if dist.get_rank() == src:
+            self.sent += (self.n - 1) * b
+        else:
+            self.received += b
+        return self._orig["broadcast"](t, src, group=group, async_op=async_op)

@@ -23,12 +23,12 @@ LAYERS = [
     {"ggcomm.methods", "ggcomm.methods.init", "ggcomm.methods.act", "ggcomm.methods.gct",
      "ggcomm.methods.backslash", "ggcomm.methods.deepshape"},
     {"ggcomm.transport"},
-    {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights"},
+    {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights", "ggcomm.fsdp"},
     {"ggcomm.deepspeed", "ggcomm.pipelining"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 TRANSPORTS = {"ggcomm.transport", "ggcomm.ddp", "ggcomm.pipeline", "ggcomm.deepspeed",
-              "ggcomm.pipelining", "ggcomm.weights"}
+              "ggcomm.pipelining", "ggcomm.weights", "ggcomm.fsdp"}
 
 
 def _modules() -> dict[str, Path]:

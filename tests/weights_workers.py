@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dist_utils
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ggcomm import codec, rf8, weights
@@ -41,43 +41,11 @@ def expected(m: nn.Module, fmt: str, rel_step: float | None) -> list[torch.Tenso
     return out
 
 
-class Counter:
-    """Counts what the torch.distributed calls ggcomm.weights makes move."""
-
-    def __init__(self, world: int) -> None:
-        self.n, self.sent, self.received = world, 0, 0
-        self._orig = {}
-
-    def __enter__(self):
-        for name in ("all_gather", "broadcast"):
-            self._orig[name] = getattr(dist, name)
-            setattr(dist, name, getattr(self, name))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._orig.items():
-            setattr(dist, name, fn)
-
-    def all_gather(self, parts, t, group=None, async_op=False):
-        b = t.numel() * t.element_size()
-        self.sent += (self.n - 1) * b
-        self.received += (self.n - 1) * b
-        return self._orig["all_gather"](parts, t, group=group, async_op=async_op)
-
-    def broadcast(self, t, src, group=None, async_op=False):
-        b = t.numel() * t.element_size()
-        if dist.get_rank() == src:
-            self.sent += (self.n - 1) * b
-        else:
-            self.received += b
-        return self._orig["broadcast"](t, src, group=group, async_op=async_op)
-
-
 def transfer(rank, world, fmt, src, round_source):
     m = model(100 + rank)
     want = expected(m, fmt, weights.WEIGHTS_REL_STEP)
     before = flat(m)
-    with Counter(world) as c:
+    with dist_utils.ByteCounter(world) as c:
         got = weights.broadcast(m, src, format=fmt, round_source=round_source)
     return {"params": flat(m), "expected": want, "before": before,
             "counted": (c.sent, c.received), "reported": (got["bytes_sent"],

@@ -1,0 +1,340 @@
+"""FSDP2 with EG-coded gradients: a custom reduce-scatter for ``fully_shard`` models.
+
+PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) reduce-scatters every unit's
+gradients in full precision (or ``MixedPrecisionPolicy.reduce_dtype``); :func:`compress`
+installs ggcomm's reduce-scatter on every ``FSDPModule`` of a model instead
+(``FSDPModule.set_custom_reduce_scatter``)::
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    gg = ggcomm.fsdp.compress(model, rate=3.0)
+    ...  # train as usual; gg.stats counts the bytes, gg.state_dict() checkpoints
+
+What one unit's reduce-scatter does, on every rank of the group (``N`` ranks): FSDP hands
+it the flat input of ``N`` chunks, chunk ``r`` destined for rank ``r``.
+
+1. **Steps.** Each chunk is cut into segments of ``segment`` elements; the per-segment
+   moments of ``input + residual`` (one pass, :func:`ggcomm.codec.moments`) are all-gathered
+   and summed in rank order, so every rank derives the same step for every segment from
+   the same numbers (:class:`~ggcomm.step_policy.StepControl`: ``rate``, ``step`` or
+   ``rel_step``, rate feedback on the payload bits the unit's last frames took, warm-up).
+2. **Encode.** Each chunk is quantized with those steps and EG-coded into one frame
+   (:func:`ggcomm.codec.encode_feedback`: error feedback, so what a rank's quantization
+   drops is added to its next gradient); the frame's tag is the settings fingerprint.
+3. **Exchange.** An all-gather of the frame sizes and payload bits (each size checked
+   against the largest valid frame before any receive is sized from it), then one uneven
+   ``all_to_all_single`` of the frames.
+4. **Sum.** The owner checks every frame (layout, steps, tag) and sums the ``N`` integer
+   chunks exactly (:func:`ggcomm.codec.sum_frames`); the output is ``sum * step``, the same
+   bits whatever the order the frames arrived in. An all-gather of each rank's outcome
+   makes a bad frame raise :class:`~ggcomm.errors.FrameError` on every rank.
+
+FSDP itself divides: :func:`compress` sets ``set_force_sum_reduction_for_comms(True)``, so
+FSDP applies its gradient divide factor (``1/N``, or ``set_gradient_divide_factor``) around
+the sum, and ``MixedPrecisionPolicy(reduce_dtype=...)`` sets the dtype the chunks arrive
+in and the output leaves in (the codec works in float32). Gradient accumulation with
+``set_requires_gradient_sync(False)`` needs nothing: FSDP then does not reduce-scatter.
+CUDA gradients are staged through host memory.
+
+Costs: four collectives per unit and iteration (statistics, sizes, frames, outcomes), and,
+with error feedback, one float32 residual per unit as large as the unit's unsharded
+gradients (4 bytes per parameter per rank, not sharded).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__, codec
+from .errors import FrameError, SettingsMismatchError, StateLoadError
+from .kernels import eg
+from .step_policy import DEFAULT_RATE, StepControl, StepSettings
+from .transport import TrafficStats, check_saved_settings, fingerprint
+
+try:  # the protocol class lives in a private module of torch 2.13
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _Comm
+except ImportError:  # pragma: no cover - other torch versions: duck typing suffices
+    _Comm = object
+
+__all__ = ["DEFAULT_SEGMENT", "GGFSDP", "compress"]
+
+DEFAULT_SEGMENT = 1 << 16
+"""Elements per step segment of a chunk: a step adapts to the scale of 64k gradient
+values (FSDP's flat chunks do not say where one parameter ends)."""
+
+_STATE_VERSION = 1
+_COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
+             "seconds")
+
+
+class _Unit:
+    """What one FSDP unit's reduce-scatter keeps between iterations."""
+
+    def __init__(self, numel: int, world: int, segment: int, feedback: bool) -> None:
+        self.numel = numel
+        self.chunk = numel // world
+        full, rest = divmod(self.chunk, segment)
+        self.row_segments = [segment] * full + ([rest] if rest or not full else [])
+        self.residual = np.zeros(numel if feedback else 0, np.float32)
+        self.iteration = 0
+        self.last_bits = math.nan
+
+
+class GGFSDP(StepSettings):
+    """ggcomm's reduce-scatter state for one FSDP2 model: settings, per-unit residuals and
+    rate control, and the traffic counters (``stats``). Made by :func:`compress`."""
+
+    def __init__(self, rate: float | None = None, step: float | None = None,
+                 rel_step: float | None = None, *, error_feedback: bool = True,
+                 block_size: int = codec.DEFAULT_BLOCK_SIZE, segment: int = DEFAULT_SEGMENT,
+                 rate_gain: float = 0.5, warmup_iters: int = 0, warmup_rate: float = 8.0):
+        self.control = StepControl(rate, step, rel_step, default=("rate", DEFAULT_RATE),
+                                   rate_gain=rate_gain, warmup_iters=warmup_iters,
+                                   warmup_rate=warmup_rate)
+        if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+            raise ValueError(f"segment must be a positive int, got {segment!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or \
+                not 1 <= block_size <= eg.MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}")
+        self.error_feedback = bool(error_feedback)
+        self.block_size = block_size
+        self.segment = segment
+        self.stats = TrafficStats(_COUNTERS)
+        self.units: dict[str, _Unit] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """What every rank must share (its hash is every frame's tag)."""
+        return {"transport": "fsdp", "ggcomm": __version__, "format": codec.VERSION,
+                **self.control.settings(), "error_feedback": self.error_feedback,
+                "block_size": self.block_size, "segment": self.segment}
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        return fingerprint(self.settings())
+
+    # ------------------------------------------------------------------ the collective
+
+    def reduce_scatter(self, key: str, output: torch.Tensor, input: torch.Tensor,
+                       group: Any) -> None:
+        """Sum ``input``'s chunks across ``group`` into ``output`` (this rank's chunk),
+        EG-coded on the wire; see the module docstring."""
+        t0 = time.perf_counter()
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        flat = input.detach().reshape(-1)
+        if flat.numel() % world or output.numel() * world != flat.numel():
+            raise ValueError(f"reduce-scatter of {flat.numel()} elements into "
+                             f"{output.numel()} on {world} ranks")
+        x = flat.to("cpu", torch.float32).contiguous().numpy()
+        unit = self.units.get(key)
+        if unit is None or unit.numel != x.size:  # new, or FSDP's set of grads changed
+            unit = self.units[key] = _Unit(x.size, world, self.segment, self.error_feedback)
+        resid = unit.residual if self.error_feedback else None
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        sent = received = 0
+
+        # 1. steps from every rank's moments of each segment
+        segs = unit.row_segments * world
+        mine = torch.from_numpy(codec.moments(x, resid, segments=segs).reshape(-1))
+        parts = _all_gather(mine, group, dev)
+        sent, received = sent + (world - 1) * mine.nbytes, received + (world - 1) * mine.nbytes
+        total = parts[0].numpy().reshape(-1, 3).copy()
+        for p in parts[1:]:  # in rank order: the same sum on every rank
+            total += p.numpy().reshape(-1, 3)
+        steps = self._steps(key, unit, total, np.array(segs, np.float64) * world)
+
+        # 2. one frame per destination chunk
+        c, s = unit.chunk, len(unit.row_segments)
+        frames = []
+        for r in range(world):
+            lo = r * c
+            frame, _ = codec.encode_feedback(
+                x[lo: lo + c], None if resid is None else resid[lo: lo + c],
+                steps[r * s: (r + 1) * s], unit.row_segments, block_size=self.block_size,
+                tag=self.fingerprint)
+            frames.append(frame)
+
+        # 3. sizes, then the frames
+        # each frame's size and payload bits (the rate loop's measure, the same everywhere)
+        mine = torch.tensor([f.nbytes for f in frames] +
+                            [int(f.segment_bits().sum()) for f in frames], dtype=torch.int64)
+        gathered = torch.stack(_all_gather(mine, group, dev))
+        table, payload = gathered[:, :world], gathered[:, world:]  # [sender, destination]
+        sizes = mine[:world]
+        sent, received = sent + (world - 1) * mine.nbytes, received + (world - 1) * mine.nbytes
+        bound = codec.max_frame_bytes(unit.row_segments, self.block_size, 4)
+        lying = [j for j in range(world) if not bool(((table[j] >= 0) & (table[j] <= bound))
+                                                    .all())]
+        if lying:
+            raise FrameError(f"ranks {lying} announced frame sizes outside 0..{bound} bytes "
+                             "(the largest valid frame for this chunk)")
+        send = torch.cat([f.buffer for f in frames])
+        recv_sizes = [int(v) for v in table[:, me]]
+        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(recv, send.to(dev), output_split_sizes=recv_sizes,
+                               input_split_sizes=[int(v) for v in sizes], group=group)
+        recv = recv.cpu()
+        sent += int(sizes.sum()) - int(sizes[me])
+        received += sum(recv_sizes) - recv_sizes[me]
+
+        # 4. the exact sum, and every rank's outcome
+        out = np.empty(c, np.float32)
+        error: BaseException | None = None
+        try:
+            self._sum(recv, recv_sizes, steps[me * s: (me + 1) * s], out)
+        except (FrameError, SettingsMismatchError) as e:
+            error = e
+        ok = torch.tensor([0 if error else 1], dtype=torch.int64)
+        outcome = _all_gather(ok, group, dev)
+        sent, received = sent + (world - 1) * ok.nbytes, received + (world - 1) * ok.nbytes
+        if error is not None:
+            raise error
+        failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
+        if failed:
+            raise FrameError(f"ggcomm FSDP reduce-scatter of {key!r}: ranks {failed} could "
+                             "not decode the frames they were sent")
+        output.copy_(torch.from_numpy(out).view(output.shape))
+
+        unit.last_bits = float(payload.sum()) / (world * x.size)
+        unit.iteration += 1
+        self.stats.add(bytes_sent=float(sent), bytes_received=float(received),
+                       raw_bytes=float((world - 1) * c * input.element_size()),
+                       elements=float((world - 1) * c),
+                       payload_bits=float(8 * (int(sizes.sum()) - int(sizes[me]))),
+                       seconds=time.perf_counter() - t0)
+
+    def _steps(self, key: str, unit: _Unit, total: np.ndarray,
+               seg_len: np.ndarray) -> np.ndarray:
+        """One step per segment of every chunk, from the summed moments (identical on
+        every rank: the same numbers, the same rule)."""
+        counts = seg_len - total[:, 2]
+        steps = np.ones(total.shape[0], np.float64)
+        target = self.control.target(unit.iteration)
+        for i in range(total.shape[0]):
+            n = counts[i]
+            mean_sq = total[i, 0] / n if n > 0 else 0.0
+            mean_abs = total[i, 1] / n if n > 0 else 0.0
+            # the unit's rate loop moves once per iteration, on its first segment
+            measured = unit.last_bits if i == 0 else math.nan
+            step = self.control.step(key, mean_sq, mean_abs, measured_bits=measured,
+                                     measured_target=self.control.target(unit.iteration - 1)
+                                     if unit.iteration else None, target=target)
+            steps[i] = 1.0 if step is None else step
+        return steps
+
+    def _sum(self, recv: torch.Tensor, sizes: list[int], steps: np.ndarray,
+             out: np.ndarray) -> None:
+        frames = []
+        at = 0
+        for j, size in enumerate(sizes):
+            try:
+                f = codec.Frame.from_buffer(recv[at: at + size], max_numel=out.size)
+            except FrameError as e:
+                raise FrameError(f"the frame from rank {j}: {e}") from None
+            if f.tag != self.fingerprint:
+                raise SettingsMismatchError(
+                    f"rank {j}'s frame carries settings fingerprint {f.tag:#x}, this rank "
+                    f"has {self.fingerprint:#x} ({self.settings()})")
+            if f.numel != out.size or not np.array_equal(np.asarray(f.steps), steps):
+                raise FrameError(f"the frame from rank {j} has another layout or other steps "
+                                 "than the ones every rank agreed on")
+            frames.append((at, f))
+            at += size
+        codec.sum_frames(recv, frames, out=out)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's residuals, rate-control state and counters (each rank saves its
+        own; tensors and Python scalars only, so ``torch.load`` reads it with
+        ``weights_only=True``)."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
+            else (0, 1)
+        return {
+            "version": _STATE_VERSION, "settings": self.settings(), "rank": rank,
+            "world_size": world,
+            "units": {k: {"residual": torch.from_numpy(u.residual.copy()),
+                          "numel": u.numel, "iteration": u.iteration,
+                          "last_bits": u.last_bits} for k, u in self.units.items()},
+            "rate_corr": {k: float(v) for k, v in self.control.corr.items()},
+            "stats_total": {k: float(v) for k, v in self.stats.total.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (the same rank and world size, the same
+        settings: else :class:`StateLoadError` / :class:`SettingsMismatchError`)."""
+        if not isinstance(sd, dict) or sd.get("version") != _STATE_VERSION:
+            raise StateLoadError("not a ggcomm FSDP state_dict (or another version)")
+        check_saved_settings(self.settings(), sd["settings"])
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
+            else (0, 1)
+        if (sd["rank"], sd["world_size"]) != (rank, world):
+            raise StateLoadError(f"this state was saved by rank {sd['rank']} of "
+                                 f"{sd['world_size']}, and is loaded on rank {rank} of {world}")
+        units = {}
+        for key, u in sd["units"].items():
+            unit = _Unit(int(u["numel"]), world, self.segment, self.error_feedback)
+            res = u["residual"].numpy().astype(np.float32)
+            if res.size != unit.residual.size:
+                raise StateLoadError(f"unit {key!r}: residual of {res.size} values for "
+                                     f"{unit.residual.size}")
+            unit.residual[:] = res
+            unit.iteration, unit.last_bits = int(u["iteration"]), float(u["last_bits"])
+            units[key] = unit
+        self.units = units
+        self.control.corr.clear()
+        self.control.corr.update({k: float(v) for k, v in sd["rate_corr"].items()})
+        self.stats.reset()
+        self.stats.load_totals({k: v for k, v in sd["stats_total"].items() if k != "steps"})
+
+
+class _ReduceScatter(_Comm):
+    """The object FSDP calls (the ``ReduceScatter`` protocol of torch 2.13)."""
+
+    def __init__(self, handle: GGFSDP, key: str) -> None:
+        self.handle, self.key = handle, key
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+                 op: Any, async_op: bool = False) -> None:
+        if op != dist.ReduceOp.SUM:
+            raise ValueError("ggcomm's FSDP reduce-scatter sums; compress() asks FSDP for "
+                             "sum reductions (set_force_sum_reduction_for_comms)")
+        self.handle.reduce_scatter(self.key, output_tensor, input_tensor, group)
+        return None
+
+
+def _all_gather(t: torch.Tensor, group: Any, dev: torch.device) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.to(dev), group=group)
+    return [p.cpu() for p in parts]
+
+
+def compress(model: torch.nn.Module, rate: float | None = None, *, step: float | None = None,
+             rel_step: float | None = None, **settings: Any) -> GGFSDP:
+    """Install ggcomm's EG-coded reduce-scatter on every ``FSDPModule`` in ``model``
+    (call after ``fully_shard``); returns the :class:`GGFSDP` handle (``.stats``,
+    ``.state_dict()``). ``rate`` (default 3 bits per element), ``step`` or ``rel_step``
+    choose the steps; ``settings``: ``error_feedback``, ``block_size``, ``segment``,
+    ``rate_gain``, ``warmup_iters``, ``warmup_rate``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    handle = GGFSDP(rate, step, rel_step, **settings)
+    units = [(name or "<root>", m) for name, m in model.named_modules()
+             if isinstance(m, FSDPModule)]
+    if not units:
+        raise ValueError("the model has no FSDPModule: call fully_shard on it first")
+    for name, m in units:
+        m.set_custom_reduce_scatter(_ReduceScatter(handle, name))
+        m.set_force_sum_reduction_for_comms(True)
+    return handle

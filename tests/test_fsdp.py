@@ -1,0 +1,67 @@
+"""ggcomm's FSDP2 reduce-scatter (ggcomm.fsdp) on real gloo ranks."""
+
+from __future__ import annotations
+
+import dist_utils
+import fsdp_workers as w
+import numpy as np
+import pytest
+import torch
+
+STEP = 2.0**-12
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_chunk_is_the_exact_integer_sum(world):
+    res = dist_utils.values(dist_utils.run(w.exact_sums, world, STEP))
+    n_calls = len(res[0]["calls"])
+    assert n_calls == 3 * 4  # 3 units (the root holds no parameters of its own), 4 passes
+    for i in range(n_calls):
+        key = res[0]["calls"][i][0]
+        inputs = [r["calls"][i][1] for r in res]
+        assert all(r["calls"][i][0] == key for r in res)
+        for rank in range(world):
+            chunk = inputs[0].numel() // world
+            q = sum(torch.from_numpy(np.rint(x[rank * chunk:(rank + 1) * chunk].double()
+                                             .numpy() * (1 / STEP))).long() for x in inputs)
+            want = (q.double() * STEP).float()
+            assert torch.equal(res[rank]["calls"][i][2], want), (key, rank)
+    # FSDP divides the sum by the world size: the first layer's weight shard (48 x 16
+    # splits evenly) is the first part of the last call on that unit, / world
+    last = [c for c in res[0]["calls"] if c[0] == "0"][-1]
+    for rank in range(world):
+        out = [c for c in res[rank]["calls"] if c[0] == "0"][-1][2]
+        shard = res[rank]["first_shard"].reshape(-1)
+        assert torch.equal(shard, out[: shard.numel()] / world)
+    assert last is not None
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_it_trains_like_fp32_and_counts_the_bytes_it_moves(world):
+    gg = dist_utils.values(dist_utils.run(w.train, world, 30, {"rate": 3.0}))
+    ref = dist_utils.values(dist_utils.run(w.plain, world, 30))
+    for r in gg:
+        assert r["counted"] == r["reported"]  # bytes counted equal bytes moved
+    losses = np.mean([r["losses"] for r in gg], axis=0)
+    fp32 = np.mean(ref, axis=0)
+    assert losses[-5:].mean() < 0.5 * losses[:5].mean()  # it trains
+    assert abs(losses[-5:].mean() / fp32[-5:].mean() - 1) < 0.1
+    total = gg[0]["total"]
+    assert total["ratio"] > 3  # tiny chunks: headers and statistics weigh in
+
+
+def test_bf16_reduce_dtype():
+    res = dist_utils.values(dist_utils.run(w.train, 2, 10, {"rate": 4.0}, "bfloat16"))
+    assert all(np.isfinite(r["losses"]).all() for r in res)
+    assert res[0]["losses"][-1] < res[0]["losses"][0]
+
+
+def test_resume_from_a_distributed_checkpoint_is_bit_exact(tmp_path):
+    res = dist_utils.values(dist_utils.run(w.resume, 2, str(tmp_path / "ckpt"), 4))
+    for first, second in res:
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_a_corrupt_frame_raises_frame_error_on_every_rank():
+    res = dist_utils.values(dist_utils.run(w.corrupt, 2))
+    assert all(r is not None and r[0] == "FrameError" for r in res), res
