@@ -37,9 +37,16 @@ in and the output leaves in (the codec works in float32). Gradient accumulation 
 ``set_requires_gradient_sync(False)`` needs nothing: FSDP then does not reduce-scatter.
 CUDA gradients are staged through host memory.
 
+**Weights** (``weights="rf8"`` or ``"eg"``, optional): the parameter all-gathers of forward
+and backward send each rank's shard as RF8 bytes (:mod:`ggcomm.rf8`) or as an EG frame at
+``weights_rel_step`` times each segment's RMS (``set_custom_all_gather``): every rank,
+the sender included, computes with the same rounded weights, while the sharded fp32 master
+weights and the optimizer stay exact. Three collectives each (sizes, frames, outcomes).
+
 Costs: four collectives per unit and iteration (statistics, sizes, frames, outcomes), and,
 with error feedback, one float32 residual per unit as large as the unit's unsharded
-gradients (4 bytes per parameter per rank, not sharded).
+gradients (4 bytes per parameter per rank, not sharded). ``stats`` counts the gradient
+and weight traffic as two streams.
 """
 
 from __future__ import annotations
@@ -53,26 +60,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__, codec
+from . import __version__, codec, rf8
 from .errors import FrameError, SettingsMismatchError, StateLoadError
 from .kernels import eg
 from .step_policy import DEFAULT_RATE, StepControl, StepSettings
 from .transport import TrafficStats, check_saved_settings, fingerprint
 
-try:  # the protocol class lives in a private module of torch 2.13
+try:  # the protocol classes live in a private module of torch 2.13
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _GatherComm
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _Comm
 except ImportError:  # pragma: no cover - other torch versions: duck typing suffices
-    _Comm = object
+    _Comm = _GatherComm = object
 
-__all__ = ["DEFAULT_SEGMENT", "GGFSDP", "compress"]
+__all__ = ["DEFAULT_SEGMENT", "GGFSDP", "WEIGHTS", "compress"]
 
 DEFAULT_SEGMENT = 1 << 16
 """Elements per step segment of a chunk: a step adapts to the scale of 64k gradient
 values (FSDP's flat chunks do not say where one parameter ends)."""
 
+WEIGHTS = (None, "rf8", "eg")
+"""How the parameter all-gathers travel: FSDP's own (None), RF8 (8 bits per weight) or
+EG-coded at ``weights_rel_step`` times each segment's RMS."""
+
 _STATE_VERSION = 1
 _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
              "seconds")
+
+
+def _segments(n: int, segment: int) -> list[int]:
+    """n elements cut into segments of ``segment`` (the last one shorter; one if n is 0)."""
+    full, rest = divmod(n, segment)
+    return [segment] * full + ([rest] if rest or not full else [])
 
 
 class _Unit:
@@ -81,8 +99,7 @@ class _Unit:
     def __init__(self, numel: int, world: int, segment: int, feedback: bool) -> None:
         self.numel = numel
         self.chunk = numel // world
-        full, rest = divmod(self.chunk, segment)
-        self.row_segments = [segment] * full + ([rest] if rest or not full else [])
+        self.row_segments = _segments(self.chunk, segment)
         self.residual = np.zeros(numel if feedback else 0, np.float32)
         self.iteration = 0
         self.last_bits = math.nan
@@ -95,7 +112,16 @@ class GGFSDP(StepSettings):
     def __init__(self, rate: float | None = None, step: float | None = None,
                  rel_step: float | None = None, *, error_feedback: bool = True,
                  block_size: int = codec.DEFAULT_BLOCK_SIZE, segment: int = DEFAULT_SEGMENT,
-                 rate_gain: float = 0.5, warmup_iters: int = 0, warmup_rate: float = 8.0):
+                 rate_gain: float = 0.5, warmup_iters: int = 0, warmup_rate: float = 8.0,
+                 weights: str | None = None, weights_rel_step: float = 1 / 16):
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if not (isinstance(weights_rel_step, (int, float)) and math.isfinite(weights_rel_step)
+                and weights_rel_step > 0):
+            raise ValueError(f"weights_rel_step must be a positive number, got "
+                             f"{weights_rel_step!r}")
+        self.weights = weights
+        self.weights_rel_step = float(weights_rel_step)
         self.control = StepControl(rate, step, rel_step, default=("rate", DEFAULT_RATE),
                                    rate_gain=rate_gain, warmup_iters=warmup_iters,
                                    warmup_rate=warmup_rate)
@@ -107,14 +133,15 @@ class GGFSDP(StepSettings):
         self.error_feedback = bool(error_feedback)
         self.block_size = block_size
         self.segment = segment
-        self.stats = TrafficStats(_COUNTERS)
+        self.stats = TrafficStats(_COUNTERS, streams=("gradients", "weights"))
         self.units: dict[str, _Unit] = {}
 
     def settings(self) -> dict[str, Any]:
         """What every rank must share (its hash is every frame's tag)."""
         return {"transport": "fsdp", "ggcomm": __version__, "format": codec.VERSION,
                 **self.control.settings(), "error_feedback": self.error_feedback,
-                "block_size": self.block_size, "segment": self.segment}
+                "block_size": self.block_size, "segment": self.segment,
+                "weights": self.weights, "weights_rel_step": self.weights_rel_step}
 
     @functools.cached_property
     def fingerprint(self) -> int:
@@ -205,10 +232,92 @@ class GGFSDP(StepSettings):
 
         unit.last_bits = float(payload.sum()) / (world * x.size)
         unit.iteration += 1
-        self.stats.add(bytes_sent=float(sent), bytes_received=float(received),
+        self.stats.add("gradients", bytes_sent=float(sent), bytes_received=float(received),
                        raw_bytes=float((world - 1) * c * input.element_size()),
                        elements=float((world - 1) * c),
                        payload_bits=float(8 * (int(sizes.sum()) - int(sizes[me]))),
+                       seconds=time.perf_counter() - t0)
+
+    def all_gather(self, key: str, output: torch.Tensor, input: torch.Tensor,
+                   group: Any) -> None:
+        """Every rank's parameter shard into ``output``, sent compressed (``weights``):
+        every rank, this one included, gets the same rounded shards; the sharded master
+        weights are not touched."""
+        t0 = time.perf_counter()
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        shard = input.detach().reshape(-1)
+        n = shard.numel()
+        if output.numel() != n * world:
+            raise ValueError(f"all-gather of {n} elements into {output.numel()} on {world}")
+        if shard.dtype not in codec.DTYPE_CODES:  # FSDP's uint8 mix of dtypes: as it is
+            dist.all_gather_into_tensor(output, input, group=group)
+            b = float((world - 1) * n * shard.element_size())
+            self.stats.add("weights", bytes_sent=b, bytes_received=b, raw_bytes=b,
+                           elements=float((world - 1) * n), seconds=time.perf_counter() - t0)
+            return
+        segs = _segments(n, self.segment)
+        if self.weights == "rf8":
+            mine = rf8.encode(shard)
+            bound = rf8.max_encoded_bytes((n,), shard.dtype)
+        else:
+            x = shard.to("cpu", torch.float32).contiguous().numpy()
+            mom = codec.moments(x, segments=segs)
+            steps = [self.weights_rel_step * math.sqrt(sq / (length - bad))
+                     if length > bad and sq > 0 else 1.0
+                     for (sq, _, bad), length in zip(mom, segs, strict=True)]
+            mine = codec.encode(shard.cpu(), steps, segments=segs, block_size=self.block_size,
+                                tag=self.fingerprint).buffer
+            bound = codec.max_frame_bytes(segs, self.block_size, shard.element_size())
+        size = torch.tensor([mine.numel()], dtype=torch.int64)
+        sizes = [int(t.item()) for t in _all_gather(size, group, dev)]
+        sent = received = (world - 1) * size.nbytes
+        lying = [j for j, v in enumerate(sizes) if not 0 <= v <= bound]
+        if lying:
+            raise FrameError(f"ranks {lying} announced weight frames outside 0..{bound} bytes")
+        recv = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(recv, mine.repeat(world).to(dev), output_split_sizes=sizes,
+                               input_split_sizes=[mine.numel()] * world, group=group)
+        recv = recv.cpu()
+        sent += (world - 1) * mine.numel()
+        received += sum(sizes) - sizes[me]
+        gathered = torch.empty(n * world, dtype=shard.dtype)
+        error: BaseException | None = None
+        at = 0
+        try:
+            for j, length in enumerate(sizes):
+                part = recv[at: at + length]
+                at += length
+                if self.weights == "rf8":
+                    v = rf8.decode(part, max_numel=n)
+                else:
+                    f = codec.Frame.from_buffer(part, max_numel=n)
+                    if f.tag != self.fingerprint:
+                        raise SettingsMismatchError(f"rank {j}'s weight frame carries "
+                                                    f"fingerprint {f.tag:#x}, this rank has "
+                                                    f"{self.fingerprint:#x}")
+                    v = codec.decode(f)
+                if v.dtype != shard.dtype or v.numel() != n:
+                    raise FrameError(f"rank {j} sent {v.numel()} {v.dtype} weights for a "
+                                     f"shard of {n} {shard.dtype}")
+                gathered[j * n: (j + 1) * n] = v.reshape(-1)
+        except (FrameError, SettingsMismatchError) as e:
+            error = e
+        ok = torch.tensor([0 if error else 1], dtype=torch.int64)
+        outcome = _all_gather(ok, group, dev)
+        sent, received = sent + (world - 1) * ok.nbytes, received + (world - 1) * ok.nbytes
+        if error is not None:
+            raise error
+        failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
+        if failed:
+            raise FrameError(f"ggcomm FSDP all-gather of {key!r}: ranks {failed} could not "
+                             "decode the weights they were sent")
+        output.copy_(gathered.view(output.shape))
+        self.stats.add("weights", bytes_sent=float(sent), bytes_received=float(received),
+                       raw_bytes=float((world - 1) * n * shard.element_size()),
+                       elements=float((world - 1) * n),
+                       payload_bits=float(8 * (world - 1) * mine.numel()),
                        seconds=time.perf_counter() - t0)
 
     def _steps(self, key: str, unit: _Unit, total: np.ndarray,
@@ -265,7 +374,8 @@ class GGFSDP(StepSettings):
                           "numel": u.numel, "iteration": u.iteration,
                           "last_bits": u.last_bits} for k, u in self.units.items()},
             "rate_corr": {k: float(v) for k, v in self.control.corr.items()},
-            "stats_total": {k: float(v) for k, v in self.stats.total.items()},
+            "stats_total": {stream: {k: float(v) for k, v in counts.items()}
+                            for stream, counts in self.stats.counts.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -293,7 +403,8 @@ class GGFSDP(StepSettings):
         self.control.corr.clear()
         self.control.corr.update({k: float(v) for k, v in sd["rate_corr"].items()})
         self.stats.reset()
-        self.stats.load_totals({k: v for k, v in sd["stats_total"].items() if k != "steps"})
+        for stream, counts in sd["stats_total"].items():
+            self.stats.load_totals(dict(counts), stream)
 
 
 class _ReduceScatter(_Comm):
@@ -314,6 +425,21 @@ class _ReduceScatter(_Comm):
         return None
 
 
+class _AllGather(_GatherComm):
+    """The parameter all-gather FSDP calls (the ``AllGather`` protocol of torch 2.13)."""
+
+    def __init__(self, handle: GGFSDP, key: str) -> None:
+        self.handle, self.key = handle, key
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+                 async_op: bool = False) -> None:
+        self.handle.all_gather(self.key, output_tensor, input_tensor, group)
+        return None  # done: FSDP waits only on a Work
+
+
 def _all_gather(t: torch.Tensor, group: Any, dev: torch.device) -> list[torch.Tensor]:
     parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.to(dev), group=group)
@@ -326,7 +452,9 @@ def compress(model: torch.nn.Module, rate: float | None = None, *, step: float |
     (call after ``fully_shard``); returns the :class:`GGFSDP` handle (``.stats``,
     ``.state_dict()``). ``rate`` (default 3 bits per element), ``step`` or ``rel_step``
     choose the steps; ``settings``: ``error_feedback``, ``block_size``, ``segment``,
-    ``rate_gain``, ``warmup_iters``, ``warmup_rate``."""
+    ``rate_gain``, ``warmup_iters``, ``warmup_rate``, and ``weights`` (None, ``"rf8"`` or
+    ``"eg"``: the parameter all-gathers compressed too, see :meth:`GGFSDP.all_gather`) with
+    ``weights_rel_step``."""
     from torch.distributed.fsdp import FSDPModule
 
     handle = GGFSDP(rate, step, rel_step, **settings)
@@ -337,4 +465,6 @@ def compress(model: torch.nn.Module, rate: float | None = None, *, step: float |
     for name, m in units:
         m.set_custom_reduce_scatter(_ReduceScatter(handle, name))
         m.set_force_sum_reduction_for_comms(True)
+        if handle.weights is not None:
+            m.set_custom_all_gather(_AllGather(handle, name))
     return handle

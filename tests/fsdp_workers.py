@@ -81,7 +81,8 @@ def fit(rank, m, steps):
 
 def train(rank, world, steps, settings, mp=None, seed=0):
     """Train a few steps; the local shards of every parameter and the handle's counters."""
-    policy = None if mp is None else MixedPrecisionPolicy(reduce_dtype=getattr(torch, mp))
+    policy = None if mp is None else MixedPrecisionPolicy(param_dtype=getattr(torch, mp),
+                                                          reduce_dtype=getattr(torch, mp))
     m = model(seed, policy)
     gg = ggcomm.fsdp.compress(m, **settings)
     with dist_utils.ByteCounter(world) as c:
@@ -160,3 +161,57 @@ def corrupt(rank, world):
     except Exception as e:  # noqa: BLE001 - the type goes back to the test
         return type(e).__name__, str(e)
     return None
+
+
+def train_script(rank, world, reduce):
+    """launch/train_fsdp.py's code, a few steps of the GPT."""
+    from ggcomm.tools import train_fsdp
+
+    args = train_fsdp.parse_args(["--reduce", reduce, "--steps", "3", "--block-size", "32",
+                                  "--corpus-bytes", "200000", "--eval-batches", "1",
+                                  "--batch-size", "4"])
+    return train_fsdp.train(args)
+
+
+def weights_rounded(rank, world, fmt):
+    """With compressed weights: after a step the forward pass sees every rank's shard rounded
+    (RF8: exactly rf8.quantize of the full parameter), and the master shards stay exact."""
+    from ggcomm import rf8
+
+    m = model()
+    gg = ggcomm.fsdp.compress(m, rate=3.0, weights=fmt)
+    seen = {}
+    m[2].register_forward_pre_hook(lambda mod, inp: seen.__setitem__(
+        "w", mod.weight.detach().clone() if not hasattr(mod.weight, "to_local")
+        else mod.weight.full_tensor().detach().clone()))
+    with dist_utils.ByteCounter(world) as c:
+        losses = fit(rank, m, 3)
+    total = gg.stats.summary()
+    full = m[2].weight.full_tensor().detach().clone()  # the exact master weights
+    bias = m[2].bias.full_tensor().detach().clone()
+    x, _ = batch(rank, 0)
+    m(x)  # forward sees the current masters, rounded
+    out = {"seen": seen["w"], "master": full, "losses": losses,
+           "counted": (c.sent, c.received),
+           "reported": (total["total"]["bytes_sent"], total["total"]["bytes_received"]),
+           "weights": total["weights"], "gradients": total["gradients"]}
+    if fmt == "rf8":  # each rank's all-gather input: its weight rows, then its bias part
+        parts = []
+        for w, b in zip(full.chunk(world), bias.chunk(world), strict=True):
+            flat = rf8.quantize(torch.cat([w.reshape(-1), b]))
+            parts.append(flat[: w.numel()].view(w.shape))
+        out["want"] = torch.cat(parts)
+    return out
+
+
+def accumulate(rank, world):
+    """Two micro-batches per step with set_requires_gradient_sync(False) on the first: one
+    reduce-scatter per unit and step, of the accumulated gradient (exact in step mode)."""
+    m = model()
+    gg = ggcomm.fsdp.compress(m, step=2.0**-12, error_feedback=False)
+    calls = record(gg)
+    for i in range(2):
+        m.set_requires_gradient_sync(i == 1)
+        x, y = batch(rank, i)
+        nn.functional.mse_loss(m(x), y).backward()
+    return calls

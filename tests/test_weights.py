@@ -7,8 +7,7 @@ import pytest
 import weights_workers as w
 
 
-@pytest.mark.parametrize("world,fmt,src", [(2, "rf8", 0), (3, "rf8", 2), (2, "eg", 1),
-                                           (3, "eg", 0)])
+@pytest.mark.parametrize("world,fmt,src", [(3, "rf8", 2), (2, "eg", 1)])
 def test_every_rank_ends_with_the_senders_rounded_weights(world, fmt, src):
     res = dist_utils.values(dist_utils.run(w.transfer, world, fmt, src, True))
     want = res[src]["expected"]
