@@ -219,15 +219,8 @@ class GGFSDP(StepSettings):
             self._sum(recv, recv_sizes, steps[me * s: (me + 1) * s], out)
         except (FrameError, SettingsMismatchError) as e:
             error = e
-        ok = torch.tensor([0 if error else 1], dtype=torch.int64)
-        outcome = _all_gather(ok, group, dev)
-        sent, received = sent + (world - 1) * ok.nbytes, received + (world - 1) * ok.nbytes
-        if error is not None:
-            raise error
-        failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
-        if failed:
-            raise FrameError(f"ggcomm FSDP reduce-scatter of {key!r}: ranks {failed} could "
-                             "not decode the frames they were sent")
+        n_bytes = _agree(error, group, dev, f"ggcomm FSDP reduce-scatter of {key!r}")
+        sent, received = sent + n_bytes, received + n_bytes
         output.copy_(torch.from_numpy(out).view(output.shape))
 
         unit.last_bits = float(payload.sum()) / (world * x.size)
@@ -304,15 +297,8 @@ class GGFSDP(StepSettings):
                 gathered[j * n: (j + 1) * n] = v.reshape(-1)
         except (FrameError, SettingsMismatchError) as e:
             error = e
-        ok = torch.tensor([0 if error else 1], dtype=torch.int64)
-        outcome = _all_gather(ok, group, dev)
-        sent, received = sent + (world - 1) * ok.nbytes, received + (world - 1) * ok.nbytes
-        if error is not None:
-            raise error
-        failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
-        if failed:
-            raise FrameError(f"ggcomm FSDP all-gather of {key!r}: ranks {failed} could not "
-                             "decode the weights they were sent")
+        n_bytes = _agree(error, group, dev, f"ggcomm FSDP all-gather of {key!r}")
+        sent, received = sent + n_bytes, received + n_bytes
         output.copy_(gathered.view(output.shape))
         self.stats.add("weights", bytes_sent=float(sent), bytes_received=float(received),
                        raw_bytes=float((world - 1) * n * shard.element_size()),
@@ -438,6 +424,20 @@ class _AllGather(_GatherComm):
                  async_op: bool = False) -> None:
         self.handle.all_gather(self.key, output_tensor, input_tensor, group)
         return None  # done: FSDP waits only on a Work
+
+
+def _agree(error: BaseException | None, group: Any, dev: torch.device, what: str) -> int:
+    """All ranks share whether they decoded what they were sent: this rank's error is raised
+    here, and a FrameError naming the failed ranks on every other rank. Returns the bytes
+    this rank sent (and received) for it."""
+    ok = torch.tensor([0 if error else 1], dtype=torch.int64)
+    outcome = _all_gather(ok, group, dev)
+    if error is not None:
+        raise error
+    failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
+    if failed:
+        raise FrameError(f"{what}: ranks {failed} could not decode what they were sent")
+    return (len(outcome) - 1) * ok.nbytes
 
 
 def _all_gather(t: torch.Tensor, group: Any, dev: torch.device) -> list[torch.Tensor]:

@@ -33,6 +33,7 @@ batches, in eval mode, without gradients.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .workload import next_token_accuracy
@@ -50,6 +52,7 @@ __all__ = [
     "draws",
     "evaluate",
     "fit",
+    "join_process_group",
     "model_loss",
     "rank_generator",
     "token_accuracy",
@@ -78,6 +81,18 @@ def draws(draw: Callable[[], Batch]) -> Iterator[Batch]:
     ``draws(lambda: data.batch("train", 16, generator))``."""
     while True:
         yield draw()
+
+
+def join_process_group(backend: str) -> bool:
+    """Join torchrun's process group (``RANK`` and ``WORLD_SIZE`` set), or make a 1-rank one;
+    True if this call created it (the caller then destroys it). Nothing if one exists."""
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:

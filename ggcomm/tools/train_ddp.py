@@ -91,6 +91,7 @@ from ggcomm.tools.train import (
     draws,
     evaluate,
     fit,
+    join_process_group,
     rank_generator,
     token_accuracy,
 )
@@ -286,17 +287,6 @@ def lr_factor(args: argparse.Namespace):
                               cosine=args.schedule == "cosine")
 
 
-def _init_process_group(backend: str) -> bool:
-    """Join torchrun's process group, or make a 1-rank one; True if this call created it."""
-    if dist.is_initialized():
-        return False
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return True
-
-
 def _device(backend: str) -> torch.device:
     if backend != "nccl":
         return torch.device("cpu")
@@ -482,7 +472,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Returns the summary dict (validation results only on rank 0, ``None`` elsewhere); rank 0
     also writes it to ``args.json`` if set.
     """
-    created = _init_process_group(args.backend)
+    created = join_process_group(args.backend)
     try:
         return _train(args)
     finally:

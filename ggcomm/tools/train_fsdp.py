@@ -31,7 +31,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .train import Step, draws, evaluate, fit, rank_generator, token_accuracy
+from .train import (
+    Step,
+    draws,
+    evaluate,
+    fit,
+    join_process_group,
+    rank_generator,
+    token_accuracy,
+)
 from .workload import GPT, ByteDataset, GPTConfig, lr_factor
 
 __all__ = ["REDUCES", "main", "parse_args", "train"]
@@ -87,12 +95,7 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train on this rank (inside torchrun's process group, or a 1-rank one)."""
-    created = not dist.is_initialized()
-    if created:
-        if "RANK" in os.environ:
-            dist.init_process_group("gloo")
-        else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    created = join_process_group("gloo")
     try:
         return _train(args)
     finally:
