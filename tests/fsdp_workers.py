@@ -50,7 +50,9 @@ def record(handle: ggcomm.fsdp.GGFSDP) -> list:
 
 def exact_sums(rank, world, step):
     """Step mode without error feedback: every reduce-scatter output must be
-    float32(sum of rint(x / step) over ranks * step); returns the calls to check."""
+    float32(sum of rint(x / step) over ranks * step); returns the calls to check. Then
+    gradient accumulation: two micro-batches per step with set_requires_gradient_sync(False)
+    on the first, one reduce-scatter per unit of the accumulated gradient."""
     m = model()
     gg = ggcomm.fsdp.compress(m, step=step, error_feedback=False)
     calls = record(gg)
@@ -63,7 +65,15 @@ def exact_sums(rank, world, step):
     x, y = batch(rank, 99)
     nn.functional.mse_loss(m(x), y).backward()
     shard = m[0].weight.grad.to_local().clone()
-    return {"calls": calls, "first_shard": shard, "stats": gg.stats.summary()["total"]}
+    stats = gg.stats.summary()["total"]
+    opt.zero_grad()
+    calls = list(calls)  # the wrapper below records into its own list (and this one's)
+    accumulated = record(gg)
+    for i in range(2):
+        m.set_requires_gradient_sync(i == 1)
+        x, y = batch(rank, 200 + i)
+        nn.functional.mse_loss(m(x), y).backward()
+    return {"calls": calls, "first_shard": shard, "stats": stats, "accumulated": accumulated}
 
 
 def fit(rank, m, steps):
@@ -79,8 +89,9 @@ def fit(rank, m, steps):
     return losses
 
 
-def train(rank, world, steps, settings, mp=None, seed=0):
-    """Train a few steps; the local shards of every parameter and the handle's counters."""
+def train(rank, world, steps, settings, mp=None, seed=0, plain=False):
+    """Train a few steps; the local shards of every parameter and the handle's counters
+    (and, with ``plain``, the losses of the same training with FSDP's own reduce-scatter)."""
     policy = None if mp is None else MixedPrecisionPolicy(param_dtype=getattr(torch, mp),
                                                           reduce_dtype=getattr(torch, mp))
     m = model(seed, policy)
@@ -90,12 +101,8 @@ def train(rank, world, steps, settings, mp=None, seed=0):
     total = gg.stats.summary()["total"]
     return {"losses": losses, "counted": (c.sent, c.received),
             "reported": (total["bytes_sent"], total["bytes_received"]), "total": total,
-            "shards": [p.to_local().detach().clone() for p in m.parameters()]}
-
-
-def plain(rank, world, steps, seed=0):
-    """The same training with FSDP's own fp32 reduce-scatter."""
-    return fit(rank, model(seed), steps)
+            "shards": [p.to_local().detach().clone() for p in m.parameters()],
+            "plain": fit(rank, model(seed), steps) if plain else None}
 
 
 def resume(rank, world, path, split):
@@ -173,7 +180,11 @@ def train_script(rank, world, reduce):
     return train_fsdp.train(args)
 
 
-def weights_rounded(rank, world, fmt):
+def weights_rounded(rank, world, formats):
+    return {fmt: _weights_rounded(rank, world, fmt) for fmt in formats}
+
+
+def _weights_rounded(rank, world, fmt):
     """With compressed weights: after a step the forward pass sees every rank's shard rounded
     (RF8: exactly rf8.quantize of the full parameter), and the master shards stay exact."""
     from ggcomm import rf8
@@ -202,16 +213,3 @@ def weights_rounded(rank, world, fmt):
             parts.append(flat[: w.numel()].view(w.shape))
         out["want"] = torch.cat(parts)
     return out
-
-
-def accumulate(rank, world):
-    """Two micro-batches per step with set_requires_gradient_sync(False) on the first: one
-    reduce-scatter per unit and step, of the accumulated gradient (exact in step mode)."""
-    m = model()
-    gg = ggcomm.fsdp.compress(m, step=2.0**-12, error_feedback=False)
-    calls = record(gg)
-    for i in range(2):
-        m.set_requires_gradient_sync(i == 1)
-        x, y = batch(rank, i)
-        nn.functional.mse_loss(m(x), y).backward()
-    return calls
