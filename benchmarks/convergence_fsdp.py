@@ -36,7 +36,8 @@ METHODS = {
     "bf16": ["--reduce", "bf16"],
     "gg-rate3": ["--reduce", "gg", "--rate", "3"],
     "gg-rate3-w20": ["--reduce", "gg", "--rate", "3", "--gg-warmup-iters", "20"],
-    "gg-rate3-rf8": ["--reduce", "gg", "--rate", "3", "--weights", "rf8"],
+    "gg-rate3-w20-rf8": ["--reduce", "gg", "--rate", "3", "--gg-warmup-iters", "20",
+                         "--weights", "rf8"],
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dist_utils
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -73,7 +74,16 @@ def exact_sums(rank, world, step):
         m.set_requires_gradient_sync(i == 1)
         x, y = batch(rank, 200 + i)
         nn.functional.mse_loss(m(x), y).backward()
-    return {"calls": calls, "first_shard": shard, "stats": stats, "accumulated": accumulated}
+    # non-finite gradients travel exactly and propagate: NaN and inf from rank 0
+    chunk = 8
+    probe = torch.full((world * chunk,), 0.25)
+    if rank == 0:
+        probe[1] = float("nan")
+        probe[chunk + 2] = float("inf")
+    out = torch.empty(chunk)
+    gg.reduce_scatter("probe", out, probe, dist.group.WORLD)
+    return {"calls": calls, "first_shard": shard, "stats": stats,
+            "accumulated": [c for c in accumulated if c[0] != "probe"], "probe": out}
 
 
 def fit(rank, m, steps):

@@ -34,6 +34,9 @@ def test_every_chunk_is_the_exact_integer_sum(world):
         shard = res[rank]["first_shard"].reshape(-1)
         assert torch.equal(shard, out[: shard.numel()] / world)
     assert last is not None
+    # non-finite values propagate to the owner's sum; the rest stays exact
+    assert torch.isnan(res[0]["probe"][1]) and torch.isinf(res[1]["probe"][2])
+    assert float(res[0]["probe"][0]) == 0.25 * world
     # gradient accumulation: one call per unit, last layer first, of the summed micro-batches
     assert [c[0] for c in res[0]["accumulated"]] == ["4", "2", "0"]
     for i in range(3):
