@@ -58,15 +58,17 @@ def exact_sums(rank, world, step):
     gg = ggcomm.fsdp.compress(m, step=step, error_feedback=False)
     calls = record(gg)
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
-    for i in range(3):
-        x, y = batch(rank, i)
+    with dist_utils.ByteCounter(world) as counter:
+        for i in range(3):
+            x, y = batch(rank, i)
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        x, y = batch(rank, 99)
         nn.functional.mse_loss(m(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    x, y = batch(rank, 99)
-    nn.functional.mse_loss(m(x), y).backward()
     shard = m[0].weight.grad.to_local().clone()
     stats = gg.stats.summary()["total"]
+    stats["counted"] = (counter.sent, counter.received)
     opt.zero_grad()
     calls = list(calls)  # the wrapper below records into its own list (and this one's)
     accumulated = record(gg)

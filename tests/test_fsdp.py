@@ -34,6 +34,8 @@ def test_every_chunk_is_the_exact_integer_sum(world):
         shard = res[rank]["first_shard"].reshape(-1)
         assert torch.equal(shard, out[: shard.numel()] / world)
     assert last is not None
+    for r in res:  # bytes counted equal bytes moved
+        assert r["stats"]["counted"] == (r["stats"]["bytes_sent"], r["stats"]["bytes_received"])
     # non-finite values propagate to the owner's sum; the rest stays exact
     assert torch.isnan(res[0]["probe"][1]) and torch.isinf(res[1]["probe"][2])
     assert float(res[0]["probe"][0]) == 0.25 * world

@@ -96,13 +96,13 @@ def _param_max(q: torch.Tensor, min_count: int) -> int:
     return first if first <= float(q.max()) else int(q.abs().max())
 
 
-@torch.no_grad()
 def scaled_min_count(n: int) -> int:
     """The authors' threshold scaled in proportion to a model of ``n`` weights (at least 1):
     the same share of the weights per level marks the body's edge at any size."""
     return max(1, round(AUTHORS_MIN_COUNT * n / AUTHORS_MODEL_SIZE))
 
 
+@torch.no_grad()
 def deepshape_(
     params: nn.Module | Iterable[Any],
     *,
