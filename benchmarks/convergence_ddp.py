@@ -1,18 +1,31 @@
-"""Convergence with and without ggcomm: the GPT workload on 2 gloo ranks, side by side.
+"""Loss per byte: every DDP gradient method over full training runs on the GPT workload.
 
-Runs :mod:`ggcomm.tools.train_ddp` under torchrun (as a module) once per method, same seed,
-data and steps, and writes ``benchmarks/results/convergence_ddp.md`` and ``.json``: final
-training loss (mean of the last 20 steps), validation loss and accuracy, bytes sent per rank
-per step (ggcomm: measured; built-in hooks: computed from the tensors they pass), and step
-time.
+Runs :mod:`ggcomm.tools.train_ddp` under torchrun (as a module) once per method and seed,
+same data and steps, and writes ``benchmarks/results/<name>.md``, ``.json`` and ``.png``:
 
-    python benchmarks/convergence_ddp.py [--steps 300] [--methods none gg3 ...]
+* per method and seed: final training loss (mean of the last 20 steps), validation loss and
+  accuracy, each against fp32 of the same seed; bytes each rank sent per step (the run's
+  total over its steps, warm-ups included; ggcomm: measured by the hook; built-in hooks:
+  computed from the tensors they pass) and how many times fewer than fp32;
+* which methods stay within 1% of fp32's validation loss on every seed, and the fewest
+  bytes per step among them;
+* steps to reach fp32's final training loss (+1%), and from the step times measured on
+  shaped links (``benchmarks/results/ddp_bench.json``, ``ggcomm bench``) the time that
+  takes at 100 Mbit/s and 1 Gbit/s;
+* a plot: training loss against cumulative bytes sent per rank, and final validation loss
+  against bytes per step (the Pareto front).
+
+Runs are kept in the JSON as they finish; a second call with the same ``--name`` runs only
+what is missing (add methods or seeds later, or resume an interrupted study).
+
+    python benchmarks/convergence_ddp.py [--steps 600] [--ranks 2] [--methods ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -24,108 +37,285 @@ from pathlib import Path
 from ggcomm.tools.workload import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_GG_WARMUP = ["--gg-warmup-iters", "20"]  # the README's recommendation for Adam-type runs
 METHODS = {
-    "none": ["--hook", "none"],
+    "fp32": ["--hook", "none"],
     "fp16": ["--hook", "fp16"],
     "quant8": ["--hook", "quant8"],
+    "powersgd-r1": ["--hook", "powersgd", "--psgd-rank", "1"],
     "powersgd-r4": ["--hook", "powersgd", "--psgd-rank", "4"],
-    "gg-rate3": ["--hook", "gg", "--rate", "3"],
-    "gg-rate2.9": ["--hook", "gg", "--rate", "2.9"],
-    "gg-rate2.5": ["--hook", "gg", "--rate", "2.5"],
-    "gg-rate2.75-w20": ["--hook", "gg", "--rate", "2.75", "--gg-warmup-iters", "20"],
+    "psgd-eg-r1": ["--hook", "psgd-eg", "--psgd-rank", "1"],
+    "psgd-eg-r4": ["--hook", "psgd-eg", "--psgd-rank", "4"],
+    "gg-rate2": ["--hook", "gg", "--rate", "2", *_GG_WARMUP],
+    "gg-rate2.5": ["--hook", "gg", "--rate", "2.5", *_GG_WARMUP],
+    "gg-rate3": ["--hook", "gg", "--rate", "3", *_GG_WARMUP],
+    "gg-rate4": ["--hook", "gg", "--rate", "4", *_GG_WARMUP],
+    "gg-rate3-nowarmup": ["--hook", "gg", "--rate", "3"],
 }
+LABELS = {
+    "fp32": "fp32 allreduce (no hook)", "fp16": "fp16_compress_hook",
+    "quant8": "quantization_pertensor_hook (uint8)",
+    "powersgd-r1": "PowerSGD rank 1", "powersgd-r4": "PowerSGD rank 4",
+    "psgd-eg-r1": "PowerSGD rank 1, factors EG-coded", "psgd-eg-r4":
+    "PowerSGD rank 4, factors EG-coded",
+    "gg-rate2": "ggcomm 2 bits", "gg-rate2.5": "ggcomm 2.5 bits", "gg-rate3": "ggcomm 3 bits",
+    "gg-rate4": "ggcomm 4 bits", "gg-rate3-nowarmup": "ggcomm 3 bits, no rate warm-up",
+}
+# the ggcomm bench methods whose shaped-link step times stand for these (same hook, rate)
+BENCH_METHOD = {"fp32": "fp32", "fp16": "fp16", "quant8": "quant8",
+                "powersgd-r1": "powersgd-r1", "powersgd-r4": "powersgd-r4",
+                "gg-rate2": "gg2-allgather", "gg-rate3": "gg3-allgather",
+                "gg-rate4": "gg4-allgather"}
+LINKS = ("100mbit", "1gbit")
+WITHIN = 0.01  # "the same model": within 1% of fp32's loss
+TAIL = 20  # final training loss: mean of the last TAIL steps
 
 
-def run(method: str, steps: int, out: Path, seed: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+def run(method: str, steps: int, ranks: int, seed: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
            f"--master_port={free_port()}", "-m", "ggcomm.tools.train_ddp", *METHODS[method],
-           "--steps", str(steps), "--seed", str(seed), "--threads", "1", "--log-every", "50",
+           "--steps", str(steps), "--seed", str(seed), "--threads", "1", "--log-every", "100",
            "--json", str(out)]
     subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    r = json.loads(out.read_text())
+    # keep what the report reads: the per-step series it plots, not the hook's internals
+    keep = ("num_parameters", "world_size", "fp32_allreduce_bytes_per_rank",
+            "median_step_time_s", "val_loss", "val_accuracy")
+    return {**{k: r[k] for k in keep},
+            "loss": r["steps"]["loss"], "bytes_sent_per_rank": r["steps"]["bytes_sent_per_rank"]}
+
+
+def smoothed(losses: list[float], window: int = TAIL) -> list[float]:
+    """Trailing mean over ``window`` steps (shorter at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(losses):
+        acc += v
+        if i >= window:
+            acc -= losses[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def final(r: dict) -> float:
+    return smoothed(r["loss"])[-1]
+
+
+def bytes_per_step(r: dict) -> float:
+    return sum(r["bytes_sent_per_rank"]) / len(r["bytes_sent_per_rank"])
+
+
+def steps_to(r: dict, target: float) -> int | None:
+    """First step (1-based) whose trailing-mean training loss is at most ``target``."""
+    for i, v in enumerate(smoothed(r["loss"])):
+        if i + 1 >= TAIL and v <= target:
+            return i + 1
+    return None
+
+
+def bench_step_times(ranks: int) -> dict[str, dict[str, float]]:
+    """Median step seconds of the GPT workload per bench method and link."""
+    path = RESULTS / "ddp_bench.json"
+    if not path.exists():
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for r in json.loads(path.read_text())["runs"]:
+        if r["workload"] == "gpt" and r["ranks"] == ranks and r.get("median_step_s"):
+            out.setdefault(r["method"], {})[r["link"]] = r["median_step_s"]
+    return out
+
+
+def summarize(runs: dict, methods: list[str], seeds: list[int]) -> dict[str, dict]:
+    out = {}
+    for m in methods:
+        rows = []
+        for s in seeds:
+            r, ref = runs[str(s)][m], runs[str(s)]["fp32"]
+            b = bytes_per_step(r)
+            rows.append(dict(
+                seed=s, final_train_loss=final(r), train_vs_fp32=final(r) / final(ref) - 1,
+                val_loss=r["val_loss"], val_vs_fp32=r["val_loss"] / ref["val_loss"] - 1,
+                val_accuracy=r["val_accuracy"], bytes_per_step=b,
+                fewer_than_fp32=bytes_per_step(ref) / b,
+                steps_to_target=steps_to(r, final(ref) * (1 + WITHIN)),
+                median_step_s=r["median_step_time_s"]))
+        k = len(rows)
+        mean = {key: sum(x[key] for x in rows) / k for key in
+                ("final_train_loss", "train_vs_fp32", "val_loss", "val_vs_fp32",
+                 "bytes_per_step", "fewer_than_fp32")}
+        reached = [x["steps_to_target"] for x in rows]
+        out[m] = dict(per_seed=rows, mean=mean,
+                      within_on_every_seed=all(x["val_vs_fp32"] <= WITHIN for x in rows),
+                      worst_val_vs_fp32=max(x["val_vs_fp32"] for x in rows),
+                      steps_to_target=None if None in reached else sum(reached) / k)
+    return out
+
+
+def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
+    summary = data["summary"]
+    ranks, steps = args.ranks, args.steps
+    any_run = data["runs"][str(seeds[0])]["fp32"]
+    lines = [
+        f"# Loss per byte: DDP gradient methods on the GPT workload, {ranks} gloo ranks",
+        "",
+        f"Command: `python benchmarks/convergence_ddp.py --steps {steps} --ranks {ranks} "
+        f"--methods {' '.join(methods)} --seeds {' '.join(map(str, seeds))} --name "
+        f"{args.name}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.  ",
+        f"Model: byte-level GPT, {any_run['num_parameters']} parameters; {steps} steps, batch "
+        f"16 x 128 tokens per rank, AdamW lr 3e-3 (20 warm-up steps, cosine decay to 10%); "
+        f"seeds {', '.join(map(str, seeds))} (model init and data follow the seed).  ",
+        "Methods: " + "; ".join(f"`{m}` {LABELS[m]}" for m in methods) + ". PowerSGD "
+        "(both kinds) sends fp32 allreduces for its first 10 iterations "
+        "(`start_powerSGD_iter`); ggcomm runs start at 8 bits per element and fall to their "
+        "rate over 20 iterations (`warmup_iters=20`) unless named otherwise.",
+        "",
+        "Final train loss is the mean of the last 20 steps. Bytes per step: what each rank "
+        "handed to torch.distributed over the whole run (warm-ups included), divided by the "
+        "steps. 'vs fp32' compares with the no-hook run of the same seed.",
+        "",
+        "## Summary: mean over seeds",
+        "",
+        "| method | bytes/rank/step | fewer than fp32 | final train loss vs fp32 | val loss "
+        "vs fp32 | worst seed, val | within 1% of fp32 (val) on every seed | steps to fp32's "
+        "final train loss +1% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        s = summary[m]
+        mean = s["mean"]
+        stt = "not reached" if s["steps_to_target"] is None else f"{s['steps_to_target']:.0f}"
+        lines.append(
+            f"| {m} | {mean['bytes_per_step'] / 1e3:.1f} kB | {mean['fewer_than_fp32']:.1f}x | "
+            f"{100 * mean['train_vs_fp32']:+.2f}% | {100 * mean['val_vs_fp32']:+.2f}% | "
+            f"{100 * s['worst_val_vs_fp32']:+.2f}% | "
+            f"{'yes' if s['within_on_every_seed'] else 'no'} | {stt} |")
+    ok = [m for m in methods if summary[m]["within_on_every_seed"] and m != "fp32"]
+    if ok:
+        best = max(ok, key=lambda m: summary[m]["mean"]["fewer_than_fp32"])
+        lines += ["", f"Fewest bytes within 1% of fp32's validation loss on every seed: "
+                      f"**{best}**, {summary[best]['mean']['fewer_than_fp32']:.1f}x fewer "
+                      "bytes per step than fp32."]
+    times = bench_step_times(ranks)
+    lines += [
+        "", "## Time to fp32's final training loss (+1%) on shaped links", "",
+        "Steps to the target (mean over seeds, from the runs above) times the median step "
+        f"time `ggcomm bench` measured for the same hook on the GPT workload at {ranks} ranks "
+        "over links shaped with `tc tbf` (`benchmarks/results/ddp_bench.md`: batch 8 per "
+        "rank, so compute is about half of these runs'; the link's share is the same bytes). "
+        "Methods the bench has not measured are left out.",
+        "",
+        "| method | steps to target | " + " | ".join(f"step at {lk} | time at {lk}"
+                                                   for lk in LINKS) + " |",
+        "|---|---|" + "---|---|" * len(LINKS),
+    ]
+    for m in methods:
+        bench = times.get(BENCH_METHOD.get(m, ""), {})
+        if not bench:
+            continue
+        n = summary[m]["steps_to_target"]
+        cells = []
+        for lk in LINKS:
+            t = bench.get(lk)
+            cells.append("-" if t is None else f"{1e3 * t:.0f} ms")
+            cells.append("-" if t is None or n is None else f"{n * t:.0f} s")
+        lines.append(f"| {m} | {'not reached' if n is None else f'{n:.0f}'} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## Per seed", "",
+              "| method | seed | final train loss | vs fp32 | val loss | vs fp32 | val acc | "
+              "bytes/rank/step | fewer than fp32 | steps to target |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for x in summary[m]["per_seed"]:
+            stt = "-" if x["steps_to_target"] is None else str(x["steps_to_target"])
+            lines.append(
+                f"| {m} | {x['seed']} | {x['final_train_loss']:.4f} | "
+                f"{100 * x['train_vs_fp32']:+.2f}% | {x['val_loss']:.4f} | "
+                f"{100 * x['val_vs_fp32']:+.2f}% | {x['val_accuracy']:.4f} | "
+                f"{x['bytes_per_step'] / 1e3:.1f} kB | {x['fewer_than_fp32']:.1f}x | {stt} |")
+    lines += ["", f"Plot: `{args.name}.png`."]
+    return lines
+
+
+def figure(data: dict, methods: list[str], seeds: list[int]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        c = colors[i % len(colors)]
+        r = data["runs"][str(seeds[0])][m]
+        cum, acc = [], 0.0
+        for v in r["bytes_sent_per_rank"]:
+            acc += v
+            cum.append(acc / 1e6)
+        a.plot(cum, smoothed(r["loss"]), color=c, label=m, lw=1.2)
+        s = data["summary"][m]
+        xs = [x["bytes_per_step"] / 1e3 for x in s["per_seed"]]
+        ys = [x["val_loss"] for x in s["per_seed"]]
+        b.scatter(xs, ys, color=c, s=18, alpha=0.6)
+        b.scatter([s["mean"]["bytes_per_step"] / 1e3], [s["mean"]["val_loss"]], color=c,
+                  marker="D", s=50, label=m, edgecolor="k")
+    a.set(xscale="log", xlabel="cumulative MB sent per rank", ylabel="training loss (20-step "
+          f"mean), seed {seeds[0]}", title="Loss against bytes sent")
+    a.set_ylim(top=3.2)
+    a.legend(fontsize=7)
+    # the Pareto front of the means: nothing else has fewer bytes and a lower loss
+    pts = sorted((data["summary"][m]["mean"]["bytes_per_step"] / 1e3,
+                  data["summary"][m]["mean"]["val_loss"]) for m in methods)
+    front, best = [], math.inf
+    for x, y in pts:
+        if y < best:
+            front.append((x, y))
+            best = y
+    b.plot(*zip(*front, strict=True), "k--", lw=0.8, label="Pareto front (means)")
+    b.set(xscale="log", xlabel="bytes per rank per step (kB)", ylabel="validation loss",
+          title="Final validation loss against bytes (dots: seeds, diamonds: means)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--methods", nargs="+", default=["none", "fp16", "gg-rate3"],
-                   choices=sorted(METHODS))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--name", default="convergence_ddp", help="results file name (no suffix)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs already in the JSON")
     args = p.parse_args(argv)
-    runs: dict[int, dict[str, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for m in args.methods:
-                t = time.time()
-                runs.setdefault(seed, {})[m] = run(m, args.steps, Path(tmp) / f"{m}.json", seed)
-                print(f"{m} seed {seed}: {time.time() - t:.0f} s", file=sys.stderr)
-    base = runs[args.seeds[0]].get("none")
-    def final(r: dict) -> float:
-        losses = r["steps"]["loss"]
-        return sum(losses[-20:]) / len(losses[-20:])
-
-    lines = [
-        "# DDP convergence: GPT workload, 2 gloo ranks on localhost",
-        "",
-        f"Command: `python benchmarks/convergence_ddp.py --steps {args.steps} --methods "
-        f"{' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))} --name "
-        f"{args.name}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.  ",
-        f"Model: byte-level GPT, {base['num_parameters'] if base else '?'} parameters; "
-        f"{args.steps} steps, batch 16 x 128 tokens per rank, AdamW lr 3e-3 (20 warm-up "
-        f"steps, cosine decay to 10%); seeds "
-        f"{', '.join(map(str, args.seeds))} (model init and data both follow the seed).",
-        "",
-        "Final train loss is the mean of the last 20 steps; 'vs fp32' compares it with the "
-        "no-hook run of the same seed, and the summary row of each method averages over seeds.",
-        "",
-        "| method | seed | final train loss | vs fp32 | val loss | val acc | "
-        "bytes/rank/step | fewer bytes than fp32 | wire bits/elem | median step ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    summary: dict[str, dict] = {}
-    for m in args.methods:
-        gaps, vals, fewer_all, bits_all, finals = [], [], [], [], []
-        for seed in args.seeds:
-            r = runs[seed][m]
-            ref = runs[seed].get("none")
-            f = final(r)
-            gap = f / final(ref) - 1 if ref else float("nan")
-            sent = r["steps"]["bytes_sent_per_rank"][5:]  # after ggcomm's first plain step
-            mean_sent = sum(sent) / len(sent)
-            fewer = r["fp32_allreduce_bytes_per_rank"] / mean_sent
-            bits = 8 * mean_sent / r["num_parameters"]
-            gaps.append(gap)
-            vals.append(r["val_loss"])
-            fewer_all.append(fewer)
-            bits_all.append(bits)
-            finals.append(f)
-            lines.append(f"| {m} | {seed} | {f:.4f} | {100 * gap:+.2f}% | {r['val_loss']:.4f} | "
-                         f"{r['val_accuracy']:.4f} | {mean_sent / 1e3:.1f} kB | {fewer:.1f}x | "
-                         f"{bits:.2f} | {1e3 * r['median_step_time_s']:.0f} |")
-        k = len(args.seeds)
-        summary[m] = dict(final_train_loss=sum(finals) / k, vs_fp32=sum(gaps) / k,
-                          val_loss=sum(vals) / k, fewer_than_fp32=sum(fewer_all) / k,
-                          wire_bits_per_element=sum(bits_all) / k)
-        s_ = summary[m]
-        lines.append(f"| **{m}** | mean | {s_['final_train_loss']:.4f} | "
-                     f"{100 * s_['vs_fp32']:+.2f}% | {s_['val_loss']:.4f} | | | "
-                     f"{s_['fewer_than_fp32']:.1f}x | {s_['wire_bits_per_element']:.2f} | |")
-    lines += [
-        "",
-        "Bytes per step are averaged over steps 6 onwards (ggcomm's first step is a plain "
-        "allreduce while DDP rebuilds its buckets). Wire bits per element count every byte "
-        "the hook hands to torch.distributed (frames, headers, size and statistics "
-        "exchanges) over the model's parameter count.",
-    ]
-    rows = {"summary": summary, "runs": {str(k): v for k, v in runs.items()}}
+    methods = ["fp32"] + [m for m in args.methods if m != "fp32"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if data.get("config", {}).get("steps", args.steps) != args.steps or \
+            data.get("config", {}).get("ranks", args.ranks) != args.ranks:
+        raise SystemExit(f"{path} holds runs of another length or rank count")
+    data.setdefault("runs", {})
+    data["config"] = {"steps": args.steps, "ranks": args.ranks}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for m in methods:
+                have = data["runs"].setdefault(str(seed), {})
+                if m in have or args.report_only:
+                    continue
+                t = time.time()
+                have[m] = run(m, args.steps, args.ranks, seed, Path(tmp) / f"{m}.json")
+                print(f"{m} seed {seed}: {time.time() - t:.0f} s", file=sys.stderr)
+                path.write_text(json.dumps(data))  # kept as it goes: resumable
+    done = [m for m in methods if all(m in data["runs"].get(str(s), {}) for s in args.seeds)]
+    data["summary"] = summarize(data["runs"], done, args.seeds)
+    path.write_text(json.dumps(data))
+    lines = report(data, done, args.seeds, args)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    figure(data, done, args.seeds).savefig(out / f"{args.name}.png", dpi=110)
     print("\n".join(lines))
 
 

@@ -60,15 +60,15 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import __version__, codec, rf8
 from .errors import FrameError, SettingsMismatchError, StateLoadError
+from .exchange import Stream, agree, all_gather, coded_sum, device_for, segments
 from .kernels import eg
 from .step_policy import DEFAULT_RATE, StepControl, StepSettings
-from .transport import TrafficStats, check_saved_settings, fingerprint
+from .transport import TrafficStats, check_state_header, fingerprint, rank_and_world, state_header
 
 try:  # the protocol classes live in a private module of torch 2.13
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _GatherComm
@@ -89,24 +89,6 @@ EG-coded at ``weights_rel_step`` times each segment's RMS."""
 _STATE_VERSION = 1
 _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
              "seconds")
-
-
-def _segments(n: int, segment: int) -> list[int]:
-    """n elements cut into segments of ``segment`` (the last one shorter; one if n is 0)."""
-    full, rest = divmod(n, segment)
-    return [segment] * full + ([rest] if rest or not full else [])
-
-
-class _Unit:
-    """What one FSDP unit's reduce-scatter keeps between iterations."""
-
-    def __init__(self, numel: int, world: int, segment: int, feedback: bool) -> None:
-        self.numel = numel
-        self.chunk = numel // world
-        self.row_segments = _segments(self.chunk, segment)
-        self.residual = np.zeros(numel if feedback else 0, np.float32)
-        self.iteration = 0
-        self.last_bits = math.nan
 
 
 class GGFSDP(StepSettings):
@@ -138,7 +120,7 @@ class GGFSDP(StepSettings):
         self.block_size = block_size
         self.segment = segment
         self.stats = TrafficStats(_COUNTERS, streams=("gradients", "weights"))
-        self.units: dict[str, _Unit] = {}
+        self.units: dict[str, Stream] = {}
 
     def settings(self) -> dict[str, Any]:
         """What every rank must share (its hash is every frame's tag)."""
@@ -156,9 +138,9 @@ class GGFSDP(StepSettings):
     def reduce_scatter(self, key: str, output: torch.Tensor, input: torch.Tensor,
                        group: Any) -> None:
         """Sum ``input``'s chunks across ``group`` into ``output`` (this rank's chunk),
-        EG-coded on the wire; see the module docstring."""
+        EG-coded on the wire (:func:`ggcomm.exchange.coded_sum`); see the module docstring."""
         t0 = time.perf_counter()
-        world, me = dist.get_world_size(group), dist.get_rank(group)
+        world = dist.get_world_size(group)
         flat = input.detach().reshape(-1)
         if flat.numel() % world or output.numel() * world != flat.numel():
             raise ValueError(f"reduce-scatter of {flat.numel()} elements into "
@@ -166,74 +148,15 @@ class GGFSDP(StepSettings):
         x = flat.to("cpu", torch.float32).contiguous().numpy()
         unit = self.units.get(key)
         if unit is None or unit.numel != x.size:  # new, or FSDP's set of grads changed
-            unit = self.units[key] = _Unit(x.size, world, self.segment, self.error_feedback)
-        resid = unit.residual if self.error_feedback else None
-        dev = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        sent = received = 0
-
-        # 1. steps from every rank's moments of each segment
-        segs = unit.row_segments * world
-        mine = torch.from_numpy(codec.moments(x, resid, segments=segs).reshape(-1))
-        parts = _all_gather(mine, group, dev)
-        sent, received = sent + (world - 1) * mine.nbytes, received + (world - 1) * mine.nbytes
-        total = parts[0].numpy().reshape(-1, 3).copy()
-        for p in parts[1:]:  # in rank order: the same sum on every rank
-            total += p.numpy().reshape(-1, 3)
-        steps = self._steps(key, unit, total, np.array(segs, np.float64) * world)
-
-        # 2. one frame per destination chunk
-        c, s = unit.chunk, len(unit.row_segments)
-        frames = []
-        for r in range(world):
-            lo = r * c
-            frame, _ = codec.encode_feedback(
-                x[lo: lo + c], None if resid is None else resid[lo: lo + c],
-                steps[r * s: (r + 1) * s], unit.row_segments, block_size=self.block_size,
-                tag=self.fingerprint)
-            frames.append(frame)
-
-        # 3. sizes, then the frames
-        # each frame's size and payload bits (the rate loop's measure, the same everywhere)
-        mine = torch.tensor([f.nbytes for f in frames] +
-                            [int(f.segment_bits().sum()) for f in frames], dtype=torch.int64)
-        gathered = torch.stack(_all_gather(mine, group, dev))
-        table, payload = gathered[:, :world], gathered[:, world:]  # [sender, destination]
-        sizes = mine[:world]
-        sent, received = sent + (world - 1) * mine.nbytes, received + (world - 1) * mine.nbytes
-        bound = codec.max_frame_bytes(unit.row_segments, self.block_size, 4)
-        lying = [j for j in range(world) if not bool(((table[j] >= 0) & (table[j] <= bound))
-                                                    .all())]
-        if lying:
-            raise FrameError(f"ranks {lying} announced frame sizes outside 0..{bound} bytes "
-                             "(the largest valid frame for this chunk)")
-        send = torch.cat([f.buffer for f in frames])
-        recv_sizes = [int(v) for v in table[:, me]]
-        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
-        dist.all_to_all_single(recv, send.to(dev), output_split_sizes=recv_sizes,
-                               input_split_sizes=[int(v) for v in sizes], group=group)
-        recv = recv.cpu()
-        sent += int(sizes.sum()) - int(sizes[me])
-        received += sum(recv_sizes) - recv_sizes[me]
-
-        # 4. the exact sum, and every rank's outcome
-        out = np.empty(c, np.float32)
-        error: BaseException | None = None
-        try:
-            self._sum(recv, recv_sizes, steps[me * s: (me + 1) * s], out)
-        except (FrameError, SettingsMismatchError) as e:
-            error = e
-        n_bytes = _agree(error, group, dev, f"ggcomm FSDP reduce-scatter of {key!r}")
-        sent, received = sent + n_bytes, received + n_bytes
+            unit = self.units[key] = Stream(x.size, world, self.segment, self.error_feedback)
+        out, counts = coded_sum(x, unit, self.control, key, group, block_size=self.block_size,
+                                tag=self.fingerprint, describe=str(self.settings()),
+                                what=f"ggcomm FSDP reduce-scatter of {key!r}")
         output.copy_(torch.from_numpy(out).view(output.shape))
-
-        unit.last_bits = float(payload.sum()) / (world * x.size)
-        unit.iteration += 1
-        self.stats.add("gradients", bytes_sent=float(sent), bytes_received=float(received),
+        c = unit.chunk
+        self.stats.add("gradients", **counts,
                        raw_bytes=float((world - 1) * c * input.element_size()),
-                       elements=float((world - 1) * c),
-                       payload_bits=float(8 * (int(sizes.sum()) - int(sizes[me]))),
-                       seconds=time.perf_counter() - t0)
+                       elements=float((world - 1) * c), seconds=time.perf_counter() - t0)
 
     def all_gather(self, key: str, output: torch.Tensor, input: torch.Tensor,
                    group: Any) -> None:
@@ -242,8 +165,7 @@ class GGFSDP(StepSettings):
         weights are not touched."""
         t0 = time.perf_counter()
         world, me = dist.get_world_size(group), dist.get_rank(group)
-        dev = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        dev = device_for(group)
         shard = input.detach().reshape(-1)
         n = shard.numel()
         if output.numel() != n * world:
@@ -254,7 +176,7 @@ class GGFSDP(StepSettings):
             self.stats.add("weights", bytes_sent=b, bytes_received=b, raw_bytes=b,
                            elements=float((world - 1) * n), seconds=time.perf_counter() - t0)
             return
-        segs = _segments(n, self.segment)
+        segs = segments(n, self.segment)
         if self.weights == "rf8":
             mine = rf8.encode(shard)
             bound = rf8.max_encoded_bytes((n,), shard.dtype)
@@ -268,7 +190,7 @@ class GGFSDP(StepSettings):
                                 tag=self.fingerprint).buffer
             bound = codec.max_frame_bytes(segs, self.block_size, shard.element_size())
         size = torch.tensor([mine.numel()], dtype=torch.int64)
-        sizes = [int(t.item()) for t in _all_gather(size, group, dev)]
+        sizes = [int(t.item()) for t in all_gather(size, group, dev)]
         sent = received = (world - 1) * size.nbytes
         lying = [j for j, v in enumerate(sizes) if not 0 <= v <= bound]
         if lying:
@@ -301,7 +223,7 @@ class GGFSDP(StepSettings):
                 gathered[j * n: (j + 1) * n] = v.reshape(-1)
         except (FrameError, SettingsMismatchError) as e:
             error = e
-        n_bytes = _agree(error, group, dev, f"ggcomm FSDP all-gather of {key!r}")
+        n_bytes = agree(error, group, dev, f"ggcomm FSDP all-gather of {key!r}")
         sent, received = sent + n_bytes, received + n_bytes
         output.copy_(gathered.view(output.shape))
         self.stats.add("weights", bytes_sent=float(sent), bytes_received=float(received),
@@ -310,59 +232,15 @@ class GGFSDP(StepSettings):
                        payload_bits=float(8 * (world - 1) * mine.numel()),
                        seconds=time.perf_counter() - t0)
 
-    def _steps(self, key: str, unit: _Unit, total: np.ndarray,
-               seg_len: np.ndarray) -> np.ndarray:
-        """One step per segment of every chunk, from the summed moments (identical on
-        every rank: the same numbers, the same rule)."""
-        counts = seg_len - total[:, 2]
-        steps = np.ones(total.shape[0], np.float64)
-        target = self.control.target(unit.iteration)
-        for i in range(total.shape[0]):
-            n = counts[i]
-            mean_sq = total[i, 0] / n if n > 0 else 0.0
-            mean_abs = total[i, 1] / n if n > 0 else 0.0
-            # the unit's rate loop moves once per iteration, on its first segment
-            measured = unit.last_bits if i == 0 else math.nan
-            step = self.control.step(key, mean_sq, mean_abs, measured_bits=measured,
-                                     measured_target=self.control.target(unit.iteration - 1)
-                                     if unit.iteration else None, target=target)
-            steps[i] = 1.0 if step is None else step
-        return steps
-
-    def _sum(self, recv: torch.Tensor, sizes: list[int], steps: np.ndarray,
-             out: np.ndarray) -> None:
-        frames = []
-        at = 0
-        for j, size in enumerate(sizes):
-            try:
-                f = codec.Frame.from_buffer(recv[at: at + size], max_numel=out.size)
-            except FrameError as e:
-                raise FrameError(f"the frame from rank {j}: {e}") from None
-            if f.tag != self.fingerprint:
-                raise SettingsMismatchError(
-                    f"rank {j}'s frame carries settings fingerprint {f.tag:#x}, this rank "
-                    f"has {self.fingerprint:#x} ({self.settings()})")
-            if f.numel != out.size or not np.array_equal(np.asarray(f.steps), steps):
-                raise FrameError(f"the frame from rank {j} has another layout or other steps "
-                                 "than the ones every rank agreed on")
-            frames.append((at, f))
-            at += size
-        codec.sum_frames(recv, frames, out=out)
-
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's residuals, rate-control state and counters (each rank saves its
         own; tensors and Python scalars only, so ``torch.load`` reads it with
         ``weights_only=True``)."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
-            else (0, 1)
         return {
-            "version": _STATE_VERSION, "settings": self.settings(), "rank": rank,
-            "world_size": world,
-            "units": {k: {"residual": torch.from_numpy(u.residual.copy()),
-                          "numel": u.numel, "iteration": u.iteration,
-                          "last_bits": u.last_bits} for k, u in self.units.items()},
+            **state_header(_STATE_VERSION, self.settings()),
+            "units": {k: u.state_dict() for k, u in self.units.items()},
             "rate_corr": {k: float(v) for k, v in self.control.corr.items()},
             "stats_total": {stream: {k: float(v) for k, v in counts.items()}
                             for stream, counts in self.stats.counts.items()},
@@ -371,24 +249,15 @@ class GGFSDP(StepSettings):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (the same rank and world size, the same
         settings: else :class:`StateLoadError` / :class:`SettingsMismatchError`)."""
-        if not isinstance(sd, dict) or sd.get("version") != _STATE_VERSION:
-            raise StateLoadError("not a ggcomm FSDP state_dict (or another version)")
-        check_saved_settings(self.settings(), sd["settings"])
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() \
-            else (0, 1)
-        if (sd["rank"], sd["world_size"]) != (rank, world):
-            raise StateLoadError(f"this state was saved by rank {sd['rank']} of "
-                                 f"{sd['world_size']}, and is loaded on rank {rank} of {world}")
+        check_state_header(sd, _STATE_VERSION, self.settings(), "ggcomm FSDP")
+        world = rank_and_world()[1]
         units = {}
         for key, u in sd["units"].items():
-            unit = _Unit(int(u["numel"]), world, self.segment, self.error_feedback)
-            res = u["residual"].numpy().astype(np.float32)
-            if res.size != unit.residual.size:
-                raise StateLoadError(f"unit {key!r}: residual of {res.size} values for "
-                                     f"{unit.residual.size}")
-            unit.residual[:] = res
-            unit.iteration, unit.last_bits = int(u["iteration"]), float(u["last_bits"])
-            units[key] = unit
+            numel = int(u["numel"])
+            if numel < 0 or numel % world:
+                raise StateLoadError(f"unit {key!r}: {numel} elements on {world} ranks")
+            units[key] = Stream(numel, world, self.segment, self.error_feedback)
+            units[key].load(u, f"unit {key!r}")
         self.units = units
         self.control.corr.clear()
         self.control.corr.update({k: float(v) for k, v in sd["rate_corr"].items()})
@@ -428,26 +297,6 @@ class _AllGather(_GatherComm):
                  async_op: bool = False) -> None:
         self.handle.all_gather(self.key, output_tensor, input_tensor, group)
         return None  # done: FSDP waits only on a Work
-
-
-def _agree(error: BaseException | None, group: Any, dev: torch.device, what: str) -> int:
-    """All ranks share whether they decoded what they were sent: this rank's error is raised
-    here, and a FrameError naming the failed ranks on every other rank. Returns the bytes
-    this rank sent (and received) for it."""
-    ok = torch.tensor([0 if error else 1], dtype=torch.int64)
-    outcome = _all_gather(ok, group, dev)
-    if error is not None:
-        raise error
-    failed = [j for j, o in enumerate(outcome) if int(o.item()) != 1]
-    if failed:
-        raise FrameError(f"{what}: ranks {failed} could not decode what they were sent")
-    return (len(outcome) - 1) * ok.nbytes
-
-
-def _all_gather(t: torch.Tensor, group: Any, dev: torch.device) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.to(dev), group=group)
-    return [p.cpu() for p in parts]
 
 
 def compress(model: torch.nn.Module, rate: float | None = None, *, step: float | None = None,

@@ -17,10 +17,13 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, codec
-from .errors import SettingsMismatchError
+import torch
 
-__all__ = ["TrafficStats", "check_saved_settings", "fingerprint"]
+from . import __version__, codec
+from .errors import SettingsMismatchError, StateLoadError
+
+__all__ = ["TrafficStats", "check_saved_settings", "check_state_header", "fingerprint",
+           "raise_after_backward", "rank_and_world", "state_header"]
 
 
 def fingerprint(settings: dict[str, Any]) -> int:
@@ -40,6 +43,38 @@ def check_saved_settings(mine: dict[str, Any], saved: dict[str, Any]) -> None:
     b = {k: v for k, v in saved.items() if k not in wire}
     if a != b:
         raise SettingsMismatchError(f"state_dict was saved with settings {b}, this one has {a}")
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """This process's rank and the world size in ``group`` (0 and 1 without a process
+    group): whose state a checkpoint holds."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def state_header(version: int, settings: dict[str, Any], group: Any = None) -> dict[str, Any]:
+    """The fields every transport's ``state_dict`` starts with: format version, settings,
+    and the rank and world size it belongs to (each rank saves its own)."""
+    rank, world = rank_and_world(group)
+    return {"version": version, "settings": settings, "rank": rank, "world_size": world}
+
+
+def check_state_header(sd: Any, version: int, settings: dict[str, Any], what: str,
+                       group: Any = None) -> None:
+    """Raise :class:`~ggcomm.errors.StateLoadError` unless ``sd`` is a ``what`` state of
+    ``version`` saved by this rank at this world size, and
+    :class:`~ggcomm.errors.SettingsMismatchError` unless its settings are these."""
+    if not isinstance(sd, dict) or sd.get("version") != version:
+        raise StateLoadError(f"not a {what} state_dict (or another version)")
+    check_saved_settings(settings, sd["settings"])
+    rank, world = rank_and_world(group)
+    if (sd["rank"], sd["world_size"]) != (rank, world):
+        raise StateLoadError(f"this state was saved by rank {sd['rank']} of "
+                             f"{sd['world_size']}, and is loaded on rank {rank} of {world}: "
+                             "each rank saves and loads its own (at the same world size)")
 
 
 class TrafficStats:
@@ -147,3 +182,20 @@ class TrafficStats:
 
     def __getitem__(self, key: str) -> dict[str, float]:
         return self.summary()[key]
+
+
+def raise_after_backward(error: BaseException) -> None:
+    """Raise ``error`` on the training thread once the backward pass in progress (and DDP's
+    end-of-backward callback, queued after the hook that calls this returns) has finished:
+    the error keeps its type, and DDP's reducer closes the iteration, so the next one works.
+    Outside a backward pass it is raised now."""
+    engine = torch.autograd.Variable._execution_engine
+
+    def check() -> None:
+        raise error
+
+    try:
+        engine.queue_callback(lambda: engine.queue_callback(check))
+    except RuntimeError:  # not inside a backward pass
+        raise error from None
+

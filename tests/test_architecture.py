@@ -22,13 +22,15 @@ LAYERS = [
     {"ggcomm.step_policy"},
     {"ggcomm.methods", "ggcomm.methods.init", "ggcomm.methods.act", "ggcomm.methods.gct",
      "ggcomm.methods.backslash", "ggcomm.methods.deepshape"},
-    {"ggcomm.transport"},
-    {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights", "ggcomm.fsdp"},
+    {"ggcomm.transport", "ggcomm.exchange"},
+    {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights", "ggcomm.fsdp",
+     "ggcomm.powersgd"},
     {"ggcomm.deepspeed", "ggcomm.pipelining"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-TRANSPORTS = {"ggcomm.transport", "ggcomm.ddp", "ggcomm.pipeline", "ggcomm.deepspeed",
-              "ggcomm.pipelining", "ggcomm.weights", "ggcomm.fsdp"}
+TRANSPORTS = {"ggcomm.transport", "ggcomm.exchange", "ggcomm.ddp", "ggcomm.pipeline",
+              "ggcomm.deepspeed", "ggcomm.pipelining", "ggcomm.weights", "ggcomm.fsdp",
+              "ggcomm.powersgd"}
 
 
 def _modules() -> dict[str, Path]:

@@ -272,7 +272,7 @@ def test_demo_trains_through_fit(one_rank_group: None) -> None:
     args = demo._parse(["--steps", "10", "--batch-size", "2", "--no-progress"])
     rows = []
     with fit_calls() as calls:
-        result = demo.train_rank(args, "ggcomm", lambda step, row: rows.append((step, row)))
+        result = demo.train_rank(args, "ggcomm full", lambda step, row: rows.append((step, row)))
     assert len(calls) == 1 and len(calls[0]) == 10
     losses = [r["loss"] for r in calls[0]]
     assert [row[0] for row in result["rows"]] == losses

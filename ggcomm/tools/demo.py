@@ -1,12 +1,14 @@
 """``ggcomm demo``: plain DDP against ggcomm on 2 local ranks, side by side.
 
 Spawns 2 ranks on this machine (gloo over localhost) and trains the built-in byte-level GPT
-on the Python standard library's sources twice from the same seed and data: once with
-DDP's own fp32 allreduce, once with ggcomm (GG initialization, GCT and the Exp-Golomb DDP
-hook at 3 bits per element). Prints a table of what each sent and how well it trained,
-and writes a plot of loss and wire bits per step. Nothing is downloaded::
+on the Python standard library's sources three times from the same seed and data: with
+DDP's own fp32 allreduce; with the ggcomm hook alone (the Exp-Golomb DDP hook at 3 bits
+per element, the same initialization, nothing else changed: the wire codec's own effect);
+and with the full method (GG initialization, GCT and the hook). Prints a table of what each
+sent and how well it trained, and writes a plot of loss and wire bits per step. Nothing is
+downloaded::
 
-    ggcomm demo                      # about 2-3 minutes on 2 cores
+    ggcomm demo                      # about 4 minutes on 2 cores
     ggcomm demo --steps 400 --rate 2.5 --out-dir my-demo
 """
 
@@ -38,7 +40,7 @@ fall to ``--rate`` over this many. At 3 bits most small gradients are sent as ze
 through error feedback, as an occasional whole quantization step; an AdamW second moment
 that never saw their real size turns those bursts into updates several times the learning
 rate, and the loss spikes early. In the convergence benchmark (README, "Use a rate warm-up
-with Adam-type optimizers"; benchmarks/results/convergence_ddp.json) the train loss rose
+with Adam-type optimizers"; benchmarks/results/convergence_ddp_300.json) the train loss rose
 0.17-0.32 above fp32's around steps 17-25 without the warm-up and never more than 0.05 with
 20 iterations of it."""
 
@@ -103,21 +105,25 @@ def train_rank(
     model = GPT()
     n_params = model.num_parameters()
     fp32_bytes = allreduce_bytes(4 * n_params, dist.get_world_size())
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    full, hooked = mode == MODES[2], mode != MODES[0]
     gct = state = None
-    if mode == "ggcomm":
+    if full:
         from ggcomm.methods.init import apply_gg_init
 
         apply_gg_init(model, args.init_beta, nonlinearity="linear",
                       generator=torch.Generator().manual_seed(args.seed))
     ddp = DDP(model)
-    if mode == "ggcomm":
+    if hooked:
         from ggcomm.ddp import GGCommState
-        from ggcomm.methods.gct import GCT
 
         state = GGCommState(rate=args.rate, warmup_iters=RATE_WARMUP_ITERS)
         state.register(ddp)
-        if args.gct_lam > 0:
-            gct = GCT(model.named_parameters(), lam=args.gct_lam)
+    if full and args.gct_lam > 0:
+        from ggcomm.methods.gct import GCT
+
+        gct = GCT(model.named_parameters(), lam=args.gct_lam)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     data = ByteDataset.from_stdlib(128)
     gen = rank_generator(args.seed, dist.get_rank())
@@ -145,11 +151,13 @@ def _row(record: dict[str, Any]) -> tuple[float, float, float, float]:
     return record["loss"], record["accuracy"], record["bytes_sent"], record["time_s"]
 
 
-MODES = ("plain DDP", "ggcomm")
+MODES = ("plain DDP", "ggcomm hook", "ggcomm full")
+"""The three runs: DDP's fp32 allreduce; the same model and initialization with the ggcomm
+hook (the wire codec alone); GG initialization, GCT and the hook (the whole method)."""
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    """Both trainings, one after the other; returns rank 0's results per mode."""
+    """The three trainings, one after the other; returns rank 0's results per mode."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -205,7 +213,7 @@ def _summary(r: dict) -> dict[str, float]:
 
 
 def _table(summaries: dict[str, dict[str, float]]) -> str:
-    plain, gg = (summaries[m] for m in MODES)
+    plain = summaries[MODES[0]]
     rows = [
         ("bits per element on the wire", "bits_per_element", "{:.2f}"),
         ("MB sent per rank", "mb_sent", "{:.1f}"),
@@ -216,14 +224,16 @@ def _table(summaries: dict[str, dict[str, float]]) -> str:
         ("validation accuracy", "val_accuracy", "{:.4f}"),
     ]
     width = max(len(label) for label, _, _ in rows)
-    lines = [f"{'':<{width}}  {MODES[0]:>12}  {MODES[1]:>12}"]
+    lines = [f"{'':<{width}}" + "".join(f"  {m:>12}" for m in MODES)]
     for label, key, fmt in rows:
-        lines.append(f"{label:<{width}}  {fmt.format(plain[key]):>12}  "
-                     f"{fmt.format(gg[key]):>12}")
-    ratio = plain["mb_sent"] / gg["mb_sent"]
-    gap = 100 * (gg["val_loss"] / plain["val_loss"] - 1)
-    lines.append(f"\nggcomm sent {ratio:.1f}x fewer bytes; validation loss {gap:+.2f}% "
-                 f"against plain DDP.")
+        lines.append(f"{label:<{width}}" + "".join(f"  {fmt.format(summaries[m][key]):>12}"
+                                                   for m in MODES))
+    lines.append("")
+    for m, what in ((MODES[1], "the wire codec alone"), (MODES[2], "the whole method")):
+        ratio = plain["mb_sent"] / summaries[m]["mb_sent"]
+        gap = 100 * (summaries[m]["val_loss"] / plain["val_loss"] - 1)
+        lines.append(f"{m} ({what}): {ratio:.1f}x fewer bytes, validation loss {gap:+.2f}% "
+                     "against plain DDP.")
     return "\n".join(lines)
 
 
@@ -252,9 +262,9 @@ def _plot(results: dict[str, dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     print(f"ggcomm demo: 2 ranks on localhost (gloo), byte-level GPT on the standard "
-          f"library's sources, {args.steps} steps per run; plain DDP, then ggcomm "
-          f"(GG init beta {args.init_beta:g}, GCT lam {args.gct_lam:g}, EG hook at "
-          f"{args.rate:g} bits per element).", flush=True)
+          f"library's sources, {args.steps} steps per run: plain DDP; the ggcomm hook "
+          f"alone (EG at {args.rate:g} bits per element); the full method (GG init beta "
+          f"{args.init_beta:g}, GCT lam {args.gct_lam:g}, the hook).", flush=True)
     t0 = time.perf_counter()
     results = run(args)
     summaries = {m: _summary(results[m]) for m in MODES}

@@ -16,12 +16,16 @@ sends per step, so compression can be judged on both traffic and training qualit
   gloo's future holds the flat ``[t_0, ..., t_W-1]``), so the copy reads its own output lists.
 * ``powersgd``: ``powerSGD_hook.powerSGD_hook`` with
   ``PowerSGDState(matrix_approximation_rank=--psgd-rank, start_powerSGD_iter=--psgd-start)``.
+* ``psgd-eg``: :func:`ggcomm.powersgd.powersgd_eg_hook`, PowerSGD with EG-coded factors:
+  ``PowerSGDEGState(matrix_approximation_rank=--psgd-rank, start_powerSGD_iter=--psgd-start,
+  rate=--rate | step=--step | rel_step=--rel-step, warmup_iters=--gg-warmup-iters)``.
 * ``gg``: :func:`ggcomm.ddp.gg_hook` with ``GGCommState(rate=--rate | step=--step |
   rel_step=--rel-step, exchange=--exchange, ...)``.
 
 Bytes sent per rank per step
 ----------------------------
-``gg`` reports its own count (``state.stats.last_step["bytes_sent"]``: the real frame sizes).
+``gg`` and ``psgd-eg`` report their own count (``state.stats.last_step["bytes_sent"]``: the
+real frame sizes).
 For the built-in hooks the count is computed from the tensors each hook communicates, with
 ``W`` the world size and collectives assumed bandwidth-optimal (ring), as NCCL and gloo
 implement them for large messages:
@@ -98,7 +102,7 @@ from ggcomm.tools.train import (
 from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, Split, make_mlp_workload, mlp_batch
 from ggcomm.tools.workload import lr_factor as workload_lr_factor
 
-HOOKS = ("none", "fp16", "quant8", "powersgd", "gg")
+HOOKS = ("none", "fp16", "quant8", "powersgd", "psgd-eg", "gg")
 MODELS = ("gpt", "gpt-small", "mlp")
 EVAL_SEED = 1234
 """Seed of the validation batches: the same for every run, so runs compare."""
@@ -276,7 +280,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gg-step-drift", type=float,
                    help="RMS change (log2) beyond which a bucket agrees on fresh steps")
     args = p.parse_args(argv)
-    if args.rate is None and args.step is None and args.rel_step is None:
+    if args.hook == "gg" and args.rate is None and args.step is None and args.rel_step is None:
         args.rate = 3.0
     return args
 
@@ -330,6 +334,19 @@ def _register_hook(
         if args.gg_step_drift is not None:
             kwargs["step_drift"] = args.gg_step_drift
         state = GGCommState(process_group=None, **kwargs)
+        state.register(ddp_model)
+        return None, state
+    if args.hook == "psgd-eg":
+        from ggcomm.powersgd import PowerSGDEGState
+
+        kwargs = {name: getattr(args, name) for name in ("rate", "step", "rel_step")
+                  if getattr(args, name) is not None}
+        if args.gg_warmup_iters is not None:
+            kwargs["warmup_iters"] = args.gg_warmup_iters
+        if args.gg_warmup_rate is not None:
+            kwargs["warmup_rate"] = args.gg_warmup_rate
+        state = PowerSGDEGState(process_group=None, matrix_approximation_rank=args.psgd_rank,
+                                start_powerSGD_iter=args.psgd_start, **kwargs)
         state.register(ddp_model)
         return None, state
     state: Any = None
@@ -423,6 +440,9 @@ def _step_records(
         r["accuracy"] = token_accuracy(step.output, step.batch) if is_gpt else None
         if args.hook == "none":
             r["bytes_sent"] = fp32_bytes
+        elif args.hook == "psgd-eg":
+            last = hook_state.stats.last_step
+            r["bytes_sent"] = float(last["bytes_sent"]) if last else 0.0
         elif args.hook == "gg":
             last = hook_state.stats.last_step
             r["bytes_sent"] = float(last["bytes_sent"]) if last else 0.0
@@ -587,7 +607,7 @@ def _summary(
         "final_train_loss": losses[-1] if losses else None,
         "val_loss": val[0],
         "val_accuracy": val[1],
-        "gg_stats": _gg_stats(hook_state) if gg else None,
+        "gg_stats": _gg_stats(hook_state) if gg or args.hook == "psgd-eg" else None,
     }
     return _jsonable(summary)
 

@@ -4,6 +4,14 @@ One pipeline stage per rank (``--nproc_per_node`` stages), gloo on CPU or NCCL o
 
     torchrun --nproc_per_node=2 launch/train_pipe.py --compress gg --rate 3
     torchrun --nproc_per_node=2 launch/train_pipe.py --compress none
+    torchrun --nproc_per_node=2 launch/train_pipe.py --rel-step 0.05 --act-lam 0.03
+
+``--act-lam`` puts an ACT tap (:class:`ggcomm.methods.act.ACT`, ``inject=True``: each stage
+applies its own boundary's rate gradient, arXiv 2506.00486 section 4.2) on every stage
+boundary, the last layer of each stage but the last, so training lowers the bits the link
+then sends. ACT's step is relative to the activation's RMS (``--act-rel-step``); it lowers
+the link's bits when the link's step is too (``--rel-step``), not under rate control, which
+holds the bits and spends ACT's gain on a finer step.
 
 Every step runs ``--micro-batches`` micro-batches through DeepSpeed's pipeline schedule
 (``engine.train_batch``). Rank 0 prints the loss, the step time and the bytes per
@@ -26,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ggcomm.methods.act import ACT
+from ggcomm.step_policy import ACT_REL_STEP
 from ggcomm.tools.train import draws
 from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, gpt_layers, lm_loss
 
@@ -49,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
+    g = p.add_argument_group("ACT on the stage boundaries")
+    g.add_argument("--act-lam", type=float, default=0.0, help="ACT's lambda (0: no ACT)")
+    g.add_argument("--act-rel-step", type=float, default=ACT_REL_STEP,
+                   help="ACT's step as a multiple of the activation's RMS")
+    g.add_argument("--act-warmup-steps", type=int, default=0,
+                   help="steps over which lambda rises from 0")
     return p.parse_args(argv)
 
 
@@ -78,15 +94,29 @@ class _CountingSend:
         return self.original(tensor, dest_stage, async_op)
 
 
-def _engine(args: argparse.Namespace, deepspeed: Any) -> tuple[Any, GPTConfig]:
-    """The GPT cut into one pipeline stage per rank, in a DeepSpeed engine with AdamW."""
+def _engine(args: argparse.Namespace, deepspeed: Any) -> tuple[Any, GPTConfig, ACT | None]:
+    """The GPT cut into one pipeline stage per rank, in a DeepSpeed engine with AdamW, and
+    the ACT whose taps end every stage but the last (``--act-lam``; else None)."""
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.utils import partition_uniform
 
     torch.manual_seed(args.seed)
     config = GPTConfig.small() if args.model == "gpt-small" else GPTConfig()
     config.block_size = args.block_size
     gpt = GPT(config)
-    module = PipelineModule(layers=gpt_layers(gpt), num_stages=dist.get_world_size(),
+    layers = gpt_layers(gpt)
+    stages = dist.get_world_size()
+    act = None
+    if args.act_lam > 0:
+        # DeepSpeed divides each micro-batch's loss by the accumulation steps: so does the
+        # injected rate gradient
+        act = ACT(args.act_lam, rel_step=args.act_rel_step, inject=True,
+                  inject_scale=1.0 / args.micro_batches, warmup_steps=args.act_warmup_steps)
+        # the same layer count (so the same "uniform" cut), each boundary layer tapped
+        bounds = partition_uniform(len(layers), stages)
+        for i, end in enumerate(bounds[1:-1]):
+            layers[end - 1] = torch.nn.Sequential(layers[end - 1], act.tap(f"stage{i}"))
+    module = PipelineModule(layers=layers, num_stages=stages,
                             loss_fn=lm_loss, partition_method="uniform")
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
@@ -97,7 +127,7 @@ def _engine(args: argparse.Namespace, deepspeed: Any) -> tuple[Any, GPTConfig]:
     engine, *_ = deepspeed.initialize(
         model=module, config=ds_config,
         model_parameters=[p for p in module.parameters() if p.requires_grad])
-    return engine, config
+    return engine, config, act
 
 
 class _Links:
@@ -136,7 +166,7 @@ class _Links:
 
 
 def _train_steps(
-    args: argparse.Namespace, engine: Any, links: _Links, batches: Any
+    args: argparse.Namespace, engine: Any, links: _Links, batches: Any, act: ACT | None = None
 ) -> dict[str, list[float]]:
     """``--steps`` pipeline steps: per step the loss, seconds and bytes per micro-batch sent
     each way (``fwd``: activations, ``bwd``: their gradients)."""
@@ -148,6 +178,8 @@ def _train_steps(
         t0 = time.perf_counter()
         loss = engine.train_batch(data_iter=batches)
         history["time_s"].append(time.perf_counter() - t0)
+        if act is not None:
+            act.step()
         after = links.sent()
         history["loss"].append(float(loss))
         for key, direction in (("fwd", "forward"), ("bwd", "backward")):
@@ -159,21 +191,42 @@ def _train_steps(
     return history
 
 
+def _validate(args: argparse.Namespace, engine: Any, data: ByteDataset
+              ) -> tuple[list[float], float]:
+    """Loss of ``--eval-batches`` x ``--micro-batches`` fixed validation micro-batches, one
+    per ``eval_batch`` so the last stage's logits are each batch's, and the next-token
+    accuracy over them (computed on the last stage, shared with every rank)."""
+    gen = torch.Generator().manual_seed(12345)
+    losses, correct, total = [], 0, 0
+    for _ in range(args.eval_batches * args.micro_batches):
+        x, y = data.batch("val", args.micro_batch_size, gen)
+        loss, logits = engine.eval_batch(data_iter=iter([(x, y)]), return_logits=True,
+                                         num_micro_batches=1)
+        losses.append(float(loss))
+        if engine.is_last_stage():
+            correct += int((logits.argmax(-1) == y.to(logits.device)).sum())
+            total += y.numel()
+    mine = torch.tensor([correct, total], dtype=torch.float64)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    last = parts[-1]
+    return losses, float(last[0] / last[1])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     deepspeed = _init_deepspeed(args.backend)
     world, rank = dist.get_world_size(), dist.get_rank()
-    engine, config = _engine(args, deepspeed)
+    engine, config, act = _engine(args, deepspeed)
     links = _Links(args, engine)
     data = ByteDataset.from_stdlib(args.block_size)
     gen = torch.Generator().manual_seed(args.seed)
     history = _train_steps(args, engine, links,
-                           draws(lambda: data.batch("train", args.micro_batch_size, gen)))
-    val_gen = torch.Generator().manual_seed(12345)
-    val_iter = draws(lambda: data.batch("val", args.micro_batch_size, val_gen))
-    val = [float(engine.eval_batch(data_iter=val_iter)) for _ in range(args.eval_batches)]
+                           draws(lambda: data.batch("train", args.micro_batch_size, gen)),
+                           act)
+    val, val_acc = _validate(args, engine, data)
 
     # Stage 0 sends the activations; the last stage sends the gradients back. Gather both.
     fwd, bwd, times = history["fwd"], history["bwd"], history["time_s"]
@@ -196,12 +249,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_step_time_s": statistics.median(times[1:] or times),
         "final_train_loss": statistics.fmean(history["loss"][-10:]),
         "val_loss": statistics.fmean(val),
-        "steps": {"loss": history["loss"], "time_s": times},
+        "val_accuracy": val_acc,
+        "steps": {"loss": history["loss"], "time_s": times, "activation_bytes": fwd},
     }
     links.close(summary)
     if rank == 0:
         print(f"final: train loss {summary['final_train_loss']:.4f}  val loss "
-              f"{summary['val_loss']:.4f}  median step {summary['median_step_time_s'] * 1e3:.0f}"
+              f"{summary['val_loss']:.4f}  val acc {summary['val_accuracy']:.4f}  median step "
+              f"{summary['median_step_time_s'] * 1e3:.0f}"
               f" ms  activations {summary['activation_bits_per_element']:.2f} bits/elem  "
               f"gradients {summary['gradient_bits_per_element']:.2f} bits/elem", flush=True)
         if args.json:

@@ -1,0 +1,60 @@
+"""benchmarks/convergence_ddp.py's arithmetic: bytes per step, the 1% verdict, steps to the
+target, the report and the plot, on synthetic runs (no training)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def study():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("convergence_ddp")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _run(losses, sent, val):
+    return {"num_parameters": 1000, "world_size": 2, "fp32_allreduce_bytes_per_rank": 4000.0,
+            "median_step_time_s": 0.1, "val_loss": val, "val_accuracy": 0.5,
+            "loss": losses, "bytes_sent_per_rank": sent}
+
+
+def test_summary_verdicts_and_report(study, tmp_path):
+    n = 60
+    fp32 = [3.0 - 1.0 * i / n for i in range(n)]          # ends near 2.0
+    slow = [3.0 - 0.9 * i / n for i in range(n)]          # ends ~5% above
+    runs = {str(s): {"fp32": _run(fp32, [4000.0] * n, 2.0),
+                     "gg-rate3": _run(fp32, [4000.0] + [100.0] * (n - 1), 2.0 * (1.005 + s / 1e3)),
+                     "powersgd-r1": _run(slow, [50.0] * n, 2.1)} for s in (0, 1)}
+    methods = ["fp32", "gg-rate3", "powersgd-r1"]
+    summary = study.summarize(runs, methods, [0, 1])
+    gg = summary["gg-rate3"]
+    assert gg["mean"]["bytes_per_step"] == pytest.approx((4000 + 100 * (n - 1)) / n)
+    assert gg["within_on_every_seed"] and not summary["powersgd-r1"]["within_on_every_seed"]
+    assert gg["worst_val_vs_fp32"] == pytest.approx(0.006)
+    # the target is fp32's final 20-step mean +1%, reached on the same step as fp32
+    assert gg["steps_to_target"] == summary["fp32"]["steps_to_target"] <= n
+    assert summary["powersgd-r1"]["steps_to_target"] is None
+    data = {"runs": runs, "summary": summary}
+    args = Namespace(ranks=2, steps=n, name="t")
+    lines = study.report(data, methods, [0, 1], args)
+    text = "\n".join(lines)
+    assert "**gg-rate3**" in text and "not reached" in text
+    study.figure(data, methods, [0, 1]).savefig(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    json.dumps(data)  # what main() writes
+
+
+def test_steps_to_target_needs_a_full_window(study):
+    assert study.steps_to({"loss": [0.0] * 30}, 1.0) == study.TAIL
+    assert study.smoothed([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]

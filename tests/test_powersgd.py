@@ -1,0 +1,79 @@
+"""PowerSGD with EG-coded factors (ggcomm.powersgd) on gloo ranks."""
+
+from __future__ import annotations
+
+import dist_utils
+import powersgd_workers as w
+import pytest
+import torch
+
+from ggcomm.powersgd import POWERSGD_RATE, PowerSGDEGState
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_replicas_bit_identical_and_bytes_counted_equal_bytes_moved(world):
+    out = dist_utils.values(dist_utils.run(w.replicas, world, 6, 2))
+    for r in out[1:]:
+        assert torch.equal(r["params"], out[0]["params"])
+    for r in out:
+        assert r["iters"] == 10
+        assert r["counted"] == r["moved"]
+        assert r["moved"][0] > 0
+        # factors at ~4 bits: far below fp32's ring allreduce of every gradient
+        assert r["moved"][0] / 6 < 0.1 * 2 * (world - 1) / world * r["fp32"]
+
+
+def test_same_algorithm_as_torchs_powersgd_at_fine_steps():
+    out = dist_utils.values(dist_utils.run(w.against_torch, 2))
+    for r in out:
+        for a, b in zip(r["torch"], r["eg"], strict=True):
+            assert torch.allclose(a, b, rtol=1e-2, atol=1e-3 * float(a.abs().max()))
+    # and the two ranks hold the same averaged gradients
+    for a, b in zip(out[0]["eg"], out[1]["eg"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_is_bit_exact_with_one_bucket_and_close_with_several():
+    # one bucket: DDP's first-iteration layout is its rebuilt one, so a resumed run codes
+    # the same tensors with the same steps
+    for straight, resumed in dist_utils.values(dist_utils.run(w.checkpoint, 2, 5, 9, 25.0)):
+        assert torch.equal(straight[0], resumed[0])
+        assert straight[1] == resumed[1]
+    # several: the resumed run's first iteration groups the parameters as a fresh DDP does
+    # (other coded sums, other steps), then continues with the restored memories
+    for straight, resumed in dist_utils.values(dist_utils.run(w.checkpoint, 2, 5, 9, 0.02)):
+        assert torch.allclose(straight[0], resumed[0], rtol=0, atol=0.02)
+
+
+def test_corrupt_frame_raises_frame_error_on_every_rank():
+    out = dist_utils.values(dist_utils.run(w.corrupt_frame, 2, 1, timeout=120))
+    assert [kind for kind, _ in out] == ["FrameError", "FrameError"]
+
+
+def test_lying_size_raises_frame_error_on_every_rank():
+    out = dist_utils.values(dist_utils.run(w.lying_size, 2, timeout=120))
+    assert [kind for kind, _ in out] == ["FrameError", "FrameError"]
+    assert "announced frame sizes" in out[0][1]
+
+
+def test_settings_and_defaults():
+    s = PowerSGDEGState(matrix_approximation_rank=4, start_powerSGD_iter=10)
+    assert (s.mode, s.value) == ("rate", POWERSGD_RATE)
+    assert s.use_error_feedback
+    assert PowerSGDEGState(rate=2.5).fingerprint != s.fingerprint
+    with pytest.raises(ValueError):
+        PowerSGDEGState(rate=2.0, step=0.1)
+    with pytest.raises(ValueError):
+        PowerSGDEGState(block_size=0)
+
+
+def test_state_dict_refuses_other_settings_versions_and_ranks():
+    from ggcomm.errors import SettingsMismatchError, StateLoadError
+
+    sd = PowerSGDEGState(matrix_approximation_rank=2, rate=3.0).state_dict()
+    PowerSGDEGState(matrix_approximation_rank=2, rate=3.0).load_state_dict(sd)
+    with pytest.raises(SettingsMismatchError):
+        PowerSGDEGState(matrix_approximation_rank=4, rate=3.0).load_state_dict(sd)
+    for bad in ({**sd, "version": 99}, {**sd, "rank": 1}, "not a state"):
+        with pytest.raises(StateLoadError):
+            PowerSGDEGState(matrix_approximation_rank=2, rate=3.0).load_state_dict(bad)
