@@ -402,8 +402,24 @@ class GGCommState(StepSettings):
 
     def _serve(self) -> None:
         while True:
-            group, job = self._queue.get()
-            _run_job(self, group, job)
+            item = self._queue.get()
+            if item is None:  # close()
+                return
+            _run_job(self, *item)
+
+    def close(self) -> None:
+        """Stop the hook's background thread and release its private process group: call
+        it on every rank when training is over, before ``destroy_process_group``, so no
+        thread or gloo group outlives the process group it was made from. The state keeps
+        its residuals (``state_dict`` still works); a later hook call starts both again."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = self._queue = None
+        if self._group is not None:
+            group, self._group = self._group, None
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
 
     def _fail(self, e: BaseException) -> None:
         if self._failure is None:

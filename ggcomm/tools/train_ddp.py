@@ -553,6 +553,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     # Keep the others in the group until rank 0 has finished evaluating.
     dist.barrier()
 
+    if hasattr(hook_state, "close"):  # the gg hook's thread and group end with the run
+        hook_state.close()
     summary = _summary(args, model, records, world_size, device, total_time, val, hook_state)
     if rank == 0 and args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
