@@ -120,6 +120,11 @@ def checkpoint(rank, world, split, total, bucket_cap_mb):
     return run(None), run(split)
 
 
+def hostile(rank, world):
+    """A corrupt frame, then (with a fresh model) a lying size, in one process group."""
+    return corrupt_frame(rank, world, 1), lying_size(rank, world)
+
+
 def corrupt_frame(rank, world, bad_rank):
     """``bad_rank`` flips a byte of every frame it sends; every rank's backward raises
     FrameError (its own type), and nothing hangs."""

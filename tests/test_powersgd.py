@@ -45,15 +45,12 @@ def test_resume_is_bit_exact_with_one_bucket_and_close_with_several():
         assert torch.allclose(straight[0], resumed[0], rtol=0, atol=0.02)
 
 
-def test_corrupt_frame_raises_frame_error_on_every_rank():
-    out = dist_utils.values(dist_utils.run(w.corrupt_frame, 2, 1, timeout=120))
-    assert [kind for kind, _ in out] == ["FrameError", "FrameError"]
-
-
-def test_lying_size_raises_frame_error_on_every_rank():
-    out = dist_utils.values(dist_utils.run(w.lying_size, 2, timeout=120))
-    assert [kind for kind, _ in out] == ["FrameError", "FrameError"]
-    assert "announced frame sizes" in out[0][1]
+def test_corrupt_frames_and_lying_sizes_raise_frame_error_on_every_rank():
+    out = dist_utils.values(dist_utils.run(w.hostile, 2, timeout=180))
+    corrupt, lying = zip(*out, strict=True)
+    assert [kind for kind, _ in corrupt] == ["FrameError", "FrameError"]
+    assert [kind for kind, _ in lying] == ["FrameError", "FrameError"]
+    assert "announced frame sizes" in lying[0][1]
 
 
 def test_settings_and_defaults():
