@@ -115,12 +115,14 @@ def steps_to(r: dict, target: float) -> int | None:
 
 
 def bench_step_times(ranks: int) -> dict[str, dict[str, float]]:
-    """Median step seconds of the GPT workload per bench method and link."""
+    """Median step seconds of the GPT workload per bench method and link (and under
+    ``"date"``, when the bench ran)."""
     path = RESULTS / "ddp_bench.json"
     if not path.exists():
         return {}
-    out: dict[str, dict[str, float]] = {}
-    for r in json.loads(path.read_text())["runs"]:
+    bench = json.loads(path.read_text())
+    out: dict[str, dict[str, float]] = {"date": bench.get("date", "?")}
+    for r in bench["runs"]:
         if r["workload"] == "gpt" and r["ranks"] == ranks and r.get("median_step_s"):
             out.setdefault(r["method"], {})[r["link"]] = r["median_step_s"]
     return out
@@ -204,13 +206,30 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
         lines += ["", f"Fewest bytes within 1% of fp32's validation loss on every seed: "
                       f"**{best}**, {summary[best]['mean']['fewer_than_fp32']:.1f}x fewer "
                       "bytes per step than fp32."]
+    pairs = [(f"powersgd-r{k}", f"psgd-eg-r{k}") for k in (1, 4)
+             if f"powersgd-r{k}" in summary and f"psgd-eg-r{k}" in summary]
+    if pairs:
+        lines += ["", "## PowerSGD with EG-coded factors against plain PowerSGD", "",
+                  "Same rank, same warm-up; the EG hook codes the factors at 4 bits per "
+                  "element (`ggcomm.powersgd`, rate control with PowerSGD's own error "
+                  "feedback carrying the rounding).", "",
+                  "| rank | PowerSGD bytes/step | with EG factors | fewer bytes | PowerSGD val "
+                  "vs fp32 | with EG factors |", "|---|---|---|---|---|---|"]
+        for plain, coded in pairs:
+            a, b = summary[plain]["mean"], summary[coded]["mean"]
+            lines.append(f"| {plain.rsplit('r', 1)[1]} | {a['bytes_per_step'] / 1e3:.1f} kB | "
+                         f"{b['bytes_per_step'] / 1e3:.1f} kB | "
+                         f"{a['bytes_per_step'] / b['bytes_per_step']:.1f}x | "
+                         f"{100 * a['val_vs_fp32']:+.2f}% | {100 * b['val_vs_fp32']:+.2f}% |")
     times = bench_step_times(ranks)
     lines += [
         "", "## Time to fp32's final training loss (+1%) on shaped links", "",
         "Steps to the target (mean over seeds, from the runs above) times the median step "
         f"time `ggcomm bench` measured for the same hook on the GPT workload at {ranks} ranks "
         "over links shaped with `tc tbf` (`benchmarks/results/ddp_bench.md`: batch 8 per "
-        "rank, so compute is about half of these runs'; the link's share is the same bytes). "
+        f"rank, so compute is about half of these runs'; the link's share is the same bytes; "
+        f"measured {times.get('date', '?')}, before the fused DDP hook of "
+        "`benchmarks/results/ddp_speed/`, so ggcomm's step times here are upper bounds). "
         "Methods the bench has not measured are left out.",
         "",
         "| method | steps to target | " + " | ".join(f"step at {lk} | time at {lk}"
@@ -218,7 +237,7 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
         "|---|---|" + "---|---|" * len(LINKS),
     ]
     for m in methods:
-        bench = times.get(BENCH_METHOD.get(m, ""), {})
+        bench = times.get(BENCH_METHOD.get(m, ""), {}) if m in BENCH_METHOD else {}
         if not bench:
             continue
         n = summary[m]["steps_to_target"]
