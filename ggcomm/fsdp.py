@@ -266,14 +266,19 @@ class GGFSDP(StepSettings):
             self.stats.load_totals(dict(counts), stream)
 
 
-class _ReduceScatter(_Comm):
-    """The object FSDP calls (the ``ReduceScatter`` protocol of torch 2.13)."""
+class _Installed:
+    """What FSDP's comm objects share: the handle and unit they serve, and buffers from
+    the default allocator."""
 
     def __init__(self, handle: GGFSDP, key: str) -> None:
         self.handle, self.key = handle, key
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _ReduceScatter(_Installed, _Comm):
+    """The object FSDP calls (the ``ReduceScatter`` protocol of torch 2.13)."""
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
                  op: Any, async_op: bool = False) -> None:
@@ -284,14 +289,8 @@ class _ReduceScatter(_Comm):
         return None
 
 
-class _AllGather(_GatherComm):
+class _AllGather(_Installed, _GatherComm):
     """The parameter all-gather FSDP calls (the ``AllGather`` protocol of torch 2.13)."""
-
-    def __init__(self, handle: GGFSDP, key: str) -> None:
-        self.handle, self.key = handle, key
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
                  async_op: bool = False) -> None:
