@@ -36,7 +36,12 @@ from . import codec
 from .errors import FrameError, SettingsMismatchError, StateLoadError
 from .step_policy import StepControl
 
-__all__ = ["Stream", "agree", "all_gather", "coded_sum", "device_for", "segments"]
+__all__ = ["DEFAULT_SEGMENT", "Stream", "agree", "all_gather", "coded_sum", "device_for",
+           "segments"]
+
+DEFAULT_SEGMENT = 1 << 16
+"""Elements per step segment: a step adapts to the scale of 64k values (a flat tensor of
+many parameters does not say where one ends)."""
 
 
 def segments(n: int, segment: int) -> list[int]:

@@ -65,7 +65,7 @@ import torch.distributed as dist
 
 from . import __version__, codec, rf8
 from .errors import FrameError, SettingsMismatchError, StateLoadError
-from .exchange import Stream, agree, all_gather, coded_sum, device_for, segments
+from .exchange import DEFAULT_SEGMENT, Stream, agree, all_gather, coded_sum, device_for, segments
 from .kernels import eg
 from .step_policy import DEFAULT_RATE, StepControl, StepSettings
 from .transport import TrafficStats, check_state_header, fingerprint, rank_and_world, state_header
@@ -77,10 +77,6 @@ except ImportError:  # pragma: no cover - other torch versions: duck typing suff
     _Comm = _GatherComm = object
 
 __all__ = ["DEFAULT_SEGMENT", "GGFSDP", "WEIGHTS", "compress"]
-
-DEFAULT_SEGMENT = 1 << 16
-"""Elements per step segment of a chunk: a step adapts to the scale of 64k gradient
-values (FSDP's flat chunks do not say where one parameter ends)."""
 
 WEIGHTS = (None, "rf8", "eg")
 """How the parameter all-gathers travel: FSDP's own (None), RF8 (8 bits per weight) or

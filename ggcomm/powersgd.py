@@ -46,7 +46,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 from . import __version__, codec
 from .errors import GGCommError, StateLoadError
-from .exchange import Stream, coded_sum
+from .exchange import DEFAULT_SEGMENT, Stream, coded_sum
 from .kernels import eg
 from .step_policy import StepControl, StepSettings
 from .transport import (
@@ -68,7 +68,6 @@ _STATE_VERSION = 1
 _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_bits",
              "seconds")
 _PARTS = ("uncompressed", "p", "q")
-_SEGMENT = 1 << 16
 
 
 class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
@@ -89,7 +88,8 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
                  rate: float | None = None, step: float | None = None,
                  rel_step: float | None = None, rate_gain: float = 0.5,
                  warmup_iters: int = 0, warmup_rate: float = 8.0,
-                 block_size: int = codec.DEFAULT_BLOCK_SIZE, segment: int = _SEGMENT) -> None:
+                 block_size: int = codec.DEFAULT_BLOCK_SIZE,
+                 segment: int = DEFAULT_SEGMENT) -> None:
         super().__init__(process_group, matrix_approximation_rank, start_powerSGD_iter,
                          min_compression_rate, use_error_feedback=True,
                          warm_start=warm_start,

@@ -24,13 +24,13 @@ LAYERS = [
      "ggcomm.methods.backslash", "ggcomm.methods.deepshape"},
     {"ggcomm.transport", "ggcomm.exchange"},
     {"ggcomm.ddp", "ggcomm.pipeline", "ggcomm.weights", "ggcomm.fsdp",
-     "ggcomm.powersgd"},
+     "ggcomm.powersgd", "ggcomm.diloco"},
     {"ggcomm.deepspeed", "ggcomm.pipelining"},
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 TRANSPORTS = {"ggcomm.transport", "ggcomm.exchange", "ggcomm.ddp", "ggcomm.pipeline",
               "ggcomm.deepspeed", "ggcomm.pipelining", "ggcomm.weights", "ggcomm.fsdp",
-              "ggcomm.powersgd"}
+              "ggcomm.powersgd", "ggcomm.diloco"}
 
 
 def _modules() -> dict[str, Path]:
