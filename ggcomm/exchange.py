@@ -1,7 +1,8 @@
 """Exact sums of EG-coded tensors across a process group, for the transports that sum.
 
-:func:`coded_sum` is the one collective behind FSDP's reduce-scatter (:mod:`ggcomm.fsdp`)
-and the PowerSGD hook's factor all-reduces (:mod:`ggcomm.powersgd`). On every rank of
+:func:`coded_sum` is the one collective behind FSDP's reduce-scatter (:mod:`ggcomm.fsdp`),
+the PowerSGD hook's factor all-reduces (:mod:`ggcomm.powersgd`) and DiLoCo's outer steps
+(:mod:`ggcomm.diloco`). On every rank of
 ``group`` (``N`` ranks), for a flat float32 tensor ``x`` cut into ``parts`` chunks (``N``
 for a reduce-scatter, chunk ``r`` to rank ``r``; 1 for an all-reduce, the whole tensor to
 every rank):
