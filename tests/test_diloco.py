@@ -45,3 +45,26 @@ def test_arguments_are_checked():
                 {"block_size": 0}):
         with pytest.raises(ValueError):
             DiLoCo(model, **bad)
+
+
+@pytest.mark.parametrize("wire", ["gg", "ddp"])
+def test_the_training_tool_runs_in_process(wire, tmp_path):
+    import json
+
+    import torch.distributed as dist
+
+    from ggcomm.tools import train_diloco
+
+    if dist.is_initialized():
+        pytest.skip("needs its own 1-rank process group")
+    out = tmp_path / "s.json"
+    train_diloco.main(["--wire", wire, "--sync-every", "2", "--steps", "4", "--batch-size", "2",
+                       "--block-size", "16", "--corpus-bytes", "50000", "--eval-batches", "1",
+                       "--json", str(out)])
+    s = json.loads(out.read_text())
+    assert len(s["steps"]["loss"]) == 4 and s["val_loss"] > 0
+    if wire == "gg":  # alone, nothing crosses; the shapes of the first and last outer step
+        assert s["total_bytes_sent_per_rank"] == 0
+        assert set(s["pseudo_gradient_gg_shape"]) == {"first", "last"}
+    with pytest.raises(SystemExit):
+        train_diloco.parse_args(["--steps", "5", "--sync-every", "2"])

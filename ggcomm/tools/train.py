@@ -56,6 +56,7 @@ __all__ = [
     "model_loss",
     "rank_generator",
     "token_accuracy",
+    "write_summary",
 ]
 
 Batch = Any
@@ -93,6 +94,18 @@ def join_process_group(backend: str) -> bool:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+def write_summary(summary: dict[str, Any], path: str | None) -> None:
+    """Write a training tool's summary as JSON to ``path`` (its folder made if missing;
+    nothing if ``path`` is None). The rank that writes is the caller's to choose."""
+    if not path:
+        return
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:

@@ -74,7 +74,6 @@ already exists) so tests and benchmarks can call it from their own workers.
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's
 # annotations against the real dist.GradBucket / Future types, not strings.
 import argparse
-import json
 import math
 import os
 import statistics
@@ -98,6 +97,7 @@ from ggcomm.tools.train import (
     join_process_group,
     rank_generator,
     token_accuracy,
+    write_summary,
 )
 from ggcomm.tools.workload import GPT, ByteDataset, GPTConfig, Split, make_mlp_workload, mlp_batch
 from ggcomm.tools.workload import lr_factor as workload_lr_factor
@@ -556,10 +556,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(hook_state, "close"):  # the gg hook's thread and group end with the run
         hook_state.close()
     summary = _summary(args, model, records, world_size, device, total_time, val, hook_state)
-    if rank == 0 and args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    if rank == 0:
+        write_summary(summary, args.json)
     return summary
 
 

@@ -19,8 +19,6 @@ not counted.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ from .train import (
     join_process_group,
     rank_generator,
     token_accuracy,
+    write_summary,
 )
 from .workload import GPT, ByteDataset, GPTConfig, lr_factor
 
@@ -177,10 +176,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     }
     if rank == 0:
         print(f"final: val loss {val_loss:.4f}  val acc {val_acc:.4f}", flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(summary, f, indent=1)
+        write_summary(summary, args.json)
     return summary
 
 

@@ -1,0 +1,185 @@
+"""Train the GPT workload with DiLoCo outer steps (a torchrun entry point), or with DDP's
+fp32 all-reduce every step for comparison.
+
+    torchrun --nproc_per_node=2 launch/train_diloco.py --wire gg --rate 3 --sync-every 50
+    torchrun --nproc_per_node=2 launch/train_diloco.py --wire ddp
+
+``--wire gg | int8 | fp32``: :class:`ggcomm.diloco.DiLoCo` with that wire (inner AdamW with
+warm-up and cosine decay on every rank alone, an outer step every ``--sync-every`` steps);
+``--wire ddp``: the same model, data and schedule under plain DDP (an fp32 all-reduce of the
+gradients every step). Rank 0 writes ``--json``: per-step loss, bytes this rank sent, step
+time; the validation loss and next-byte accuracy of the final parameters (the same on every
+rank: ``--steps`` must be a multiple of ``--sync-every``); the GG shape of the
+pseudo-gradients of the first and the last outer step (``--wire gg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .train import (
+    Step,
+    draws,
+    evaluate,
+    fit,
+    join_process_group,
+    rank_generator,
+    token_accuracy,
+    write_summary,
+)
+from .workload import GPT, ByteDataset, GPTConfig, lr_factor
+
+__all__ = ["WIRES", "main", "parse_args", "train"]
+
+WIRES = ("ddp", "fp32", "int8", "gg")
+EVAL_SEED = 12345
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--wire", choices=WIRES, default="gg")
+    p.add_argument("--sync-every", type=int, default=50, help="inner steps per outer step")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay's end / --lr")
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128, help="GPT context length")
+    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
+    g = p.add_argument_group("gg (ggcomm.diloco)")
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, help="target bits per element (default 3.0)")
+    rate.add_argument("--step", type=float, help="absolute quantization step")
+    rate.add_argument("--rel-step", type=float, help="quantization step as a multiple of RMS")
+    g.add_argument("--no-error-feedback", action="store_true")
+    args = p.parse_args(argv)
+    if args.wire != "ddp" and args.steps % args.sync_every:
+        p.error("--steps must be a multiple of --sync-every (the run ends on an outer step)")
+    return args
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train on this rank (inside torchrun's process group, or a 1-rank one)."""
+    created = join_process_group("gloo")
+    try:
+        return _train(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _shape(x: torch.Tensor) -> float:
+    """The GG shape of ``x`` by moment ratio (:func:`ggcomm.gg.fit`)."""
+    from ggcomm.gg import fit as gg_fit
+
+    return float(gg_fit(x.detach().reshape(-1).double().numpy()).beta)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = GPTConfig()
+    config.block_size = args.block_size
+    model = GPT(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    fp32_allreduce = 2.0 * (world - 1) / world * 4 * n_params
+    diloco = None
+    shapes: list[float] = []
+    if args.wire == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        trained: torch.nn.Module = DDP(model)
+    else:
+        import ggcomm
+        from ggcomm.diloco import DiLoCo
+
+        ggcomm.set_num_threads(1)
+        mode = {k: getattr(args, k) for k in ("rate", "step", "rel_step")
+                if getattr(args, k) is not None}
+        diloco = DiLoCo(model, sync_every=args.sync_every, wire=args.wire,
+                        outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+                        error_feedback=not args.no_error_feedback, **mode)
+        trained = model
+    data = ByteDataset.from_stdlib(args.block_size, args.corpus_bytes)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = rank_generator(args.seed, rank)
+
+    def record(step: Step) -> None:
+        r = step.record
+        if diloco is None:
+            r["bytes_sent"] = fp32_allreduce
+        else:
+            t = time.perf_counter()
+            outer_now = (diloco.inner_steps + 1) % args.sync_every == 0
+            if outer_now and (diloco.outer_steps == 0 or diloco.inner_steps + 1 == args.steps):
+                delta = torch.cat([(g - p.detach().float()).reshape(-1) for g, p in
+                                   zip(diloco.global_params, diloco.params, strict=True)])
+                shapes.append(_shape(delta))
+            before = diloco.stats.total["bytes_sent"]
+            diloco.step()
+            r["bytes_sent"] = diloco.stats.total["bytes_sent"] - before
+            r["outer_s"] = time.perf_counter() - t if outer_now else 0.0
+        n = step.index + 1
+        if rank == 0 and (n == 1 or n % args.log_every == 0 or n == args.steps):
+            print(f"step {n:5d}/{args.steps}  loss {r['loss']:.4f}  sent "
+                  f"{r['bytes_sent'] / 1e3:.1f} kB/rank  {r['time_s'] * 1e3:.0f} ms",
+                  flush=True)
+
+    t0 = time.perf_counter()
+    records = fit(trained, opt, draws(lambda: data.batch("train", args.batch_size, gen)),
+                  args.steps, schedule=lr_factor(args.steps, args.warmup, args.min_lr_ratio),
+                  after_step=[record])
+    total_time = time.perf_counter() - t0
+    vgen = torch.Generator().manual_seed(EVAL_SEED)  # the same batches on every rank
+    val_loss, val_acc = evaluate(
+        model, (data.batch("val", args.batch_size, vgen) for _ in range(args.eval_batches)),
+        metric=token_accuracy)
+    losses = [r["loss"] for r in records]
+    sent = [r["bytes_sent"] for r in records]
+    summary = {
+        "config": vars(args), "world_size": world, "num_parameters": n_params,
+        "wire": args.wire, "fp32_allreduce_bytes_per_rank": fp32_allreduce,
+        "steps": {"loss": losses, "bytes_sent_per_rank": sent,
+                  "step_time_s": [r["time_s"] for r in records],
+                  "outer_s": [r.get("outer_s", 0.0) for r in records]},
+        "final_train_loss": statistics.fmean(losses[-20:]) if losses else None,
+        "val_loss": val_loss, "val_accuracy": val_acc,
+        "total_bytes_sent_per_rank": sum(sent),
+        "median_step_time_s": statistics.median(r["time_s"] for r in records)
+        if records else None,
+        "total_time_s": total_time,
+        "pseudo_gradient_gg_shape": {"first": shapes[0], "last": shapes[-1]}
+        if shapes else None,
+        "stats": diloco.stats.summary() if diloco is not None else None,
+    }
+    if rank == 0:
+        print(f"final: val loss {val_loss:.4f}  val acc {val_acc:.4f}  sent "
+              f"{sum(sent) / 1e6:.2f} MB/rank", flush=True)
+        write_summary(summary, args.json)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
