@@ -1,0 +1,211 @@
+"""DiLoCo across slow links: DDP every step against DiLoCo outer steps with fp32, int8 and
+EG-coded pseudo-gradients, on the GPT workload, the same tokens for every method.
+
+For each link (localhost; test hosts joined by links shaped with ``tc tbf`` to 1 Gbit/s and
+100 Mbit/s, :mod:`ggcomm.tools.testhosts`, root only), rank count and method, runs
+:mod:`ggcomm.tools.train_diloco` (under torchrun on localhost, one rank per host on shaped
+links) and records the loss per step, the step times (outer steps included), the bytes
+each rank sent and the validation loss. Writes ``benchmarks/results/<name>.md``, ``.json``
+and ``.png``: per method the validation loss against DiLoCo fp32 at the same H, bytes
+against int8 and fp32 DiLoCo, the wall time, the time to DDP fp32's final training loss
+(+1%) on each link, and the GG shape of the pseudo-gradients. Runs are kept in the JSON as
+they finish; a second call runs only what is missing::
+
+    python benchmarks/diloco_bench.py                        # as root, for the shaped links
+    python benchmarks/diloco_bench.py --links localhost --ranks 2 --steps 100 --name t
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ggcomm.tools import testhosts
+from ggcomm.tools.workload import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN = ["-m", "ggcomm.tools.train_diloco"]
+LINKS = ("localhost", "1gbit", "100mbit")
+TAIL = 20
+
+
+def methods(hs: list[int], rates: list[float]) -> dict[str, list[str]]:
+    out = {"ddp": ["--wire", "ddp"]}
+    for h in hs:
+        out[f"fp32-H{h}"] = ["--wire", "fp32", "--sync-every", str(h)]
+        out[f"int8-H{h}"] = ["--wire", "int8", "--sync-every", str(h)]
+        for r in rates:
+            out[f"gg{r:g}-H{h}"] = ["--wire", "gg", "--rate", str(r), "--sync-every", str(h)]
+    return out
+
+
+def _args(method: list[str], args: argparse.Namespace, out: Path) -> list[str]:
+    return [*TRAIN, *method, "--steps", str(args.steps), "--seed", str(args.seed),
+            "--threads", "1", "--log-every", str(max(1, args.steps // 4)), "--json", str(out)]
+
+
+def run(link: str, ranks: int, method: list[str], args: argparse.Namespace, out: Path) -> dict:
+    if link == "localhost":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               f"--master_port={free_port()}", *_args(method, args, out)]
+        subprocess.run(cmd, check=True)
+    else:
+        with testhosts.TestHosts(ranks, rate=link, prefix="ggcdiloco") as hosts:
+            procs = [hosts.popen(i, [sys.executable, *_args(method, args, out)])
+                     for i in range(ranks)]
+            codes = [p.wait(timeout=7200) for p in procs]
+            if any(codes):
+                raise RuntimeError(f"{method} on {link}: ranks exited with {codes}")
+    r = json.loads(out.read_text())
+    keep = ("num_parameters", "val_loss", "val_accuracy", "total_bytes_sent_per_rank",
+            "total_time_s", "pseudo_gradient_gg_shape", "fp32_allreduce_bytes_per_rank")
+    return {**{k: r[k] for k in keep}, "loss": r["steps"]["loss"],
+            "step_time_s": r["steps"]["step_time_s"],
+            "bytes_sent_per_rank": r["steps"]["bytes_sent_per_rank"]}
+
+
+def smoothed(losses: list[float]) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(losses):
+        acc += v
+        if i >= TAIL:
+            acc -= losses[i - TAIL]
+        out.append(acc / min(i + 1, TAIL))
+    return out
+
+
+def time_to(r: dict, target: float) -> float | None:
+    """Seconds of training (the run's own step times) until the trailing-mean loss first
+    reaches ``target``."""
+    t = 0.0
+    for i, (v, dt) in enumerate(zip(smoothed(r["loss"]), r["step_time_s"], strict=True)):
+        t += dt
+        if i + 1 >= TAIL and v <= target:
+            return t
+    return None
+
+
+def report(data: dict, args: argparse.Namespace) -> list[str]:
+    lines = [
+        "# DiLoCo across slow links: GPT workload, the same tokens for every method",
+        "",
+        f"Command: `python benchmarks/diloco_bench.py --steps {args.steps} --hs "
+        f"{' '.join(map(str, args.hs))} --rates {' '.join(f'{r:g}' for r in args.rates)} "
+        f"--ranks {' '.join(map(str, args.ranks))} --links {' '.join(args.links)}` "
+        "(as root for the shaped links)  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared by all ranks "
+        f"(one torch thread each); Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d')}.  ",
+        f"Training: `launch/train_diloco.py`, byte-level GPT, {args.steps} steps of 16 x 128 "
+        "tokens per rank, inner AdamW lr 3e-3 with warm-up and cosine decay; DiLoCo's outer "
+        "Nesterov SGD lr 0.7, momentum 0.9, every H steps; `ddp` is plain DDP (an fp32 "
+        f"all-reduce every step). Seed {args.seed}.",
+        "",
+        "Bytes: what each rank handed to torch.distributed over the run. Time to target: "
+        "the run's own step times (outer steps included) until its 20-step mean training "
+        "loss reaches DDP's final one +1% on the same link and rank count.",
+        "",
+        "| link | ranks | method | val loss | vs fp32 DiLoCo, same H | MB sent per rank | "
+        "fewer than int8, same H | fewer than DDP | wall s | time to target s | "
+        "pseudo-gradient GG shape (first, last) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, runs in data["runs"].items():
+        link, ranks = key.split("/")
+        ddp = runs.get("ddp")
+        target = smoothed(ddp["loss"])[-1] * 1.01 if ddp else None
+        for m, r in runs.items():
+            h = m.rsplit("-", 1)[1] if "-H" in m else None
+            fp32 = runs.get(f"fp32-{h}") if h else None
+            int8 = runs.get(f"int8-{h}") if h else None
+            mb = r["total_bytes_sent_per_rank"] / 1e6
+            vs = f"{100 * (r['val_loss'] / fp32['val_loss'] - 1):+.2f}%" if fp32 else "-"
+            vs_int8 = f"{int8['total_bytes_sent_per_rank'] / r['total_bytes_sent_per_rank']:.1f}x" \
+                if int8 and r["total_bytes_sent_per_rank"] else "-"
+            vs_ddp = f"{ddp['total_bytes_sent_per_rank'] / r['total_bytes_sent_per_rank']:.0f}x" \
+                if ddp and r["total_bytes_sent_per_rank"] else "-"
+            tt = time_to(r, target) if target else None
+            shape = r.get("pseudo_gradient_gg_shape")
+            sh = f"{shape['first']:.2f}, {shape['last']:.2f}" if shape else "-"
+            lines.append(f"| {link} | {ranks} | {m} | {r['val_loss']:.4f} | {vs} | {mb:.2f} | "
+                         f"{vs_int8} | {vs_ddp} | {r['total_time_s']:.0f} | "
+                         f"{'not reached' if tt is None else f'{tt:.0f}'} | {sh} |")
+    lines += ["", f"Plot: `{args.name}.png`."]
+    return lines
+
+
+def figure(data: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(data["runs"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for m, r in data["runs"][key].items():
+            t, acc = [], 0.0
+            for dt in r["step_time_s"]:
+                acc += dt
+                t.append(acc)
+            ax.plot(t, smoothed(r["loss"]), label=m, lw=1)
+        ax.set(xlabel="wall seconds", ylabel="training loss (20-step mean)", title=key,
+               ylim=(None, 3.2))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--links", nargs="+", default=["localhost", "1gbit", "100mbit"],
+                   choices=LINKS)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--hs", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="diloco")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    links = list(args.links)
+    if any(lk != "localhost" for lk in links) and (why := testhosts.unavailable_reason()):
+        print(f"diloco_bench: no test hosts ({why}); localhost only", file=sys.stderr)
+        links = ["localhost"]
+    args.links = links
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    settings = {"steps": args.steps, "seed": args.seed}
+    if data.get("config", settings) != settings:
+        raise SystemExit(f"{path} holds runs with other settings: {data['config']}")
+    data["config"] = settings
+    table = methods(args.hs, args.rates)
+    with tempfile.TemporaryDirectory() as tmp:
+        for link in links:
+            for ranks in args.ranks:
+                have = data["runs"].setdefault(f"{link}/{ranks}", {})
+                for m, margs in table.items():
+                    if m in have:
+                        continue
+                    t = time.time()
+                    have[m] = run(link, ranks, margs, args, Path(tmp) / "run.json")
+                    print(f"{link} {ranks} ranks {m}: {time.time() - t:.0f} s", file=sys.stderr)
+                    path.write_text(json.dumps(data))
+    lines = report(data, args)
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    figure(data).savefig(out / f"{args.name}.png", dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
