@@ -106,6 +106,16 @@ def bytes_per_step(r: dict) -> float:
     return sum(r["bytes_sent_per_rank"]) / len(r["bytes_sent_per_rank"])
 
 
+STEADY_FROM = 25
+"""Steady state: the steps after every method's warm-up (PowerSGD's 10 fp32 steps,
+ggcomm's 20-step rate warm-up)."""
+
+
+def steady_bytes_per_step(r: dict) -> float:
+    tail = r["bytes_sent_per_rank"][STEADY_FROM:] or r["bytes_sent_per_rank"]
+    return sum(tail) / len(tail)
+
+
 def steps_to(r: dict, target: float) -> int | None:
     """First step (1-based) whose trailing-mean training loss is at most ``target``."""
     for i, v in enumerate(smoothed(r["loss"])):
@@ -144,13 +154,14 @@ def summarize(runs: dict, methods: list[str], seeds: list[int]) -> dict[str, dic
                 seed=s, final_train_loss=final(r), train_vs_fp32=final(r) / final(ref) - 1,
                 val_loss=r["val_loss"], val_vs_fp32=r["val_loss"] / ref["val_loss"] - 1,
                 val_accuracy=r["val_accuracy"], bytes_per_step=b,
+                steady_bytes_per_step=steady_bytes_per_step(r),
                 fewer_than_fp32=bytes_per_step(ref) / b,
                 steps_to_target=steps_to(r, final(ref) * (1 + WITHIN)),
                 median_step_s=r["median_step_time_s"]))
         k = len(rows)
         mean = {key: sum(x[key] for x in rows) / k for key in
                 ("final_train_loss", "train_vs_fp32", "val_loss", "val_vs_fp32",
-                 "bytes_per_step", "fewer_than_fp32")}
+                 "bytes_per_step", "steady_bytes_per_step", "fewer_than_fp32")}
         reached = [x["steps_to_target"] for x in rows]
         out[m] = dict(per_seed=rows, mean=mean, seeds=[x["seed"] for x in rows],
                       within_on_every_seed=all(x["val_vs_fp32"] <= WITHIN for x in rows),
@@ -181,14 +192,15 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
         "",
         "Final train loss is the mean of the last 20 steps. Bytes per step: what each rank "
         "handed to torch.distributed over the whole run (warm-ups included), divided by the "
-        "steps. 'vs fp32' compares with the no-hook run of the same seed.",
+        f"steps; steady: the mean from step {STEADY_FROM + 1} on, after every warm-up. "
+        "'vs fp32' compares with the no-hook run of the same seed.",
         "",
         "## Summary: mean over seeds",
         "",
-        "| method | seeds | bytes/rank/step | fewer than fp32 | final train loss vs fp32 | "
-        "val loss vs fp32 | worst seed, val | within 1% of fp32 (val) on every seed | steps "
-        "to fp32's final train loss +1% |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | bytes/rank/step | fewer than fp32 | steady bytes/step | final "
+        "train loss vs fp32 | val loss vs fp32 | worst seed, val | within 1% of fp32 (val) on "
+        "every seed | steps to fp32's final train loss +1% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         s = summary[m]
@@ -196,7 +208,7 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
         stt = "not reached" if s["steps_to_target"] is None else f"{s['steps_to_target']:.0f}"
         lines.append(
             f"| {m} | {len(s['seeds'])} | {mean['bytes_per_step'] / 1e3:.1f} kB | "
-            f"{mean['fewer_than_fp32']:.1f}x | "
+            f"{mean['fewer_than_fp32']:.1f}x | {mean['steady_bytes_per_step'] / 1e3:.1f} kB | "
             f"{100 * mean['train_vs_fp32']:+.2f}% | {100 * mean['val_vs_fp32']:+.2f}% | "
             f"{100 * s['worst_val_vs_fp32']:+.2f}% | "
             f"{'yes' if s['within_on_every_seed'] else 'no'} | {stt} |")
@@ -213,13 +225,17 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
                   "Same rank, same warm-up; the EG hook codes the factors at 4 bits per "
                   "element (`ggcomm.powersgd`, rate control with PowerSGD's own error "
                   "feedback carrying the rounding).", "",
-                  "| rank | PowerSGD bytes/step | with EG factors | fewer bytes | PowerSGD val "
-                  "vs fp32 | with EG factors |", "|---|---|---|---|---|---|"]
+                  "| rank | PowerSGD bytes/step (steady) | with EG factors (steady) | fewer "
+                  "bytes (steady) | PowerSGD val vs fp32 | with EG factors |",
+                  "|---|---|---|---|---|---|"]
         for plain, coded in pairs:
             a, b = summary[plain]["mean"], summary[coded]["mean"]
-            lines.append(f"| {plain.rsplit('r', 1)[1]} | {a['bytes_per_step'] / 1e3:.1f} kB | "
-                         f"{b['bytes_per_step'] / 1e3:.1f} kB | "
-                         f"{a['bytes_per_step'] / b['bytes_per_step']:.1f}x | "
+            lines.append(f"| {plain.rsplit('r', 1)[1]} | {a['bytes_per_step'] / 1e3:.1f} kB "
+                         f"({a['steady_bytes_per_step'] / 1e3:.1f} kB) | "
+                         f"{b['bytes_per_step'] / 1e3:.1f} kB "
+                         f"({b['steady_bytes_per_step'] / 1e3:.1f} kB) | "
+                         f"{a['bytes_per_step'] / b['bytes_per_step']:.1f}x "
+                         f"({a['steady_bytes_per_step'] / b['steady_bytes_per_step']:.1f}x) | "
                          f"{100 * a['val_vs_fp32']:+.2f}% | {100 * b['val_vs_fp32']:+.2f}% |")
     times = bench_step_times(ranks)
     lines += [
