@@ -145,14 +145,15 @@ def main(argv=None) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     runs = data["runs"][str(args.seeds[0])]
-    for lam in keys:
-        r = runs[str(lam)]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, lam in enumerate(keys):
+        r, c = runs[str(lam)], colors[i % len(colors)]
         if lam is not None:
             a.plot([8 * v / r["boundary_elements"] for v in r["steps"]["activation_bytes"]],
-                   label=label(lam), lw=1)
+                   label=label(lam), lw=1, color=c)
         loss = r["steps"]["loss"]
-        b.plot([statistics.fmean(loss[max(0, i - 9): i + 1]) for i in range(len(loss))],
-               label=label(lam), lw=1)
+        b.plot([statistics.fmean(loss[max(0, j - 9): j + 1]) for j in range(len(loss))],
+               label=label(lam), lw=1, color=c)
     a.set(xlabel="step", ylabel="activation bits per element sent",
           title="Boundary activations on the wire")
     b.set(xlabel="step", ylabel="training loss (10-step mean)", title="Loss", ylim=(None, 3.5))
