@@ -141,7 +141,7 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
     def _group(self) -> dist.ProcessGroup:
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
-    def sum(self, bucket_index: int, part: str, t: torch.Tensor) -> None:
+    def _sum(self, bucket_index: int, part: str, t: torch.Tensor) -> None:
         """Replace ``t`` (flat) by its exact sum over the group, EG-coded on the wire."""
         t0 = time.perf_counter()
         group = self._group()
@@ -264,7 +264,7 @@ def _compress(state: PowerSGDEGState, bucket: dist.GradBucket, world: int) -> No
     # 1. the tensors PowerSGD does not factor: one coded sum, then the mean
     if plain:
         flat = torch.cat([t.reshape(-1) for t in plain])
-        state.sum(index, "uncompressed", flat)
+        state._sum(index, "uncompressed", flat)
         flat.div_(world)
         at = 0
         for t in plain:
@@ -302,13 +302,13 @@ def _compress(state: PowerSGDEGState, bucket: dist.GradBucket, world: int) -> No
         # 2. P = M Q, summed (PowerSGD orthogonalizes the sum: no division)
         for (_, mt, _), q, p in zip(factored, qs, ps, strict=True):
             torch.bmm(mt.unsqueeze(0), q, out=p)
-        state.sum(index, "p", p_flat)
+        state._sum(index, "p", p_flat)
         for p in ps:
             powerSGD_hook._orthogonalize(p, state.orthogonalization_epsilon)
         # 3. Q = M^T P, averaged; M ~ P Q^T
         for (_, mt, _), p, q in zip(factored, ps, qs, strict=True):
             torch.bmm(mt.unsqueeze(0).transpose(1, 2), p, out=q)
-        state.sum(index, "q", q_flat)
+        state._sum(index, "q", q_flat)
         q_flat.div_(world)
         for (k, mt, _), p, q in zip(factored, ps, qs, strict=True):
             torch.bmm(p, q.transpose(1, 2), out=mt.unsqueeze(0))
