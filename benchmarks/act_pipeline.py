@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import resumable, trailing_mean
+
 from ggcomm.tools.workload import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,11 +71,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
-    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    settings = {"steps": args.steps, "rel_step": args.rel_step}
-    if data.get("config", settings) != settings:
-        raise SystemExit(f"{path} holds runs with other settings: {data['config']}")
-    data["config"] = settings
+    data = resumable(path, {"steps": args.steps, "rel_step": args.rel_step})
     keys = [None, *args.lams]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -152,7 +150,7 @@ def main(argv=None) -> None:
             a.plot([8 * v / r["boundary_elements"] for v in r["steps"]["activation_bytes"]],
                    label=label(lam), lw=1, color=c)
         loss = r["steps"]["loss"]
-        b.plot([statistics.fmean(loss[max(0, j - 9): j + 1]) for j in range(len(loss))],
+        b.plot(trailing_mean(loss, 10),
                label=label(lam), lw=1, color=c)
     a.set(xlabel="step", ylabel="activation bits per element sent",
           title="Boundary activations on the wire")

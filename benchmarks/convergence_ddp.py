@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import resumable, trailing_mean
+
 from ggcomm.tools.workload import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,13 +91,7 @@ def run(method: str, steps: int, ranks: int, seed: int, out: Path) -> dict:
 
 def smoothed(losses: list[float], window: int = TAIL) -> list[float]:
     """Trailing mean over ``window`` steps (shorter at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(losses):
-        acc += v
-        if i >= window:
-            acc -= losses[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
+    return trailing_mean(losses, window)
 
 
 def final(r: dict) -> float:
@@ -337,12 +333,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    if data.get("config", {}).get("steps", args.steps) != args.steps or \
-            data.get("config", {}).get("ranks", args.ranks) != args.ranks:
-        raise SystemExit(f"{path} holds runs of another length or rank count")
-    data.setdefault("runs", {})
-    data["config"] = {"steps": args.steps, "ranks": args.ranks}
+    data = resumable(path, {"steps": args.steps, "ranks": args.ranks})
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for m in methods:

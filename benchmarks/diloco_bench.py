@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import resumable, trailing_mean
+
 from ggcomm.tools import testhosts
 from ggcomm.tools.workload import free_port
 
@@ -72,13 +74,7 @@ def run(link: str, ranks: int, method: list[str], args: argparse.Namespace, out:
 
 
 def smoothed(losses: list[float]) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(losses):
-        acc += v
-        if i >= TAIL:
-            acc -= losses[i - TAIL]
-        out.append(acc / min(i + 1, TAIL))
-    return out
+    return trailing_mean(losses, TAIL)
 
 
 def time_to(r: dict, target: float) -> float | None:
@@ -184,11 +180,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
-    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    settings = {"steps": args.steps, "seed": args.seed}
-    if data.get("config", settings) != settings:
-        raise SystemExit(f"{path} holds runs with other settings: {data['config']}")
-    data["config"] = settings
+    data = resumable(path, {"steps": args.steps, "seed": args.seed})
     table = methods(args.hs, args.rates)
     with tempfile.TemporaryDirectory() as tmp:
         for link in links:

@@ -56,6 +56,7 @@ __all__ = [
     "model_loss",
     "rank_generator",
     "token_accuracy",
+    "train_gpt",
     "write_summary",
 ]
 
@@ -94,6 +95,36 @@ def join_process_group(backend: str) -> bool:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+GPT_EVAL_SEED = 12345
+"""Seed of the GPT tools' validation batches: the same on every rank and in every run."""
+
+
+def train_gpt(
+    trained: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
+    args: Any, generator: torch.Generator, after_step: Sequence[Callback] = (),
+) -> tuple[list[dict[str, Any]], float, float, float | None]:
+    """The GPT tools' run (``train_fsdp``, ``train_diloco``): ``args.steps`` steps of
+    ``args.batch_size`` sequences from ``data`` (a ``ByteDataset``) drawn with
+    ``generator``, the learning rate warming up over ``args.warmup`` steps and decaying to
+    ``args.min_lr_ratio`` (cosine), then the validation loss and next-byte accuracy of
+    ``model`` on ``args.eval_batches`` fixed batches. ``trained`` is what the loop calls
+    (``model`` or its wrapper). Returns the records, the training seconds, the validation
+    loss and accuracy."""
+    from .workload import lr_factor
+
+    t0 = time.perf_counter()
+    records = fit(trained, optimizer,
+                  draws(lambda: data.batch("train", args.batch_size, generator)), args.steps,
+                  schedule=lr_factor(args.steps, args.warmup, args.min_lr_ratio),
+                  after_step=after_step)
+    seconds = time.perf_counter() - t0
+    vgen = torch.Generator().manual_seed(GPT_EVAL_SEED)
+    val_loss, val_acc = evaluate(
+        model, (data.batch("val", args.batch_size, vgen) for _ in range(args.eval_batches)),
+        metric=token_accuracy)
+    return records, seconds, val_loss, val_acc
 
 
 def write_summary(summary: dict[str, Any], path: str | None) -> None:

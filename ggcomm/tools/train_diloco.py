@@ -27,20 +27,16 @@ import torch.distributed as dist
 
 from .train import (
     Step,
-    draws,
-    evaluate,
-    fit,
     join_process_group,
     rank_generator,
-    token_accuracy,
+    train_gpt,
     write_summary,
 )
-from .workload import GPT, ByteDataset, GPTConfig, lr_factor
+from .workload import GPT, ByteDataset, GPTConfig
 
 __all__ = ["WIRES", "main", "parse_args", "train"]
 
 WIRES = ("ddp", "fp32", "int8", "gg")
-EVAL_SEED = 12345
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -142,15 +138,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
                   f"{r['bytes_sent'] / 1e3:.1f} kB/rank  {r['time_s'] * 1e3:.0f} ms",
                   flush=True)
 
-    t0 = time.perf_counter()
-    records = fit(trained, opt, draws(lambda: data.batch("train", args.batch_size, gen)),
-                  args.steps, schedule=lr_factor(args.steps, args.warmup, args.min_lr_ratio),
-                  after_step=[record])
-    total_time = time.perf_counter() - t0
-    vgen = torch.Generator().manual_seed(EVAL_SEED)  # the same batches on every rank
-    val_loss, val_acc = evaluate(
-        model, (data.batch("val", args.batch_size, vgen) for _ in range(args.eval_batches)),
-        metric=token_accuracy)
+    records, total_time, val_loss, val_acc = train_gpt(trained, model, opt, data, args, gen,
+                                                       after_step=[record])
     losses = [r["loss"] for r in records]
     sent = [r["bytes_sent"] for r in records]
     summary = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,20 +30,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .train import (
     Step,
-    draws,
-    evaluate,
-    fit,
     join_process_group,
     rank_generator,
-    token_accuracy,
+    train_gpt,
     write_summary,
 )
-from .workload import GPT, ByteDataset, GPTConfig, lr_factor
+from .workload import GPT, ByteDataset, GPTConfig
 
 __all__ = ["REDUCES", "main", "parse_args", "train"]
 
 REDUCES = ("fp32", "bf16", "gg")
-EVAL_SEED = 12345
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -145,15 +140,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
                   f"{step.record['bytes_sent'] / 1e3:.1f} kB/rank  "
                   f"{step.record['time_s'] * 1e3:.0f} ms", flush=True)
 
-    t0 = time.perf_counter()
-    records = fit(model, opt, draws(lambda: data.batch("train", args.batch_size, gen)),
-                  args.steps, schedule=lr_factor(args.steps, args.warmup, args.min_lr_ratio),
-                  after_step=[record])
-    total_time = time.perf_counter() - t0
-    vgen = torch.Generator().manual_seed(EVAL_SEED)  # the same batches on every rank
-    val_loss, val_acc = evaluate(
-        model, (data.batch("val", args.batch_size, vgen) for _ in range(args.eval_batches)),
-        metric=token_accuracy)
+    records, total_time, val_loss, val_acc = train_gpt(model, model, opt, data, args, gen,
+                                                       after_step=[record])
     losses = [r["loss"] for r in records]
     sent_per_step = [r["bytes_sent"] for r in records]
     summary = {
