@@ -56,6 +56,7 @@ __all__ = [
     "model_loss",
     "rank_generator",
     "token_accuracy",
+    "add_gpt_run_args",
     "train_gpt",
     "write_summary",
 ]
@@ -95,6 +96,32 @@ def join_process_group(backend: str) -> bool:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+def add_gpt_run_args(p: Any, steps: int, codec_group: str) -> Any:
+    """The command-line options of a GPT training tool (what :func:`train_gpt` reads, and
+    the tool's seed, threads, logging and summary), and a ``codec_group`` group with the
+    mutually exclusive ``--rate`` / ``--step`` / ``--rel-step``."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay's end / --lr")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128, help="GPT context length")
+    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
+    g = p.add_argument_group(codec_group)
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, help="target bits per element (default 3.0)")
+    rate.add_argument("--step", type=float, help="absolute quantization step")
+    rate.add_argument("--rel-step", type=float, help="quantization step as a multiple of RMS")
+    g.add_argument("--no-error-feedback", action="store_true")
+    return g
 
 
 GPT_EVAL_SEED = 12345

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .train import (
     Step,
+    add_gpt_run_args,
     join_process_group,
     rank_generator,
     train_gpt,
@@ -43,27 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wire", choices=WIRES, default="gg")
     p.add_argument("--sync-every", type=int, default=50, help="inner steps per outer step")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay's end / --lr")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128, help="GPT context length")
-    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
-    g = p.add_argument_group("gg (ggcomm.diloco)")
-    rate = g.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, help="target bits per element (default 3.0)")
-    rate.add_argument("--step", type=float, help="absolute quantization step")
-    rate.add_argument("--rel-step", type=float, help="quantization step as a multiple of RMS")
-    g.add_argument("--no-error-feedback", action="store_true")
+    add_gpt_run_args(p, 600, "gg (ggcomm.diloco)")
     args = p.parse_args(argv)
     if args.wire != "ddp" and args.steps % args.sync_every:
         p.error("--steps must be a multiple of --sync-every (the run ends on an outer step)")

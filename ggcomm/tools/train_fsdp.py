@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .train import (
     Step,
+    add_gpt_run_args,
     join_process_group,
     rank_generator,
     train_gpt,
@@ -45,26 +46,8 @@ REDUCES = ("fp32", "bf16", "gg")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reduce", choices=REDUCES, default="gg", help="gradient reduce-scatter")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay's end / --lr")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--json", metavar="PATH", help="rank 0 writes its summary here")
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128, help="GPT context length")
-    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
-    g = p.add_argument_group("gg (ggcomm.fsdp)")
-    rate = g.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, help="target bits per element (default 3.0)")
-    rate.add_argument("--step", type=float, help="absolute quantization step")
-    rate.add_argument("--rel-step", type=float, help="quantization step as a multiple of RMS")
+    g = add_gpt_run_args(p, 300, "gg (ggcomm.fsdp)")
     g.add_argument("--gg-warmup-iters", type=int, default=0, help="rate warm-up iterations")
-    g.add_argument("--no-error-feedback", action="store_true")
     g.add_argument("--weights", choices=("none", "rf8", "eg"), default="none",
                    help="compress the parameter all-gathers too")
     args = p.parse_args(argv)
