@@ -25,9 +25,9 @@ __version__ = "0.1.0"
 
 # Submodules load on first use: `import ggcomm` stays cheap for a training script that
 # only needs the codec, and `ggcomm.gg.fit(...)` still works without its own import.
-_SUBMODULES = {"codec", "ddp", "deepspeed", "errors", "fsdp", "gg", "kernels", "methods",
-               "pipeline", "pipelining", "quant", "rate", "rf8", "step_policy", "tools",
-               "weights"}
+_SUBMODULES = {"codec", "ddp", "deepspeed", "diloco", "errors", "exchange", "fsdp", "gg",
+               "kernels", "methods", "pipeline", "pipelining", "powersgd", "quant", "rate",
+               "rf8", "step_policy", "tools", "weights"}
 
 # Modules that moved into a wing keep their former names: `import ggcomm.act` and
 # `from ggcomm.workload import GPT` give the module itself (one object under two names).

@@ -13,8 +13,9 @@ import ggcomm.errors
 
 # every module the README names as ggcomm.<name>, and where it lives
 DOCUMENTED = {name: f"ggcomm.{name}" for name in (
-    "codec", "ddp", "deepspeed", "errors", "gg", "kernels", "methods", "pipeline",
-    "pipelining", "quant", "rate", "step_policy", "tools")}
+    "codec", "ddp", "deepspeed", "diloco", "errors", "exchange", "fsdp", "gg", "kernels",
+    "methods", "pipeline", "pipelining", "powersgd", "quant", "rate", "rf8", "step_policy",
+    "tools", "weights")}
 # former names of modules that moved into a wing
 MOVED = {"init": "ggcomm.methods.init", "act": "ggcomm.methods.act",
          "gct": "ggcomm.methods.gct", "backslash": "ggcomm.methods.backslash",
