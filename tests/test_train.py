@@ -269,6 +269,12 @@ def test_train_ddp_trains_through_fit(tmp_path: Path, one_rank_group: None) -> N
 
 
 def test_demo_trains_through_fit(one_rank_group: None) -> None:
+    import threading
+
+    def hook_threads():
+        return {t for t in threading.enumerate() if t.name == "ggcomm-ddp"}
+
+    before = hook_threads()
     args = demo._parse(["--steps", "10", "--batch-size", "2", "--no-progress"])
     rows = []
     with fit_calls() as calls:
@@ -278,6 +284,7 @@ def test_demo_trains_through_fit(one_rank_group: None) -> None:
     assert [row[0] for row in result["rows"]] == losses
     assert [step for step, _ in rows] == list(range(10))
     assert math.isfinite(result["val_loss"]) and 0 <= result["val_accuracy"] <= 1
+    assert hook_threads() <= before  # the hook's worker thread ended with the training
 
 
 def test_analyze_trains_through_fit() -> None:

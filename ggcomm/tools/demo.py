@@ -139,6 +139,8 @@ def train_rank(
                   args.steps, schedule=lr_factor(args.steps),
                   after_backward=[lambda step: gct.apply_()] if gct is not None else [],
                   after_step=[account])
+    if state is not None:  # the hook's thread and private group end with the training
+        state.close()
     val_gen = torch.Generator().manual_seed(12345)
     val_loss, val_acc = evaluate(model, (data.batch("val", 32, val_gen) for _ in range(4)),
                                  metric=token_accuracy)
