@@ -93,6 +93,14 @@ def against_torch(rank, world):
     return out
 
 
+def checkpoints(rank, world, split, total, bucket_caps):
+    return [checkpoint(rank, world, split, total, cap) for cap in bucket_caps]
+
+
+def replicas_and_torch(rank, world, steps, rank_r):
+    return replicas(rank, world, steps, rank_r), against_torch(rank, world)
+
+
 def checkpoint(rank, world, split, total, bucket_cap_mb):
     """Train ``total`` steps straight, and again with a save and load after ``split``."""
     def run(resume_at):
