@@ -166,6 +166,12 @@ def summarize(runs: dict, methods: list[str], seeds: list[int]) -> dict[str, dic
     return out
 
 
+def _mean_over(s: dict, seeds: list[int]) -> dict[str, float]:
+    rows = [x for x in s["per_seed"] if x["seed"] in seeds]
+    return {k: sum(x[k] for x in rows) / len(rows)
+            for k in ("bytes_per_step", "steady_bytes_per_step", "val_vs_fp32")}
+
+
 def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
     summary = data["summary"]
     ranks, steps = args.ranks, args.steps
@@ -207,8 +213,10 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
             f"{mean['fewer_than_fp32']:.1f}x | {mean['steady_bytes_per_step'] / 1e3:.1f} kB | "
             f"{100 * mean['train_vs_fp32']:+.2f}% | {100 * mean['val_vs_fp32']:+.2f}% | "
             f"{100 * s['worst_val_vs_fp32']:+.2f}% | "
-            f"{'yes' if s['within_on_every_seed'] else 'no'} | {stt} |")
-    ok = [m for m in methods if summary[m]["within_on_every_seed"] and m != "fp32"]
+            f"{'yes' if s['within_on_every_seed'] else 'no'}"
+            f"{'' if len(s['seeds']) == len(seeds) else ' (so far)'} | {stt} |")
+    ok = [m for m in methods if summary[m]["within_on_every_seed"] and m != "fp32"
+          and len(summary[m]["seeds"]) == len(seeds)]
     if ok:
         best = max(ok, key=lambda m: summary[m]["mean"]["fewer_than_fp32"])
         lines += ["", f"Fewest bytes within 1% of fp32's validation loss on every seed: "
@@ -218,14 +226,15 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
              if f"powersgd-r{k}" in summary and f"psgd-eg-r{k}" in summary]
     if pairs:
         lines += ["", "## PowerSGD with EG-coded factors against plain PowerSGD", "",
-                  "Same rank, same warm-up; the EG hook codes the factors at 4 bits per "
-                  "element (`ggcomm.powersgd`, rate control with PowerSGD's own error "
-                  "feedback carrying the rounding).", "",
+                  "Same rank, same warm-up, the seeds both have; the EG hook codes the "
+                  "factors at 4 bits per element (`ggcomm.powersgd`, rate control with "
+                  "PowerSGD's own error feedback carrying the rounding).", "",
                   "| rank | PowerSGD bytes/step (steady) | with EG factors (steady) | fewer "
                   "bytes (steady) | PowerSGD val vs fp32 | with EG factors |",
                   "|---|---|---|---|---|---|"]
         for plain, coded in pairs:
-            a, b = summary[plain]["mean"], summary[coded]["mean"]
+            common = sorted(set(summary[plain]["seeds"]) & set(summary[coded]["seeds"]))
+            a, b = (_mean_over(summary[m], common) for m in (plain, coded))
             lines.append(f"| {plain.rsplit('r', 1)[1]} | {a['bytes_per_step'] / 1e3:.1f} kB "
                          f"({a['steady_bytes_per_step'] / 1e3:.1f} kB) | "
                          f"{b['bytes_per_step'] / 1e3:.1f} kB "
@@ -283,9 +292,9 @@ def figure(data: dict, methods: list[str], seeds: list[int]):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):
-        c = colors[i % len(colors)]
+        c = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
         r = data["runs"][str(seeds[0])][m]
         cum, acc = [], 0.0
         for v in r["bytes_sent_per_rank"]:
@@ -294,24 +303,27 @@ def figure(data: dict, methods: list[str], seeds: list[int]):
         a.plot(cum, smoothed(r["loss"]), color=c, label=m, lw=1.2)
         s = data["summary"][m]
         xs = [x["bytes_per_step"] / 1e3 for x in s["per_seed"]]
-        ys = [x["val_loss"] for x in s["per_seed"]]
+        ys = [100 * x["val_vs_fp32"] for x in s["per_seed"]]
         b.scatter(xs, ys, color=c, s=18, alpha=0.6)
-        b.scatter([s["mean"]["bytes_per_step"] / 1e3], [s["mean"]["val_loss"]], color=c,
-                  marker="D", s=50, label=m, edgecolor="k")
+        b.scatter([s["mean"]["bytes_per_step"] / 1e3], [100 * s["mean"]["val_vs_fp32"]],
+                  color=c, marker="D", s=50, label=f"{m} ({len(s['seeds'])} seeds)",
+                  edgecolor="k")
     a.set(xscale="log", xlabel="cumulative MB sent per rank", ylabel="training loss (20-step "
           f"mean), seed {seeds[0]}", title="Loss against bytes sent")
     a.set_ylim(top=3.2)
     a.legend(fontsize=7)
     # the Pareto front of the means: nothing else has fewer bytes and a lower loss
     pts = sorted((data["summary"][m]["mean"]["bytes_per_step"] / 1e3,
-                  data["summary"][m]["mean"]["val_loss"]) for m in methods)
+                  100 * data["summary"][m]["mean"]["val_vs_fp32"]) for m in methods)
     front, best = [], math.inf
     for x, y in pts:
         if y < best:
             front.append((x, y))
             best = y
     b.plot(*zip(*front, strict=True), "k--", lw=0.8, label="Pareto front (means)")
-    b.set(xscale="log", xlabel="bytes per rank per step (kB)", ylabel="validation loss",
+    b.axhspan(-1, 1, color="0.9", zorder=0, label="within 1% of fp32")
+    b.set(xscale="log", xlabel="bytes per rank per step (kB)",
+          ylabel="validation loss vs fp32 of the same seed (%)",
           title="Final validation loss against bytes (dots: seeds, diamonds: means)")
     b.legend(fontsize=7)
     fig.tight_layout()
