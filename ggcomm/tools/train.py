@@ -52,6 +52,7 @@ __all__ = [
     "draws",
     "evaluate",
     "fit",
+    "in_process_group",
     "join_process_group",
     "model_loss",
     "rank_generator",
@@ -164,6 +165,17 @@ def write_summary(summary: dict[str, Any], path: str | None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
+
+
+def in_process_group(fn: Callable[[Any], Any], args: Any, backend: str = "gloo") -> Any:
+    """``fn(args)`` inside torchrun's process group, or a 1-rank one made (and destroyed)
+    for it: the GPT training tools' ``train``."""
+    created = join_process_group(backend)
+    try:
+        return fn(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:

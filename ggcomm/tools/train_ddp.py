@@ -94,7 +94,7 @@ from ggcomm.tools.train import (
     draws,
     evaluate,
     fit,
-    join_process_group,
+    in_process_group,
     rank_generator,
     token_accuracy,
     write_summary,
@@ -492,12 +492,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Returns the summary dict (validation results only on rank 0, ``None`` elsewhere); rank 0
     also writes it to ``args.json`` if set.
     """
-    created = join_process_group(args.backend)
-    try:
-        return _train(args)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    return in_process_group(_train, args, args.backend)
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .train import (
     Step,
     add_gpt_run_args,
-    join_process_group,
+    in_process_group,
     rank_generator,
     train_gpt,
     write_summary,
@@ -55,12 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train on this rank (inside torchrun's process group, or a 1-rank one)."""
-    created = join_process_group("gloo")
-    try:
-        return _train(args)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    return in_process_group(_train, args)
 
 
 def _shape(x: torch.Tensor) -> float:

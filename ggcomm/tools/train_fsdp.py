@@ -31,7 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from .train import (
     Step,
     add_gpt_run_args,
-    join_process_group,
+    in_process_group,
     rank_generator,
     train_gpt,
     write_summary,
@@ -72,12 +72,7 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train on this rank (inside torchrun's process group, or a 1-rank one)."""
-    created = join_process_group("gloo")
-    try:
-        return _train(args)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    return in_process_group(_train, args)
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
