@@ -6,6 +6,7 @@ import datetime
 import os
 import time
 import traceback
+from multiprocessing import forkserver
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,13 +33,36 @@ def _entry(rank: int, world: int, port: int, fn, args, results, pg_timeout=None)
             dist.destroy_process_group()
 
 
+# Ranks start from a fork server that imported torch and ggcomm once per test session
+# (tests/rank_preload.py): a fresh interpreter per rank would spend seconds importing on
+# every spawn, more than most tests' checks. The ranks are still separate processes, as
+# torchrun's are, and forking after importing torch is what DataLoader workers do.
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["rank_preload"])
+
+
+def _start_fork_server() -> None:
+    # The server imports its preload from the PYTHONPATH it starts with (this folder is
+    # only on the test process's sys.path, which the server does not take over)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(__file__), old) if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
 def run(fn, world: int, *args, timeout: float = 240.0, pg_timeout: float | None = None) -> list:
     """fn(rank, world, *args) on `world` gloo ranks; returns the per-rank results.
 
     A rank that raised comes back as ("error", message); a hang fails after `timeout`.
     `pg_timeout`: seconds, the process group's timeout (torch's default if None).
     """
-    ctx = mp.get_context("spawn")
+    _start_fork_server()
+    ctx = _CTX
     port = free_port()
     with ctx.Manager() as manager:
         results = manager.dict()

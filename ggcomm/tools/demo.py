@@ -64,7 +64,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: Any) -> None:
+def _worker(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    """One rank of the demo: the three trainings, one after the other, on one process
+    group (each starts from its own seed; the hook's thread and group end with its run)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
@@ -73,14 +75,16 @@ def _worker(rank: int, port: int, args: argparse.Namespace, mode: str, queue: An
     torch.set_num_threads(1)  # two ranks share the machine's cores
     ggcomm.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mode = MODES[0]
     try:
-        def progress(step: int, row: tuple) -> None:
-            queue.put(("step", mode, step, row))
+        for mode in MODES:
+            def progress(step: int, row: tuple, mode: str = mode) -> None:
+                queue.put(("step", mode, step, row))
 
-        result = train_rank(args, mode, progress if rank == 0 else None)
-        if rank == 0:
-            queue.put(("done", mode, result))
-        dist.barrier()
+            result = train_rank(args, mode, progress if rank == 0 else None)
+            if rank == 0:
+                queue.put(("done", mode, result))
+            dist.barrier()
     except BaseException as e:
         queue.put(("error", mode, f"rank {rank}: {type(e).__name__}: {e}"))
         raise
@@ -159,7 +163,8 @@ hook (the wire codec alone); GG initialization, GCT and the hook (the whole meth
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:
-    """The three trainings, one after the other; returns rank 0's results per mode."""
+    """The three trainings, one after the other in one pair of rank processes; returns
+    rank 0's results per mode."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -170,19 +175,18 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 
         bar = tqdm(total=len(MODES) * args.steps, unit="step", file=sys.stderr)
     results: dict[str, dict] = {}
-    for mode in MODES:
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, args, mode, queue))
-                 for r in range(WORLD)]
-        for proc in procs:
-            proc.start()
-        while mode not in results:
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    try:
+        while len(results) < len(MODES):
             try:
-                kind, _, *payload = queue.get(timeout=5.0)
+                kind, mode, *payload = queue.get(timeout=5.0)
             except queue_mod.Empty:  # check that the ranks are still alive
                 if any(p.exitcode not in (None, 0) for p in procs):
                     codes = [p.exitcode for p in procs]
-                    raise RuntimeError(f"{mode}: a rank exited with {codes}") from None
+                    raise RuntimeError(f"a rank exited with {codes}") from None
                 continue
             if kind == "error":
                 raise RuntimeError(f"{mode} failed on {payload[0]}")
@@ -194,8 +198,12 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 results[mode] = payload[0]
         for proc in procs:
             proc.join(timeout=60)
-    if bar is not None:
-        bar.close()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        if bar is not None:
+            bar.close()
     return results
 
 
