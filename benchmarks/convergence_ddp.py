@@ -9,9 +9,9 @@ same data and steps, and writes ``benchmarks/results/<name>.md``, ``.json`` and 
   computed from the tensors they pass) and how many times fewer than fp32;
 * which methods stay within 1% of fp32's validation loss on every seed, and the fewest
   bytes per step among them;
-* steps to reach fp32's final training loss (+1%), and from the step times measured on
-  shaped links (``benchmarks/results/ddp_bench.json``, ``ggcomm bench``) the time that
-  takes at 100 Mbit/s and 1 Gbit/s;
+* steps to reach fp32's final training loss (+1%), and with ``--time-links`` (root) the
+  time that takes at 100 Mbit/s and 1 Gbit/s: each method's steady-state step timed in a
+  short run of the same training on test hosts joined by shaped links;
 * a plot: training loss against cumulative bytes sent per rank, and final validation loss
   against bytes per step (the Pareto front).
 
@@ -19,6 +19,7 @@ Runs are kept in the JSON as they finish; a second call with the same ``--name``
 what is missing (add methods or seeds later, or resume an interrupted study).
 
     python benchmarks/convergence_ddp.py [--steps 600] [--ranks 2] [--methods ...]
+    python benchmarks/convergence_ddp.py --report-only --time-links 100mbit 1gbit  # as root
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import json
 import math
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _runs import resumable, trailing_mean
+from _runs import launch, resumable, trailing_mean
 
-from ggcomm.tools.workload import free_port
+from ggcomm.tools import testhosts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _GG_WARMUP = ["--gg-warmup-iters", "20"]  # the README's recommendation for Adam-type runs
@@ -65,28 +66,33 @@ LABELS = {
     "gg-rate2.5": "ggcomm 2.5 bits", "gg-rate3": "ggcomm 3 bits",
     "gg-rate4": "ggcomm 4 bits", "gg-rate3-nowarmup": "ggcomm 3 bits, no rate warm-up",
 }
-# the ggcomm bench methods whose shaped-link step times stand for these (same hook, rate)
-BENCH_METHOD = {"fp32": "fp32", "fp16": "fp16", "quant8": "quant8",
-                "powersgd-r1": "powersgd-r1", "powersgd-r4": "powersgd-r4",
-                "gg-rate2": "gg2-allgather", "gg-rate3": "gg3-allgather",
-                "gg-rate4": "gg4-allgather"}
-LINKS = ("100mbit", "1gbit")
+TIME_LINKS = ("100mbit", "1gbit")
 WITHIN = 0.01  # "the same model": within 1% of fp32's loss
 TAIL = 20  # final training loss: mean of the last TAIL steps
 
 
+def _train(method: str, steps: int, ranks: int, seed: int, out: Path, link: str) -> dict:
+    argv = ["-m", "ggcomm.tools.train_ddp", *METHODS[method], "--steps", str(steps), "--seed",
+            str(seed), "--threads", "1", "--log-every", "100", "--json", str(out)]
+    launch(link, ranks, argv, prefix="ggcconv")
+    return json.loads(out.read_text())
+
+
 def run(method: str, steps: int, ranks: int, seed: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={free_port()}", "-m", "ggcomm.tools.train_ddp", *METHODS[method],
-           "--steps", str(steps), "--seed", str(seed), "--threads", "1", "--log-every", "100",
-           "--json", str(out)]
-    subprocess.run(cmd, check=True)
-    r = json.loads(out.read_text())
+    """One training run of the study, on localhost."""
+    r = _train(method, steps, ranks, seed, out, "localhost")
     # keep what the report reads: the per-step series it plots, not the hook's internals
     keep = ("num_parameters", "world_size", "fp32_allreduce_bytes_per_rank",
             "median_step_time_s", "val_loss", "val_accuracy")
     return {**{k: r[k] for k in keep},
             "loss": r["steps"]["loss"], "bytes_sent_per_rank": r["steps"]["bytes_sent_per_rank"]}
+
+
+def time_step(method: str, link: str, steps: int, ranks: int, out: Path) -> float:
+    """Median seconds of a steady-state step (after every warm-up, :data:`STEADY_FROM`) of
+    the study's training on test hosts joined by ``link``: a short run of ``steps`` steps."""
+    times = _train(method, steps, ranks, 0, out, link)["steps"]["step_time_s"]
+    return statistics.median(times[STEADY_FROM:])
 
 
 def smoothed(losses: list[float], window: int = TAIL) -> list[float]:
@@ -118,20 +124,6 @@ def steps_to(r: dict, target: float) -> int | None:
         if i + 1 >= TAIL and v <= target:
             return i + 1
     return None
-
-
-def bench_step_times(ranks: int) -> dict[str, dict[str, float]]:
-    """Median step seconds of the GPT workload per bench method and link (and under
-    ``"date"``, when the bench ran)."""
-    path = RESULTS / "ddp_bench.json"
-    if not path.exists():
-        return {}
-    bench = json.loads(path.read_text())
-    out: dict[str, dict[str, float]] = {"date": bench.get("date", "?")}
-    for r in bench["runs"]:
-        if r["workload"] == "gpt" and r["ranks"] == ranks and r.get("median_step_s"):
-            out.setdefault(r["method"], {})[r["link"]] = r["median_step_s"]
-    return out
 
 
 def summarize(runs: dict, methods: list[str], seeds: list[int]) -> dict[str, dict]:
@@ -242,33 +234,32 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
                          f"{a['bytes_per_step'] / b['bytes_per_step']:.1f}x "
                          f"({a['steady_bytes_per_step'] / b['steady_bytes_per_step']:.1f}x) | "
                          f"{100 * a['val_vs_fp32']:+.2f}% | {100 * b['val_vs_fp32']:+.2f}% |")
-    times = bench_step_times(ranks)
-    lines += [
-        "", "## Time to fp32's final training loss (+1%) on shaped links", "",
-        "Steps to the target (mean over seeds, from the runs above) times the median step "
-        f"time `ggcomm bench` measured for the same hook on the GPT workload at {ranks} ranks "
-        "over links shaped with `tc tbf` (`benchmarks/results/ddp_bench.md`: batch 8 per "
-        f"rank, so compute is about half of these runs'; the link's share is the same bytes; "
-        f"measured {times.get('date', '?')}, before the fused DDP hook of "
-        "`benchmarks/results/ddp_speed/`, so ggcomm's step times here are upper bounds). "
-        "Methods the bench has not measured are left out.",
-        "",
-        "| method | steps to target | " + " | ".join(f"step at {lk} | time at {lk}"
-                                                   for lk in LINKS) + " |",
-        "|---|---|" + "---|---|" * len(LINKS),
-    ]
-    for m in methods:
-        bench = times.get(BENCH_METHOD.get(m, ""), {}) if m in BENCH_METHOD else {}
-        if not bench:
-            continue
-        n = summary[m]["steps_to_target"]
-        cells = []
-        for lk in LINKS:
-            t = bench.get(lk)
-            cells.append("-" if t is None else f"{1e3 * t:.0f} ms")
-            cells.append("-" if t is None or n is None else f"{n * t:.0f} s")
-        lines.append(f"| {m} | {'not reached' if n is None else f'{n:.0f}'} | "
-                     + " | ".join(cells) + " |")
+    times = data.get("step_times", {})
+    links = [lk for lk in TIME_LINKS if lk in times]
+    lines += ["", "## Time to fp32's final training loss (+1%) on shaped links", ""]
+    if not links:
+        lines.append("Not measured: step times come from `--time-links` (root, test hosts).")
+    else:
+        lines += [
+            "Steps to the target (mean over seeds, from the runs above) times the median "
+            f"steady-state step (steps {STEADY_FROM + 1} on) of a {data['time_steps']}-step "
+            f"run of the same training at {ranks} ranks, one rank per test host, the hosts "
+            "joined by links shaped with `tc tbf` (`ggcomm.tools.testhosts`; every byte "
+            "crosses the kernel on the same CPUs that train).",
+            "",
+            "| method | steps to target | " + " | ".join(f"step at {lk} | time at {lk}"
+                                                       for lk in links) + " |",
+            "|---|---|" + "---|---|" * len(links),
+        ]
+        for m in methods:
+            n = summary[m]["steps_to_target"]
+            cells = []
+            for lk in links:
+                t = times[lk].get(m)
+                cells.append("-" if t is None else f"{1e3 * t:.0f} ms")
+                cells.append("-" if t is None or n is None else f"{n * t:.0f} s")
+            lines.append(f"| {m} | {'not reached' if n is None else f'{n:.0f}'} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "## Per seed", "",
               "| method | seed | final train loss | vs fp32 | val loss | vs fp32 | val acc | "
               "bytes/rank/step | fewer than fp32 | steps to target |",
@@ -339,8 +330,16 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="convergence_ddp", help="results file name (no suffix)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report-only", action="store_true",
-                   help="write the report from the runs already in the JSON")
+                   help="run no training: report the runs already in the JSON (--time-links still times)")
+    p.add_argument("--time-links", nargs="+", default=[], choices=TIME_LINKS,
+                   help="also time each method's step on test hosts joined by these shaped "
+                   "links (root)")
+    p.add_argument("--time-steps", type=int, default=45,
+                   help=f"steps of each timing run (the median is over steps "
+                   f"{STEADY_FROM + 1} on)")
     args = p.parse_args(argv)
+    if args.time_links and (why := testhosts.unavailable_reason()):
+        p.error(f"--time-links needs test hosts: {why}")
     methods = ["fp32"] + [m for m in args.methods if m != "fp32"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +355,19 @@ def main(argv=None) -> None:
                 have[m] = run(m, args.steps, args.ranks, seed, Path(tmp) / f"{m}.json")
                 print(f"{m} seed {seed}: {time.time() - t:.0f} s", file=sys.stderr)
                 path.write_text(json.dumps(data))  # kept as it goes: resumable
+        times = data.setdefault("step_times", {})
+        for link in args.time_links:
+            if data.get("time_steps", args.time_steps) != args.time_steps:
+                raise SystemExit(f"{path}: step times were measured over {data['time_steps']} "
+                                 f"steps, not {args.time_steps}")
+            data["time_steps"] = args.time_steps
+            for m in methods:
+                if m in times.setdefault(link, {}):
+                    continue
+                times[link][m] = time_step(m, link, args.time_steps, args.ranks,
+                                           Path(tmp) / f"time-{m}.json")
+                print(f"{m} on {link}: {1e3 * times[link][m]:.0f} ms per step", file=sys.stderr)
+                path.write_text(json.dumps(data))
     done = [m for m in methods if any(m in data["runs"].get(str(s), {}) and "fp32" in
                                       data["runs"][str(s)] for s in args.seeds)]
     data["summary"] = summarize(data["runs"], done, args.seeds)

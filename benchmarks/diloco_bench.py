@@ -21,20 +21,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _runs import resumable, trailing_mean
+from _runs import LINKS, launch, resumable, trailing_mean
 
 from ggcomm.tools import testhosts
-from ggcomm.tools.workload import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN = ["-m", "ggcomm.tools.train_diloco"]
-LINKS = ("localhost", "1gbit", "100mbit")
 TAIL = 20
 
 
@@ -54,17 +51,7 @@ def _args(method: list[str], args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run(link: str, ranks: int, method: list[str], args: argparse.Namespace, out: Path) -> dict:
-    if link == "localhost":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={free_port()}", *_args(method, args, out)]
-        subprocess.run(cmd, check=True)
-    else:
-        with testhosts.TestHosts(ranks, rate=link, prefix="ggcdiloco") as hosts:
-            procs = [hosts.popen(i, [sys.executable, *_args(method, args, out)])
-                     for i in range(ranks)]
-            codes = [p.wait(timeout=7200) for p in procs]
-            if any(codes):
-                raise RuntimeError(f"{method} on {link}: ranks exited with {codes}")
+    launch(link, ranks, _args(method, args, out), prefix="ggcdiloco")
     r = json.loads(out.read_text())
     keep = ("num_parameters", "val_loss", "val_accuracy", "total_bytes_sent_per_rank",
             "total_time_s", "pseudo_gradient_gg_shape", "fp32_allreduce_bytes_per_rank")

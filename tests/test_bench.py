@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 def test_defaults_full_and_quick() -> None:
     full = bench.parse_args([])
-    assert full.methods == list(bench.METHODS) and len(full.methods) == 11
+    assert full.methods == list(bench.METHODS) and len(full.methods) == 17
     assert full.links == list(bench.LINKS) and full.workloads == ["gpt", "mlp"]
     assert full.ranks == [2, 4] and full.steps == bench.DEFAULT_STEPS
     assert full.psgd_start == max(bench.PSGD_MIN_START, round(0.1 * full.steps))

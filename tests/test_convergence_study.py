@@ -47,9 +47,15 @@ def test_summary_verdicts_and_report(study, tmp_path):
     assert summary["powersgd-r1"]["steps_to_target"] is None
     data = {"runs": runs, "summary": summary}
     args = Namespace(ranks=2, steps=n, name="t")
-    lines = study.report(data, methods, [0, 1], args)
-    text = "\n".join(lines)
+    text = "\n".join(study.report(data, methods, [0, 1], args))
     assert "**gg-rate3**" in text and "not reached" in text
+    assert "Not measured" in text  # no step times yet
+    # timed on one link: time to target = steps to target x the measured step
+    data.update(step_times={"100mbit": {"fp32": 0.5, "gg-rate3": 0.25}}, time_steps=45)
+    text = "\n".join(study.report(data, methods, [0, 1], args))
+    steps = summary["gg-rate3"]["steps_to_target"]
+    assert f"| gg-rate3 | {steps:.0f} | 250 ms | {steps * 0.25:.0f} s |" in text
+    assert "| powersgd-r1 | not reached | - | - |" in text and "1gbit" not in text
     study.figure(data, methods, [0, 1]).savefig(tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
     json.dumps(data)  # what main() writes
@@ -58,3 +64,9 @@ def test_summary_verdicts_and_report(study, tmp_path):
 def test_steps_to_target_needs_a_full_window(study):
     assert study.steps_to({"loss": [0.0] * 30}, 1.0) == study.TAIL
     assert study.smoothed([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
+
+
+def test_step_time_is_the_median_after_every_warm_up(study, monkeypatch):
+    times = [9.0] * study.STEADY_FROM + [0.3, 0.1, 0.2]
+    monkeypatch.setattr(study, "_train", lambda *a: {"steps": {"step_time_s": times}})
+    assert study.time_step("fp32", "100mbit", len(times), 2, Path("unused")) == 0.2

@@ -10,8 +10,9 @@ asked for, and reports what each method costs and gains::
 Methods (:data:`METHODS`): ``fp32`` (no hook: DDP's own fp32 allreduce), ``fp16``
 (``fp16_compress_hook``), ``quant8`` (``quantization_pertensor_hook``: uint8, allgather),
 ``powersgd-r1`` / ``powersgd-r4`` (``powerSGD_hook`` at rank 1 and 4 after ``--psgd-start``
-fp32 warm-up steps), and ggcomm at 2, 3 and 4 bits per element with each exchange
-(``gg3-allgather``, ``gg3-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`): ``gpt``, the
+fp32 warm-up steps), ``psgd-eg-r1`` / ``psgd-eg-r4`` (the same with EG-coded factors,
+:mod:`ggcomm.powersgd`), and ggcomm at 1.5, 2, 2.5, 3 and 4 bits per element with each
+exchange (``gg3-allgather``, ``gg2.5-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`): ``gpt``, the
 byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP, whose step is
 mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
 ``1gbit``, ``100mbit``: one network namespace per rank, joined by a bridge, every link shaped
@@ -155,7 +156,7 @@ class Method:
 
     def train_argv(self, psgd_start: int, gg_warmup: int) -> list[str]:
         extra: list[str] = []
-        if self.hook == "powersgd":
+        if self.hook in ("powersgd", "psgd-eg"):
             extra = ["--psgd-start", str(psgd_start)]
         elif self.hook == "gg" and gg_warmup:
             extra = ["--gg-warmup-iters", str(gg_warmup)]
@@ -165,11 +166,15 @@ class Method:
         """Leading steps that are not steady state: step 1 for every method (DDP rebuilds its
         buckets; ggcomm sends it uncompressed), PowerSGD's fp32 warm-up, ggcomm's rate
         warm-up."""
-        if self.hook == "powersgd":
+        if self.hook in ("powersgd", "psgd-eg"):
             return max(1, psgd_start)
         if self.hook == "gg":
             return 1 + gg_warmup
         return 1
+
+
+GG_RATES = (1.5, 2, 2.5, 3, 4)
+"""ggcomm's target bits per element in the matrix (each with both exchanges)."""
 
 
 def _methods() -> dict[str, Method]:
@@ -186,13 +191,21 @@ def _methods() -> dict[str, Method]:
                 ("--hook", "powersgd", "--psgd-rank", str(rank)),
             )
         )
-    for bits in (2, 3, 4):
+    for rank in (1, 4):
+        methods.append(
+            Method(
+                f"psgd-eg-r{rank}",
+                f"PowerSGD rank {rank}, factors EG-coded (ggcomm.powersgd)",
+                ("--hook", "psgd-eg", "--psgd-rank", str(rank)),
+            )
+        )
+    for bits in GG_RATES:
         for exchange in ("allgather", "reduce_scatter"):
             methods.append(
                 Method(
-                    f"gg{bits}-{exchange}",
-                    f"ggcomm {bits} bits/element, {exchange}",
-                    ("--hook", "gg", "--rate", str(bits), "--exchange", exchange),
+                    f"gg{bits:g}-{exchange}",
+                    f"ggcomm {bits:g} bits/element, {exchange}",
+                    ("--hook", "gg", "--rate", f"{bits:g}", "--exchange", exchange),
                 )
             )
     return {m.name: m for m in methods}

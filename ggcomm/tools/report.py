@@ -278,7 +278,7 @@ def _setup_lines(result: dict[str, Any]) -> list[str]:
         "uncompressed)"
         + (
             f", PowerSGD's first {cfg['psgd_start']} steps (its fp32 warm-up)"
-            if any(m.startswith("powersgd") for m in cfg["methods"])
+            if any(m.startswith(("powersgd", "psgd-eg")) for m in cfg["methods"])
             else ""
         )
         + (
@@ -475,7 +475,11 @@ _COLORS = {
     "quant8": "tab:brown",
     "powersgd-r1": "tab:purple",
     "powersgd-r4": "tab:pink",
+    "psgd-eg-r1": "darkviolet",
+    "psgd-eg-r4": "violet",
+    "gg1.5": "tab:red",
     "gg2": "tab:blue",
+    "gg2.5": "tab:cyan",
     "gg3": "tab:green",
     "gg4": "tab:orange",
 }
