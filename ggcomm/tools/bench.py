@@ -12,9 +12,9 @@ Methods (:data:`METHODS`): ``fp32`` (no hook: DDP's own fp32 allreduce), ``fp16`
 ``powersgd-r1`` / ``powersgd-r4`` (``powerSGD_hook`` at rank 1 and 4 after ``--psgd-start``
 fp32 warm-up steps), ``psgd-eg-r1`` / ``psgd-eg-r4`` (the same with EG-coded factors,
 :mod:`ggcomm.powersgd`), and ggcomm at 1.5, 2, 2.5, 3 and 4 bits per element with each
-exchange (``gg3-allgather``, ``gg2.5-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`): ``gpt``, the
-byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP, whose step is
-mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
+exchange (``gg3-allgather``, ``gg2.5-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`):
+``gpt``, the byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP,
+whose step is mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
 ``1gbit``, ``100mbit``: one network namespace per rank, joined by a bridge, every link shaped
 with ``tc tbf`` (:mod:`ggcomm.tools.testhosts`; needs root, and without it the benchmark says why
 and runs on localhost only). Ranks: ``--ranks 2 4``.
@@ -183,22 +183,15 @@ def _methods() -> dict[str, Method]:
         Method("fp16", "fp16_compress_hook", ("--hook", "fp16")),
         Method("quant8", "quantization_pertensor_hook (uint8)", ("--hook", "quant8")),
     ]
-    for rank in (1, 4):
-        methods.append(
-            Method(
-                f"powersgd-r{rank}",
-                f"powerSGD_hook rank {rank}",
-                ("--hook", "powersgd", "--psgd-rank", str(rank)),
+    for hook, label in (
+        ("powersgd", "powerSGD_hook rank {}"),
+        ("psgd-eg", "PowerSGD rank {}, factors EG-coded (ggcomm.powersgd)"),
+    ):
+        for rank in (1, 4):
+            methods.append(
+                Method(f"{hook}-r{rank}", label.format(rank),
+                       ("--hook", hook, "--psgd-rank", str(rank)))
             )
-        )
-    for rank in (1, 4):
-        methods.append(
-            Method(
-                f"psgd-eg-r{rank}",
-                f"PowerSGD rank {rank}, factors EG-coded (ggcomm.powersgd)",
-                ("--hook", "psgd-eg", "--psgd-rank", str(rank)),
-            )
-        )
     for bits in GG_RATES:
         for exchange in ("allgather", "reduce_scatter"):
             methods.append(
