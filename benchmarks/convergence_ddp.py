@@ -330,7 +330,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="convergence_ddp", help="results file name (no suffix)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report-only", action="store_true",
-                   help="run no training: report the runs already in the JSON (--time-links still times)")
+                   help="run no training: report the runs already in the JSON "
+                   "(--time-links still times)")
     p.add_argument("--time-links", nargs="+", default=[], choices=TIME_LINKS,
                    help="also time each method's step on test hosts joined by these shaped "
                    "links (root)")

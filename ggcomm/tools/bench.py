@@ -9,15 +9,15 @@ asked for, and reports what each method costs and gains::
 
 Methods (:data:`METHODS`): ``fp32`` (no hook: DDP's own fp32 allreduce), ``fp16``
 (``fp16_compress_hook``), ``quant8`` (``quantization_pertensor_hook``: uint8, allgather),
-``powersgd-r1`` / ``powersgd-r4`` (``powerSGD_hook`` at rank 1 and 4 after ``--psgd-start``
-fp32 warm-up steps), ``psgd-eg-r1`` / ``psgd-eg-r4`` (the same with EG-coded factors,
-:mod:`ggcomm.powersgd`), and ggcomm at 1.5, 2, 2.5, 3 and 4 bits per element with each
-exchange (``gg3-allgather``, ``gg2.5-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`):
-``gpt``, the byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP,
-whose step is mostly gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``,
-``1gbit``, ``100mbit``: one network namespace per rank, joined by a bridge, every link shaped
-with ``tc tbf`` (:mod:`ggcomm.tools.testhosts`; needs root, and without it the benchmark says why
-and runs on localhost only). Ranks: ``--ranks 2 4``.
+``powersgd-r1`` / ``powersgd-r4`` (``powerSGD_hook`` at rank 1 and 4 after ``--psgd-start`` fp32
+warm-up steps), ``psgd-eg-r1`` / ``psgd-eg-r4`` (the same with EG-coded factors,
+:mod:`ggcomm.powersgd`), and ggcomm at 1.5, 2, 2.5, 3 and 4 bits per element with each exchange
+(``gg3-allgather``, ``gg2.5-reduce_scatter``, ...). Workloads (:data:`WORKLOADS`): ``gpt``, the
+byte-level GPT, whose step is mostly compute on a CPU; ``mlp``, the wide MLP, whose step is mostly
+gradient exchange. Links (:data:`LINKS`): ``localhost`` (loopback), and ``10gbit``, ``1gbit``,
+``100mbit``: one network namespace per rank, joined by a bridge, every link shaped with ``tc tbf``
+(:mod:`ggcomm.tools.testhosts`; needs root, and without it the benchmark says why and runs on
+localhost only). Ranks: ``--ranks 2 4``.
 
 Measured per run (see ``ggcomm.tools.train_ddp`` for how bytes are counted): median step time;
 bytes each rank sends per step (ggcomm: the real frames; built-in hooks: computed from the
