@@ -131,18 +131,25 @@ def figure(data: dict):
     import matplotlib.pyplot as plt
 
     keys = list(data["runs"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 9), squeeze=False)
+    for col, key in enumerate(keys):
+        # the view starts a tenth of the way in, past the first steps' fall
+        top = max(smoothed(r["loss"])[len(r["loss"]) // 10] for r in data["runs"][key].values())
         for m, r in data["runs"][key].items():
-            t, acc = [], 0.0
-            for dt in r["step_time_s"]:
-                acc += dt
-                t.append(acc)
-            ax.plot(t, smoothed(r["loss"]), label=m, lw=1)
-        ax.set(xlabel="wall seconds", ylabel="training loss (20-step mean)", title=key,
-               ylim=(None, 3.2))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            loss = smoothed(r["loss"])
+            for ax, per_step, scale in ((axes[0][col], r["step_time_s"], 1.0),
+                                        (axes[1][col], r["bytes_sent_per_rank"], 1e-6)):
+                x, acc = [], 0.0
+                for v in per_step:
+                    acc += v * scale
+                    x.append(acc)
+                ax.plot(x, loss, label=m, lw=1)
+        axes[0][col].set(xlabel="wall seconds", title=key)
+        axes[1][col].set(xlabel="MB sent per rank (cumulative)", xscale="symlog")
+        for ax in axes[:, col]:
+            ax.set(ylabel="training loss (20-step mean)", ylim=(None, top))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

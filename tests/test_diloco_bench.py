@@ -1,0 +1,58 @@
+"""benchmarks/diloco_bench.py's arithmetic: time to target, the comparisons in its table and
+the plot, on synthetic runs (no training)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("diloco_bench")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _run(losses, step_s, total_bytes, val, shape=None):
+    return {"num_parameters": 1000, "val_loss": val, "val_accuracy": 0.5,
+            "total_bytes_sent_per_rank": total_bytes, "total_time_s": sum(step_s),
+            "pseudo_gradient_gg_shape": shape, "fp32_allreduce_bytes_per_rank": 4000.0,
+            "loss": losses, "step_time_s": step_s, "bytes_sent_per_rank": [0.0] * len(losses)}
+
+
+def test_time_to_target_and_the_table(bench, tmp_path):
+    n = 40
+    falling = [3.0 - i / n for i in range(n)]
+    runs = {
+        "ddp": _run(falling, [1.0] * n, 4e6, 2.0),
+        "fp32-H10": _run(falling, [0.25] * n, 4e5, 2.0, {"first": 20.0, "last": 1.6}),
+        "int8-H10": _run(falling, [0.25] * n, 1e5, 2.02, {"first": 20.0, "last": 1.6}),
+        "gg3-H10": _run([v + 1 for v in falling], [0.25] * n, 2.5e4, 1.98,
+                        {"first": 20.0, "last": 1.5}),
+    }
+    target = bench.smoothed(falling)[-1] * 1.01
+    # DDP's own curve reaches its final loss +1% at the same step as every same-loss run
+    assert bench.time_to(runs["ddp"], target) == pytest.approx(
+        4 * bench.time_to(runs["fp32-H10"], target))
+    assert bench.time_to(runs["gg3-H10"], target) is None
+    data = {"runs": {"localhost/2": runs}}
+    args = Namespace(steps=n, hs=[10], rates=[3.0], ranks=[2], links=["localhost"], seed=0,
+                     name="t")
+    text = "\n".join(bench.report(data, args))
+    rows = {line.split(" | ")[2]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| localhost |")}
+    assert rows["int8-H10"][4] == "+1.00%" and rows["gg3-H10"][4] == "-1.00%"
+    assert rows["gg3-H10"][6] == "4.0x" and rows["gg3-H10"][7] == "160x"
+    assert rows["gg3-H10"][9] == "not reached" and rows["gg3-H10"][10] == "20.00, 1.50 |"
+    assert rows["ddp"][4] == "-" and rows["ddp"][10] == "- |"
+    bench.figure(data).savefig(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
