@@ -3,24 +3,16 @@ target, the report and the plot, on synthetic runs (no training)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def study():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("convergence_ddp")
-    finally:
-        sys.path.remove(str(BENCH))
+def study(benchmark_script):
+    return benchmark_script("convergence_ddp")
 
 
 def _run(losses, sent, val):

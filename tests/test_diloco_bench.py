@@ -3,23 +3,14 @@ the plot, on synthetic runs (no training)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("diloco_bench")
-    finally:
-        sys.path.remove(str(BENCH))
+def bench(benchmark_script):
+    return benchmark_script("diloco_bench")
 
 
 def _run(losses, step_s, total_bytes, val, shape=None):
