@@ -245,7 +245,9 @@ def report(data: dict, methods: list[str], seeds: list[int], args) -> list[str]:
             f"steady-state step (steps {STEADY_FROM + 1} on) of a {data['time_steps']}-step "
             f"run of the same training at {ranks} ranks, one rank per test host, the hosts "
             "joined by links shaped with `tc tbf` (`ggcomm.tools.testhosts`; every byte "
-            "crosses the kernel on the same CPUs that train).",
+            "crosses the kernel on the same CPUs that train; as root: `python "
+            f"benchmarks/convergence_ddp.py --report-only --time-links {' '.join(links)} "
+            f"--time-steps {data['time_steps']}` with the options above).",
             "",
             "| method | steps to target | " + " | ".join(f"step at {lk} | time at {lk}"
                                                        for lk in links) + " |",
