@@ -51,7 +51,7 @@ def _args(method: list[str], args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run(link: str, ranks: int, method: list[str], args: argparse.Namespace, out: Path) -> dict:
-    launch(link, ranks, _args(method, args, out), prefix="ggcdiloco")
+    launch(link, ranks, _args(method, args, out), prefix="ggcdilo")
     r = json.loads(out.read_text())
     keep = ("num_parameters", "val_loss", "val_accuracy", "total_bytes_sent_per_rank",
             "total_time_s", "pseudo_gradient_gg_shape", "fp32_allreduce_bytes_per_rank")
