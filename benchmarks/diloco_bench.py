@@ -35,13 +35,19 @@ TRAIN = ["-m", "ggcomm.tools.train_diloco"]
 TAIL = 20
 
 
-def methods(hs: list[int], rates: list[float]) -> dict[str, list[str]]:
+def methods(hs: list[int], rates: list[float],
+            seg_rates: list[float] = ()) -> dict[str, list[str]]:
+    """``gg<rate>``: one step for the whole pseudo-gradient (DiLoCo's default);
+    ``gg<rate>seg``: a step per 64k-element segment (``--per-segment-steps``)."""
     out = {"ddp": ["--wire", "ddp"]}
     for h in hs:
         out[f"fp32-H{h}"] = ["--wire", "fp32", "--sync-every", str(h)]
         out[f"int8-H{h}"] = ["--wire", "int8", "--sync-every", str(h)]
         for r in rates:
             out[f"gg{r:g}-H{h}"] = ["--wire", "gg", "--rate", str(r), "--sync-every", str(h)]
+        for r in seg_rates:
+            out[f"gg{r:g}seg-H{h}"] = ["--wire", "gg", "--rate", str(r), "--sync-every", str(h),
+                                      "--per-segment-steps"]
     return out
 
 
@@ -75,14 +81,20 @@ def time_to(r: dict, target: float) -> float | None:
     return None
 
 
+def commands(data: dict, args: argparse.Namespace) -> str:
+    """The invocations that made ``data``'s runs."""
+    cmds = data.get("commands") or [" ".join(
+        ["--links", *args.links, "--ranks", *map(str, args.ranks), "--hs", *map(str, args.hs),
+         "--rates", *(f"{r:g}" for r in args.rates)])]
+    return ", ".join(f"`python benchmarks/diloco_bench.py {c}`" for c in cmds)
+
+
 def report(data: dict, args: argparse.Namespace) -> list[str]:
     lines = [
         "# DiLoCo across slow links: GPT workload, the same tokens for every method",
         "",
-        f"Command: `python benchmarks/diloco_bench.py --steps {args.steps} --hs "
-        f"{' '.join(map(str, args.hs))} --rates {' '.join(f'{r:g}' for r in args.rates)} "
-        f"--ranks {' '.join(map(str, args.ranks))} --links {' '.join(args.links)}` "
-        "(as root for the shaped links)  ",
+        "Commands (as root for the shaped links; each adds the runs it lacks to the same "
+        f"file): {commands(data, args)}  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared by all ranks "
         f"(one torch thread each); Python {platform.python_version()}; "
         f"{time.strftime('%Y-%m-%d')}.  ",
@@ -160,7 +172,9 @@ def main(argv=None) -> None:
                    choices=LINKS)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--hs", type=int, nargs="+", default=[10, 50])
-    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    p.add_argument("--rates", type=float, nargs="*", default=[2.0, 2.5, 3.0])
+    p.add_argument("--seg-rates", type=float, nargs="*", default=[],
+                   help="also ggcomm with a step per segment at these rates (an ablation)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="diloco")
@@ -175,7 +189,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
     data = resumable(path, {"steps": args.steps, "seed": args.seed})
-    table = methods(args.hs, args.rates)
+    table = methods(args.hs, args.rates, args.seg_rates)
     with tempfile.TemporaryDirectory() as tmp:
         for link in links:
             for ranks in args.ranks:
@@ -186,6 +200,9 @@ def main(argv=None) -> None:
                     t = time.time()
                     have[m] = run(link, ranks, margs, args, Path(tmp) / "run.json")
                     print(f"{link} {ranks} ranks {m}: {time.time() - t:.0f} s", file=sys.stderr)
+                    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+                    if cmd not in data.setdefault("commands", []):
+                        data["commands"].append(cmd)
                     path.write_text(json.dumps(data))
     lines = report(data, args)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -20,7 +20,11 @@ which every rank then takes as its own. Per-step all-reduce becomes one all-redu
   ``step`` or ``rel_step``, with the rate loop and warm-up of
   :class:`~ggcomm.step_policy.StepControl`), EG frames of variable length, exact integer
   sums, and error feedback carried from one outer step to the next (what one outer step's
-  rounding drops is added to the next pseudo-gradient);
+  rounding drops is added to the next pseudo-gradient). By default one step serves the
+  whole pseudo-gradient (``shared_step``): the outer optimizer is SGD, so every element's
+  error counts alike, and the same step everywhere gives the least squared error for the
+  bits (on the project's GPT, 18-36% less than a step per 64k-element segment at the same
+  bits);
 * ``"int8"``: per-tensor absmax int8 (INTELLECT-1's choice, arXiv 2412.01152): an
   all-gather of each rank's int8 tensors and scales, summed in rank order;
 * ``"fp32"``: ``all_reduce`` of the float32 pseudo-gradient.
@@ -78,7 +82,7 @@ class DiLoCo(StepSettings):
                  step: float | None = None, rel_step: float | None = None,
                  error_feedback: bool = True, rate_gain: float = 0.5, warmup_iters: int = 0,
                  warmup_rate: float = 8.0, block_size: int = codec.DEFAULT_BLOCK_SIZE,
-                 segment: int = DEFAULT_SEGMENT,
+                 segment: int = DEFAULT_SEGMENT, shared_step: bool = True,
                  process_group: dist.ProcessGroup | None = None) -> None:
         if wire not in WIRES:
             raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
@@ -96,6 +100,7 @@ class DiLoCo(StepSettings):
                                    warmup_rate=warmup_rate)
         self.error_feedback = bool(error_feedback) and wire == "gg"
         self.block_size, self.segment = block_size, segment
+        self.shared_step = bool(shared_step)
         self.process_group = process_group
         self.params = [p for p in float_tensors(model) if p.requires_grad]
         if not self.params:
@@ -118,6 +123,7 @@ class DiLoCo(StepSettings):
                 "error_feedback": self.error_feedback, "sync_every": self.sync_every,
                 "outer": {k: self.outer.defaults[k] for k in ("lr", "momentum", "nesterov")},
                 "block_size": self.block_size, "segment": self.segment,
+                "shared_step": self.shared_step,
                 "shapes": [list(p.shape) for p in self.params]}
 
     @functools.cached_property
@@ -170,7 +176,8 @@ class DiLoCo(StepSettings):
             total, counts = coded_sum(delta.numpy(), self.stream, self.control, "outer", group,
                                       block_size=self.block_size, tag=self.fingerprint,
                                       describe=str(self.settings()),
-                                      what="ggcomm DiLoCo outer step")
+                                      what="ggcomm DiLoCo outer step",
+                                      shared_step=self.shared_step)
             mean = torch.from_numpy(total) / world
         elif self.wire == "int8":
             mean, counts = self._int8_mean(delta, group)

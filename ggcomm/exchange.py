@@ -111,9 +111,14 @@ def agree(error: BaseException | None, group: Any, dev: torch.device, what: str)
 
 
 def _steps(control: StepControl, key: str, stream: Stream, total: np.ndarray,
-           seg_len: np.ndarray) -> np.ndarray:
+           seg_len: np.ndarray, shared: bool = False) -> np.ndarray:
     """One step per segment of every chunk, from the summed moments (identical on every
-    rank: the same numbers, the same rule)."""
+    rank: the same numbers, the same rule). ``shared``: one step for every segment, from
+    the moments pooled over all of them (the rate loop trims the pooled model's miss)."""
+    if shared:
+        pooled = _steps(control, key, stream, total.sum(axis=0, keepdims=True),
+                        np.array([seg_len.sum()]))
+        return np.full(total.shape[0], pooled[0])
     counts = seg_len - total[:, 2]
     steps = np.ones(total.shape[0], np.float64)
     target = control.target(stream.iteration)
@@ -153,7 +158,8 @@ def _sum(recv: torch.Tensor, sizes: list[int], steps: np.ndarray, out: np.ndarra
 
 def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, group: Any, *,
               block_size: int, tag: int, describe: str = "",
-              what: str = "ggcomm coded sum") -> tuple[np.ndarray, dict[str, float]]:
+              what: str = "ggcomm coded sum",
+              shared_step: bool = False) -> tuple[np.ndarray, dict[str, float]]:
     """The exact sum over ``group`` of every rank's ``x`` (flat float32, ``stream.numel``
     elements), EG-coded on the wire: this rank's chunk of it (``stream.parts`` equal to the
     group's size: a reduce-scatter) or all of it (``parts`` 1: an all-reduce). See the
@@ -161,7 +167,10 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
 
     ``key`` names the stream's rate loop in ``control``; ``tag`` is the settings
     fingerprint every frame must carry (``describe``: the settings, for the error message);
-    ``what`` names the collective in errors. Returns the sum and this call's counts
+    ``what`` names the collective in errors. ``shared_step``: one step for all of ``x``
+    instead of one per segment (the same step everywhere spends the bits where the
+    squared error is largest: the least total squared error for the bits, where every
+    element's error counts alike). Returns the sum and this call's counts
     (``bytes_sent``, ``bytes_received``, ``payload_bits``: the frame bits this rank sent).
 
     Raises:
@@ -186,7 +195,8 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
     total = gathered[0].numpy().reshape(-1, 3).copy()
     for p in gathered[1:]:  # in rank order: the same sum on every rank
         total += p.numpy().reshape(-1, 3)
-    steps = _steps(control, key, stream, total, np.array(segs, np.float64) * world)
+    steps = _steps(control, key, stream, total, np.array(segs, np.float64) * world,
+                   shared_step)
 
     # 2. one frame per chunk
     c, s = stream.chunk, len(stream.row_segments)

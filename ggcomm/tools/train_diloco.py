@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-every", type=int, default=50, help="inner steps per outer step")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--per-segment-steps", action="store_true",
+                   help="--wire gg: a step per 64k-element segment, each aiming at the rate "
+                   "(default: one step for the whole pseudo-gradient)")
     add_gpt_run_args(p, 600, "gg (ggcomm.diloco)")
     args = p.parse_args(argv)
     if args.wire != "ddp" and args.steps % args.sync_every:
@@ -89,7 +92,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
                 if getattr(args, k) is not None}
         diloco = DiLoCo(model, sync_every=args.sync_every, wire=args.wire,
                         outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                        error_feedback=not args.no_error_feedback, **mode)
+                        error_feedback=not args.no_error_feedback,
+                        shared_step=not args.per_segment_steps, **mode)
         trained = model
     data = ByteDataset.from_stdlib(args.block_size, args.corpus_bytes)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
