@@ -7,8 +7,8 @@ For each link (localhost; test hosts joined by links shaped with ``tc tbf`` to 1
 links) and records the loss per step, the step times (outer steps included), the bytes
 each rank sent and the validation loss. Writes ``benchmarks/results/<name>.md``, ``.json``
 and ``.png``: per method the validation loss against DiLoCo fp32 at the same H, bytes
-against int8 and fp32 DiLoCo, the wall time, the time to DDP fp32's final training loss
-(+1%) on each link, and the GG shape of the pseudo-gradients. Runs are kept in the JSON as
+against int8 and fp32 DiLoCo, the wall time, the GG shape of the pseudo-gradients, and the
+time to a target loss (DDP fp32's final training loss +1%, and fp32 DiLoCo's at each H). Runs are kept in the JSON as
 they finish; a second call runs only what is missing::
 
     python benchmarks/diloco_bench.py                        # as root, for the shaped links
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -70,15 +71,30 @@ def smoothed(losses: list[float]) -> list[float]:
     return trailing_mean(losses, TAIL)
 
 
-def time_to(r: dict, target: float) -> float | None:
-    """Seconds of training (the run's own step times) until the trailing-mean loss first
-    reaches ``target``."""
+def reach(r: dict, target: float) -> tuple[float, int] | None:
+    """Seconds of training (the run's own step times, outer steps included) and steps until
+    the trailing-mean training loss first reaches ``target``; None if it never does."""
     t = 0.0
     for i, (v, dt) in enumerate(zip(smoothed(r["loss"]), r["step_time_s"], strict=True)):
         t += dt
         if i + 1 >= TAIL and v <= target:
-            return t
+            return t, i + 1
     return None
+
+
+def _h(method: str) -> str | None:
+    """``"H50"`` for ``"gg2-H50"``; None for ``"ddp"``."""
+    return method.rsplit("-", 1)[1] if "-H" in method else None
+
+
+def targets(runs: dict) -> dict[str, float]:
+    """The losses a run is timed to: DDP's final 20-step mean training loss +1%, and each
+    fp32 DiLoCo run's (one per H)."""
+    out = {}
+    for m, r in runs.items():
+        if m == "ddp" or m.startswith("fp32-"):
+            out[m] = smoothed(r["loss"])[-1] * 1.01
+    return out
 
 
 def commands(data: dict, args: argparse.Namespace) -> str:
@@ -101,53 +117,81 @@ def report(data: dict, args: argparse.Namespace) -> list[str]:
         f"Training: `launch/train_diloco.py`, byte-level GPT, {args.steps} steps of 16 x 128 "
         "tokens per rank, inner AdamW lr 3e-3 with warm-up and cosine decay; DiLoCo's outer "
         "Nesterov SGD lr 0.7, momentum 0.9, every H steps; `ddp` is plain DDP (an fp32 "
-        f"all-reduce every step). Seed {args.seed}.",
+        f"all-reduce every step). Seed {args.seed}. Methods: `ggR` codes the pseudo-gradient "
+        "at R bits per element with one step for all of it (the default), `ggRseg` with a "
+        "step per 64k-element segment (`--per-segment-steps`).",
         "",
-        "Bytes: what each rank handed to torch.distributed over the run. Time to target: "
-        "the run's own step times (outer steps included) until its 20-step mean training "
-        "loss reaches DDP's final one +1% on the same link and rank count.",
+        "Bytes: what each rank handed to torch.distributed over the run. Step ms: the median "
+        "step (an inner step's compute; DDP's includes its all-reduce).",
         "",
         "| link | ranks | method | val loss | vs fp32 DiLoCo, same H | MB sent per rank | "
-        "fewer than int8, same H | fewer than DDP | wall s | time to target s | "
+        "fewer than int8, same H | fewer than DDP | step ms | wall s | "
         "pseudo-gradient GG shape (first, last) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, runs in data["runs"].items():
         link, ranks = key.split("/")
         ddp = runs.get("ddp")
-        target = smoothed(ddp["loss"])[-1] * 1.01 if ddp else None
         for m, r in runs.items():
-            h = m.rsplit("-", 1)[1] if "-H" in m else None
+            h = _h(m)
             fp32 = runs.get(f"fp32-{h}") if h else None
             int8 = runs.get(f"int8-{h}") if h else None
-            mb = r["total_bytes_sent_per_rank"] / 1e6
+            b = r["total_bytes_sent_per_rank"]
             vs = f"{100 * (r['val_loss'] / fp32['val_loss'] - 1):+.2f}%" if fp32 else "-"
-            vs_int8 = f"{int8['total_bytes_sent_per_rank'] / r['total_bytes_sent_per_rank']:.1f}x" \
-                if int8 and r["total_bytes_sent_per_rank"] else "-"
-            vs_ddp = f"{ddp['total_bytes_sent_per_rank'] / r['total_bytes_sent_per_rank']:.0f}x" \
-                if ddp and r["total_bytes_sent_per_rank"] else "-"
-            tt = time_to(r, target) if target else None
+            vs_int8 = f"{int8['total_bytes_sent_per_rank'] / b:.1f}x" if int8 and b else "-"
+            vs_ddp = f"{ddp['total_bytes_sent_per_rank'] / b:.0f}x" if ddp and b else "-"
             shape = r.get("pseudo_gradient_gg_shape")
             sh = f"{shape['first']:.2f}, {shape['last']:.2f}" if shape else "-"
-            lines.append(f"| {link} | {ranks} | {m} | {r['val_loss']:.4f} | {vs} | {mb:.2f} | "
-                         f"{vs_int8} | {vs_ddp} | {r['total_time_s']:.0f} | "
-                         f"{'not reached' if tt is None else f'{tt:.0f}'} | {sh} |")
+            lines.append(f"| {link} | {ranks} | {m} | {r['val_loss']:.4f} | {vs} | "
+                         f"{b / 1e6:.2f} | {vs_int8} | {vs_ddp} | "
+                         f"{1e3 * statistics.median(r['step_time_s']):.0f} | "
+                         f"{r['total_time_s']:.0f} | {sh} |")
+    lines += [
+        "",
+        "## Time to a target loss",
+        "",
+        "Seconds of training (each run's own step times, outer steps included) and steps "
+        "until the 20-step mean training loss first reaches the target: DDP's final loss "
+        "+1%, or fp32 DiLoCo's at one H +1%, on the same link and rank count. `-`: not "
+        "reached within the run.",
+    ]
+    for key, runs in data["runs"].items():
+        link, ranks = key.split("/")
+        goal = targets(runs)
+        if not goal:
+            continue
+        lines += ["", f"{link}, {ranks} ranks:", "",
+                  "| method | " + " | ".join(f"to {m}'s final +1% ({v:.3f})"
+                                           for m, v in goal.items()) + " |",
+                  "|---|" + "---|" * len(goal)]
+        for m, r in runs.items():
+            cells = []
+            for v in goal.values():
+                got = reach(r, v)
+                cells.append("-" if got is None else f"{got[0]:.0f} s ({got[1]} steps)")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Plot: `{args.name}.png`."]
     return lines
 
 
 def figure(data: dict):
+    """Per link, rank count and H, the training loss against wall time (top) and against
+    the bytes each rank sent (bottom), DDP in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(data["runs"])
-    fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 9), squeeze=False)
-    for col, key in enumerate(keys):
+    panels = []
+    for key, runs in data["runs"].items():
+        for h in dict.fromkeys(_h(m) for m in runs if _h(m)) or [None]:
+            panels.append((f"{key}, {h}" if h else key,
+                           {m: r for m, r in runs.items() if _h(m) in (h, None)}))
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 9), squeeze=False)
+    for col, (title, runs) in enumerate(panels):
         # the view starts a tenth of the way in, past the first steps' fall
-        top = max(smoothed(r["loss"])[len(r["loss"]) // 10] for r in data["runs"][key].values())
-        for m, r in data["runs"][key].items():
+        top = max(smoothed(r["loss"])[len(r["loss"]) // 10] for r in runs.values())
+        for m, r in runs.items():
             loss = smoothed(r["loss"])
             for ax, per_step, scale in ((axes[0][col], r["step_time_s"], 1.0),
                                         (axes[1][col], r["bytes_sent_per_rank"], 1e-6)):
@@ -155,8 +199,9 @@ def figure(data: dict):
                 for v in per_step:
                     acc += v * scale
                     x.append(acc)
-                ax.plot(x, loss, label=m, lw=1)
-        axes[0][col].set(xlabel="wall seconds", title=key)
+                ax.plot(x, loss, label=m, lw=1, ls="--" if m.endswith("seg-" + (_h(m) or ""))
+                        else "-")
+        axes[0][col].set(xlabel="wall seconds", title=title)
         axes[1][col].set(xlabel="MB sent per rank (cumulative)", xscale="symlog")
         for ax in axes[:, col]:
             ax.set(ylabel="training loss (20-step mean)", ylim=(None, top))

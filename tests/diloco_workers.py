@@ -37,7 +37,9 @@ def replicas(rank, world, wires, steps, sync_every):
     for wire in wires:
         model = _model()
         inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        diloco = DiLoCo(model, sync_every=sync_every, wire=wire, rate=3.0)
+        # "gg-seg": a step per 512-element segment; "gg": one step for all of them
+        diloco = DiLoCo(model, sync_every=sync_every, wire=wire.removesuffix("-seg"), rate=3.0,
+                        segment=512, shared_step=not wire.endswith("-seg"))
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         before = diloco.stats.total["bytes_sent"]
         with dist_utils.ByteCounter(world) as c:

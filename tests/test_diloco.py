@@ -13,7 +13,7 @@ from ggcomm.diloco import DiLoCo
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_ends_each_outer_step_with_the_same_parameters(world):
-    wires = ["gg", "int8", "fp32"] if world == 2 else ["gg"]
+    wires = ["gg", "gg-seg", "int8", "fp32"] if world == 2 else ["gg", "gg-seg"]
     out = dist_utils.values(dist_utils.run(w.replicas, world, wires, 8, 4))
     for wire in wires:
         for r in out[1:]:
@@ -37,6 +37,25 @@ def test_resume_is_bit_exact_and_bad_input_raises_typed_errors():
         assert r["corrupt"].startswith("FrameError"), r["corrupt"]
         assert r["apart"].startswith("SettingsMismatchError"), r["apart"]
         assert "different parameters" in r["apart"]
+
+
+def test_one_shared_step_comes_from_the_moments_pooled_over_every_segment():
+    import numpy as np
+
+    from ggcomm.exchange import Stream, _steps
+    from ggcomm.step_policy import StepControl
+
+    # three segments whose scales differ 1 : 4 : 16, and Laplace-like moments
+    rms = np.array([1.0, 4.0, 16.0])
+    n = np.array([100.0, 100.0, 50.0])
+    total = np.stack([n * rms**2, n * rms / np.sqrt(2), np.zeros(3)], axis=1)
+    each = _steps(StepControl(rate=2.0), "k", Stream(250, 1, 100, False), total, n)
+    shared = _steps(StepControl(rate=2.0), "k", Stream(250, 1, 100, False), total, n,
+                    shared=True)
+    assert np.all(np.diff(each) > 0)  # a step per segment follows its scale
+    pooled = StepControl(rate=2.0).step("k", total[:, 0].sum() / n.sum(),
+                                        total[:, 1].sum() / n.sum())
+    assert np.all(shared == pooled) and each[0] < pooled < each[2]
 
 
 def test_arguments_are_checked():

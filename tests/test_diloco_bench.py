@@ -31,19 +31,30 @@ def test_time_to_target_and_the_table(bench, tmp_path):
                         {"first": 20.0, "last": 1.5}),
     }
     target = bench.smoothed(falling)[-1] * 1.01
+    assert bench.targets(runs) == {"ddp": pytest.approx(target),
+                                   "fp32-H10": pytest.approx(target)}
     # DDP's own curve reaches its final loss +1% at the same step as every same-loss run
-    assert bench.time_to(runs["ddp"], target) == pytest.approx(
-        4 * bench.time_to(runs["fp32-H10"], target))
-    assert bench.time_to(runs["gg3-H10"], target) is None
-    data = {"runs": {"localhost/2": runs}}
+    t_ddp, steps = bench.reach(runs["ddp"], target)
+    assert bench.reach(runs["fp32-H10"], target) == (pytest.approx(t_ddp / 4), steps)
+    mean = bench.smoothed(falling)
+    assert mean[steps - 1] <= target < mean[steps - 2]  # the first step at the target
+    assert bench.reach(runs["gg3-H10"], target) is None
+    data = {"runs": {"localhost/2": runs}, "commands": ["--links localhost --hs 10"]}
     args = Namespace(steps=n, hs=[10], rates=[3.0], ranks=[2], links=["localhost"], seed=0,
                      name="t")
     text = "\n".join(bench.report(data, args))
+    assert "`python benchmarks/diloco_bench.py --links localhost --hs 10`" in text
     rows = {line.split(" | ")[2]: line.split(" | ") for line in text.splitlines()
             if line.startswith("| localhost |")}
     assert rows["int8-H10"][4] == "+1.00%" and rows["gg3-H10"][4] == "-1.00%"
     assert rows["gg3-H10"][6] == "4.0x" and rows["gg3-H10"][7] == "160x"
-    assert rows["gg3-H10"][9] == "not reached" and rows["gg3-H10"][10] == "20.00, 1.50 |"
+    assert rows["gg3-H10"][8] == "250" and rows["ddp"][8] == "1000"
+    assert rows["gg3-H10"][10] == "20.00, 1.50 |"
     assert rows["ddp"][4] == "-" and rows["ddp"][10] == "- |"
+    after = text.split("## Time to a target loss")[1].splitlines()
+    timed = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in after
+             if line.startswith("| ") and not line.startswith("| method")}
+    assert timed["ddp"][0] == f"{t_ddp:.0f} s ({steps} steps)"
+    assert timed["gg3-H10"] == ["-", "- |"]
     bench.figure(data).savefig(tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
