@@ -8,7 +8,7 @@ links) and records the loss per step, the step times (outer steps included), the
 each rank sent and the validation loss. Writes ``benchmarks/results/<name>.md``, ``.json``
 and ``.png``: per method the validation loss against DiLoCo fp32 at the same H, bytes
 against int8 and fp32 DiLoCo, the wall time, the GG shape of the pseudo-gradients, and the
-time to a target loss (DDP fp32's final training loss +1%, and fp32 DiLoCo's at each H). Runs are kept in the JSON as
+time to a target loss (DDP fp32's final training loss +2%, and fp32 DiLoCo's at each H). Runs are kept in the JSON as
 they finish; a second call runs only what is missing::
 
     python benchmarks/diloco_bench.py                        # as root, for the shaped links
@@ -34,6 +34,10 @@ from ggcomm.tools import testhosts
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN = ["-m", "ggcomm.tools.train_diloco"]
 TAIL = 20
+MARGIN = 0.02
+"""A target is a reference run's final 20-step mean training loss plus 2%: DiLoCo's loss
+falls in stairs at its outer steps and flattens at the end, so at +1% the 20-step mean of
+one rank's batches (which scatters about 0.5%) decides between stairs 150 steps apart."""
 
 
 def methods(hs: list[int], rates: list[float],
@@ -87,13 +91,38 @@ def _h(method: str) -> str | None:
     return method.rsplit("-", 1)[1] if "-H" in method else None
 
 
+def ordered(runs: dict) -> dict:
+    """``runs`` as the tables show them: DDP, then per H (ascending) fp32, int8 and ggcomm
+    by rate, per-segment ablations last."""
+    def key(m: str) -> tuple:
+        h = _h(m)
+        if h is None:
+            return (0,)
+        name = m.rsplit("-", 1)[0]
+        kind = {"fp32": 0, "int8": 1}.get(name, 3 if name.endswith("seg") else 2)
+        rate = float(name.removeprefix("gg").removesuffix("seg")) if kind >= 2 else 0.0
+        return (1, int(h[1:]), kind, rate)
+    return {m: runs[m] for m in sorted(runs, key=key)}
+
+
 def targets(runs: dict) -> dict[str, float]:
-    """The losses a run is timed to: DDP's final 20-step mean training loss +1%, and each
-    fp32 DiLoCo run's (one per H)."""
+    """The losses a run is timed to: DDP's final 20-step mean training loss + ``MARGIN``,
+    and each fp32 DiLoCo run's (one per H)."""
     out = {}
     for m, r in runs.items():
         if m == "ddp" or m.startswith("fp32-"):
-            out[m] = smoothed(r["loss"])[-1] * 1.01
+            out[m] = smoothed(r["loss"])[-1] * (1 + MARGIN)
+    return out
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """``argv`` less ``--out DIR`` (where this machine kept the results)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--out" or a.startswith("--out="):
+            skip = a == "--out" and not skip
+            continue
+        out.append(a)
     return out
 
 
@@ -132,7 +161,7 @@ def report(data: dict, args: argparse.Namespace) -> list[str]:
     for key, runs in data["runs"].items():
         link, ranks = key.split("/")
         ddp = runs.get("ddp")
-        for m, r in runs.items():
+        for m, r in ordered(runs).items():
             h = _h(m)
             fp32 = runs.get(f"fp32-{h}") if h else None
             int8 = runs.get(f"int8-{h}") if h else None
@@ -152,7 +181,9 @@ def report(data: dict, args: argparse.Namespace) -> list[str]:
         "",
         "Seconds of training (each run's own step times, outer steps included) and steps "
         "until the 20-step mean training loss first reaches the target: DDP's final loss "
-        "+1%, or fp32 DiLoCo's at one H +1%, on the same link and rank count. `-`: not "
+        f"+{100 * MARGIN:g}%, or fp32 DiLoCo's at one H, on the same link and rank count "
+        "(+2% rather than +1%: DiLoCo's loss falls in stairs at its outer steps, and on the "
+        "flat end the 20-step mean's scatter of about 0.5% decides). `-`: not "
         "reached within the run.",
     ]
     for key, runs in data["runs"].items():
@@ -161,10 +192,10 @@ def report(data: dict, args: argparse.Namespace) -> list[str]:
         if not goal:
             continue
         lines += ["", f"{link}, {ranks} ranks:", "",
-                  "| method | " + " | ".join(f"to {m}'s final +1% ({v:.3f})"
+                  "| method | " + " | ".join(f"to {m}'s final +{100 * MARGIN:g}% ({v:.3f})"
                                            for m, v in goal.items()) + " |",
                   "|---|" + "---|" * len(goal)]
-        for m, r in runs.items():
+        for m, r in ordered(runs).items():
             cells = []
             for v in goal.values():
                 got = reach(r, v)
@@ -184,6 +215,7 @@ def figure(data: dict):
 
     panels = []
     for key, runs in data["runs"].items():
+        runs = ordered(runs)
         for h in dict.fromkeys(_h(m) for m in runs if _h(m)) or [None]:
             panels.append((f"{key}, {h}" if h else key,
                            {m: r for m, r in runs.items() if _h(m) in (h, None)}))
@@ -245,7 +277,7 @@ def main(argv=None) -> None:
                     t = time.time()
                     have[m] = run(link, ranks, margs, args, Path(tmp) / "run.json")
                     print(f"{link} {ranks} ranks {m}: {time.time() - t:.0f} s", file=sys.stderr)
-                    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+                    cmd = " ".join(_without_out(sys.argv[1:] if argv is None else argv))
                     if cmd not in data.setdefault("commands", []):
                         data["commands"].append(cmd)
                     path.write_text(json.dumps(data))

@@ -23,8 +23,9 @@ which every rank then takes as its own. Per-step all-reduce becomes one all-redu
   rounding drops is added to the next pseudo-gradient). By default one step serves the
   whole pseudo-gradient (``shared_step``): the outer optimizer is SGD, so every element's
   error counts alike, and the same step everywhere gives the least squared error for the
-  bits (on the project's GPT, 18-36% less than a step per 64k-element segment at the same
-  bits);
+  bits (``shared_step=False``: a step per ``segment`` elements, each aiming at the rate; on
+  the project's GPT that ended 1.7-5% above fp32 DiLoCo where one step stayed within 0.1%,
+  at the same bytes: ``benchmarks/results/diloco.md``);
 * ``"int8"``: per-tensor absmax int8 (INTELLECT-1's choice, arXiv 2412.01152): an
   all-gather of each rank's int8 tensors and scales, summed in rank order;
 * ``"fp32"``: ``all_reduce`` of the float32 pseudo-gradient.
