@@ -8,7 +8,7 @@ which every rank then takes as its own. Per-step all-reduce becomes one all-redu
 ``H`` steps; :class:`DiLoCo` also codes that one with ggcomm::
 
     model = GPT(); inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    diloco = DiLoCo(model, sync_every=50, wire="gg", rate=3.0)
+    diloco = DiLoCo(model, sync_every=50, wire="gg", rate=2.0)
     for x, y in batches:
         loss = model(x, y)[1]; loss.backward(); inner.step(); inner.zero_grad()
         diloco.step()           # every 50th call: the outer step, on every rank

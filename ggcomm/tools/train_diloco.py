@@ -1,7 +1,7 @@
 """Train the GPT workload with DiLoCo outer steps (a torchrun entry point), or with DDP's
 fp32 all-reduce every step for comparison.
 
-    torchrun --nproc_per_node=2 launch/train_diloco.py --wire gg --rate 3 --sync-every 50
+    torchrun --nproc_per_node=2 launch/train_diloco.py --wire gg --rate 2 --sync-every 50
     torchrun --nproc_per_node=2 launch/train_diloco.py --wire ddp
 
 ``--wire gg | int8 | fp32``: :class:`ggcomm.diloco.DiLoCo` with that wire (inner AdamW with
