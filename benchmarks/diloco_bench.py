@@ -8,8 +8,8 @@ links) and records the loss per step, the step times (outer steps included), the
 each rank sent and the validation loss. Writes ``benchmarks/results/<name>.md``, ``.json``
 and ``.png``: per method the validation loss against DiLoCo fp32 at the same H, bytes
 against int8 and fp32 DiLoCo, the wall time, the GG shape of the pseudo-gradients, and the
-time to a target loss (DDP fp32's final training loss +2%, and fp32 DiLoCo's at each H). Runs are kept in the JSON as
-they finish; a second call runs only what is missing::
+time to a target loss (DDP fp32's final training loss +2%, and fp32 DiLoCo's at each H).
+Runs are kept in the JSON as they finish; a second call runs only what is missing::
 
     python benchmarks/diloco_bench.py                        # as root, for the shaped links
     python benchmarks/diloco_bench.py --links localhost --ranks 2 --steps 100 --name t
