@@ -117,12 +117,12 @@ def targets(runs: dict) -> dict[str, float]:
 
 def _without_out(argv: list[str]) -> list[str]:
     """``argv`` less ``--out DIR`` (where this machine kept the results)."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a == "--out" or a.startswith("--out="):
-            skip = a == "--out" and not skip
-            continue
-        out.append(a)
+    out, it = [], iter(argv)
+    for a in it:
+        if a == "--out":
+            next(it, None)  # and its value
+        elif not a.startswith("--out="):
+            out.append(a)
     return out
 
 
@@ -130,7 +130,8 @@ def commands(data: dict, args: argparse.Namespace) -> str:
     """The invocations that made ``data``'s runs."""
     cmds = data.get("commands") or [" ".join(
         ["--links", *args.links, "--ranks", *map(str, args.ranks), "--hs", *map(str, args.hs),
-         "--rates", *(f"{r:g}" for r in args.rates)])]
+         "--rates", *(f"{r:g}" for r in args.rates),
+         *(["--seg-rates", *(f"{r:g}" for r in args.seg_rates)] if args.seg_rates else [])])]
     return ", ".join(f"`python benchmarks/diloco_bench.py {c}`" for c in cmds)
 
 
@@ -182,7 +183,7 @@ def report(data: dict, args: argparse.Namespace) -> list[str]:
         "Seconds of training (each run's own step times, outer steps included) and steps "
         "until the 20-step mean training loss first reaches the target: DDP's final loss "
         f"+{100 * MARGIN:g}%, or fp32 DiLoCo's at one H, on the same link and rank count "
-        "(+2% rather than +1%: DiLoCo's loss falls in stairs at its outer steps, and on the "
+        "(not +1%: DiLoCo's loss falls in stairs at its outer steps, and on the "
         "flat end the 20-step mean's scatter of about 0.5% decides). `-`: not "
         "reached within the run.",
     ]
@@ -231,8 +232,7 @@ def figure(data: dict):
                 for v in per_step:
                     acc += v * scale
                     x.append(acc)
-                ax.plot(x, loss, label=m, lw=1, ls="--" if m.endswith("seg-" + (_h(m) or ""))
-                        else "-")
+                ax.plot(x, loss, label=m, lw=1, ls="--" if "seg-H" in m else "-")
         axes[0][col].set(xlabel="wall seconds", title=title)
         axes[1][col].set(xlabel="MB sent per rank (cumulative)", xscale="symlog")
         for ax in axes[:, col]:

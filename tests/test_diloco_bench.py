@@ -40,8 +40,10 @@ def test_time_to_target_and_the_table(bench, tmp_path):
     assert mean[steps - 1] <= target < mean[steps - 2]  # the first step at the target
     assert bench.reach(runs["gg3-H10"], target) is None
     data = {"runs": {"localhost/2": runs}, "commands": ["--links localhost --hs 10"]}
-    args = Namespace(steps=n, hs=[10], rates=[3.0], ranks=[2], links=["localhost"], seed=0,
-                     name="t")
+    args = Namespace(steps=n, hs=[10], rates=[3.0], seg_rates=[2.0], ranks=[2],
+                     links=["localhost"], seed=0, name="t")
+    assert bench.commands({}, args) == ("`python benchmarks/diloco_bench.py --links localhost "
+                                        "--ranks 2 --hs 10 --rates 3 --seg-rates 2`")
     text = "\n".join(bench.report(data, args))
     assert "`python benchmarks/diloco_bench.py --links localhost --hs 10`" in text
     rows = {line.split(" | ")[2]: line.split(" | ") for line in text.splitlines()
