@@ -107,15 +107,15 @@ def _write(u, starts, counts, modes, ks, kruns, out):
 
 
 @njit(nogil=True)
-def _read(payload, counts, modes, ks, kruns, bits, offsets, luts, u):
-    s = 0
-    for b in range(counts.size):
-        p0 = offsets[b] * 8
-        err = eg._decode_block(payload, p0, p0 + bits[b], counts[b], modes[b], ks[b], kruns[b],
-                               luts, u[s:s + counts[b]])
+def _read(payload, starts, counts, modes, ks, kruns, bits, offsets, luts, u):
+    """The codec's reader, eg.LANES blocks at a time, each group straight into u (the
+    blocks of one segment of equal blocks lie one block length apart there)."""
+    for b0 in range(0, counts.size, eg.LANES):
+        g = min(eg.LANES, counts.size - b0)
+        err, _ = eg._decode_group(payload, b0, g, counts, modes, ks, kruns, bits, offsets, luts,
+                                  u[starts[b0]:], counts[b0])
         if err:
             return err
-        s += counts[b]
     return 0
 
 
@@ -174,7 +174,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
     # the stages are the codec's own work: same bytes, same symbols, same values
     if written != h.payload_len or not np.array_equal(out[:written], payload):
         raise RuntimeError(f"{label}: the write stage's bytes are not the frame's payload")
-    if _read(payload, counts, modes, ks, kruns, bits, offsets, luts, decoded) != 0 or \
+    if _read(payload, starts, counts, modes, ks, kruns, bits, offsets, luts, decoded) != 0 or \
             not np.array_equal(decoded, u):
         raise RuntimeError(f"{label}: the read stage's symbols are not the quantized ones")
     _dequantize(decoded, starts, counts, h.steps[seg], values)
@@ -197,7 +197,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
                                      np.zeros((starts.size, 5), np.int64)), n, reps),
         "ggcomm.encode": median_ns_per_element(lambda: codec.encode(x, step), n, reps),
         "read": median_ns_per_element(
-            lambda: _read(payload, counts, modes, ks, kruns, bits, offsets, luts, decoded),
+            lambda: _read(payload, starts, counts, modes, ks, kruns, bits, offsets, luts, decoded),
             n, reps),
         "dequantize": median_ns_per_element(
             lambda: _dequantize(decoded, starts, counts, h.steps[seg], values), n, reps),

@@ -1,8 +1,8 @@
 """Bit-level LLVM intrinsics for the Exp-Golomb kernels.
 
-numba exposes no count-leading-zeros, logical shift or unaligned big-endian
-load/store. These are the four operations the bit packer is built from; each
-compiles to one or two machine instructions.
+numba exposes no count-leading-zeros, logical shift, unaligned big-endian
+load/store or raw loads and stores by address. The bit packer and the table
+decoder are built from these; each compiles to one or two machine instructions.
 
 All integers are int64: mixing uint64 and int64 in numba promotes to float64,
 which would silently lose bits. ``lshr`` gives the logical right shift that
@@ -101,6 +101,35 @@ def load_be64(typingctx, ptr, idx):
         v = builder.load(p64, align=1)
         fn = _llvm_fn(builder, "llvm.bswap.i64", _I64, [_I64])
         return builder.call(fn, [v])
+
+    return sig, codegen
+
+
+@intrinsic
+def load_i64(typingctx, ptr, idx):
+    """The native-endian int64 at address ptr + idx (8-byte aligned: table entries)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p64 = builder.bitcast(_byte_ptr(builder, args[0], args[1]), _I64.as_pointer())
+        return builder.load(p64, align=8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_i32(typingctx, ptr, idx, val):
+    """Store the low 32 bits of val, native-endian, at address ptr + idx (4-byte aligned).
+
+    The caller guarantees the 4 bytes are inside the buffer.
+    """
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        p32 = builder.bitcast(_byte_ptr(builder, args[0], args[1]), i32.as_pointer())
+        builder.store(builder.trunc(args[2], i32), p32, align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
 

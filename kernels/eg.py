@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from ._intrinsics import clz64, data_ptr, load_be64, load_u8, lshr, store_be64
+from ._intrinsics import clz64, data_ptr, load_be64, load_i64, load_u8, lshr, store_be64, store_i32
 
 # Largest |q| the code carries; larger magnitudes (and non-finite values) travel in the
 # frame's exception list. With |q| <= 2**30 - 1 the mapped u is at most 2**31 - 2, so
@@ -66,7 +66,7 @@ _NBINS = NBINS
 _TOP = 16
 _GCOL = 2 * _NBINS + 1
 _HCOLS = _GCOL + _TOP
-_SMALL = 64  # symbols below this are histogrammed by table
+_SMALL = 64  # symbols below this are histogrammed by table (a power of two)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,17 +115,39 @@ def _histogram(scratch, cnt, H, T):
     """H := the (m, t) histogram of scratch[:cnt].
 
     Small symbols, the common case, are counted in four interleaved tables T (so that
-    repeats of one value do not serialise on one counter) and folded into H at the end.
+    repeats of one value do not serialise on one counter) and folded into H at the end;
+    four at a time where all four are small (one test for the four).
     """
     H[:, :] = 0
     T[:] = 0
-    for j in range(cnt):
-        u = np.uint64(scratch[j])  # u >= 0; unsigned indices skip wraparound checks
-        if u < _SMALL:
-            T[(np.uint64(j) & np.uint64(3)) * np.uint64(_SMALL) + u] += 1
+    j = 0
+    while j + 3 < cnt:
+        a = np.uint64(scratch[j])  # u >= 0; unsigned indices skip wraparound checks
+        b = np.uint64(scratch[j + 1])
+        c = np.uint64(scratch[j + 2])
+        d = np.uint64(scratch[j + 3])
+        if (a | b | c | d) < _SMALL:  # _SMALL is a power of two
+            T[a] += 1
+            T[np.uint64(_SMALL) + b] += 1
+            T[np.uint64(2 * _SMALL) + c] += 1
+            T[np.uint64(3 * _SMALL) + d] += 1
         else:
-            _hist_add(H, np.int64(u))
+            for i in range(j, j + 4):
+                _hist_one(H, T, np.uint64(scratch[i]))
+        j += 4
+    while j < cnt:
+        _hist_one(H, T, np.uint64(scratch[j]))
+        j += 1
     _fold_small(T, H)
+
+
+@njit(nogil=True, cache=True)
+def _hist_one(H, T, u):
+    """Count one symbol u (uint64): in T's first table if small, else in H."""
+    if u < _SMALL:
+        T[u] += 1
+    else:
+        _hist_add(H, np.int64(u))
 
 
 @njit(nogil=True, cache=True)
@@ -269,7 +291,7 @@ def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
 
 @njit(nogil=True, cache=True)
 def _put(ptr, p, acc, nacc, val, nbits):
-    """Append nbits (1..32) bits of val, MSB first, at byte p holding nacc (< 8) bits.
+    """Append nbits (1..56) bits of val, MSB first, at byte p holding nacc (< 8) bits.
 
     Branch-free: the pending bits are stored as a whole 64-bit word every time and the
     partial last byte is rewritten by the next store, so out needs 8 bytes of slack.
@@ -317,44 +339,64 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
     ptr = data_ptr(out)
     acc = np.int64(0)
     nacc = np.int64(0)
+    one_k = np.int64(1) << k
+    j = 0
+    # Four codewords per store when together they fit in 56 bits (the common case at a
+    # few bits per element): the store and its bookkeeping are the cost. 56 bits and the
+    # < 8 pending ones fit the 64-bit accumulator.
     if mode == MODE_EG:
-        # Two codewords per store when together they fit in 32 bits (the common case at
-        # a few bits per element): the store and its bookkeeping are the cost.
-        one_k = np.int64(1) << k
-        j = 0
-        while j + 1 < cnt:
-            c1 = np.int64(scratch[j]) + one_k
-            c2 = np.int64(scratch[j + 1]) + one_k
-            l1 = 2 * (64 - clz64(c1)) - 1 - k
-            l2 = 2 * (64 - clz64(c2)) - 1 - k
-            if l1 + l2 <= 32:
-                p, acc, nacc = _put(ptr, p, acc, nacc, (c1 << l2) | c2, l1 + l2)
+        km1 = -1 - k
+        while j + 3 < cnt:
+            c0 = np.int64(scratch[j]) + one_k
+            c1 = np.int64(scratch[j + 1]) + one_k
+            c2 = np.int64(scratch[j + 2]) + one_k
+            c3 = np.int64(scratch[j + 3]) + one_k
+            l0 = 2 * (64 - clz64(c0)) + km1
+            l1 = 2 * (64 - clz64(c1)) + km1
+            l2 = 2 * (64 - clz64(c2)) + km1
+            l3 = 2 * (64 - clz64(c3)) + km1
+            n = l0 + l1 + l2 + l3
+            if n <= 56:
+                p, acc, nacc = _put(ptr, p, acc, nacc,
+                                    (((((c0 << l1) | c1) << l2) | c2) << l3) | c3, n)
             else:
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, c0 - one_k, k)
                 p, acc, nacc = _put_eg(ptr, p, acc, nacc, c1 - one_k, k)
                 p, acc, nacc = _put_eg(ptr, p, acc, nacc, c2 - one_k, k)
-            j += 2
-        if j < cnt:
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, c3 - one_k, k)
+            j += 4
+        while j < cnt:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, np.int64(scratch[j]), k)
+            j += 1
     elif mode == MODE_RICE:
-        # two codewords per store, as above, when neither is an escape and they fit
-        one_k = np.int64(1) << k
         mask = one_k - 1
-        j = 0
-        while j + 1 < cnt:
-            u1 = np.int64(scratch[j])
-            u2 = np.int64(scratch[j + 1])
+        kp1 = k + 1
+        while j + 3 < cnt:
+            u0 = np.int64(scratch[j])
+            u1 = np.int64(scratch[j + 1])
+            u2 = np.int64(scratch[j + 2])
+            u3 = np.int64(scratch[j + 3])
+            q0 = u0 >> k
             q1 = u1 >> k
             q2 = u2 >> k
-            l2 = q2 + 1 + k
-            if q1 < RICE_ESC and q2 < RICE_ESC and q1 + l2 + 1 + k <= 32:
-                c = (((one_k | (u1 & mask)) << l2) | one_k | (u2 & mask))
-                p, acc, nacc = _put(ptr, p, acc, nacc, c, q1 + 1 + k + l2)
+            q3 = u3 >> k
+            l1 = q1 + kp1
+            l2 = q2 + kp1
+            l3 = q3 + kp1
+            n = q0 + kp1 + l1 + l2 + l3
+            if ((q0 | q1 | q2 | q3) < RICE_ESC) & (n <= 56):  # no escape (RICE_ESC = 2**4)
+                c = (((((((one_k | (u0 & mask)) << l1) | one_k | (u1 & mask)) << l2)
+                       | one_k | (u2 & mask)) << l3) | one_k | (u3 & mask))
+                p, acc, nacc = _put(ptr, p, acc, nacc, c, n)
             else:
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u0, k)
                 p, acc, nacc = _put_rice(ptr, p, acc, nacc, u1, k)
                 p, acc, nacc = _put_rice(ptr, p, acc, nacc, u2, k)
-            j += 2
-        if j < cnt:
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u3, k)
+            j += 4
+        while j < cnt:
             p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
+            j += 1
     else:
         rice = mode == MODE_ZERO_RUNS_RICE
         run = np.int64(0)
@@ -582,7 +624,7 @@ def block_moments(x, r, starts, counts, b_lo, b_hi, stats):
 
 
 @njit(nogil=True, cache=True)
-def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, b):
+def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, q_sink, stats, b):
     """Error feedback, statistics and quantization of one block.
 
     x = g + r (float32; r is the error-feedback residual, or empty for none). Writes the
@@ -590,7 +632,8 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, 
     (x itself where x is an exception: non-finite or |x / step| > lim), q into q_out (if
     not empty), and the block's statistics of the finite x (sum of squares, sum of
     magnitudes, count of non-finite values) into stats[b]. The block is read twice, the
-    second time from cache. Returns the exception count.
+    second time from cache. q_sink (int32, at least cnt) is scratch. Returns the exception
+    count.
     """
     feedback = r.size > 0
     gs = g[start:start + cnt]
@@ -599,10 +642,10 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, 
     stats[b, 0] = sumsq
     stats[b, 1] = sumabs
     stats[b, 2] = nonfinite
-    if feedback:
-        nexc = _quantize_residual(gs, rs, inv, step, lim, scratch)
-    else:
-        nexc = _quantize_to(g, start, cnt, inv, lim, scratch)
+    if feedback:  # q goes to q_out in the same pass, or to q_sink (block-sized scratch)
+        qs = q_out[start:start + cnt] if q_out.size > 0 else q_sink[:cnt]
+        return _quantize_residual(gs, rs, inv, step, lim, scratch, qs)
+    nexc = _quantize_to(g, start, cnt, inv, lim, scratch)
     if q_out.size > 0:
         qs = q_out[start:start + cnt]
         for j in range(cnt):  # from the symbols: q = (u + 1) / 2 (odd u), -u / 2 (even u)
@@ -614,8 +657,9 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, stats, 
 
 
 @njit(nogil=True, cache=True)
-def _quantize_residual(gs, rs, inv, step, lim, scratch):
-    """u-symbols of x = gs + rs into scratch; rs := x - q * step (x at exceptions)."""
+def _quantize_residual(gs, rs, inv, step, lim, scratch, qs):
+    """u-symbols of x = gs + rs into scratch, q into qs; rs := x - q * step (x at
+    exceptions, where q = 0)."""
     nexc = 0
     for j in range(gs.size):  # indices from 0: no wraparound checks, so it vectorizes
         xv = gs[j] + rs[j]
@@ -625,6 +669,7 @@ def _quantize_residual(gs, rs, inv, step, lim, scratch):
         nexc += np.int64(not ok)
         qf = np.rint(v if ok else 0.0)
         q = np.int32(qf)
+        qs[j] = q
         scratch[j] = 2 * q - 1 if q > 0 else -2 * q
         rs[j] = np.float32(xd - qf * step) if ok else xv
     return nexc
@@ -644,7 +689,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b], scratch,
-                                  q_out, stats, b)
+                                  q_out, pos, stats, b)
         p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
                         meta, b, nexc)
         if p < 0:
@@ -787,17 +832,24 @@ def build_lut(k, table, rice=False):
 
 
 @njit(nogil=True, cache=True)
+def _read_symbol(ptr, nbuf, pos, k, rice):
+    """Read one mode-0 (EG) or mode-2 (rice) codeword, checked: (u, new pos, error code)."""
+    if rice:
+        u, pos, err = _read_rice(ptr, nbuf, pos, k)
+    else:
+        u, pos, err = _read_eg(ptr, nbuf, pos, k)
+    if err == 0 and u > UMAX:
+        return u, pos, ERR_VALUE_RANGE
+    return u, pos, err
+
+
+@njit(nogil=True, cache=True)
 def _decode_eg_slow(ptr, nbuf, pos, k, scratch, j0, cnt, rice):
     """Decode symbols j0..cnt-1 one codeword at a time: (new pos, error code)."""
     for j in range(j0, cnt):
-        if rice:
-            u, pos, err = _read_rice(ptr, nbuf, pos, k)
-        else:
-            u, pos, err = _read_eg(ptr, nbuf, pos, k)
+        u, pos, err = _read_symbol(ptr, nbuf, pos, k, rice)
         if err:
             return pos, err
-        if u > UMAX:
-            return pos, ERR_VALUE_RANGE
         scratch[j] = u
     return pos, 0
 
@@ -900,6 +952,18 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
 
 
 @njit(nogil=True, cache=True)
+def _block_end(payload, pos, stop):
+    """Error code of a block whose codewords ended at bit pos: it must be its stop, and
+    the padding after it zero."""
+    if pos != stop:
+        return ERR_LENGTH_MISMATCH
+    pad = (8 - (stop & 7)) & 7
+    if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
+        return ERR_PADDING
+    return 0
+
+
+@njit(nogil=True, cache=True)
 def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
     """Decode one block's symbols into scratch[:cnt] and check its length and padding."""
     ptr = data_ptr(payload)
@@ -913,12 +977,158 @@ def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
                                      mode == MODE_ZERO_RUNS_RICE)
     if err:
         return err
-    if pos != stop:
-        return ERR_LENGTH_MISMATCH
-    pad = (8 - (stop & 7)) & 7
-    if pad and (payload[(stop - 1) >> 3] & ((1 << pad) - 1)) != 0:
-        return ERR_PADDING
-    return 0
+    return _block_end(payload, pos, stop)
+
+
+# Blocks decode LANES at a time: one table lookup per block per iteration gives the core
+# LANES independent dependency chains (bit position -> load -> lookup -> bit position) to
+# overlap, where one block's chain leaves it waiting on loads. Blocks are independent in
+# the format, so this changes no frame and no result.
+LANES = 4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lane_lookup(ptr, table, pos):
+    """The table entry for the LUT_BITS stream bits at pos (8 bytes readable there)."""
+    return load_i64(table, lshr(load_be64(ptr, pos >> 3) << (pos & 7), 64 - LUT_BITS) * 8)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lane_store(dst, j, e):
+    """Store an entry's three symbol slots at symbols j..j+2 of the int32 array at dst (the
+    slots past its count are overwritten by the next lookup or never read)."""
+    d = dst + j * 4
+    store_i32(d, 0, (e >> 8) & 0xFFFF)
+    store_i32(d, 4, (e >> 24) & 0xFFFF)
+    store_i32(d, 8, (e >> 40) & 0xFFFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lane_step(ptr, nbuf, pos, j, e, k, rice, dst):
+    """Advance a lane past its entry e, or past one checked codeword where e holds none:
+    (new pos, new j, error code)."""
+    n = e & 3
+    if n:
+        return pos + ((e >> 2) & 15), j + n, 0
+    u, pos, err = _read_symbol(ptr, nbuf, pos, k, rice)
+    store_i32(dst, j * 4, u)
+    return pos, j + 1, err
+
+
+@njit(nogil=True, cache=True)
+def _decode_lanes(ptr, nbuf, pos, table, dst, done, cnt, ks, rice):
+    """The table path of _decode_eg on LANES mode-0/2 blocks (k <= LUT_K_MAX) at once.
+
+    Lane l reads from bit pos[l] with the table at address table[l], writing int32 symbols
+    at address dst[l]. It runs while every lane has 3 or more of its cnt[l] symbols to go
+    and 8 readable bytes; a codeword the table does not hold is read by the checked reader.
+    pos and done (symbols written) are updated for _decode_eg to finish each lane. Returns
+    an error code (nonzero: some lane's stream is invalid).
+    """
+    p0 = pos[0]
+    p1 = pos[1]
+    p2 = pos[2]
+    p3 = pos[3]
+    j0 = done[0]
+    j1 = done[1]
+    j2 = done[2]
+    j3 = done[3]
+    m0 = cnt[0] - 3
+    m1 = cnt[1] - 3
+    m2 = cnt[2] - 3
+    m3 = cnt[3] - 3
+    plim = (nbuf - 8) * 8  # pos <= plim: the 8 bytes at pos >> 3 are in the buffer
+    err = 0
+    while ((j0 <= m0) & (j1 <= m1) & (j2 <= m2) & (j3 <= m3)
+           & (max(max(p0, p1), max(p2, p3)) <= plim)):
+        e0 = _lane_lookup(ptr, table[0], p0)
+        e1 = _lane_lookup(ptr, table[1], p1)
+        e2 = _lane_lookup(ptr, table[2], p2)
+        e3 = _lane_lookup(ptr, table[3], p3)
+        _lane_store(dst[0], j0, e0)
+        _lane_store(dst[1], j1, e1)
+        _lane_store(dst[2], j2, e2)
+        _lane_store(dst[3], j3, e3)
+        if ((e0 & 3) == 0) | ((e1 & 3) == 0) | ((e2 & 3) == 0) | ((e3 & 3) == 0):
+            p0, j0, err0 = _lane_step(ptr, nbuf, p0, j0, e0, ks[0], rice[0], dst[0])
+            p1, j1, err1 = _lane_step(ptr, nbuf, p1, j1, e1, ks[1], rice[1], dst[1])
+            p2, j2, err2 = _lane_step(ptr, nbuf, p2, j2, e2, ks[2], rice[2], dst[2])
+            p3, j3, err3 = _lane_step(ptr, nbuf, p3, j3, e3, ks[3], rice[3], dst[3])
+            err = err0 | err1 | err2 | err3
+            if err:
+                break
+            continue
+        j0 += e0 & 3
+        j1 += e1 & 3
+        j2 += e2 & 3
+        j3 += e3 & 3
+        p0 += (e0 >> 2) & 15
+        p1 += (e1 >> 2) & 15
+        p2 += (e2 >> 2) & 15
+        p3 += (e3 >> 2) & 15
+    pos[0] = p0
+    pos[1] = p1
+    pos[2] = p2
+    pos[3] = p3
+    done[0] = j0
+    done[1] = j1
+    done[2] = j2
+    done[3] = j3
+    return err
+
+
+@njit(nogil=True, cache=True)
+def _decode_group(payload, b0, g, counts, modes, ks, kruns, bits, offsets, luts, scratch,
+                  stride):
+    """Decode blocks b0 .. b0+g-1 (g <= LANES) of payload, block b0+l's symbols into
+    scratch[l*stride : l*stride + counts[b0+l]]: (error code, l of the first invalid block).
+
+    Groups of LANES table-coded blocks go through _decode_lanes; any failure there, and
+    every other group, is decoded block by block with _decode_block, which finds the first
+    invalid block and its error exactly as a sequential decoder would.
+    """
+    ptr = data_ptr(payload)
+    nbuf = payload.size
+    lanes = g == LANES
+    for l in range(g):
+        b = b0 + l
+        lanes = lanes and not is_zero_runs(modes[b]) and ks[b] <= LUT_K_MAX
+    if lanes:
+        pos = np.empty(LANES, np.int64)
+        table = np.empty(LANES, np.int64)
+        dst = np.empty(LANES, np.int64)
+        done = np.zeros(LANES, np.int64)
+        cnt = np.empty(LANES, np.int64)
+        kk = np.empty(LANES, np.int64)
+        rice = np.empty(LANES, np.bool_)
+        for l in range(LANES):
+            b = b0 + l
+            rice[l] = modes[b] == MODE_RICE
+            kk[l] = ks[b]
+            pos[l] = offsets[b] * 8
+            table[l] = data_ptr(luts[np.int64(rice[l]), ks[b]])
+            dst[l] = data_ptr(scratch[l * stride:(l + 1) * stride])
+            cnt[l] = counts[b]
+        ok = _decode_lanes(ptr, nbuf, pos, table, dst, done, cnt, kk, rice) == 0
+        for l in range(LANES):
+            if not ok:
+                break
+            b = b0 + l
+            rest = scratch[l * stride + done[l]:l * stride + counts[b]]
+            p, err = _decode_eg(ptr, nbuf, pos[l], counts[b] - done[l], ks[b],
+                                luts[np.int64(rice[l]), ks[b]], rest, rice[l])
+            p0 = offsets[b] * 8
+            ok = err == 0 and _block_end(payload, p, p0 + bits[b]) == 0
+        if ok:
+            return 0, 0
+    for l in range(g):
+        b = b0 + l
+        p0 = offsets[b] * 8
+        err = _decode_block(payload, p0, p0 + bits[b], counts[b], modes[b], ks[b], kruns[b],
+                            luts, scratch[l * stride:l * stride + counts[b]])
+        if err:
+            return err, l
+    return 0, 0
 
 
 @njit(nogil=True, cache=True)
@@ -926,12 +1136,19 @@ def _dequantize(scratch, start, cnt, step, out):
     """out[start:start+cnt] = float64(q) * step, from the block's symbols in scratch."""
     o = out[start:start + cnt]
     for j in range(cnt):  # indices from 0: no wraparound checks, so it vectorizes
-        # q from u in float64 (exact below 2**53): AVX2 has no packed int64 -> float64
-        # conversion, so an integer form of the u -> q map would not vectorize.
-        half = np.float64(scratch[j]) * 0.5
-        fl = np.floor(half)
-        q = fl + 1.0 if half != fl else 0.0 - half  # 0.0 - 0.0 is +0.0, -0.0 is not
-        o[j] = q * step
+        o[j] = _q_of_u(scratch[j]) * step
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _q_of_u(u):
+    """q of the symbol u (int32), in float64 (exact below 2**53).
+
+    Computed in float64: AVX2 has no packed int64 -> float64 conversion, so an integer
+    form of the u -> q map would not vectorize.
+    """
+    half = np.float64(u) * 0.5
+    fl = np.floor(half)
+    return fl + 1.0 if half != fl else 0.0 - half  # 0.0 - 0.0 is +0.0, -0.0 is not
 
 
 @njit(nogil=True, cache=True)
@@ -947,22 +1164,26 @@ def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, 
     code, block), (0, -1) if ok. The block table itself (modes, ks, lengths adding up) is
     validated by the caller. luts is build_luts()' tables.
     """
-    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
-    for b in range(b_lo, b_hi):
-        cnt = counts[b]
-        start = starts[b]
-        p0 = offsets[b] * 8
-        err = _decode_block(payload, p0, p0 + bits[b], cnt, modes[b], ks[b], kruns[b], luts,
-                            scratch)
+    stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
+    group = np.empty(LANES * stride, np.int32)
+    for b0 in range(b_lo, b_hi, LANES):
+        g = min(LANES, b_hi - b0)
+        err, l = _decode_group(payload, b0, g, counts, modes, ks, kruns, bits, offsets, luts,
+                               group, stride)
         if err:
-            return err, b
-        for e in range(np.searchsorted(exc_pos, start), exc_pos.size):
-            i = exc_pos[e]
-            if i >= start + cnt:
-                break
-            if scratch[i - start] != 0:
-                return ERR_EXCEPTION_CODE, b
-        _dequantize(scratch, start, cnt, steps[b], out)
+            return err, b0 + l
+        for l in range(g):
+            b = b0 + l
+            cnt = counts[b]
+            start = starts[b]
+            scratch = group[l * stride:l * stride + cnt]
+            for e in range(np.searchsorted(exc_pos, start), exc_pos.size):
+                i = exc_pos[e]
+                if i >= start + cnt:
+                    break
+                if scratch[i - start] != 0:
+                    return ERR_EXCEPTION_CODE, b
+            _dequantize(scratch, start, cnt, steps[b], out)
     return 0, -1
 
 
@@ -980,72 +1201,105 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
 
     With out_f (float32) not empty, out_f[i] = float32(sum_i * (step / divisor)), or
     float32((sum_i * step + xval[j]) / divisor) where xpos[j] == i (sorted positions of
-    exceptional values); otherwise out_i[i] = sum_i (int64). The block's integers are
-    summed in a block-sized accumulator (float64: exact), so no full-size intermediate is
-    written.
-    Returns (error code, block, frame), (0, -1, -1) if every frame is valid.
+    exceptional values); otherwise out_i[i] = sum_i (int64). The integers of LANES blocks
+    at a time (decoded together, see _decode_group) are summed in accumulators of that size
+    (float64: exact), so no full-size intermediate is written.
+    Returns (error code, block, frame) of an invalid frame (the first one found, going
+    through groups of LANES blocks, frames in order), (0, -1, -1) if every frame is valid.
     """
     n_frames = pay_lo.size
-    scratch = np.empty(max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1, np.int32)
+    stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
+    group = np.empty(LANES * stride, np.int32)
     # float64 holds every sum exactly (|sum| < frames * 2**30 < 2**53) and, unlike int64,
     # converts to and from the other types in vector instructions
-    acc = np.empty(scratch.size, np.float64)
+    accs = np.empty(LANES * stride, np.float64)
     have_own = own.size > 0
     finalize = out_f.size > 0
-    for b in range(b_lo, b_hi):
-        cnt = counts[b]
-        start = starts[b]
-        a = acc[:cnt]
-        os_ = own[start:start + cnt] if have_own else own
+    for b0 in range(b_lo, b_hi, LANES):
+        g = min(LANES, b_hi - b0)
         if n_frames == 0:
-            for j in range(cnt):
-                a[j] = np.float64(os_[j]) if have_own else 0.0
+            for l in range(g):
+                b = b0 + l
+                a = accs[l * stride:l * stride + counts[b]]
+                os_ = own[starts[b]:starts[b] + counts[b]] if have_own else own
+                for j in range(counts[b]):
+                    a[j] = np.float64(os_[j]) if have_own else 0.0
         for f in range(n_frames):
             payload = buf[pay_lo[f]:pay_hi[f]]
-            p0 = offsets[f, b] * 8
-            err = _decode_block(payload, p0, p0 + bits[f, b], cnt, modes[f, b], ks[f, b],
-                                kruns[f, b], luts, scratch)
+            err, l = _decode_group(payload, b0, g, counts, modes[f], ks[f], kruns[f], bits[f],
+                                   offsets[f], luts, group, stride)
             if err:
-                return err, b, f
-            e_lo = exc_ptr[f] + np.searchsorted(exc_pos[exc_ptr[f]:exc_ptr[f + 1]], start)
-            for e in range(e_lo, exc_ptr[f + 1]):
-                i = exc_pos[e]
-                if i >= start + cnt:
-                    break
-                if scratch[i - start] != 0:
-                    return ERR_EXCEPTION_CODE, b, f
-            # q from u in float64, as in _dequantize; the first frame also brings in own
-            if f > 0:
+                return err, b0 + l, f
+            for l in range(g):
+                b = b0 + l
+                cnt = counts[b]
+                start = starts[b]
+                scratch = group[l * stride:l * stride + cnt]
+                a = accs[l * stride:l * stride + cnt]
+                os_ = own[start:start + cnt] if have_own else own
+                e_lo = exc_ptr[f] + np.searchsorted(exc_pos[exc_ptr[f]:exc_ptr[f + 1]], start)
+                for e in range(e_lo, exc_ptr[f + 1]):
+                    i = exc_pos[e]
+                    if i >= start + cnt:
+                        break
+                    if scratch[i - start] != 0:
+                        return ERR_EXCEPTION_CODE, b, f
+                    # q from u in float64, as in _dequantize; the first frame also brings in
+                # own. The last frame's pass writes the result itself when finalizing.
+                if finalize and f == n_frames - 1:
+                    scale = steps[b] / divisor
+                    o = out_f[start:start + cnt]
+                    if f > 0:
+                        for j in range(cnt):
+                            o[j] = np.float32((a[j] + _q_of_u(scratch[j])) * scale)
+                    elif have_own:
+                        for j in range(cnt):
+                            o[j] = np.float32((np.float64(os_[j]) + _q_of_u(scratch[j]))
+                                              * scale)
+                    else:
+                        for j in range(cnt):
+                            o[j] = np.float32(_q_of_u(scratch[j]) * scale)
+                    x_lo = np.searchsorted(xpos, start)
+                    for e in range(x_lo, xpos.size):
+                        i = xpos[e]
+                        if i >= start + cnt:
+                            break
+                        base = a[i - start] if f > 0 else (
+                            np.float64(os_[i - start]) if have_own else 0.0)
+                        out_f[i] = np.float32(((base + _q_of_u(scratch[i - start])) * steps[b]
+                                               + xval[e]) / divisor)
+                elif f > 0:
+                    for j in range(cnt):
+                        a[j] += _q_of_u(scratch[j])
+                elif have_own:
+                    for j in range(cnt):
+                        a[j] = np.float64(os_[j]) + _q_of_u(scratch[j])
+                else:
+                    for j in range(cnt):
+                        a[j] = _q_of_u(scratch[j])
+        if finalize and n_frames > 0:
+            continue  # written by the last frame's pass
+        for l in range(g):
+            b = b0 + l
+            cnt = counts[b]
+            start = starts[b]
+            a = accs[l * stride:l * stride + cnt]
+            if finalize:
+                step = steps[b]
+                scale = step / divisor
+                o = out_f[start:start + cnt]
                 for j in range(cnt):
-                    half = np.float64(scratch[j]) * 0.5
-                    fl = np.floor(half)
-                    a[j] += fl + 1.0 if half != fl else 0.0 - half
-            elif have_own:
-                for j in range(cnt):
-                    half = np.float64(scratch[j]) * 0.5
-                    fl = np.floor(half)
-                    a[j] = np.float64(os_[j]) + (fl + 1.0 if half != fl else 0.0 - half)
+                    o[j] = np.float32(a[j] * scale)
+                x_lo = np.searchsorted(xpos, start)
+                for e in range(x_lo, xpos.size):
+                    i = xpos[e]
+                    if i >= start + cnt:
+                        break
+                    out_f[i] = np.float32((a[i - start] * step + xval[e]) / divisor)
             else:
+                oi = out_i[start:start + cnt]
                 for j in range(cnt):
-                    half = np.float64(scratch[j]) * 0.5
-                    fl = np.floor(half)
-                    a[j] = fl + 1.0 if half != fl else 0.0 - half
-        if finalize:
-            step = steps[b]
-            scale = step / divisor
-            o = out_f[start:start + cnt]
-            for j in range(cnt):
-                o[j] = np.float32(a[j] * scale)
-            x_lo = np.searchsorted(xpos, start)
-            for e in range(x_lo, xpos.size):
-                i = xpos[e]
-                if i >= start + cnt:
-                    break
-                out_f[i] = np.float32((a[i - start] * step + xval[e]) / divisor)
-        else:
-            oi = out_i[start:start + cnt]
-            for j in range(cnt):
-                oi[j] = np.int64(a[j])
+                    oi[j] = np.int64(a[j])
     return 0, -1, -1
 
 

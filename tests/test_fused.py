@@ -8,7 +8,7 @@ import torch
 
 from ggcomm import codec
 from ggcomm.codec import FrameError
-from ggcomm.kernels import reference
+from ggcomm.kernels import eg, reference
 
 
 def _data(seed, n, scale=1.0, specials=False):
@@ -163,3 +163,89 @@ def test_zero_runs_bound_never_exceeds_the_zero_runs_bits(seed):
                            np.zeros_like(T))
         exact = eg._best_k(Hrun)[1] + eg._best_k(Hval)[1]
         assert bound <= exact, (cnt, bound, exact)
+
+
+def _mixed_frame():
+    """A frame whose blocks take every path of the grouped decoder: EG and Golomb-Rice
+    blocks at table orders (k <= 8), at larger k, zero-run blocks, and a short last group."""
+    rng = np.random.default_rng(7)
+    parts = [rng.laplace(size=4096) * 3.0,  # EG / Golomb-Rice, small k
+             rng.normal(size=2048) * 1e4,  # k above the table orders
+             np.where(rng.random(3000) < 0.95, 0.0, rng.normal(size=3000)),  # zero runs
+             rng.standard_t(1.5, size=1500)]  # heavy tails: codewords the table lacks
+    x = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+    lengths = [p.size for p in parts]
+    return codec.encode(x, np.array([0.5, 1.0, 0.1, 0.05]), segments=lengths,
+                        block_size=256), x
+
+
+def _blockwise(payload, h, arrays, luts):
+    """(error code, block) of a plain block-by-block decode, as decoders did before groups."""
+    modes, ks, kruns, bits, offsets = arrays
+    starts, counts, _ = h.layout
+    scratch = np.empty(int(counts.max()), np.int32)
+    for b in range(counts.size):
+        p0 = int(offsets[b]) * 8
+        err = eg._decode_block(payload, p0, p0 + int(bits[b]), int(counts[b]), int(modes[b]),
+                               int(ks[b]), int(kruns[b]), luts, scratch)
+        if err:
+            return err, b
+        for i in h.exc_pos[(h.exc_pos >= starts[b]) & (h.exc_pos < starts[b] + counts[b])]:
+            if scratch[i - starts[b]] != 0:
+                return eg.ERR_EXCEPTION_CODE, b
+    return 0, -1
+
+
+def test_grouped_decoding_reports_what_block_by_block_decoding_reports():
+    frame, x = _mixed_frame()
+    modes = {b.mode for b in codec.inspect(frame).blocks}
+    assert {"eg", "rice", "zero_runs", "zero_runs_rice"} <= modes
+    buf, h = codec._frame_and_header(frame)
+    arrays = codec._block_arrays(h)
+    ks = arrays[1]
+    assert ks.max() > eg.LUT_K_MAX and (ks <= eg.LUT_K_MAX).sum() >= 2 * eg.LANES
+    luts = codec._luts()
+    starts, counts, seg = h.layout
+    payload0 = buf[h.payload_off:h.payload_off + h.payload_len].copy()
+    np.testing.assert_array_equal(codec.decode(frame), codec.decode(frame.tobytes()))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for trial in range(300):
+        payload = payload0.copy()
+        for _ in range(1 + trial % 3):  # flip 1-3 bits
+            bit = int(rng.integers(payload.size * 8))
+            payload[bit >> 3] ^= np.uint8(0x80 >> (bit & 7))
+        out = np.zeros(h.numel, np.float32)
+        got = eg.decode_blocks(payload, starts, counts, h.steps[seg], 0, counts.size,
+                               *arrays, luts, h.exc_pos, out)
+        want = _blockwise(payload, h, arrays, luts)
+        assert (int(got[0]), int(got[1])) == want, trial
+        seen.add(want[0])
+        if want[0] == 0:  # a flip that still decodes: the values are the stream's
+            q, _, _ = codec.decode_symbols(codec.Frame(torch.from_numpy(np.concatenate(
+                [buf[:h.payload_off], payload, buf[h.payload_off + h.payload_len:]])), h))
+            np.testing.assert_array_equal(out, (q * torch.from_numpy(
+                np.repeat(h.steps, np.diff(h.seg_bounds)))).float().numpy())
+    assert len(seen) >= 3  # several kinds of error were met
+
+
+def test_grouped_sum_names_the_corrupt_frame_and_block():
+    frame, _ = _mixed_frame()
+    good = frame.buffer
+    buf, h = codec._frame_and_header(frame)
+    arrays = codec._block_arrays(h)
+    luts = codec._luts()
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        bad = good.clone()
+        bit = int(rng.integers(h.payload_len * 8))
+        bad[h.payload_off + (bit >> 3)] ^= 0x80 >> (bit & 7)
+        want = _blockwise(bad.numpy()[h.payload_off:h.payload_off + h.payload_len], h,
+                          arrays, luts)
+        buffer = torch.cat([good, bad])
+        frames = [(0, frame), (good.numel(), codec.Frame(buffer[good.numel():], h))]
+        if want[0] == 0:
+            codec.sum_frames(buffer, frames, out=np.empty(h.numel, np.float32))
+            continue
+        with pytest.raises(FrameError, match=f"frame 1, block {want[1]}:"):
+            codec.sum_frames(buffer, frames, out=np.empty(h.numel, np.float32))
