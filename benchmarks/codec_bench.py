@@ -125,6 +125,10 @@ class CodecRow:
     header_pct: float  # (frame - payload) bytes as % of the frame (header + CRC)
     entropy_bits: float  # empirical entropy of the quantized symbols
     bits_over_entropy: float  # frame_bits / entropy_bits
+    # what the best prefix codes reach on the same symbols (a sample, see prefix_bounds):
+    # Huffman's bits / entropy, one codeword per symbol and one per pair of symbols
+    huffman_over_entropy: float
+    pair_huffman_over_entropy: float
     zero_symbol_fraction: float
     zero_run_block_fraction: float
     rice_block_fraction: float  # blocks in Golomb-Rice mode (FORMAT.md mode 2)
@@ -234,6 +238,25 @@ def empirical_entropy(q: np.ndarray) -> float:
     counts = np.bincount((q - lo).ravel())
     p = counts[counts > 0] / q.size
     return float(-(p * np.log2(p)).sum())
+
+
+# symbols the prefix-code bounds are computed on (the tensor's first ones): enough for
+# three decimals of the ratio, and np.unique of pairs stays cheap at 256 MiB
+PREFIX_BOUND_SAMPLE = 1 << 22
+
+
+def prefix_bounds(q: np.ndarray) -> tuple[float, float]:
+    """(Huffman bits / entropy, pair-Huffman bits / entropy) of the first
+    PREFIX_BOUND_SAMPLE symbols: the best any code with one codeword per symbol (per pair of
+    symbols) can do on them, from their own histogram (table cost not counted)."""
+    s = q.ravel()[:PREFIX_BOUND_SAMPLE].astype(np.int64)
+    s = s[: s.size // 2 * 2]
+    h = empirical_entropy(s)
+    if s.size == 0 or h <= 0:
+        return math.nan, math.nan
+    u = np.where(s > 0, 2 * s - 1, -2 * s)
+    pairs = u[0::2] * (int(u.max()) + 1) + u[1::2]
+    return rate.huffman_bits(s) / h, rate.huffman_bits(pairs) / 2 / h
 
 
 def narrowest_int(lo: int, hi: int) -> np.dtype:
@@ -437,6 +460,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
     qn = q.numpy()
     del q
     entropy = empirical_entropy(qn)
+    huffman, pair_huffman = prefix_bounds(qn)
     q_dtype = narrowest_int(int(qn.min()), int(qn.max()))
     zero_fraction = float(np.count_nonzero(qn == 0)) / n
     q_bytes = qn.astype(q_dtype)
@@ -459,6 +483,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
         header_pct=100.0 * (frame.nbytes - payload) / frame.nbytes,
         entropy_bits=entropy,
         bits_over_entropy=frame.bits_per_element / entropy if entropy > 0 else math.inf,
+        huffman_over_entropy=huffman, pair_huffman_over_entropy=pair_huffman,
         zero_symbol_fraction=zero_fraction,
         zero_run_block_fraction=sum(b.mode in ("zero_runs", "zero_runs_rice")
                                     for b in info.blocks)
@@ -568,7 +593,9 @@ def evaluate_targets(rows: list[CodecRow], overhead: list[OverheadRow]) -> list[
                 "entropy", worst.bits_over_entropy <= slack,
                 f"worst over sizes {worst.bits_over_entropy:.4f} "
                 f"({worst.frame_bits:.3f} vs {worst.entropy_bits:.3f} b/e, "
-                f"{worst.size_mib:g} MiB)"))
+                f"{worst.size_mib:g} MiB); the best prefix code on its symbols: "
+                f"{worst.huffman_over_entropy:.4f} one codeword per symbol (Huffman), "
+                f"{worst.pair_huffman_over_entropy:.4f} per pair"))
 
     header_sets = (
         ("GG beta=1 @~3b (overhead table)",
@@ -734,14 +761,21 @@ def _bits(rows: list[CodecRow]) -> list[str]:
         "`ZR blk` is the share of blocks coded as zero runs and `GR blk` in Golomb-Rice mode "
         "(frame format 2's mode 2), `mean k` the mean Exp-Golomb order of the EG blocks and "
         "`GR k` the mean Golomb-Rice parameter; `rt` says decode returned exactly "
-        "float32(q * step)."
+        "float32(q * step). `HM / H` and `HM2 / H` are what the best prefix codes reach "
+        "on the first 4M symbols, over their entropy: Huffman codes built from their own "
+        "histogram (no table cost) with one codeword per symbol, and one per pair of "
+        "symbols. Every block mode codes one symbol per codeword, so `HM / H` bounds what "
+        "any per-symbol table mode could reach (the pair histogram of a 1 MiB tensor is "
+        "sparse enough that `HM2 / H` is a little optimistic there)."
         + _pco_note(),
-        ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "zero sym",
+        ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "HM / H",
+         "HM2 / H", "zero sym",
          "ZR blk", "GR blk", "mean k", "GR k", "q as", "zstd-1 q", "lz4 q", "pcodec q",
          "zstd-1 f32", "lz4 f32", "rt"],
         [[r.label, f"{r.size_mib:g}", f"{r.step:.4g}", f"{r.frame_bits:.3f}",
           f"{r.payload_bits:.3f}", f"{r.header_pct:.3f}", f"{r.entropy_bits:.3f}",
-          f"{r.bits_over_entropy:.4f}", f"{r.zero_symbol_fraction:.1%}",
+          f"{r.bits_over_entropy:.4f}", f"{r.huffman_over_entropy:.4f}",
+          f"{r.pair_huffman_over_entropy:.4f}", f"{r.zero_symbol_fraction:.1%}",
           f"{r.zero_run_block_fraction:.0%}", f"{r.rice_block_fraction:.0%}",
           f"{r.mean_k:.2f}" if math.isfinite(r.mean_k) else "-",
           f"{r.mean_k_rice:.2f}" if math.isfinite(r.mean_k_rice) else "-", r.q_dtype,

@@ -99,3 +99,26 @@ def test_codec_stages_are_the_codecs_work(tmp_path: Path) -> None:
     report = (tmp_path / "codec_stages-quick.md").read_text()
     assert "| GG beta=3 @3b |" in report and "rice" in report
     assert "zero_runs_rice" in report  # the sparse tensor's blocks
+
+
+def test_prefix_bounds() -> None:
+    # dyadic probabilities (1/2, 1/4, 1/8, 1/8): Huffman is exactly the entropy, per symbol
+    # and per pair
+    q = np.repeat(np.array([0, 1, -1, 2]), [4000, 2000, 1000, 1000])
+    q = np.random.default_rng(0).permutation(q)
+    single, pair = codec_bench.prefix_bounds(q)
+    assert single == pytest.approx(1.0, abs=1e-12)
+    assert pair == pytest.approx(1.0, abs=5e-3)  # the sample's pair histogram is not exact
+    # a skewed source (one symbol at 0.9): one codeword per symbol costs at least a bit, far
+    # above its 0.57-bit entropy; pairs halve the waste
+    q = (np.random.default_rng(1).random(100_000) > 0.9).astype(np.int64)
+    single, pair = codec_bench.prefix_bounds(q)
+    entropy = codec_bench.empirical_entropy(q)
+    assert single == pytest.approx(1.0 / entropy, rel=1e-9)
+    assert 1.0 < pair < single
+    row = small_row()
+    assert 1.0 <= row.huffman_over_entropy <= row.bits_over_entropy + 1e-9
+    # (16384 symbols make a sparse pair histogram: the pair code fits it below 1.0 here)
+    assert row.pair_huffman_over_entropy <= row.huffman_over_entropy
+    assert f"| {row.huffman_over_entropy:.4f} | {row.pair_huffman_over_entropy:.4f} |" in \
+        codec_bench._bits([row])[-1]
