@@ -99,10 +99,15 @@ def _histogram_and_choose(u, starts, counts, zero_runs):
 
 @njit(nogil=True)
 def _write(u, starts, counts, modes, ks, kruns, out):
+    """The bit writer; zero-run blocks also find their nonzeros' positions here (in the
+    codec the choice stage already has them)."""
     p = 0
+    pos = np.empty(max(1, counts.max()), np.int32)
     for b in range(starts.size):
         s = starts[b]
-        p, _ = eg._write_block(u[s:s + counts[b]], counts[b], modes[b], ks[b], kruns[b], out, p)
+        us = u[s:s + counts[b]]
+        nnz = eg._nonzero_positions(us, counts[b], pos) if eg.is_zero_runs(modes[b]) else 0
+        p, _ = eg._write_block(us, counts[b], modes[b], ks[b], kruns[b], out, p, pos, nnz)
     return p
 
 

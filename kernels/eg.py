@@ -251,6 +251,18 @@ def _best_k(H):
 
 
 @njit(nogil=True, cache=True)
+def _nonzero_positions(scratch, cnt, pos):
+    """pos[:m] := the positions of the nonzero symbols of scratch[:cnt], in order; returns
+    m. Branch-free (always store, advance on nonzero): zeros and nonzeros are unpredictable.
+    """
+    m = np.uint64(0)  # unsigned indices: no wraparound checks
+    for j in range(cnt):
+        pos[m] = j
+        m += np.uint64(scratch[j] != 0)
+    return np.int64(m)
+
+
+@njit(nogil=True, cache=True)
 def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
     """Histograms of the zero-run mode's two symbol streams.
 
@@ -261,10 +273,7 @@ def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
     Hval[:, :] = 0
     Trun[:] = 0
     Tval[:] = 0
-    m = np.uint64(0)  # unsigned indices: no wraparound checks in the loops
-    for j in range(cnt):
-        pos[m] = j
-        m += np.uint64(scratch[j] != 0)
+    m = np.uint64(_nonzero_positions(scratch, cnt, pos))
     prev = -1
     for i in range(m):
         p = np.int64(pos[i])
@@ -333,8 +342,11 @@ def _put_rice(ptr, p, acc, nacc, u, k):
 
 
 @njit(nogil=True, cache=True)
-def _write_block(scratch, cnt, mode, k, krun, out, p):
-    """Write one block's codewords at byte p of out; returns (new p, bits written)."""
+def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
+    """Write one block's codewords at byte p of out; returns (new p, bits written).
+
+    Zero-run modes take the nonzeros' positions, pos[:nnz] (_nonzero_positions).
+    """
     p0 = p
     ptr = data_ptr(out)
     acc = np.int64(0)
@@ -397,22 +409,20 @@ def _write_block(scratch, cnt, mode, k, krun, out, p):
         while j < cnt:
             p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
             j += 1
-    else:
+    else:  # the nonzeros one by one, from their positions: pos[:nnz]
         rice = mode == MODE_ZERO_RUNS_RICE
-        run = np.int64(0)
-        for j in range(cnt):
+        prev = np.int64(-1)
+        for i in range(nnz):
+            j = np.int64(pos[i])
+            p, acc, nacc = _put_eg(ptr, p, acc, nacc, j - prev - 1, krun)
             u = np.int64(scratch[j])
-            if u == 0:
-                run += 1
+            if rice:
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u - 1, k)
             else:
-                p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
-                if rice:
-                    p, acc, nacc = _put_rice(ptr, p, acc, nacc, u - 1, k)
-                else:
-                    p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
-                run = 0
-        if run > 0:
-            p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
+            prev = j
+        if cnt - 1 - prev > 0:
+            p, acc, nacc = _put_eg(ptr, p, acc, nacc, cnt - 1 - prev, krun)
     bits = (p - p0) * 8 + nacc
     # The last store already wrote the partial byte, zero-padded.
     return p + (nacc > 0), bits
@@ -545,7 +555,8 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
             krun = 0  # mode 0 and 2 blocks carry k_run = 0
     if p + worst_case_bytes(cnt, zero_runs) > out.size:
         return -1
-    p, written = _write_block(scratch, cnt, mode, k, krun, out, p)
+    # zero-run modes: _zero_run_hists left the nonzeros' positions in pos
+    p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros)
     meta[b, 0] = mode
     meta[b, 1] = k
     meta[b, 2] = krun
@@ -926,6 +937,7 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
 
 @njit(nogil=True, cache=True)
 def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
+    scratch[:cnt] = 0  # one vectorised fill; then only the nonzeros are written
     i = 0
     while i < cnt:
         run, pos, err = _read_eg(ptr, nbuf, pos, krun)
@@ -933,8 +945,6 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
             return pos, err
         if run > cnt - i:
             return pos, ERR_RUN_LENGTH
-        for j in range(i, i + run):
-            scratch[j] = 0
         i += run
         if i == cnt:
             break
