@@ -22,8 +22,10 @@ def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
     assert all(len(t) == 2 and min(t) > 0 for t in res["times"].values())
     buckets = res["buckets"][0]
     assert len(buckets) > 1 and all(b["encode"] > 0 and b["decode"] > 0 for b in buckets)
-    assert len(res["bare"]) == len(buckets)
+    assert len(res["bare"]) == len(buckets) == len(res["bare_busy"])
+    assert all(sum(row["modes"].values()) > 0 for row in res["bare"])
     for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto, step_drift 0.1) |",
-                   "hook / bare", "All buckets: hook"):
+                   "hook / bare", "All buckets: hook", "bare, others computing",
+                   "while the other rank(s) compute"):
         assert needle in md
     assert "nan" not in md
