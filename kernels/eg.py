@@ -412,15 +412,34 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
     else:  # the nonzeros one by one, from their positions: pos[:nnz]
         rice = mode == MODE_ZERO_RUNS_RICE
         prev = np.int64(-1)
+        one_run = np.int64(1) << krun
+        mask = one_k - 1
         for i in range(nnz):
             j = np.int64(pos[i])
-            p, acc, nacc = _put_eg(ptr, p, acc, nacc, j - prev - 1, krun)
-            u = np.int64(scratch[j])
-            if rice:
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u - 1, k)
-            else:
-                p, acc, nacc = _put_eg(ptr, p, acc, nacc, u - 1, k)
+            run = j - prev - 1
+            v = np.int64(scratch[j]) - 1
             prev = j
+            # the run's codeword and the value's in one store when together they fit
+            c_run = run + one_run
+            l_run = 2 * (64 - clz64(c_run)) - 1 - krun
+            if rice:
+                q = v >> k
+                c_val = one_k | (v & mask)
+                l_val = q + 1 + k
+                fits = q < RICE_ESC
+            else:
+                c_val = v + one_k
+                l_val = 2 * (64 - clz64(c_val)) - 1 - k
+                fits = l_val <= 32  # c_val then holds the whole codeword
+            if fits and l_run + l_val <= 56:
+                p, acc, nacc = _put(ptr, p, acc, nacc, (c_run << l_val) | c_val,
+                                    l_run + l_val)
+                continue
+            p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
+            if rice:
+                p, acc, nacc = _put_rice(ptr, p, acc, nacc, v, k)
+            else:
+                p, acc, nacc = _put_eg(ptr, p, acc, nacc, v, k)
         if cnt - 1 - prev > 0:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, cnt - 1 - prev, krun)
     bits = (p - p0) * 8 + nacc
@@ -937,9 +956,60 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
 
 @njit(nogil=True, cache=True)
 def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
+    """Decode a zero-run block's cnt symbols from bit pos into scratch: (new pos, error).
+
+    Where 8 bytes can be loaded, one load serves a run codeword and the value codeword
+    after it when both lie in its bits (the common case); anything else (an escape, a
+    long codeword, the buffer's end) goes through the checked readers.
+    """
     scratch[:cnt] = 0  # one vectorised fill; then only the nonzeros are written
     i = 0
+    one_run = np.int64(1) << krun
+    one_k = np.int64(1) << k
+    zrun = 31 - krun  # longest valid zero prefix of a run codeword
+    blim = nbuf - 8  # last byte an 8-byte load may start at
     while i < cnt:
+        if (pos >> 3) <= blim:
+            w = load_be64(ptr, pos >> 3) << (pos & 7)  # 57 or more valid bits
+            z = clz64(w)
+            n = 2 * z + krun + 1
+            if z <= zrun and n <= 57:
+                run = lshr(w, 64 - n) - one_run
+                if run > cnt - i:
+                    return pos + n, ERR_RUN_LENGTH
+                i += run
+                pos += n
+                if i == cnt:
+                    break
+                avail = 57 - n  # valid bits left in w after the run codeword
+                w <<= n
+                z = clz64(w)
+                if rice:
+                    n = z + 1 + k
+                    if z < RICE_ESC and n <= avail:
+                        v = (np.int64(z) << k) + lshr(w, 64 - n) - one_k
+                        if v >= UMAX:
+                            return pos + n, ERR_VALUE_RANGE
+                        scratch[i] = v + 1
+                        i += 1
+                        pos += n
+                        continue
+                else:
+                    n = 2 * z + k + 1
+                    if z <= 31 - k and n <= avail:
+                        v = lshr(w, 64 - n) - one_k
+                        if v >= UMAX:
+                            return pos + n, ERR_VALUE_RANGE
+                        scratch[i] = v + 1
+                        i += 1
+                        pos += n
+                        continue
+                v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
+                if err:
+                    return pos, err
+                scratch[i] = v + 1
+                i += 1
+                continue
         run, pos, err = _read_eg(ptr, nbuf, pos, krun)
         if err:
             return pos, err
@@ -948,17 +1018,24 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
         i += run
         if i == cnt:
             break
-        if rice:
-            v, pos, err = _read_rice(ptr, nbuf, pos, k)
-        else:
-            v, pos, err = _read_eg(ptr, nbuf, pos, k)
+        v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
         if err:
             return pos, err
-        if v >= UMAX:
-            return pos, ERR_VALUE_RANGE
         scratch[i] = v + 1
         i += 1
     return pos, 0
+
+
+@njit(nogil=True, cache=True)
+def _read_zero_run_value(ptr, nbuf, pos, k, rice):
+    """A zero-run block's value codeword v (the symbol is v + 1), checked: (v, pos, err)."""
+    if rice:
+        v, pos, err = _read_rice(ptr, nbuf, pos, k)
+    else:
+        v, pos, err = _read_eg(ptr, nbuf, pos, k)
+    if err == 0 and v >= UMAX:
+        return v, pos, ERR_VALUE_RANGE
+    return v, pos, err
 
 
 @njit(nogil=True, cache=True)

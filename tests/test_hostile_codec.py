@@ -346,6 +346,13 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "escape_below_range_mode3": (one_block("1" + "0" * 16 + eg_bits(15, 0), 1, mode=3),
                                      "outside"),
         "run_past_block_mode3": (one_block(eg_bits(4, 0), 3, mode=3), "run of zeros"),
+        # the same values inside a longer payload (the one-load path of zero-run blocks)
+        "u_above_2^31-2_mode1_long": (one_block("1" + eg_bits(2**31 - 2, 30) + "1" * 40, 10,
+                                                mode=1, k=30), "outside"),
+        "u_above_2^31-2_mode3_long": (one_block("1" + "0" * 15 + "1" + "1" * 27 + "1" * 40,
+                                                10, mode=3, k=27), "outside"),
+        "run_past_block_mode3_long": (one_block(eg_bits(11, 0) + "1" * 40, 10, mode=3),
+                                      "run of zeros"),
         "budget_mode3": (one_block("001", 3, mode=3), "cannot hold"),
         # the budgets: fewer bits than the elements need (mode 0: count * (k + 1))
         "budget_mode0": (one_block("1" * 9, 10, k=0), "cannot hold"),
