@@ -984,26 +984,23 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
                 avail = 57 - n  # valid bits left in w after the run codeword
                 w <<= n
                 z = clz64(w)
+                # the value's codeword, if it lies in w (v is only read then; the shift is
+                # masked so that it is defined either way)
                 if rice:
                     n = z + 1 + k
-                    if z < RICE_ESC and n <= avail:
-                        v = (np.int64(z) << k) + lshr(w, 64 - n) - one_k
-                        if v >= UMAX:
-                            return pos + n, ERR_VALUE_RANGE
-                        scratch[i] = v + 1
-                        i += 1
-                        pos += n
-                        continue
+                    fast = z < RICE_ESC and n <= avail
+                    v = (np.int64(z) << k) + lshr(w, (64 - n) & 63) - one_k
                 else:
                     n = 2 * z + k + 1
-                    if z <= 31 - k and n <= avail:
-                        v = lshr(w, 64 - n) - one_k
-                        if v >= UMAX:
-                            return pos + n, ERR_VALUE_RANGE
-                        scratch[i] = v + 1
-                        i += 1
-                        pos += n
-                        continue
+                    fast = z <= 31 - k and n <= avail
+                    v = lshr(w, (64 - n) & 63) - one_k
+                if fast:
+                    if v >= UMAX:
+                        return pos + n, ERR_VALUE_RANGE
+                    scratch[i] = v + 1
+                    i += 1
+                    pos += n
+                    continue
                 v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
                 if err:
                     return pos, err
@@ -1029,11 +1026,8 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
 @njit(nogil=True, cache=True)
 def _read_zero_run_value(ptr, nbuf, pos, k, rice):
     """A zero-run block's value codeword v (the symbol is v + 1), checked: (v, pos, err)."""
-    if rice:
-        v, pos, err = _read_rice(ptr, nbuf, pos, k)
-    else:
-        v, pos, err = _read_eg(ptr, nbuf, pos, k)
-    if err == 0 and v >= UMAX:
+    v, pos, err = _read_symbol(ptr, nbuf, pos, k, rice)
+    if err == 0 and v == UMAX:  # v + 1 past the range (v > UMAX is refused there)
         return v, pos, ERR_VALUE_RANGE
     return v, pos, err
 
