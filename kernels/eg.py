@@ -357,16 +357,15 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
     # few bits per element): the store and its bookkeeping are the cost. 56 bits and the
     # < 8 pending ones fit the 64-bit accumulator.
     if mode == MODE_EG:
-        km1 = -1 - k
         while j + 3 < cnt:
             c0 = np.int64(scratch[j]) + one_k
             c1 = np.int64(scratch[j + 1]) + one_k
             c2 = np.int64(scratch[j + 2]) + one_k
             c3 = np.int64(scratch[j + 3]) + one_k
-            l0 = 2 * (64 - clz64(c0)) + km1
-            l1 = 2 * (64 - clz64(c1)) + km1
-            l2 = 2 * (64 - clz64(c2)) + km1
-            l3 = 2 * (64 - clz64(c3)) + km1
+            l0 = _eg_len(c0 - one_k, k)
+            l1 = _eg_len(c1 - one_k, k)
+            l2 = _eg_len(c2 - one_k, k)
+            l3 = _eg_len(c3 - one_k, k)
             n = l0 + l1 + l2 + l3
             if n <= 56:
                 p, acc, nacc = _put(ptr, p, acc, nacc,
@@ -421,7 +420,7 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
             prev = j
             # the run's codeword and the value's in one store when together they fit
             c_run = run + one_run
-            l_run = 2 * (64 - clz64(c_run)) - 1 - krun
+            l_run = _eg_len(run, krun)
             if rice:
                 q = v >> k
                 c_val = one_k | (v & mask)
@@ -429,7 +428,7 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
                 fits = q < RICE_ESC
             else:
                 c_val = v + one_k
-                l_val = 2 * (64 - clz64(c_val)) - 1 - k
+                l_val = _eg_len(v, k)
                 fits = l_val <= 32  # c_val then holds the whole codeword
             if fits and l_run + l_val <= 56:
                 p, acc, nacc = _put(ptr, p, acc, nacc, (c_run << l_val) | c_val,
@@ -1246,7 +1245,8 @@ def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, 
     validated by the caller. luts is build_luts()' tables.
     """
     stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
-    group = np.empty(LANES * stride, np.int32)
+    lanes = min(LANES, max(1, b_hi - b_lo))  # no more rows than blocks
+    group = np.empty(lanes * stride, np.int32)
     for b0 in range(b_lo, b_hi, LANES):
         g = min(LANES, b_hi - b0)
         err, l = _decode_group(payload, b0, g, counts, modes, ks, kruns, bits, offsets, luts,
@@ -1290,10 +1290,11 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
     """
     n_frames = pay_lo.size
     stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
-    group = np.empty(LANES * stride, np.int32)
+    lanes = min(LANES, max(1, b_hi - b_lo))  # no more rows than blocks
+    group = np.empty(lanes * stride, np.int32)
     # float64 holds every sum exactly (|sum| < frames * 2**30 < 2**53) and, unlike int64,
     # converts to and from the other types in vector instructions
-    accs = np.empty(LANES * stride, np.float64)
+    accs = np.empty(lanes * stride, np.float64)
     have_own = own.size > 0
     finalize = out_f.size > 0
     for b0 in range(b_lo, b_hi, LANES):
