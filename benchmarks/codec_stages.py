@@ -5,9 +5,10 @@ benchmark drives every stage separately over all blocks of one tensor, on one th
 the same choices the codec made for that tensor (read back from its frame), and times them
 against the whole kernel, the whole Python call and ``x.half()`` on the same tensor:
 
-- encode: ``quantize`` (x -> symbols, exceptions counted), ``histogram`` (the per-block
-  bit-length histograms the exact code choice reads), ``choose`` (EG and Golomb-Rice orders,
-  the zero-run bound and, where considered, the run histograms), ``write`` (the bit writer);
+- encode: ``quantize`` (x -> symbols, exceptions counted), ``choose`` (the per-block
+  histograms the exact code choice reads, from the nonzeros alone in mostly-zero blocks,
+  and the choice: EG and Golomb-Rice orders, the zero-run bound and, where considered, the
+  run histograms), ``write`` (the bit writer);
 - decode: ``read`` (codewords -> symbols: the table decoder and its checks), ``dequantize``
   (symbols -> ``q * step`` as float32).
 
@@ -64,36 +65,15 @@ def _symbols(x, starts, counts, invs, lims, u):
 
 
 @njit(nogil=True)
-def _histogram(u, starts, counts):
-    _, H, _, _, T, _, _ = eg._work_arrays(counts, 0, starts.size)
-    total = 0
-    for b in range(starts.size):
-        s = starts[b]
-        eg._histogram(u[s:s + counts[b]], counts[b], H, T)
-        total += H[0, 0]
-    return total
-
-
-@njit(nogil=True)
-def _histogram_and_choose(u, starts, counts, zero_runs):
-    """What _code_block does before it writes: the histogram and the exact choice (zero runs
-    considered as with the codec's default, zero_runs="auto")."""
-    _, H, Hrun, Hval, T, T2, pos = eg._work_arrays(counts, 0, starts.size)
+def _choose(u, starts, counts):
+    """What _code_block does before it writes: the histograms and the exact choice (zero
+    runs considered as with the codec's default, zero_runs="auto")."""
+    _, H, Hrun, Hval, Ts, pos = eg._work_arrays(counts, 0, starts.size)
     bits = 0
     for b in range(starts.size):
         s = starts[b]
-        cnt = counts[b]
-        us = u[s:s + cnt]
-        eg._histogram(us, cnt, H, T)
-        _, _, best = eg._best_code(H, -1)
-        zeros = H[0, 0]
-        if zero_runs and eg.zero_runs_considered(zeros, cnt) and \
-                eg._zero_runs_bound(us, cnt, T, H, zeros) < best:
-            eg._zero_run_hists(us, cnt, Hrun, Hval, pos, T, T2)
-            _, run_bits, _ = eg._best_k(Hrun)
-            _, _, val_bits = eg._best_code(Hval, -1)
-            best = min(best, run_bits + val_bits)
-        bits += best
+        bits += eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval, Ts,
+                                pos)[3]
     return bits
 
 
@@ -172,6 +152,8 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
 
     u = np.empty(n, np.int32)
     _symbols(xs, starts, counts, invs, lims, u)
+    if _choose(u, starts, counts) != int(bits.sum()):
+        raise RuntimeError(f"{label}: the choose stage's bits are not the frame's")
     out = np.zeros(h.payload_len + 64, np.uint8)
     written = _write(u, starts, counts, modes, ks, kruns, out)
     decoded = np.empty(n, np.int32)
@@ -190,9 +172,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
     t = {
         "quantize": median_ns_per_element(
             lambda: _quantize(xs, starts, counts, invs, lims, scratch), n, reps),
-        "histogram": median_ns_per_element(lambda: _histogram(u, starts, counts), n, reps),
-        "histogram+choose": median_ns_per_element(
-            lambda: _histogram_and_choose(u, starts, counts, True), n, reps),
+        "choose": median_ns_per_element(lambda: _choose(u, starts, counts), n, reps),
         "write": median_ns_per_element(
             lambda: _write(u, starts, counts, modes, ks, kruns, out), n, reps),
         "encode kernel": median_ns_per_element(
@@ -215,7 +195,6 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
         "ggcomm.decode": median_ns_per_element(lambda: codec.decode(frame), n, reps),
         "x.half()": median_ns_per_element(lambda: x.half(), n, reps),
     }
-    t["choose"] = t.pop("histogram+choose") - t["histogram"]
     names = [b.mode for b in codec.inspect(frame).blocks]
     return {"label": label, "numel": n, "step": step, "bits": frame.bits_per_element,
             "modes": {m: names.count(m) for m in sorted(set(names))}, "ns_per_element": t}
@@ -223,7 +202,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-ENCODE = ("quantize", "histogram", "choose", "write")
+ENCODE = ("quantize", "choose", "write")
 DECODE = ("read", "dequantize")
 
 
@@ -240,8 +219,9 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
         "",
         "Each stage runs alone over every block with the codec's own choices for the tensor "
         "(its outputs are checked against the frame: the same payload bytes, symbols and "
-        "values). `choose` is the exact code choice after the histogram (EG and Golomb-Rice "
-        "orders, the zero-run bound and run histograms where considered). `encode kernel` / "
+        "values). `choose` is the exact code choice with the histograms it reads (EG and "
+        "Golomb-Rice orders, the zero-run bound and run histograms where considered; a "
+        "mostly-zero block is histogrammed from its nonzeros alone). `encode kernel` / "
         "`decode kernel` are the codec's fused kernels over all blocks; `ggcomm.encode` / "
         "`ggcomm.decode` the whole calls (frame assembly, CRC, exceptions, allocation; "
         "`decode(out=)` decodes into scratch and copies, so a corrupt frame leaves `out` "

@@ -262,23 +262,58 @@ def _nonzero_positions(scratch, cnt, pos):
     return np.int64(m)
 
 
+# Which way a block is histogrammed: from its nonzeros alone (_zero_run_hists with H) when
+# a sample of it (SAMPLE_RUNS runs of SAMPLE_RUN symbols, evenly spaced) is at least
+# SPARSE_SHARE zeros, cheaper there than the plain histogram plus the run histograms; else
+# the plain way. Either way gives the same histograms, so this guess moves time, never bits.
+SAMPLE_RUNS = 16
+SAMPLE_RUN = 16
+SPARSE_SHARE = 0.5
+
+
 @njit(nogil=True, cache=True)
-def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
-    """Histograms of the zero-run mode's two symbol streams.
+def _looks_sparse(scratch, cnt):
+    """Whether a sample of scratch[:cnt] is mostly zeros (see SPARSE_SHARE)."""
+    if cnt < SAMPLE_RUNS * SAMPLE_RUN:
+        n = cnt
+        z = 0
+        for j in range(cnt):
+            z += np.int64(scratch[j] == 0)
+    else:
+        n = SAMPLE_RUNS * SAMPLE_RUN
+        z = 0
+        gap = cnt // SAMPLE_RUNS
+        for r in range(SAMPLE_RUNS):
+            run = scratch[r * gap:r * gap + SAMPLE_RUN]
+            for j in range(SAMPLE_RUN):
+                z += np.int64(run[j] == 0)
+    return z >= SPARSE_SHARE * n and n > 0
+
+
+@njit(nogil=True, cache=True)
+def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, with_h):
+    """Histograms of the zero-run mode's two symbol streams; with with_h, also the block's
+    plain histogram H (as _histogram makes it, T its small-symbol tables). Returns the
+    count of nonzeros, whose positions are left in pos.
 
     Branch-free where the data is unpredictable: the nonzero positions are compacted
-    first (always store, advance on nonzero), then runs are their gaps.
+    first (always store, advance on nonzero), then runs are their gaps; only the nonzeros
+    are visited after that, which makes this the cheap way to histogram a sparse block.
     """
     Hrun[:, :] = 0
     Hval[:, :] = 0
     Trun[:] = 0
     Tval[:] = 0
+    if with_h:
+        H[:, :] = 0
+        T[:] = 0
     m = np.uint64(_nonzero_positions(scratch, cnt, pos))
     prev = -1
     for i in range(m):
         p = np.int64(pos[i])
         run = np.uint64(p - prev - 1)
-        v = np.uint64(scratch[np.uint64(p)] - 1)
+        u = np.uint64(scratch[np.uint64(p)])
+        v = u - np.uint64(1)
         lane = (np.uint64(i) & np.uint64(3)) * np.uint64(_SMALL)
         if run < _SMALL:
             Trun[lane + run] += 1
@@ -288,11 +323,20 @@ def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval):
             Tval[lane + v] += 1
         else:
             _hist_add(Hval, np.int64(v))
+        if with_h:
+            if u < _SMALL:
+                T[lane + u] += 1
+            else:
+                _hist_add(H, np.int64(u))
         prev = p
     if cnt - 1 - prev > 0:
         _hist_add(Hrun, cnt - 1 - prev)
     _fold_small(Trun, Hrun)
     _fold_small(Tval, Hval)
+    if with_h:
+        T[0] = cnt - np.int64(m)
+        _fold_small(T, H)
+    return np.int64(m)
 
 
 # --------------------------------------------------------------------------- writer
@@ -339,6 +383,38 @@ def _put_rice(ptr, p, acc, nacc, u, k):
         return _put(ptr, p, acc, nacc, c, length)
     p, acc, nacc = _put(ptr, p, acc, nacc, np.int64(0), q)  # q > 0 here: k + 1 <= 31
     return _put(ptr, p, acc, nacc, c, k + 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _zr_pair(run, v, krun, k, rice):
+    """A zero-run block's pair (EG_krun(run), then v's codeword) as one codeword:
+    (bits, length, whether it fits in 56 bits; bits are only valid where it does)."""
+    one_k = np.int64(1) << k
+    l_run = _eg_len(run, krun)
+    if rice:
+        q = v >> k
+        c_val = one_k | (v & (one_k - 1))
+        l_val = q + 1 + k
+        fits = q < RICE_ESC
+    else:
+        c_val = v + one_k
+        l_val = _eg_len(v, k)
+        fits = l_val <= 32  # c_val then holds the whole codeword
+    n = l_run + l_val
+    fits = fits & (n <= 56)
+    return (((run + (np.int64(1) << krun)) << l_val) | c_val) if fits else np.int64(0), n, fits
+
+
+@njit(nogil=True, cache=True)
+def _put_pair(ptr, p, acc, nacc, run, v, krun, k, rice):
+    """Append a zero-run block's pair (run, value v = u - 1): one store where it fits."""
+    c, n, fits = _zr_pair(run, v, krun, k, rice)
+    if fits:
+        return _put(ptr, p, acc, nacc, c, n)
+    p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
+    if rice:
+        return _put_rice(ptr, p, acc, nacc, v, k)
+    return _put_eg(ptr, p, acc, nacc, v, k)
 
 
 @njit(nogil=True, cache=True)
@@ -408,37 +484,30 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
         while j < cnt:
             p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
             j += 1
-    else:  # the nonzeros one by one, from their positions: pos[:nnz]
+    else:  # the nonzeros, from their positions pos[:nnz]: (run, value) pairs
         rice = mode == MODE_ZERO_RUNS_RICE
         prev = np.int64(-1)
-        one_run = np.int64(1) << krun
-        mask = one_k - 1
-        for i in range(nnz):
+        i = 0
+        # two pairs per store when together they fit (the common case)
+        while i + 1 < nnz:
+            j0 = np.int64(pos[i])
+            j1 = np.int64(pos[i + 1])
+            c0, l0, f0 = _zr_pair(j0 - prev - 1, np.int64(scratch[j0]) - 1, krun, k, rice)
+            c1, l1, f1 = _zr_pair(j1 - j0 - 1, np.int64(scratch[j1]) - 1, krun, k, rice)
+            if f0 & f1 & (l0 + l1 <= 56):
+                p, acc, nacc = _put(ptr, p, acc, nacc, (c0 << l1) | c1, l0 + l1)
+            else:
+                p, acc, nacc = _put_pair(ptr, p, acc, nacc, j0 - prev - 1,
+                                         np.int64(scratch[j0]) - 1, krun, k, rice)
+                p, acc, nacc = _put_pair(ptr, p, acc, nacc, j1 - j0 - 1,
+                                         np.int64(scratch[j1]) - 1, krun, k, rice)
+            prev = j1
+            i += 2
+        if i < nnz:
             j = np.int64(pos[i])
-            run = j - prev - 1
-            v = np.int64(scratch[j]) - 1
+            p, acc, nacc = _put_pair(ptr, p, acc, nacc, j - prev - 1, np.int64(scratch[j]) - 1,
+                                     krun, k, rice)
             prev = j
-            # the run's codeword and the value's in one store when together they fit
-            c_run = run + one_run
-            l_run = _eg_len(run, krun)
-            if rice:
-                q = v >> k
-                c_val = one_k | (v & mask)
-                l_val = q + 1 + k
-                fits = q < RICE_ESC
-            else:
-                c_val = v + one_k
-                l_val = _eg_len(v, k)
-                fits = l_val <= 32  # c_val then holds the whole codeword
-            if fits and l_run + l_val <= 56:
-                p, acc, nacc = _put(ptr, p, acc, nacc, (c_run << l_val) | c_val,
-                                    l_run + l_val)
-                continue
-            p, acc, nacc = _put_eg(ptr, p, acc, nacc, run, krun)
-            if rice:
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, v, k)
-            else:
-                p, acc, nacc = _put_eg(ptr, p, acc, nacc, v, k)
         if cnt - 1 - prev > 0:
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, cnt - 1 - prev, krun)
     bits = (p - p0) * 8 + nacc
@@ -548,21 +617,31 @@ def _best_code(H, k_fixed):
 
 
 @njit(nogil=True, cache=True)
-def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p, meta, b,
-                nexc):
-    """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
+def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos):
+    """The code of one block of u-symbols (scratch[:cnt]): (mode, k, k_run, bits, zeros),
+    zeros being the block's count of 0 symbols.
 
-    meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
-    position, or -1 if out is too small (nothing is written past its end).
+    Exact, whichever way the histograms are made: a block that looks mostly zeros (_looks_sparse)
+    is histogrammed from its nonzeros alone, every code's at once; others get the plain
+    histogram, and the run histograms only where the zero-run bound says that mode could
+    win. Zero-run modes leave the nonzeros' positions in pos. Ts: three small-symbol
+    tables (see _work_arrays).
     """
-    _histogram(scratch, cnt, H, T)
+    T, Trun, Tval = Ts[0], Ts[1], Ts[2]
+    runs = zero_runs == 2 or (zero_runs == 1 and _looks_sparse(scratch, cnt))
+    if runs:
+        zeros = cnt - _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, True)
+    else:
+        _histogram(scratch, cnt, H, T)
+        zeros = H[0, 0]
     rice, k, bits = _best_code(H, k_fixed)
     mode = MODE_RICE if rice else MODE_EG
     krun = 0
-    zeros = H[0, 0]
-    if zero_runs == 2 or (zero_runs == 1 and zero_runs_considered(zeros, cnt)
-                          and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits):
-        _zero_run_hists(scratch, cnt, Hrun, Hval, pos, T, T2)
+    if not runs and zero_runs == 1 and zero_runs_considered(zeros, cnt) \
+            and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits:
+        _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, False)
+        runs = True
+    if runs:
         krun, run_bits, _ = _best_k(Hrun)
         rice, kv, val_bits = _best_code(Hval, k_fixed)
         if zero_runs == 2 or run_bits + val_bits < bits:
@@ -571,9 +650,21 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
             bits = run_bits + val_bits
         else:
             krun = 0  # mode 0 and 2 blocks carry k_run = 0
+    return mode, k, krun, bits, zeros
+
+
+@njit(nogil=True, cache=True)
+def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out, p, meta, b,
+                nexc):
+    """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
+
+    meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
+    position, or -1 if out is too small (nothing is written past its end).
+    """
+    mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval,
+                                              Ts, pos)
     if p + worst_case_bytes(cnt, zero_runs) > out.size:
         return -1
-    # zero-run modes: _zero_run_hists left the nonzeros' positions in pos
     p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros)
     meta[b, 0] = mode
     meta[b, 1] = k
@@ -587,11 +678,12 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out
 
 @njit(nogil=True, cache=True)
 def _work_arrays(counts, b_lo, b_hi):
+    """An encoder's per-thread work arrays: (u-symbols, H, Hrun, Hval, three small-symbol
+    tables, positions)."""
     n = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     return (np.empty(n, np.int32), np.zeros((_NBINS, _HCOLS), np.int64),
             np.zeros((_NBINS, _HCOLS), np.int64), np.zeros((_NBINS, _HCOLS), np.int64),
-            np.zeros(4 * _SMALL, np.int64), np.zeros(4 * _SMALL, np.int64),
-            np.empty(n, np.int32))
+            np.zeros((3, 4 * _SMALL), np.int64), np.empty(n, np.int32))
 
 
 @njit(nogil=True, cache=True)
@@ -607,13 +699,13 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).
     """
-    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
-                        meta, b, nexc)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
+                        p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -713,14 +805,14 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     kept in q_out if it is not empty, stats[b] gets the block's statistics. The frame bits
     are exactly those encode_blocks writes for x.
     """
-    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
-        nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b], scratch,
-                                  q_out, pos, stats, b)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
-                        meta, b, nexc)
+        nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b],
+                                  scratch, q_out, pos, stats, b)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
+                        p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -730,7 +822,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
 def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """encode_blocks of integers s (int64) at step 1: |s| > qlims[b] (int64, <= QMAX) become
     exceptions (u = 0)."""
-    scratch, H, Hrun, Hval, T, T2, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
@@ -743,8 +835,8 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
             nexc += np.int64(not ok)
             q = q if ok else 0
             scratch[j] = 2 * q - 1 if q > 0 else -2 * q
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, T, T2, pos, out, p,
-                        meta, b, nexc)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
+                        p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -969,18 +1061,22 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
     blim = nbuf - 8  # last byte an 8-byte load may start at
     while i < cnt:
         if (pos >> 3) <= blim:
-            w = load_be64(ptr, pos >> 3) << (pos & 7)  # 57 or more valid bits
-            z = clz64(w)
-            n = 2 * z + krun + 1
-            if z <= zrun and n <= 57:
+            # one load serves the codewords that lie whole in its 57 or more valid bits
+            w = load_be64(ptr, pos >> 3) << (pos & 7)
+            avail = 57
+            while True:
+                z = clz64(w)
+                n = 2 * z + krun + 1
+                if z > zrun or n > avail:
+                    break
                 run = lshr(w, 64 - n) - one_run
                 if run > cnt - i:
                     return pos + n, ERR_RUN_LENGTH
                 i += run
                 pos += n
                 if i == cnt:
-                    break
-                avail = 57 - n  # valid bits left in w after the run codeword
+                    return pos, 0
+                avail -= n
                 w <<= n
                 z = clz64(w)
                 # the value's codeword, if it lies in w (v is only read then; the shift is
@@ -993,18 +1089,24 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
                     n = 2 * z + k + 1
                     fast = z <= 31 - k and n <= avail
                     v = lshr(w, (64 - n) & 63) - one_k
-                if fast:
-                    if v >= UMAX:
-                        return pos + n, ERR_VALUE_RANGE
+                if not fast:
+                    v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
+                    if err:
+                        return pos, err
                     scratch[i] = v + 1
                     i += 1
-                    pos += n
-                    continue
-                v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
-                if err:
-                    return pos, err
+                    avail = -1  # w is spent
+                    break
+                if v >= UMAX:
+                    return pos + n, ERR_VALUE_RANGE
                 scratch[i] = v + 1
                 i += 1
+                pos += n
+                avail -= n
+                w <<= n
+                if i == cnt:
+                    break
+            if avail < 57:  # progress: load again at pos
                 continue
         run, pos, err = _read_eg(ptr, nbuf, pos, krun)
         if err:

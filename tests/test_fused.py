@@ -160,9 +160,40 @@ def test_zero_runs_bound_never_exceeds_the_zero_runs_bits(seed):
         bound = eg._zero_runs_bound(scratch, cnt, T, H, H[0, 0])
         Hrun, Hval = np.zeros_like(H), np.zeros_like(H)
         eg._zero_run_hists(scratch, cnt, Hrun, Hval, np.empty(cnt, np.int32), np.zeros_like(T),
-                           np.zeros_like(T))
+                           np.zeros_like(T), H, T, False)
         exact = eg._best_k(Hrun)[1] + eg._best_k(Hval)[1]
         assert bound <= exact, (cnt, bound, exact)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_histograms_are_the_plain_ones(seed):
+    # a block that looks mostly zeros is histogrammed from its nonzeros alone; the encoder's
+    # choice is exact only if those histograms are the plain pass's, bit for bit
+    from ggcomm.kernels import eg
+
+    rng = np.random.default_rng(seed)
+    for cnt in (1, 3, 255, 256, 1000, 16384):
+        for zero_share in (0.0, 0.3, 0.6, 0.95, 1.0):
+            x = rng.laplace(size=cnt) * rng.choice([0.3, 3.0, 300.0])
+            x[rng.random(cnt) < zero_share] = 0.0
+            x[:cnt // 7] = 0.0  # a long run
+            u = np.empty(cnt, np.int32)
+            eg._quantize(x.astype(np.float32), 0, cnt, 1.0, u)
+            H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._SMALL, np.int64)
+            eg._histogram(u, cnt, H, T)
+            runs = [np.zeros_like(H) for _ in range(4)]
+            tables = [np.zeros_like(T) for _ in range(4)]
+            pos = np.empty(cnt, np.int32)
+            nnz = eg._zero_run_hists(u, cnt, runs[0], runs[1], pos, tables[0], tables[1],
+                                     np.zeros_like(H), np.zeros_like(T), False)
+            Hs, Ts = np.zeros_like(H), np.zeros_like(T)
+            nnz_s = eg._zero_run_hists(u, cnt, runs[2], runs[3], pos, tables[2], tables[3], Hs,
+                                       Ts, True)
+            assert nnz == nnz_s == np.count_nonzero(u)
+            np.testing.assert_array_equal(Hs, H)
+            np.testing.assert_array_equal(runs[2], runs[0])
+            np.testing.assert_array_equal(runs[3], runs[1])
+            np.testing.assert_array_equal(pos[:nnz], np.flatnonzero(u))
 
 
 def _mixed_frame():
