@@ -711,6 +711,13 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     return p
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _finite_abs(xd):
+    """(|xd|, 0) for finite xd, else (0.0, 1): one term of a block's statistics."""
+    fin = np.isfinite(xd)
+    return (abs(xd) if fin else 0.0), np.int64(not fin)
+
+
 # Reassociation lets LLVM vectorize the sums (each rank's sums are only ever gathered and
 # added in rank order, so their rounding need not match across machines). No other
 # fast-math flag: non-finite values must be seen as such.
@@ -722,11 +729,10 @@ def _block_stats(gs, rs, feedback):
     nonfinite = 0
     for j in range(gs.size):
         xd = np.float64(gs[j] + rs[j] if feedback else gs[j])
-        fin = np.isfinite(xd)
-        a = abs(xd) if fin else 0.0
+        a, bad = _finite_abs(xd)
         sumsq += a * a
         sumabs += a
-        nonfinite += np.int64(not fin)
+        nonfinite += bad
     return sumsq, sumabs, nonfinite
 
 
@@ -752,20 +758,25 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, q_sink,
     u-symbols of rint(x / step) into scratch[:cnt], the new residual x - q * step into r
     (x itself where x is an exception: non-finite or |x / step| > lim), q into q_out (if
     not empty), and the block's statistics of the finite x (sum of squares, sum of
-    magnitudes, count of non-finite values) into stats[b]. The block is read twice, the
-    second time from cache. q_sink (int32, at least cnt) is scratch. Returns the exception
-    count.
+    magnitudes, count of non-finite values) into stats[b]. With feedback this is one pass
+    over the block; without, the block is read twice, the second time from cache. q_sink
+    (int32, at least cnt) is scratch. Returns the exception count.
     """
     feedback = r.size > 0
     gs = g[start:start + cnt]
-    rs = r[start:start + cnt] if feedback else r
-    sumsq, sumabs, nonfinite = _block_stats(gs, rs, feedback)
+    if feedback:  # q goes to q_out in the same pass, or to q_sink (block-sized scratch)
+        rs = r[start:start + cnt]
+        qs = q_out[start:start + cnt] if q_out.size > 0 else q_sink[:cnt]
+        nexc, sumsq, sumabs, nonfinite = _quantize_residual(gs, rs, inv, step, lim, scratch,
+                                                            qs)
+        stats[b, 0] = sumsq
+        stats[b, 1] = sumabs
+        stats[b, 2] = nonfinite
+        return nexc
+    sumsq, sumabs, nonfinite = _block_stats(gs, r, False)
     stats[b, 0] = sumsq
     stats[b, 1] = sumabs
     stats[b, 2] = nonfinite
-    if feedback:  # q goes to q_out in the same pass, or to q_sink (block-sized scratch)
-        qs = q_out[start:start + cnt] if q_out.size > 0 else q_sink[:cnt]
-        return _quantize_residual(gs, rs, inv, step, lim, scratch, qs)
     nexc = _quantize_to(g, start, cnt, inv, lim, scratch)
     if q_out.size > 0:
         qs = q_out[start:start + cnt]
@@ -777,14 +788,25 @@ def _quantize_feedback(g, r, start, cnt, inv, step, lim, scratch, q_out, q_sink,
     return nexc
 
 
-@njit(nogil=True, cache=True)
+# Reassociation lets LLVM vectorize the statistics' sums (see _block_stats); the per-element
+# arithmetic has nothing to reassociate, so q and the residual are what they would be
+# without it (the tests compare them with the reference bit for bit).
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
 def _quantize_residual(gs, rs, inv, step, lim, scratch, qs):
     """u-symbols of x = gs + rs into scratch, q into qs; rs := x - q * step (x at
-    exceptions, where q = 0)."""
+    exceptions, where q = 0). Returns (exception count, sum of x^2, sum of |x|, count of
+    non-finite x), the sums over the finite x."""
     nexc = 0
+    sumsq = 0.0
+    sumabs = 0.0
+    nonfinite = 0
     for j in range(gs.size):  # indices from 0: no wraparound checks, so it vectorizes
         xv = gs[j] + rs[j]
         xd = np.float64(xv)
+        a, bad = _finite_abs(xd)
+        sumsq += a * a
+        sumabs += a
+        nonfinite += bad
         v = xd * inv
         ok = abs(v) <= lim  # False for NaN and +-inf too
         nexc += np.int64(not ok)
@@ -793,7 +815,7 @@ def _quantize_residual(gs, rs, inv, step, lim, scratch, qs):
         qs[j] = q
         scratch[j] = 2 * q - 1 if q > 0 else -2 * q
         rs[j] = np.float32(xd - qf * step) if ok else xv
-    return nexc
+    return nexc, sumsq, sumabs, nonfinite
 
 
 @njit(nogil=True, cache=True)
