@@ -1069,14 +1069,20 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
 
 @njit(nogil=True, cache=True)
 def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
-    """Decode a zero-run block's cnt symbols from bit pos into scratch: (new pos, error).
-
-    Where 8 bytes can be loaded, one load serves a run codeword and the value codeword
-    after it when both lie in its bits (the common case); anything else (an escape, a
-    long codeword, the buffer's end) goes through the checked readers.
-    """
+    """Decode a zero-run block's cnt symbols from bit pos into scratch: (new pos, error)."""
     scratch[:cnt] = 0  # one vectorised fill; then only the nonzeros are written
-    i = 0
+    return _zero_runs_from(ptr, nbuf, pos, 0, cnt, k, krun, scratch, rice)
+
+
+@njit(nogil=True, cache=True)
+def _zero_runs_from(ptr, nbuf, pos, i, cnt, k, krun, scratch, rice):
+    """The rest of a zero-run block, from bit pos at symbol i (scratch[i:cnt] zero):
+    (new pos, error).
+
+    Where 8 bytes can be loaded, one load serves the run and value codewords that lie
+    whole in its bits (the common case); anything else (an escape, a long codeword, the
+    buffer's end) goes through the checked readers.
+    """
     one_run = np.int64(1) << krun
     one_k = np.int64(1) << k
     zrun = 31 - krun  # longest valid zero prefix of a run codeword
@@ -1100,17 +1106,7 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
                     return pos, 0
                 avail -= n
                 w <<= n
-                z = clz64(w)
-                # the value's codeword, if it lies in w (v is only read then; the shift is
-                # masked so that it is defined either way)
-                if rice:
-                    n = z + 1 + k
-                    fast = z < RICE_ESC and n <= avail
-                    v = (np.int64(z) << k) + lshr(w, (64 - n) & 63) - one_k
-                else:
-                    n = 2 * z + k + 1
-                    fast = z <= 31 - k and n <= avail
-                    v = lshr(w, (64 - n) & 63) - one_k
+                v, n, fast = _zr_value_bits(w, avail, k, one_k, rice)
                 if not fast:
                     v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
                     if err:
@@ -1130,20 +1126,46 @@ def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
                     break
             if avail < 57:  # progress: load again at pos
                 continue
-        run, pos, err = _read_eg(ptr, nbuf, pos, krun)
+        pos, i, err = _zero_run_pair(ptr, nbuf, pos, i, cnt, k, krun, scratch, rice)
         if err:
             return pos, err
-        if run > cnt - i:
-            return pos, ERR_RUN_LENGTH
-        i += run
-        if i == cnt:
-            break
-        v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
-        if err:
-            return pos, err
-        scratch[i] = v + 1
-        i += 1
     return pos, 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _zr_value_bits(w, avail, k, one_k, rice):
+    """A zero-run value codeword at the top of w, if it lies whole in its first avail bits:
+    (v, length, whether it does). v is only meaningful where it does (the shift is masked
+    so that it is defined either way)."""
+    z = clz64(w)
+    if rice:
+        n = z + 1 + k
+        fast = (z < RICE_ESC) & (n <= avail)
+        v = (np.int64(z) << k) + lshr(w, (64 - n) & 63) - one_k
+    else:
+        n = 2 * z + k + 1
+        fast = (z <= 31 - k) & (n <= avail)
+        v = lshr(w, (64 - n) & 63) - one_k
+    return v, n, fast
+
+
+@njit(nogil=True, cache=True)
+def _zero_run_pair(ptr, nbuf, pos, i, cnt, k, krun, scratch, rice):
+    """One (run, value) pair of a zero-run block at symbol i, through the checked readers:
+    (new pos, new i, error). A run that reaches the block's end has no value after it."""
+    run, pos, err = _read_eg(ptr, nbuf, pos, krun)
+    if err:
+        return pos, i, err
+    if run > cnt - i:
+        return pos, i, ERR_RUN_LENGTH
+    i += run
+    if i == cnt:
+        return pos, i, 0
+    v, pos, err = _read_zero_run_value(ptr, nbuf, pos, k, rice)
+    if err:
+        return pos, i, err
+    scratch[i] = v + 1
+    return pos, i + 1, 0
 
 
 @njit(nogil=True, cache=True)
