@@ -134,11 +134,11 @@ def _bare_kernels(state, captured, world, args) -> list[dict]:
             step = state.control.step(key, sumsq / max(length, 1), sumabs / max(length, 1))
             steps.append(1.0 if step is None else step)
         enc, dec = [], []
+        out = torch.zeros_like(buf)  # touched once here: no page faults in the timings
         for _ in range(5):
             t0 = time.perf_counter()
             frame = ggcomm.encode(buf, steps, segments=lengths, block_size=state.block_size)
             t1 = time.perf_counter()
-            out = torch.empty_like(buf)
             for _ in range(world - 1):
                 ggcomm.decode(frame, out=out)
             t2 = time.perf_counter()
@@ -151,13 +151,25 @@ def _bare_kernels(state, captured, world, args) -> list[dict]:
     return rows
 
 
+def _command(args: argparse.Namespace, defaults: dict) -> str:
+    """The command that repeats this run: every option that is not at its default."""
+    parts = ["python benchmarks/hook_profile.py"]
+    for key, value in vars(args).items():
+        if key == "command" or value == defaults.get(key):
+            continue
+        if isinstance(value, Path) and value.resolve().is_relative_to(RESULTS.parents[1]):
+            value = value.resolve().relative_to(RESULTS.parents[1])  # as run from the repo
+        parts.append(f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float)
+                     else f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def _table(res: dict, args: argparse.Namespace) -> str:
     med = {m: statistics.median(t) for m, t in res["times"].items()}
     lines = [
         "# The DDP hook's time: per bucket and pass, against the bare kernels and plain DDP",
         "",
-        f"Command: `python benchmarks/hook_profile.py --world {args.world} --steps {args.steps}"
-        f" --rate {args.rate} --exchange {args.exchange} --step-drift {args.step_drift:g}`  ",
+        f"Command: `{args.command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs; Python "
         f"{platform.python_version()}, torch {torch.__version__}; gloo on localhost; "
         f"{args.threads} torch and {args.codec_threads} codec thread(s) per rank; load "
@@ -233,8 +245,9 @@ def _table(res: dict, args: argparse.Namespace) -> str:
               "waited for the other rank or was descheduled by this rank's backward pass, "
               "which shares its core.", "",
               "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's rate "
-              "steps, plus `ggcomm.decode` of the frame once per peer, on rank 0 after training"
-              " (the other rank idle). The hook's passes run while the other rank computes, on "
+              "steps, plus `ggcomm.decode` of the frame once per peer into a tensor touched "
+              "before the timings, on rank 0 after training (the other rank idle). The "
+              "hook's passes run while the other rank computes, on "
               "the same cores: `c1`/`c2`/`c3` include waiting for the slower rank. `bare, "
               "others computing` times the same calls again while every other rank runs its "
               "model's forward and backward in a loop: the machine as the hook finds it during "
@@ -260,6 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--codec-threads", type=int, default=1, help="codec threads per rank")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    args.command = _command(args, vars(p.parse_args([])))
     if args.skip >= args.steps:
         p.error("--skip must be below --steps")
     load0 = os.getloadavg()[0]

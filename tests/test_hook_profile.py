@@ -29,3 +29,6 @@ def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
                    "while the other rank(s) compute"):
         assert needle in md
     assert "nan" not in md
+    # the command shown repeats the run (its options that are not at their defaults)
+    assert ("Command: `python benchmarks/hook_profile.py --steps 4 --skip 2 --width 96 "
+            f"--depth 2 --bucket-cap-mb 0.02 --out {tmp_path}`") in md
