@@ -463,8 +463,11 @@ def _run_job(state: GGCommState, group, job: _BucketJob) -> None:
 
     Errors never travel on a future (DDP would take the exception for the result and
     raise ``Unable to cast ... to Tensor``): the iteration's first error is kept and raised
-    on the training thread once DDP has finished the iteration (see :func:`gg_hook`); the
-    buckets keep their local gradients. A bucket whose frames did not decode on this rank
+    on the training thread once DDP has finished the iteration (see :func:`gg_hook`). That
+    iteration's gradients are not one average on every rank (ranks whose frames decoded hold
+    the average; a frame refused before decoding leaves the local gradients; one that fails
+    in a later block leaves the blocks summed before it), so the step must be skipped, as
+    the error says. A bucket whose frames did not decode on this rank
     still takes part in every exchange, so that every rank reaches the end of the
     iteration, where the ranks agree on whether any failed. A failed collective, or a
     refusal every rank made alike, stops this iteration's collectives.
@@ -939,9 +942,9 @@ def _agree_on_failures(state: GGCommState, group) -> None:
         kind = {1: FrameError, 2: SettingsMismatchError}.get(codes[bad[0]], GGCommError)
         state._failure = kind(
             f"rank(s) {bad} could not reduce this iteration's gradients ({kind.__name__} "
-            f"there; see that rank's error): every rank raises, and every rank's gradients "
-            f"hold its local values, so skipping this optimizer step keeps the replicas "
-            f"identical")
+            f"there; see that rank's error): every rank raises; this iteration's gradients "
+            f"are not the same average on every rank, so skip this optimizer step "
+            f"(zero_grad and go on) and the replicas stay identical")
 
 
 def _decoding(state: GGCommState, fn) -> tuple[bool, Any]:
