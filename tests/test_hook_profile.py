@@ -25,8 +25,8 @@ def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
     assert len(res["bare"]) == len(buckets) == len(res["bare_busy"])
     assert all(sum(row["modes"].values()) > 0 for row in res["bare"])
     for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto, step_drift 0.1) |",
-                   "hook / bare", "All buckets: hook", "bare, others computing",
-                   "while the other rank(s) compute"):
+                   "hook / bare", "encode CPU / bare encode", "All buckets: hook",
+                   "bare, others computing", "while the other rank(s) compute"):
         assert needle in md
     assert "nan" not in md
     # the command shown repeats the run (its options that are not at their defaults)
