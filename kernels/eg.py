@@ -1069,15 +1069,7 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
 
 @njit(nogil=True, cache=True)
 def _decode_zero_runs(ptr, nbuf, pos, cnt, k, krun, scratch, rice):
-    """Decode a zero-run block's cnt symbols from bit pos into scratch: (new pos, error)."""
-    scratch[:cnt] = 0  # one vectorised fill; then only the nonzeros are written
-    return _zero_runs_from(ptr, nbuf, pos, 0, cnt, k, krun, scratch, rice)
-
-
-@njit(nogil=True, cache=True)
-def _zero_runs_from(ptr, nbuf, pos, i, cnt, k, krun, scratch, rice):
-    """The rest of a zero-run block, from bit pos at symbol i (scratch[i:cnt] zero):
-    (new pos, error).
+    """Decode a zero-run block's cnt symbols from bit pos into scratch: (new pos, error).
 
     Where 8 bytes can be loaded, one load serves the run and value codewords that lie
     whole in its bits (the common case); anything else (an escape, a long codeword, the
@@ -1087,6 +1079,8 @@ def _zero_runs_from(ptr, nbuf, pos, i, cnt, k, krun, scratch, rice):
     one_k = np.int64(1) << k
     zrun = 31 - krun  # longest valid zero prefix of a run codeword
     blim = nbuf - 8  # last byte an 8-byte load may start at
+    scratch[:cnt] = 0  # one vectorised fill; then only the nonzeros are written
+    i = 0
     while i < cnt:
         if (pos >> 3) <= blim:
             # one load serves the codewords that lie whole in its 57 or more valid bits
