@@ -12,10 +12,12 @@ load): plain DDP (fp32 allreduce), PyTorch's ``fp16_compress_hook`` and ``ggcomm
   statistics + quantization + coding), ``c1`` statistics/size all-gather, ``c2`` frame
   all-to-all, decode-and-accumulate into the bucket, ``c3`` (reduce_scatter's second phase),
   and the rest;
-* the bare kernels on the same bucket (its gradients captured at the last step, at
-  the steps the hook agrees on for them): ``ggcomm.encode`` once plus ``ggcomm.decode``
-  of one frame per peer, the codec work an ideal hook could not avoid; and the hook's
-  time over that.
+* the bare kernels on the same bucket (its gradients and error-feedback residual captured
+  at the last step, at the steps the hook agrees on for them): ``ggcomm.encode`` once plus
+  ``ggcomm.decode`` of one frame per peer, the codec work an ideal hook could not avoid;
+  and the hook's time over that;
+* the hook's own two passes on the same data, alone like the bare kernels: what its code
+  costs, apart from the cores it shares with backward and the waits for other ranks.
 
     python benchmarks/hook_profile.py [--world 2] [--steps 12] [--rate 3]
 
@@ -34,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,14 +60,16 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
                             world_size=world)
     models, opts = {}, {}
     state = GGCommState(rate=args.rate, exchange=args.exchange, step_drift=args.step_drift)
-    captured: dict[int, tuple[torch.Tensor, list[int], list[str]]] = {}
+    captured: dict[int, tuple[torch.Tensor, list[int], list[str], torch.Tensor | None]] = {}
     capture = [False]
 
     def gg_capturing(st, bucket):
-        if capture[0]:
+        if capture[0]:  # the gradients, and the residual the hook is about to add to them
+            keys = [st._key(p) for p in bucket.parameters()]
+            resid = (torch.cat([st.residuals[k].reshape(-1) for k in keys])
+                     if all(k in st.residuals for k in keys) else None)
             captured[bucket.index()] = (bucket.buffer().clone(),
-                                        [g.numel() for g in bucket.gradients()],
-                                        [st._key(p) for p in bucket.parameters()])
+                                        [g.numel() for g in bucket.gradients()], keys, resid)
         return gg_hook(st, bucket)
 
     for m in METHODS:
@@ -122,31 +127,60 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
 
 
 def _bare_kernels(state, captured, world, args) -> list[dict]:
-    """encode once + decode (world - 1) frames, per captured bucket: median of 5."""
+    """Per captured bucket, median of 5: the bare kernels (``ggcomm.encode`` once plus
+    ``ggcomm.decode`` of one frame per peer) and the hook's own two passes on the same data
+    (``codec.encode_feedback`` with the residual and q, ``codec.sum_frames`` of the peers'
+    frames onto the own q), both on this rank alone."""
     rows = []
     for index in sorted(captured):
-        buf, lengths, keys = captured[index]
-        # the steps the hook would agree on for these gradients (the GG model at the rate,
+        buf, lengths, keys, resid = captured[index]
+        x = buf + resid if resid is not None else buf  # what the hook's frame codes
+        # the steps the hook would agree on for these values (the GG model at the rate,
         # with the corrections its feedback loop learned)
-        mom = ggcomm.codec.moments(buf.numpy(), None, lengths)
+        mom = ggcomm.codec.moments(x.numpy(), None, lengths)
         steps = []
         for key, length, (sumsq, sumabs, _) in zip(keys, lengths, mom, strict=True):
             step = state.control.step(key, sumsq / max(length, 1), sumabs / max(length, 1))
             steps.append(1.0 if step is None else step)
-        enc, dec = [], []
+        code = {"k": state.k, "block_size": state.block_size, "tag": state.fingerprint}
+        enc, dec, fenc, fsum = [], [], [], []
         out = torch.zeros_like(buf)  # touched once here: no page faults in the timings
+        own_q = np.zeros(buf.numel(), np.int32)
+        r = np.zeros(buf.numel(), np.float32)
         for _ in range(5):
             t0 = time.perf_counter()
-            frame = ggcomm.encode(buf, steps, segments=lengths, block_size=state.block_size)
+            frame = ggcomm.encode(x, steps, segments=lengths, **code)
             t1 = time.perf_counter()
             for _ in range(world - 1):
                 ggcomm.decode(frame, out=out)
             t2 = time.perf_counter()
             enc.append(t1 - t0)
             dec.append(t2 - t1)
+            # the hook's passes: the same frame, the residual updated, q kept, peers summed
+            if resid is not None:
+                r[:] = resid.numpy()
+            t0 = time.perf_counter()
+            mine, _ = ggcomm.codec.encode_feedback(buf.numpy(), r if resid is not None
+                                                   else None, np.array(steps), lengths,
+                                                   q_out=own_q, **code)
+            t1 = time.perf_counter()
+            recv = mine.buffer.repeat(world - 1)
+            frames = [None] + [(i * mine.nbytes, ggcomm.codec.Frame.from_buffer(
+                recv[i * mine.nbytes:(i + 1) * mine.nbytes], max_numel=buf.numel()))
+                for i in range(world - 1)]
+            t2 = time.perf_counter()
+            ggcomm.codec.sum_frames(recv, frames, own=own_q, own_exceptions=mine.exceptions(),
+                                    divisor=float(world), out=out.numpy())
+            t3 = time.perf_counter()
+            fenc.append(t1 - t0)
+            fsum.append(t3 - t2)
+            if mine.nbytes != frame.nbytes or not torch.equal(mine.buffer, frame.buffer):
+                raise AssertionError(f"bucket {index}: the hook's frame differs from encode's")
         modes = [b.mode for b in ggcomm.inspect(frame).blocks]
         rows.append({"bucket": index, "numel": buf.numel(), "encode_s": statistics.median(enc),
                      "decode_s": statistics.median(dec), "frame_bytes": frame.nbytes,
+                     "hook_encode_s": statistics.median(fenc),
+                     "hook_sum_s": statistics.median(fsum),
                      "modes": {m: modes.count(m) for m in sorted(set(modes))}})
     return rows
 
@@ -210,10 +244,11 @@ def _table(res: dict, args: argparse.Namespace) -> str:
               "| bucket | elements | " + " | ".join(shown)
               + " | hook total | hook CPU | encode CPU | decode CPU | bare encode | bare decode"
               " | encode CPU / bare encode | decode CPU / bare decode | bare total | hook / bare"
-              " | hook CPU / bare | bare, others computing | hook CPU / that | blocks |",
-              "|---" * (len(shown) + 16) + "|"]
+              " | hook CPU / bare | bare, others computing | hook CPU / that"
+              " | hook passes alone | alone / bare | blocks |",
+              "|---" * (len(shown) + 18) + "|"]
     busy = {row["bucket"]: row for row in res.get("bare_busy", [])}
-    tot_hook = tot_bare = tot_cpu = tot_busy = 0.0
+    tot_hook = tot_bare = tot_cpu = tot_busy = tot_alone = 0.0
     for i in sorted(per_bucket):
         d = per_bucket[i]
         hook = statistics.median(d["hook"])
@@ -227,6 +262,8 @@ def _table(res: dict, args: argparse.Namespace) -> str:
         tot_bare += bt
         tot_cpu += cpu
         tot_busy += bbt
+        alone = (b["hook_encode_s"] + b["hook_sum_s"]) if b and "hook_sum_s" in b else float("nan")
+        tot_alone += alone
         modes = ", ".join(f"{m} {c}" for m, c in b["modes"].items()) if b else "-"
         lines.append(
             f"| {i} | {numel[i]:,} | "
@@ -235,13 +272,15 @@ def _table(res: dict, args: argparse.Namespace) -> str:
             f"{dec_cpu * 1e3:.1f} | {b['encode_s'] * 1e3:.1f} | {b['decode_s'] * 1e3:.1f} | "
             f"{enc_cpu / b['encode_s']:.2f}x | {dec_cpu / b['decode_s']:.2f}x | "
             f"{bt * 1e3:.1f} | {hook / bt:.2f}x | {cpu / bt:.2f}x | {bbt * 1e3:.1f} | "
-            f"{cpu / bbt:.2f}x | {modes} |")
+            f"{cpu / bbt:.2f}x | {alone * 1e3:.1f} | {alone / bt:.2f}x | {modes} |")
     lines += ["", f"All buckets: hook {tot_hook * 1e3:.0f} ms of wall time and "
               f"{tot_cpu * 1e3:.0f} ms of CPU time, bare kernels {tot_bare * 1e3:.0f} ms: "
               f"**{tot_hook / tot_bare:.2f}x** (wall), **{tot_cpu / tot_bare:.2f}x** (CPU). "
               f"The same bare kernels while the other rank(s) compute: {tot_busy * 1e3:.0f} ms "
               f"({tot_busy / tot_bare:.2f}x their time on an idle machine); the hook's CPU time "
-              f"is {tot_cpu / tot_busy:.2f}x that.", "",
+              f"is {tot_cpu / tot_busy:.2f}x that. The hook's own passes on the same data, "
+              f"alone like the bare kernels: {tot_alone * 1e3:.0f} ms "
+              f"(**{tot_alone / tot_bare:.2f}x** the bare kernels).", "",
               "Hook CPU: the CPU time of the thread that runs the hook (`time.thread_time`; "
               "with one codec thread, all the hook's own work); wall minus CPU is time it "
               "waited for the other rank or was descheduled by this rank's backward pass, "
@@ -249,7 +288,8 @@ def _table(res: dict, args: argparse.Namespace) -> str:
               "passes alone (the encode pass also adds the error-feedback residual, gathers "
               "the statistics and keeps q; the decode pass sums exactly and writes the "
               "average).", "",
-              "Bare kernels: `ggcomm.encode` of the bucket's captured gradients at the hook's rate "
+              "Bare kernels: `ggcomm.encode` of the bucket's captured gradients plus their "
+              "error-feedback residual (the values the hook's frame codes) at the hook's rate "
               "steps, plus `ggcomm.decode` of the frame once per peer into a tensor touched "
               "before the timings, on rank 0 after training (the other rank idle). The "
               "hook's passes run while the other rank computes, on "
@@ -257,7 +297,16 @@ def _table(res: dict, args: argparse.Namespace) -> str:
               "others computing` times the same calls again while every other rank runs its "
               "model's forward and backward in a loop: the machine as the hook finds it during "
               "training (this machine's two logical CPUs share one physical core). `blocks`: "
-              "the block modes of the bucket's frame.", ""]
+              "the block modes of the bucket's frame.", "",
+              "Hook passes alone: the hook's encode pass (`codec.encode_feedback` of the "
+              "captured gradients with the residual captured beside them: error feedback, "
+              "statistics, q kept, the same frame as the bare encode) plus its decode pass "
+              "(`codec.sum_frames` of one copy of that frame per peer onto the own q, the "
+              "average written into a tensor touched before), timed like the bare kernels: "
+              "on rank 0 after training, the other rank idle. So `alone / bare` is the "
+              "hook's own code against the bare kernels, and the hook's time in training over "
+              "`hook passes alone` is what sharing the core with backward and waiting for the "
+              "other rank add.", ""]
     return "\n".join(lines)
 
 

@@ -24,9 +24,13 @@ def test_hook_profile_writes_its_tables(tmp_path: Path) -> None:
     assert len(buckets) > 1 and all(b["encode"] > 0 and b["decode"] > 0 for b in buckets)
     assert len(res["bare"]) == len(buckets) == len(res["bare_busy"])
     assert all(sum(row["modes"].values()) > 0 for row in res["bare"])
+    # the hook's own passes, timed alone on the same data (their frame is the bare encode's,
+    # which the benchmark checks byte for byte)
+    assert all(row["hook_encode_s"] > 0 and row["hook_sum_s"] > 0 for row in res["bare"])
     for needle in ("| plain DDP (fp32 allreduce) |", "| ggcomm rate 3 (auto, step_drift 0.1) |",
                    "hook / bare", "encode CPU / bare encode", "All buckets: hook",
-                   "bare, others computing", "while the other rank(s) compute"):
+                   "bare, others computing", "while the other rank(s) compute",
+                   "hook passes alone | alone / bare", "alone like the bare kernels"):
         assert needle in md
     assert "nan" not in md
     # the command shown repeats the run (its options that are not at their defaults)
