@@ -51,6 +51,7 @@ import torch.distributed as dist
 from . import __version__, codec
 from .codec import DEFAULT_BLOCK_SIZE
 from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
+from .exchange import all_gather, all_to_all, device_for
 from .step_policy import StepControl, StepSettings
 from .transport import TrafficStats, check_saved_settings, fingerprint
 
@@ -385,8 +386,7 @@ class GGCommState(StepSettings):
             ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
             self._group = dist.new_group(ranks=ranks, timeout=self._comm_timeout())
             # NCCL moves only CUDA tensors: frames are staged through the current device.
-            if dist.get_backend(self._group) == "nccl":
-                self._comm_device = torch.device("cuda", torch.cuda.current_device())
+            self._comm_device = device_for(self._group)
         return self._group
 
     def _submit(self, job: "_BucketJob") -> None:
@@ -631,24 +631,6 @@ def _scratch(state: GGCommState, name: str, n: int, dtype) -> np.ndarray:
     return a[:n]
 
 
-def _all_gather(t: torch.Tensor, group, dev: torch.device) -> list[torch.Tensor]:
-    """Equal-size all-gather of a CPU tensor; results on the CPU."""
-    n = dist.get_world_size(group)
-    src = t.to(dev)
-    parts = [torch.empty_like(src) for _ in range(n)]
-    dist.all_gather(parts, src, group=group)
-    return [p.cpu() for p in parts]
-
-
-def _all_to_all(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group,
-                dev: torch.device) -> torch.Tensor:
-    """Uneven all_to_all_single of CPU tensors (staged through dev); result on the CPU."""
-    recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=dev)
-    dist.all_to_all_single(recv, send.to(dev), output_split_sizes=recv_sizes,
-                           input_split_sizes=send_sizes, group=group)
-    return recv.cpu()
-
-
 def _ring_allgather_bytes(nbytes: int, n: int) -> float:
     return float((n - 1) * nbytes)
 
@@ -670,7 +652,7 @@ def _check_settings(state: GGCommState, group) -> None:
         except OSError as e:
             log_error = f"{type(e).__name__}: {e}"
     mine = torch.tensor([state.fingerprint, int(bool(log_error))], dtype=torch.int64)
-    gathered = _all_gather(mine, group, state._comm_device)
+    gathered = all_gather(mine, group, state._comm_device)
     prints = [int(p[0]) for p in gathered]
     state.stats.add(bytes_sent=_ring_allgather_bytes(16, n),
                     bytes_received=_ring_allgather_bytes(16, n))
@@ -786,7 +768,7 @@ def _agree_steps_now(state: GGCommState, group, plan: _Plan, g: np.ndarray, time
     n = dist.get_world_size(group)
     resid = plan.resid.numpy() if plan.resid is not None else None
     local = np.ascontiguousarray(codec.moments(g, resid, plan.lengths)[:, :2])
-    parts = _all_gather(torch.from_numpy(local), group, state._comm_device)
+    parts = all_gather(torch.from_numpy(local), group, state._comm_device)
     state.stats.add(bytes_sent=_ring_allgather_bytes(local.nbytes, n),
                     bytes_received=_ring_allgather_bytes(local.nbytes, n))
     total = parts[0].numpy().copy()
@@ -933,7 +915,7 @@ def _agree_on_failures(state: GGCommState, group) -> None:
     code = 0
     if state._failure is not None:
         code = next((c for t, c in _FAILURE_CODES.items() if isinstance(state._failure, t)), 3)
-    codes = [int(v) for v in _all_gather(torch.tensor([code], dtype=torch.int64), group,
+    codes = [int(v) for v in all_gather(torch.tensor([code], dtype=torch.int64), group,
                                          state._comm_device)]
     state.stats.add(bytes_sent=_ring_allgather_bytes(8, n),
                     bytes_received=_ring_allgather_bytes(8, n))
@@ -1022,7 +1004,7 @@ def _allgather_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
     info = _info(1, plan)
     info[0] = frame.nbytes
     info[1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
-    infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+    infos = torch.stack(all_gather(torch.from_numpy(info), group, dev)).numpy()
     b.sent += _ring_allgather_bytes(info.nbytes, n)
     b.received += _ring_allgather_bytes(info.nbytes, n)
     timer.lap("c1_info")
@@ -1031,7 +1013,7 @@ def _allgather_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
     sizes = [int(v) for v in infos[:, 0]]
     send_sizes = [0 if d == rank else frame.nbytes for d in range(n)]
     recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
-    recv = _all_to_all(frame.buffer.repeat(n - 1) if n > 1 else frame.buffer[:0],
+    recv = all_to_all(frame.buffer.repeat(n - 1) if n > 1 else frame.buffer[:0],
                        send_sizes, recv_sizes, group, dev)
     b.sent += sum(send_sizes)
     b.received += sum(recv_sizes)
@@ -1075,7 +1057,7 @@ def _finish_last(b: _Bucket, mine: _Pending) -> None:
     """The iteration's last bucket: no later bucket carries the sizes of its reduced
     chunks, so gather them in one small exchange and finish it now."""
     size = torch.tensor([float(mine.frame.nbytes)], dtype=torch.float64)
-    gathered = torch.stack(_all_gather(size, b.group, b.dev)).numpy()
+    gathered = torch.stack(all_gather(size, b.group, b.dev)).numpy()
     _check_infos(gathered, [max(codec.max_frame_bytes(segs, b.state.block_size, 8)
                                 for segs in b.plan.chunk_segments)],
                  ["its reduced chunk"])
@@ -1103,7 +1085,7 @@ def _reduce_scatter_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
     info[:n] = [f.nbytes for f, _ in frames_out]
     info[n] = pending.frame.nbytes if pending is not None else 0
     info[n + 1:] = np.column_stack([seg_stats, seg_bits]).reshape(-1)
-    infos = torch.stack(_all_gather(torch.from_numpy(info), group, dev)).numpy()
+    infos = torch.stack(all_gather(torch.from_numpy(info), group, dev)).numpy()
     b.sent += _ring_allgather_bytes(info.nbytes, n)
     b.received += _ring_allgather_bytes(info.nbytes, n)
     timer.lap("c1_info")
@@ -1126,7 +1108,7 @@ def _reduce_scatter_bucket(b: _Bucket) -> tuple[list[_BucketJob], float]:
     recv_sizes = [0 if s == rank else int(infos[s, rank]) for s in range(n)]
     send = torch.cat([frames_out[d][0].buffer for d in range(n) if d != rank]) if n > 1 \
         else torch.empty(0, dtype=torch.uint8)
-    recv = _all_to_all(send, send_sizes, recv_sizes, group, dev)
+    recv = all_to_all(send, send_sizes, recv_sizes, group, dev)
     b.sent += sum(send_sizes)
     b.received += sum(recv_sizes)
     timer.lap("c2_frames")
@@ -1172,7 +1154,7 @@ def _finish_reduced(state: GGCommState, group, p: _Pending, sizes: list[int], ti
     rank = dist.get_rank(group)
     send_sizes = [0 if d == rank else p.frame.nbytes for d in range(n)]
     recv_sizes = [0 if s == rank else sizes[s] for s in range(n)]
-    recv = _all_to_all(p.frame.buffer.repeat(n - 1) if n > 1 else p.frame.buffer[:0],
+    recv = all_to_all(p.frame.buffer.repeat(n - 1) if n > 1 else p.frame.buffer[:0],
                        send_sizes, recv_sizes, group, state._comm_device)
     timer.lap("c3_reduced")
     bounds = p.plan.chunk_bounds

@@ -37,8 +37,8 @@ from . import codec
 from .errors import FrameError, SettingsMismatchError, StateLoadError
 from .step_policy import StepControl
 
-__all__ = ["DEFAULT_SEGMENT", "Stream", "agree", "all_gather", "coded_sum", "device_for",
-           "segments"]
+__all__ = ["DEFAULT_SEGMENT", "Stream", "agree", "all_gather", "all_to_all", "coded_sum",
+           "device_for", "segments"]
 
 DEFAULT_SEGMENT = 1 << 16
 """Elements per step segment: a step adapts to the scale of 64k values (a flat tensor of
@@ -94,6 +94,17 @@ def all_gather(t: torch.Tensor, group: Any, dev: torch.device) -> list[torch.Ten
     parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.to(dev), group=group)
     return [p.cpu() for p in parts]
+
+
+def all_to_all(send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group: Any,
+               dev: torch.device) -> torch.Tensor:
+    """Uneven ``all_to_all_single`` of a CPU tensor, staged through ``dev``: ``send_sizes[d]``
+    elements to rank ``d``, ``recv_sizes[s]`` from rank ``s`` (exact lengths, which every
+    receiver knows beforehand); the received elements on the CPU, in rank order."""
+    recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=dev)
+    dist.all_to_all_single(recv, send.to(dev), output_split_sizes=recv_sizes,
+                           input_split_sizes=send_sizes, group=group)
+    return recv.cpu()
 
 
 def agree(error: BaseException | None, group: Any, dev: torch.device, what: str) -> int:
@@ -226,10 +237,7 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
     else:
         send, send_sizes, mine_at = torch.cat([f.buffer for f in frames]), own, me
     recv_sizes = [int(v) for v in sizes[:, mine_at]]
-    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=dev)
-    dist.all_to_all_single(recv, send.to(dev), output_split_sizes=recv_sizes,
-                           input_split_sizes=send_sizes, group=group)
-    recv = recv.cpu()
+    recv = all_to_all(send, send_sizes, recv_sizes, group, dev)
     frame_bytes = sum(send_sizes) - send_sizes[me]
     sent += frame_bytes
     received += sum(recv_sizes) - recv_sizes[me]

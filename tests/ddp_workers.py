@@ -392,7 +392,7 @@ def hostile_size(rank, world, exchange):
     state = GGCommState(rate=3.0, exchange=exchange, start_iter=0, overlap=False)
     state.register(ddp)
     if rank == 1:
-        orig = ddp_mod._all_gather
+        orig = ddp_mod.all_gather
 
         def lying(t, group, dev):
             if t.dtype == torch.float64 and t.numel() > 2:
@@ -400,7 +400,7 @@ def hostile_size(rank, world, exchange):
                 t[0] = 2.0**40
             return orig(t, group, dev)
 
-        ddp_mod._all_gather = lying
+        ddp_mod.all_gather = lying
     x, y = batch(torch.Generator().manual_seed(rank))
     try:
         nn.functional.cross_entropy(ddp(x), y).backward()

@@ -27,7 +27,7 @@ def _identical_on_all_ranks(model: nn.Module) -> bool:
 def _inject(kind: str, state: GGCommState):
     """A patch of the hook's exchange on the rank that misbehaves; returns an undo."""
     if kind == "corrupt":  # one byte of what this rank sends flips on the way
-        real = ggcomm.ddp._all_to_all
+        real = ggcomm.ddp.all_to_all
 
         def corrupt(send, send_sizes, recv_sizes, group, dev):
             if send.numel():  # a payload byte of the last frame (the CRC-32 is its last 4)
@@ -35,8 +35,8 @@ def _inject(kind: str, state: GGCommState):
                 send[-5] ^= 0x10
             return real(send, send_sizes, recv_sizes, group, dev)
 
-        ggcomm.ddp._all_to_all = corrupt
-        return lambda: setattr(ggcomm.ddp, "_all_to_all", real)
+        ggcomm.ddp.all_to_all = corrupt
+        return lambda: setattr(ggcomm.ddp, "all_to_all", real)
     if kind == "tag":  # this rank's frames carry another settings fingerprint
         real_print = state.fingerprint
         state.__dict__["fingerprint"] = real_print ^ 0x5A5A
@@ -98,7 +98,7 @@ def stalled_peer(rank, world, exchange):
     if rank == 1:
         def stop(*a, **kw):
             os.kill(os.getpid(), signal.SIGSTOP)
-        ggcomm.ddp._all_to_all = stop
+        ggcomm.ddp.all_to_all = stop
     t0 = time.monotonic()
     error = None
     try:
