@@ -103,6 +103,7 @@ _ERRORS = {
     eg.ERR_LENGTH_MISMATCH: "the codewords do not fill the block's stated bit length",
     eg.ERR_PADDING: "the padding bits after the block are not zero",
     eg.ERR_EXCEPTION_CODE: "an exception position holds a nonzero code",
+    eg.ERR_TABLE: "the block table places a block outside the payload or the output",
 }
 
 

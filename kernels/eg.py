@@ -57,6 +57,7 @@ ERR_RUN_LENGTH = 4
 ERR_LENGTH_MISMATCH = 5
 ERR_PADDING = 6
 ERR_EXCEPTION_CODE = 7
+ERR_TABLE = 8
 
 _QMAXF = float(QMAX)
 NBINS = 33  # bit lengths 0..32: every code value (symbols below 2**31, zero runs below 2**23)
@@ -1372,6 +1373,23 @@ def _q_of_u(u):
 
 
 @njit(nogil=True, cache=True)
+def _table_error(starts, counts, bits, offsets, b_lo, b_hi, nbuf, n_out):
+    """The first block in [b_lo, b_hi) whose bits [8*offsets[b], 8*offsets[b] + bits[b])
+    are not inside a payload of nbuf bytes, or whose elements [starts[b], starts[b] +
+    counts[b]) are not inside an output of n_out; -1 if none. The readers are bounded by
+    the payload, but a block table is what places them in it: one that does not fit must
+    not reach them (ggcomm.codec validates the table; direct callers of the kernels get
+    ERR_TABLE)."""
+    for b in range(b_lo, b_hi):
+        if (offsets[b] < 0 or bits[b] < 0 or offsets[b] > nbuf
+                or bits[b] > 8 * (nbuf - offsets[b])
+                or starts[b] < 0 or counts[b] < 0 or counts[b] > MAX_BLOCK_SIZE
+                or starts[b] > n_out - counts[b]):
+            return b
+    return -1
+
+
+@njit(nogil=True, cache=True)
 def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, bits, offsets,
                   luts, exc_pos, out):
     """Decode blocks [b_lo, b_hi) into out (float32 or float64).
@@ -1382,8 +1400,12 @@ def decode_blocks(payload, starts, counts, steps, b_lo, b_hi, modes, ks, kruns, 
     [8*offsets[b], 8*offsets[b] + bits[b]). The code at every position of exc_pos (sorted)
     must be u = 0 (checked on the symbols: a value q * step can round to 0). Returns (error
     code, block), (0, -1) if ok. The block table itself (modes, ks, lengths adding up) is
-    validated by the caller. luts is build_luts()' tables.
+    validated by the caller. luts is build_luts()' tables. A table that places a block
+    outside payload or out is refused (ERR_TABLE) before anything is read.
     """
+    bad = _table_error(starts, counts, bits, offsets, b_lo, b_hi, payload.size, out.size)
+    if bad >= 0:
+        return ERR_TABLE, bad
     stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     lanes = min(LANES, max(1, b_hi - b_lo))  # no more rows than blocks
     group = np.empty(lanes * stride, np.int32)
@@ -1425,10 +1447,21 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
     exceptional values); otherwise out_i[i] = sum_i (int64). The integers of LANES blocks
     at a time (decoded together, see _decode_group) are summed in accumulators of that size
     (float64: exact), so no full-size intermediate is written.
+    A table that places a block outside its frame's payload (or outside buf, or the output)
+    is refused (ERR_TABLE) before anything is read.
     Returns (error code, block, frame) of an invalid frame (the first one found, going
     through groups of LANES blocks, frames in order), (0, -1, -1) if every frame is valid.
     """
     n_frames = pay_lo.size
+    n_out = out_f.size if out_f.size > 0 else out_i.size
+    for f in range(n_frames):  # tables that place blocks outside the payloads or the output
+        nbuf = pay_hi[f] - pay_lo[f]
+        bad = _table_error(starts, counts, bits[f], offsets[f], b_lo, b_hi, max(nbuf, 0),
+                           n_out)
+        if bad >= 0 or pay_lo[f] < 0 or nbuf < 0 or pay_hi[f] > buf.size:
+            return ERR_TABLE, max(bad, b_lo), f
+    if own.size > 0 and own.size != n_out:
+        return ERR_TABLE, b_lo, 0
     stride = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     lanes = min(LANES, max(1, b_hi - b_lo))  # no more rows than blocks
     group = np.empty(lanes * stride, np.int32)

@@ -280,3 +280,46 @@ def test_grouped_sum_names_the_corrupt_frame_and_block():
             continue
         with pytest.raises(FrameError, match=f"frame 1, block {want[1]}:"):
             codec.sum_frames(buffer, frames, out=np.empty(h.numel, np.float32))
+
+
+def test_kernels_refuse_a_block_table_that_does_not_fit():
+    """The decoders are called by ggcomm.codec after it validated the block table; called
+    directly with a table that places a block past the payload or the output, they refuse
+    it (ERR_TABLE) instead of reading or writing outside the arrays."""
+    frame, _ = _mixed_frame()
+    buf, h = codec._frame_and_header(frame)
+    modes, ks, kruns, bits, offsets = codec._block_arrays(h)
+    luts = codec._luts()
+    starts, counts, seg = h.layout
+    payload = buf[h.payload_off:h.payload_off + h.payload_len].copy()
+    last = counts.size - 1
+
+    def decode(payload, bits, offsets, starts, n_out):
+        return tuple(int(v) for v in eg.decode_blocks(
+            payload, starts, counts, h.steps[seg], 0, counts.size, modes, ks, kruns, bits,
+            offsets, luts, h.exc_pos, np.zeros(n_out, np.float32)))
+
+    assert decode(payload, bits, offsets, starts, h.numel) == (0, -1)
+    assert decode(payload[:-1], bits, offsets, starts, h.numel) == (eg.ERR_TABLE, last)
+    far = offsets.copy()
+    far[3] = payload.size  # block 3 starts where the payload ends
+    assert decode(payload, bits, far, starts, h.numel) == (eg.ERR_TABLE, 3)
+    neg = bits.copy()
+    neg[5] = -8
+    assert decode(payload, neg, offsets, starts, h.numel) == (eg.ERR_TABLE, 5)
+    assert decode(payload, bits, offsets, starts, h.numel - 1) == (eg.ERR_TABLE, last)
+
+    def reduce(pay_hi, n_out, own):
+        mb = [a[None] for a in (modes, ks, kruns, bits, offsets)]
+        return tuple(int(v) for v in eg.reduce_blocks(
+            payload, np.array([0], np.int64), np.array([pay_hi], np.int64), *mb, starts,
+            counts, h.steps[seg], 0, counts.size, luts, own, h.exc_pos,
+            np.array([0, h.exc_pos.size], np.int64), np.empty(0, np.int64),
+            np.empty(0, np.float64), 1.0, np.zeros(n_out, np.float32), np.empty(0, np.int64)))
+
+    none = np.empty(0, np.int32)
+    assert reduce(payload.size, h.numel, none) == (0, -1, -1)
+    assert reduce(payload.size - 1, h.numel, none) == (eg.ERR_TABLE, last, 0)
+    assert reduce(payload.size + 1, h.numel, none)[0] == eg.ERR_TABLE  # past buf
+    assert reduce(payload.size, h.numel - 1, none) == (eg.ERR_TABLE, last, 0)
+    assert reduce(payload.size, h.numel, np.zeros(h.numel - 1, np.int32))[0] == eg.ERR_TABLE
