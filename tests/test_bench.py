@@ -217,6 +217,37 @@ def test_speed_targets() -> None:
     assert _verdicts([_record("mlp", "localhost", 2, "fp32")])["speed_1gbit"] is None
 
 
+def test_a_missed_speed_target_says_what_limits_it() -> None:
+    def measured(loop_s: float) -> str:
+        records = [
+            _record("mlp", "1gbit", 2, "fp32", step_s=0.300),
+            _record("mlp", "1gbit", 2, "fp16", step_s=0.150),
+            _record("mlp", "1gbit", 2, "gg3-allgather", step_s=0.180, nbytes=1.25e6),
+            _record("mlp", "localhost", 2, "fp32", step_s=0.060),
+            {**_record("mlp", "localhost", 2, "gg3-allgather", step_s=loop_s, nbytes=1.25e6),
+             "encode_s_per_step": 0.020, "decode_s_per_step": 0.010},
+        ]
+        target = next(t for t in report.evaluate_targets(records) if t["target"] == "speed_1gbit")
+        assert target["met"] is False
+        return target["measured"]
+
+    # 1.8x needs 167 ms, beating fp16 150 ms; 1.25 MB take 10 ms at 1 Gbit/s
+    over = measured(0.170)
+    assert "the target needs a step of at most 150 ms" in over  # fp16 is faster than 1.8x
+    assert ("gg3-allgather takes 170 ms on loopback (encode 20 ms and decode 10 ms of it; "
+            "fp32 takes 60 ms there) and its 1.25 MB per rank take 10 ms to cross 1gbit") in over
+    assert "over the target with no link at all" in over
+    under = measured(0.120)
+    assert "130 ms together; the other 50 ms are time on the link" in under
+    # met: nothing to explain; no loopback run: nothing measured to say it with
+    fast = [_record("mlp", "1gbit", 2, "fp32", step_s=0.300),
+            _record("mlp", "1gbit", 2, "fp16", step_s=0.150),
+            _record("mlp", "1gbit", 2, "gg3-allgather", step_s=0.145)]
+    assert "what limits it" not in report.evaluate_targets(fast)[0]["measured"]
+    fast[2]["median_step_s"] = 0.2
+    assert "what limits it" not in report.evaluate_targets(fast)[0]["measured"]
+
+
 def test_bytes_at_equal_loss_target() -> None:
     q = _record("gpt", "localhost", 2, "quant8", nbytes=1000.0, loss=2.0)
     cheap_but_worse = _record("gpt", "localhost", 2, "gg2-allgather", nbytes=100.0, loss=2.1)

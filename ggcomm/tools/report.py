@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import GPT_BATCH, LINKS, LR_WARMUP_FRACTION, METHODS, WORKLOADS
+from .testhosts import parse_rate
 
 NAME = "ddp_bench"
 
@@ -173,10 +174,44 @@ def _speed_target(idx: dict, records: Sequence[dict], link: str) -> dict[str, An
             f"{ranks} ranks: {best['method']} {1e3 * best['median_step_s']:.0f} ms vs fp32 "
             f"{1e3 * fp32['median_step_s']:.0f} ms ({speedup:.2f}x)"
             + (f" and fp16 {1e3 * fp16['median_step_s']:.0f} ms" if fp16 else "")
+            + ("" if verdicts[-1] else _speed_limit(
+                idx, best, fp32, min(fp32["median_step_s"] / target,
+                                     fp16["median_step_s"] if vs_fp16 else math.inf)))
         )
     missing = (f"needs fp32{', fp16' if vs_fp16 else ''} and a gg{TARGET_BITS} method on "
                f"{link}, {TARGET_WORKLOAD} workload")
     return _target(f"speed_{link}", details, verdicts, missing)
+
+
+def _speed_limit(idx: dict, best: dict, fp32: dict, need_s: float) -> str:
+    """What keeps ``best`` (a gg run that missed its speed target) from a step of ``need_s``,
+    from the same benchmark's runs: its step on loopback, where no link is in the way, and
+    the time its bytes take to cross the link at the link's rate."""
+    loop = idx.get((best["workload"], "localhost", best["ranks"], best["method"]))
+    rate = parse_rate(best["link"])
+    if loop is None or rate is None:
+        return ""
+    loop_s = loop["median_step_s"]
+    wire_s = 8 * best["bytes_per_rank"] / rate
+    notes = []
+    if loop.get("encode_s_per_step") is not None and loop.get("decode_s_per_step") is not None:
+        notes.append(f"encode {1e3 * loop['encode_s_per_step']:.0f} ms and decode "
+                     f"{1e3 * loop['decode_s_per_step']:.0f} ms of it")
+    fp32_loop = idx.get((best["workload"], "localhost", best["ranks"], "fp32"))
+    if fp32_loop:
+        notes.append(f"fp32 takes {1e3 * fp32_loop['median_step_s']:.0f} ms there")
+    notes_text = f" ({'; '.join(notes)})" if notes else ""
+    text = (f"; what limits it: the target needs a step of at most {1e3 * need_s:.0f} ms, "
+            f"{best['method']} takes {1e3 * loop_s:.0f} ms on loopback{notes_text} and its "
+            f"{best['bytes_per_rank'] / 1e6:.2f} MB per rank take {1e3 * wire_s:.0f} ms to cross "
+            f"{best['link']}")
+    if loop_s >= need_s:
+        return text + (", so the step is over the target with no link at all: compute and "
+                       "the codec, on the CPUs the ranks share, limit it")
+    rest = best["median_step_s"] - loop_s - wire_s
+    return text + (f", {1e3 * (loop_s + wire_s):.0f} ms together; the other "
+                   f"{1e3 * max(rest, 0.0):.0f} ms are time on the link beyond its bytes' "
+                   "transfer time, which this benchmark does not split further")
 
 
 def _equal_loss_target(idx: dict, records: Sequence[dict]) -> dict[str, Any]:
