@@ -142,7 +142,7 @@ def _bare_kernels(state, captured, world, args) -> list[dict]:
         for key, length, (sumsq, sumabs, _) in zip(keys, lengths, mom, strict=True):
             step = state.control.step(key, sumsq / max(length, 1), sumabs / max(length, 1))
             steps.append(1.0 if step is None else step)
-        code = {"k": state.k, "block_size": state.block_size, "tag": state.fingerprint}
+        code = state.code_args()
         enc, dec, fenc, fsum = [], [], [], []
         out = torch.zeros_like(buf)  # touched once here: no page faults in the timings
         own_q = np.zeros(buf.numel(), np.int32)

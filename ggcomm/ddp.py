@@ -246,6 +246,11 @@ class GGCommState(StepSettings):
         """32-bit hash of :meth:`settings`, carried as every frame's tag."""
         return fingerprint(self.settings())
 
+    def code_args(self) -> dict[str, Any]:
+        """The codec arguments of this hook's frames (``k``, ``block_size``, ``tag``), as
+        ``ggcomm.encode`` and ``codec.encode_feedback`` take them."""
+        return {"k": self.k, "block_size": self.block_size, "tag": self.fingerprint}
+
     def register(self, ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
         """Register :func:`gg_hook` on ``ddp_model`` and learn its parameter names.
 
@@ -955,7 +960,7 @@ def _reduce_bucket(state: GGCommState, group, job: _BucketJob) -> list[_BucketJo
     if exchange == "auto":
         exchange = "allgather" if n <= 2 else "reduce_scatter"
     resid = plan.resid.numpy() if plan.resid is not None else None
-    code = {"k": state.k, "block_size": state.block_size, "tag": state.fingerprint}
+    code = state.code_args()
     dev = state._comm_device
     b = _Bucket(state, group, job, n, rank, timer, plan, g, steps, resid, code, dev)
     reduce = _allgather_bucket if exchange == "allgather" else _reduce_scatter_bucket

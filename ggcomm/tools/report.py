@@ -175,15 +175,15 @@ def _speed_target(idx: dict, records: Sequence[dict], link: str) -> dict[str, An
             f"{1e3 * fp32['median_step_s']:.0f} ms ({speedup:.2f}x)"
             + (f" and fp16 {1e3 * fp16['median_step_s']:.0f} ms" if fp16 else "")
             + ("" if verdicts[-1] else _speed_limit(
-                idx, best, fp32, min(fp32["median_step_s"] / target,
-                                     fp16["median_step_s"] if vs_fp16 else math.inf)))
+                idx, best, min(fp32["median_step_s"] / target,
+                               fp16["median_step_s"] if vs_fp16 else math.inf)))
         )
     missing = (f"needs fp32{', fp16' if vs_fp16 else ''} and a gg{TARGET_BITS} method on "
                f"{link}, {TARGET_WORKLOAD} workload")
     return _target(f"speed_{link}", details, verdicts, missing)
 
 
-def _speed_limit(idx: dict, best: dict, fp32: dict, need_s: float) -> str:
+def _speed_limit(idx: dict, best: dict, need_s: float) -> str:
     """What keeps ``best`` (a gg run that missed its speed target) from a step of ``need_s``,
     from the same benchmark's runs: its step on loopback, where no link is in the way, and
     the time its bytes take to cross the link at the link's rate."""
