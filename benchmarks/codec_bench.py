@@ -132,6 +132,7 @@ class CodecRow:
     zero_symbol_fraction: float
     zero_run_block_fraction: float
     rice_block_fraction: float  # blocks in Golomb-Rice mode (FORMAT.md mode 2)
+    rans_block_fraction: float  # blocks in rANS mode (FORMAT.md mode 4)
     mean_k: float  # mean Exp-Golomb order over "eg" blocks (nan if none)
     mean_k_rice: float  # mean Golomb-Rice parameter over "rice" blocks (nan if none)
     q_dtype: str  # integer type the quantized symbols were stored as for zstd / lz4
@@ -489,6 +490,7 @@ def measure_codec(spec: DataSpec, setting: Setting, x: torch.Tensor, size_mib: f
                                     for b in info.blocks)
         / len(info.blocks),
         rice_block_fraction=len(rice_ks) / len(info.blocks),
+        rans_block_fraction=sum(b.mode == "rans" for b in info.blocks) / len(info.blocks),
         mean_k=statistics.fmean(eg_ks) if eg_ks else math.nan,
         mean_k_rice=statistics.fmean(rice_ks) if rice_ks else math.nan,
         q_dtype=q_dtype.name,
@@ -758,25 +760,28 @@ def _bits(rows: list[CodecRow]) -> list[str]:
         "stored as the `q as` integer type, `pcodec q` the same symbols with pcodec's "
         "standalone format at its default level (as int16 where `q as` is int8; decompressed "
         "exactly, else the run stops); `f32` columns compress the raw float32 input. "
-        "`ZR blk` is the share of blocks coded as zero runs and `GR blk` in Golomb-Rice mode "
-        "(frame format 2's mode 2), `mean k` the mean Exp-Golomb order of the EG blocks and "
+        "`ZR blk` is the share of blocks coded as zero runs, `GR blk` in Golomb-Rice mode "
+        "(FORMAT.md's mode 2) and `rANS blk` in rANS mode (mode 4, frame format 3), `mean k` "
+        "the mean Exp-Golomb order of the EG blocks and "
         "`GR k` the mean Golomb-Rice parameter; `rt` says decode returned exactly "
         "float32(q * step). `HM / H` and `HM2 / H` are what the best prefix codes reach "
         "on the first 4M symbols, over their entropy: Huffman codes built from their own "
         "histogram (no table cost) with one codeword per symbol, and one per pair of "
-        "symbols. Every block mode codes one symbol per codeword, so `HM / H` bounds what "
-        "any per-symbol table mode could reach (the pair histogram of a 1 MiB tensor is "
-        "sparse enough that `HM2 / H` is a little optimistic there)."
+        "symbols. Every block mode but rANS codes one symbol per codeword, so `HM / H` bounds "
+        "what they could reach (the pair histogram of a 1 MiB tensor is "
+        "sparse enough that `HM2 / H` is a little optimistic there); rANS is not bound by it."
         + _pco_note(),
         ["data", "MiB", "step", "frame", "payload", "hdr %", "H", "frame / H", "HM / H",
          "HM2 / H", "zero sym",
-         "ZR blk", "GR blk", "mean k", "GR k", "q as", "zstd-1 q", "lz4 q", "pcodec q",
+         "ZR blk", "GR blk", "rANS blk", "mean k", "GR k", "q as", "zstd-1 q", "lz4 q",
+         "pcodec q",
          "zstd-1 f32", "lz4 f32", "rt"],
         [[r.label, f"{r.size_mib:g}", f"{r.step:.4g}", f"{r.frame_bits:.3f}",
           f"{r.payload_bits:.3f}", f"{r.header_pct:.3f}", f"{r.entropy_bits:.3f}",
           f"{r.bits_over_entropy:.4f}", f"{r.huffman_over_entropy:.4f}",
           f"{r.pair_huffman_over_entropy:.4f}", f"{r.zero_symbol_fraction:.1%}",
           f"{r.zero_run_block_fraction:.0%}", f"{r.rice_block_fraction:.0%}",
+          f"{r.rans_block_fraction:.0%}",
           f"{r.mean_k:.2f}" if math.isfinite(r.mean_k) else "-",
           f"{r.mean_k_rice:.2f}" if math.isfinite(r.mean_k_rice) else "-", r.q_dtype,
           f"{r.zstd_q_bits:.3f}", f"{r.lz4_q_bits:.3f}", _pco(r, "bits", ".3f"),

@@ -65,27 +65,49 @@ def _symbols(x, starts, counts, invs, lims, u):
 
 
 @njit(nogil=True)
-def _choose(u, starts, counts):
-    """What _code_block does before it writes: the histograms and the exact choice (zero
-    runs considered as with the codec's default, zero_runs="auto")."""
-    _, H, Hrun, Hval, Ts, pos = eg._work_arrays(counts, 0, starts.size)
+def _choose(u, starts, counts, prefix_bits, T):
+    """What _code_block does before it writes, up to mode 4: the histograms and the exact
+    choice among modes 0-3 (zero runs considered as with the codec's default,
+    zero_runs="auto"); each block's bits go to prefix_bits, its small-symbol tables to T."""
+    _, H, Hrun, Hval, Ts, pos, _, _ = eg._work_arrays(counts, 0, starts.size)
     bits = 0
     for b in range(starts.size):
         s = starts[b]
-        bits += eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval, Ts,
-                                pos)[3]
+        prefix_bits[b] = eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval,
+                                         Ts, pos)[3]
+        T[b] = Ts[0]
+        bits += prefix_bits[b]
     return bits
 
 
 @njit(nogil=True)
-def _write(u, starts, counts, modes, ks, kruns, out):
-    """The bit writer; zero-run blocks also find their nonzeros' positions here (in the
-    codec the choice stage already has them)."""
+def _rans(u, starts, counts, prefix_bits, T, Rs, Ws, nws):
+    """Mode 4's part of _code_block: its table and estimate for every block, and the coding
+    itself where the estimate passes (_rans_try); each block's table and states go to Rs[b],
+    its words to Ws[b] (nws[b] of them, 0 where mode 4 is not used). Returns the blocks'
+    bits with mode 4 where it is used."""
+    bits = 0
+    for b in range(starts.size):
+        s = starts[b]
+        n, nws[b], rbits = eg._rans_try(u[s:s + counts[b]], counts[b], -1, 1, T[b], Rs[b],
+                                        Ws[b], prefix_bits[b])
+        bits += rbits if n else prefix_bits[b]
+    return bits
+
+
+@njit(nogil=True)
+def _write(u, starts, counts, modes, ks, kruns, Rs, Ws, nws, out):
+    """The bit writer (mode 4: the table, states and words coded by the _rans stage);
+    zero-run blocks also find their nonzeros' positions here (in the codec the choice stage
+    already has them)."""
     p = 0
     pos = np.empty(max(1, counts.max()), np.int32)
     for b in range(starts.size):
         s = starts[b]
         us = u[s:s + counts[b]]
+        if modes[b] == eg.MODE_RANS:
+            p = eg._write_rans(out, p, ks[b] + 1, Rs[b], Ws[b], nws[b])
+            continue
         nnz = eg._nonzero_positions(us, counts[b], pos) if eg.is_zero_runs(modes[b]) else 0
         p, _ = eg._write_block(us, counts[b], modes[b], ks[b], kruns[b], out, p, pos, nnz)
     return p
@@ -152,10 +174,17 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
 
     u = np.empty(n, np.int32)
     _symbols(xs, starts, counts, invs, lims, u)
-    if _choose(u, starts, counts) != int(bits.sum()):
-        raise RuntimeError(f"{label}: the choose stage's bits are not the frame's")
+    nb = starts.size
+    prefix_bits = np.empty(nb, np.int64)
+    tables = np.empty((nb, 4 * eg._SMALL), np.int64)
+    rs = np.zeros((nb, 4, eg.RANS_ALPHABET), np.int64)
+    ws = np.empty((nb, int(counts.max()) + 8), np.uint16)
+    nws = np.zeros(nb, np.int64)
+    _choose(u, starts, counts, prefix_bits, tables)
+    if _rans(u, starts, counts, prefix_bits, tables, rs, ws, nws) != int(bits.sum()):
+        raise RuntimeError(f"{label}: the choose and rANS stages' bits are not the frame's")
     out = np.zeros(h.payload_len + 64, np.uint8)
-    written = _write(u, starts, counts, modes, ks, kruns, out)
+    written = _write(u, starts, counts, modes, ks, kruns, rs, ws, nws, out)
     decoded = np.empty(n, np.int32)
     values = np.empty(n, np.float32)
     # the stages are the codec's own work: same bytes, same symbols, same values
@@ -172,9 +201,12 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
     t = {
         "quantize": median_ns_per_element(
             lambda: _quantize(xs, starts, counts, invs, lims, scratch), n, reps),
-        "choose": median_ns_per_element(lambda: _choose(u, starts, counts), n, reps),
+        "choose": median_ns_per_element(
+            lambda: _choose(u, starts, counts, prefix_bits, tables), n, reps),
+        "rANS": median_ns_per_element(
+            lambda: _rans(u, starts, counts, prefix_bits, tables, rs, ws, nws), n, reps),
         "write": median_ns_per_element(
-            lambda: _write(u, starts, counts, modes, ks, kruns, out), n, reps),
+            lambda: _write(u, starts, counts, modes, ks, kruns, rs, ws, nws, out), n, reps),
         "encode kernel": median_ns_per_element(
             lambda: eg.encode_blocks(xs, starts, counts, invs, lims, 0, starts.size, -1, 1,
                                      np.empty(sum(eg.worst_case_bytes(int(c), 1)
@@ -202,7 +234,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-ENCODE = ("quantize", "choose", "write")
+ENCODE = ("quantize", "choose", "rANS", "write")
 DECODE = ("read", "dequantize")
 
 
@@ -221,7 +253,10 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
         "(its outputs are checked against the frame: the same payload bytes, symbols and "
         "values). `choose` is the exact code choice with the histograms it reads (EG and "
         "Golomb-Rice orders, the zero-run bound and run histograms where considered; a "
-        "mostly-zero block is histogrammed from its nonzeros alone). `encode kernel` / "
+        "mostly-zero block is histogrammed from its nonzeros alone). `rANS` is mode 4's "
+        "part: its frequency table and size estimate for every block, and the rANS coding "
+        "itself where the estimate passes (the coded words are kept, so `write` only copies "
+        "them for mode-4 blocks). `encode kernel` / "
         "`decode kernel` are the codec's fused kernels over all blocks; `ggcomm.encode` / "
         "`ggcomm.decode` the whole calls (frame assembly, CRC, exceptions, allocation; "
         "`decode(out=)` decodes into scratch and copies, so a corrupt frame leaves `out` "

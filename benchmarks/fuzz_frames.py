@@ -393,13 +393,20 @@ def forge(rng) -> bytes:
     blocks, payload, zeros, n = [], b"", [], 0  # zeros: positions coded u = 0
     for c in counts:
         mode = int(rng.choice([eg.MODE_EG, eg.MODE_ZERO_RUNS, eg.MODE_RICE,
-                               eg.MODE_ZERO_RUNS_RICE], p=[0.4, 0.2, 0.2, 0.2]))
+                               eg.MODE_ZERO_RUNS_RICE, eg.MODE_RANS],
+                              p=[0.3, 0.2, 0.2, 0.15, 0.15]))
         k = int(rng.integers(0, 5)) if rng.random() < 0.9 else int(rng.integers(0, 32))
         krun = int(rng.integers(0, 4)) if eg.is_zero_runs(mode) else 0
         if rng.random() < 0.7 and c <= 4096 and k <= 30 and krun <= 30:
             us = [0 if rng.random() < 0.6 else int(rng.integers(1, 50)) for _ in range(c)]
+            if mode == eg.MODE_RANS:
+                k = max(us)  # the alphabet size minus one
             data, nbits = reference.encode_block(us, mode, k, krun)
             zeros += [n + j for j, u in enumerate(us) if u == 0]
+        elif mode == eg.MODE_RANS:  # a table and states, then random words or bytes
+            k = int(rng.integers(0, 64))
+            nbits = 8 * (eg.rans_table_bytes(k + 1) + 16 + int(rng.integers(0, 12)))
+            data = rng.bytes(nbits // 8)
         else:  # random bits
             nbits = int(rng.integers(0, 64))
             data = bytearray(rng.bytes((nbits + 7) // 8))
@@ -423,7 +430,7 @@ def forge(rng) -> bytes:
 
 def craft(*, numel: int, shape=None, segments=None, block_size: int = 16384, blocks=(),
           exc_pos=(), exc_raw: bytes = b"", payload: bytes = b"", dcode: int = 1,
-          magic: bytes = b"GGEG", version: int = 2, flags: int = 0, tag: int = 0,
+          magic: bytes = b"GGEG", version: int = 3, flags: int = 0, tag: int = 0,
           ndim=None, n_segments=None, n_blocks=None, n_exceptions=None,
           payload_len=None) -> bytes:
     """A frame from its fields (FORMAT.md, Layout) with a valid CRC; the counts in the
@@ -502,14 +509,16 @@ def _expected(data: bytes, info: codec.FrameInfo, q: torch.Tensor) -> tuple[torc
 
 
 _MODES = {"eg": eg.MODE_EG, "zero_runs": eg.MODE_ZERO_RUNS, "rice": eg.MODE_RICE,
-          "zero_runs_rice": eg.MODE_ZERO_RUNS_RICE}
+          "zero_runs_rice": eg.MODE_ZERO_RUNS_RICE, "rans": eg.MODE_RANS}
+# the largest block mode of each version
+_VERSION_MODES = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_ZERO_RUNS_RICE, 3: eg.MODE_RANS}
 
 
 def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
     """A frame that decodes must obey FORMAT.md's rules on its header and tables."""
     problems = []
     magic, version, dcode, ndim, flags = HEAD.unpack_from(data, 0)[:5]
-    if (magic, flags) != (b"GGEG", 0) or version not in (1, 2) or dcode not in ITEMSIZE \
+    if (magic, flags) != (b"GGEG", 0) or version not in _VERSION_MODES or dcode not in ITEMSIZE \
             or ndim > 64:
         problems.append("magic, version, dtype, ndim or flags")
     lay = layout(data)
@@ -531,8 +540,10 @@ def _spec_valid(data: bytes, info: codec.FrameInfo) -> None:
                                      np.array([b.k]), np.array([b.k_run]),
                                      np.array([b.count]))[0]
         zero_runs = b.mode in ("zero_runs", "zero_runs_rice")
-        if b.k > 30 or b.k_run > 30 or (not zero_runs and b.k_run) or b.bit_length < need \
-                or (_MODES[b.mode] > eg.MODE_ZERO_RUNS and version < 2):
+        rans = b.mode == "rans"
+        if b.k > (63 if rans else 30) or b.k_run > 30 or (not zero_runs and b.k_run) \
+                or b.bit_length < need or (rans and b.bit_length % 16 != need % 16) \
+                or _MODES[b.mode] > _VERSION_MODES.get(version, -1):
             problems.append(f"block {b}")
             break
     if problems:

@@ -52,10 +52,10 @@ __all__ = [
 ]
 
 MAGIC = b"GGEG"
-VERSION = 2  # the version ggcomm writes
+VERSION = 3  # the version ggcomm writes
 # Versions ggcomm reads, with the largest block mode each may use: version 1 has no modes
-# 2 and 3.
-READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_ZERO_RUNS_RICE}
+# 2 and 3, version 2 no mode 4.
+READ_VERSIONS = {1: eg.MODE_ZERO_RUNS, 2: eg.MODE_ZERO_RUNS_RICE, 3: eg.MODE_RANS}
 DEFAULT_BLOCK_SIZE = 16384
 MAX_NDIM = 64
 # Largest element count, and dimension, a frame may claim: element indices and sums of a
@@ -90,7 +90,7 @@ def header_bytes(ndim: int, n_segments: int, n_blocks, n_exceptions, itemsize: i
             + n_exceptions * (8 + itemsize))
 
 _MODE_NAMES = {eg.MODE_EG: "eg", eg.MODE_ZERO_RUNS: "zero_runs", eg.MODE_RICE: "rice",
-               eg.MODE_ZERO_RUNS_RICE: "zero_runs_rice"}
+               eg.MODE_ZERO_RUNS_RICE: "zero_runs_rice", eg.MODE_RANS: "rans"}
 
 # Below this many blocks a task, threads cost more than they save.
 _MIN_BLOCKS_PER_TASK = 4
@@ -104,6 +104,9 @@ _ERRORS = {
     eg.ERR_PADDING: "the padding bits after the block are not zero",
     eg.ERR_EXCEPTION_CODE: "an exception position holds a nonzero code",
     eg.ERR_TABLE: "the block table places a block outside the payload or the output",
+    eg.ERR_RANS_TABLE: "the rANS frequencies add up to more than the scale",
+    eg.ERR_RANS_STATE: "a rANS state is out of range or does not end where the encoder "
+                       "starts it",
 }
 
 
@@ -114,8 +117,8 @@ class BlockInfo:
     first: int  # index of the block's first element in the flattened tensor
     count: int  # elements in the block
     segment: int  # the segment the block belongs to (blocks never span segments)
-    mode: str  # "eg", "zero_runs", "rice", "zero_runs_rice" (modes 0-3 of docs/FORMAT.md)
-    k: int  # Exp-Golomb order (Golomb-Rice parameter in "rice" mode) of the values
+    mode: str  # "eg", "zero_runs", "rice", "zero_runs_rice", "rans" (modes 0-4, FORMAT.md)
+    k: int  # Exp-Golomb order (Golomb-Rice parameter in "rice" mode; "rans": alphabet - 1)
     k_run: int  # order of the zero-run lengths (zero_runs mode only)
     bit_offset: int  # first bit of the block within the payload
     bit_length: int  # bits of codewords (the block is then zero-padded to a byte)
@@ -552,13 +555,15 @@ def _min_block_bits(mode: np.ndarray, k: np.ndarray, k_run: np.ndarray,
                     counts: np.ndarray) -> np.ndarray:
     """The fewest bits a valid block of ``counts`` elements can have (FORMAT.md, Blocks).
 
-    Modes 0 and 2: one codeword of at least k + 1 bits per element. Modes 1 and 3: the
+    Mode 4: its table and four states. Modes 0 and 2: one codeword of at least k + 1 bits
+    per element. Modes 1 and 3: the
     cheapest parse is one run of all ``count`` zeros, or a run of ``count - 1`` zeros and
     the value 1 (k + 1 bits in either value code; merging two runs around a value never
     costs bits: EG_krun(a + b + 1) <= EG_krun(max) + 2, and the run and value codewords it
     removes take at least 2), so the minimum is the smaller of the two.
     """
-    eg_bits = counts * (k + 1)
+    eg_bits = np.where(mode == eg.MODE_RANS, 8 * (eg.rans_table_bytes(k + 1) + 16),
+                       counts * (k + 1))
     one_run = _eg_lengths(counts, k_run)
     run_and_one = _eg_lengths(np.maximum(counts - 1, 0), k_run) + k + 1
     return np.where(eg.is_zero_runs(mode), np.minimum(one_run, run_and_one), eg_bits)
@@ -617,12 +622,22 @@ def _check_block_table(buf: np.ndarray, payload_at: int, blocks: np.ndarray,
     if (blocks["mode"] > READ_VERSIONS[version]).any():
         raise FrameError(f"unknown block mode {int(blocks['mode'].max())} in a version "
                          f"{version} frame")
-    if (blocks["k"] > eg.K_MAX).any() or (blocks["k_run"] > eg.K_MAX).any():
-        raise FrameError(f"Exp-Golomb order above {eg.K_MAX}")
+    rans = blocks["mode"] == eg.MODE_RANS
+    if (blocks["k"] > np.where(rans, eg.RANS_ALPHABET - 1, eg.K_MAX)).any() \
+            or (blocks["k_run"] > eg.K_MAX).any():
+        raise FrameError(f"Exp-Golomb order above {eg.K_MAX} (or a rANS alphabet above "
+                         f"{eg.RANS_ALPHABET})")
     if (blocks["reserved"] != 0).any():
         raise FrameError("reserved block-table bytes are not zero")
     if ((~eg.is_zero_runs(blocks["mode"])) & (blocks["k_run"] != 0)).any():
-        raise FrameError("an EG- or Rice-mode block has a nonzero k_run")
+        raise FrameError("a block that codes no zero runs has a nonzero k_run")
+    # mode 4: whole bytes, a table, four states and whole 16-bit words
+    words = bits // 8 - eg.rans_table_bytes(blocks["k"].astype(np.int64) + 1) - 16
+    odd = np.flatnonzero(rans & (((bits & 7) != 0) | ((words > 0) & (words & 1 == 1))))
+    if odd.size:
+        b = int(odd[0])
+        raise FrameError(f"block {b}: a rANS block of {int(bits[b])} bits is not a table, "
+                         "four states and whole 16-bit words")
     need = _min_block_bits(blocks["mode"], blocks["k"].astype(np.int64),
                            blocks["k_run"].astype(np.int64), counts)
     short = np.flatnonzero(bits < need)

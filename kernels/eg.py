@@ -34,6 +34,22 @@ MODE_ZERO_RUNS = 1  # (EG_krun(run of zeros), EG_k(u - 1)) pairs, see FORMAT.md
 MODE_RICE = 2  # each element: Golomb-Rice_k(u), EG_k(u) escape after RICE_ESC zeros
 MODE_ZERO_RUNS_RICE = 3  # mode 1 with the nonzero values in mode 2's code
 RICE_ESC = 16  # unary prefixes of this many zeros start an escape (FORMAT.md, mode 2)
+MODE_RANS = 4  # rANS over a per-block frequency table of the symbols below RANS_ALPHABET
+# Mode 4's constants (FORMAT.md): frequencies out of RANS_M (12 bits), states in
+# [RANS_L, 2**32) renormalized by 16-bit words, RANS_STATES interleaved states.
+RANS_SCALE_BITS = 12
+RANS_M = 1 << RANS_SCALE_BITS
+RANS_L = 1 << 16
+RANS_STATES = 4
+RANS_ALPHABET = 64  # mode 4 codes blocks whose symbols are all below this (k = n - 1)
+RANS_MARGIN = 32  # mode 4 is used where it saves more than 1/RANS_MARGIN of a block's bits
+RANS_FRAC = 16  # the encoder's size estimate counts 1/2**RANS_FRAC bits
+# RANS_LOG[f] = round(2**RANS_FRAC * log2(RANS_M / f)): a symbol's cost at frequency f, in
+# the estimate's units (entry 0 unused)
+RANS_LOG = np.zeros(RANS_M + 1, np.int64)
+RANS_LOG[1:] = np.floor((1 << RANS_FRAC) * np.log2(RANS_M / np.arange(1, RANS_M + 1,
+                                                                       dtype=np.float64))
+                        + 0.5).astype(np.int64)
 
 
 @register_jitable
@@ -58,6 +74,8 @@ ERR_LENGTH_MISMATCH = 5
 ERR_PADDING = 6
 ERR_EXCEPTION_CODE = 7
 ERR_TABLE = 8
+ERR_RANS_TABLE = 9
+ERR_RANS_STATE = 10
 
 _QMAXF = float(QMAX)
 NBINS = 33  # bit lengths 0..32: every code value (symbols below 2**31, zero runs below 2**23)
@@ -654,19 +672,198 @@ def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos):
     return mode, k, krun, bits, zeros
 
 
+# --------------------------------------------------------------------------- mode 4
+
+
+@register_jitable
+def rans_table_bytes(n):
+    """Bytes of a mode-4 block's frequency table for an alphabet of n symbols."""
+    return (12 * (n - 1) + 7) // 8
+
+
 @njit(nogil=True, cache=True)
-def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out, p, meta, b,
-                nexc):
+def _rans_freqs(T, cnt, R):
+    """Mode 4's frequency table of a block of cnt symbols from its small-symbol tables T
+    (see _histogram): R[0] := the counts, R[1] := the frequencies, R[2] := their prefix sums
+    (FORMAT.md, "Choices"). Returns the alphabet size n, 0 if a symbol is not below
+    RANS_ALPHABET (mode 4 cannot code the block)."""
+    total = 0
+    n = 0
+    fsum = 0
+    big = 0
+    for s in range(RANS_ALPHABET):
+        c = T[s] + T[_SMALL + s] + T[2 * _SMALL + s] + T[3 * _SMALL + s]
+        R[0, s] = c
+        total += c
+        f = 0
+        if c > 0:
+            f = max(1, (c * RANS_M) // cnt)
+            n = s + 1
+        R[1, s] = f
+        fsum += f
+        if f > R[1, big]:
+            big = s
+    if total != cnt or cnt == 0:
+        return 0
+    R[1, big] += RANS_M - fsum
+    c = 0
+    for s in range(RANS_ALPHABET):
+        R[2, s] = c
+        c += R[1, s]
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _rans_estimate(R, n):
+    """Mode 4's estimated bits in 1/2**RANS_FRAC (FORMAT.md, "Choices")."""
+    e = np.int64(8 * (rans_table_bytes(n) + 16)) << RANS_FRAC
+    for s in range(n):
+        e += R[0, s] * RANS_LOG[R[1, s]]
+    return e
+
+
+# floor(x / f) for 0 <= x < 2**32 and 1 <= f <= RANS_M is floor(x * (1 / f) + _RANS_BIAS)
+# in binary64: the product is within 2**-20 of x / f, whose fraction is a multiple of 1 / f
+# at most 1 - 2**-12, so any bias in (2**-20, 2**-12 - 2**-20) lands on the exact quotient.
+_RANS_BIAS = 2.0 ** -14
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rans_put(x, u, freq, cum, rcp, W, nw):
+    """One encoder step of a state x on symbol u (FORMAT.md, mode 4): (new x, new word
+    count), the emitted word stored at W[W.size - 1 - nw].
+
+    Branch-free: the word is always stored (W has a spare slot below its words) and
+    counted only when emitted; the quotient by f comes from a multiply (_RANS_BIAS).
+    """
+    f = freq[u]
+    emit = x >= f << 20
+    W[W.size - 1 - nw] = np.uint16(x & 0xFFFF)
+    nw += np.int64(emit)
+    x = (x >> 16) if emit else x
+    q = np.int64(np.float64(x) * rcp[u] + _RANS_BIAS)
+    return (q << RANS_SCALE_BITS) + x - q * f + cum[u], nw
+
+
+@njit(nogil=True, cache=True)
+def _rans_encode(scratch, cnt, R, W):
+    """Code scratch[:cnt] with the table in R (_rans_freqs): the words go to the end of W
+    (W[W.size - nw:], in reading order), the final states to R[3, :4]. Returns nw."""
+    freq = R[1]
+    cum = R[2]
+    rcp = np.empty(RANS_ALPHABET, np.float64)
+    for s in range(RANS_ALPHABET):
+        rcp[s] = 1.0 / freq[s] if freq[s] > 0 else 0.0
+    x0 = np.int64(RANS_L)
+    x1 = np.int64(RANS_L)
+    x2 = np.int64(RANS_L)
+    x3 = np.int64(RANS_L)
+    nw = 0
+    j = cnt - 1
+    while j >= 0 and (j & 3) != 3:  # the last partial group, state j & 3
+        u = scratch[j]
+        if (j & 3) == 2:
+            x2, nw = _rans_put(x2, u, freq, cum, rcp, W, nw)
+        elif (j & 3) == 1:
+            x1, nw = _rans_put(x1, u, freq, cum, rcp, W, nw)
+        else:
+            x0, nw = _rans_put(x0, u, freq, cum, rcp, W, nw)
+        j -= 1
+    while j >= 3:  # symbols are below RANS_ALPHABET: unsigned indices skip wraparound checks
+        x3, nw = _rans_put(x3, np.uint64(scratch[j]), freq, cum, rcp, W, nw)
+        x2, nw = _rans_put(x2, np.uint64(scratch[j - 1]), freq, cum, rcp, W, nw)
+        x1, nw = _rans_put(x1, np.uint64(scratch[j - 2]), freq, cum, rcp, W, nw)
+        x0, nw = _rans_put(x0, np.uint64(scratch[j - 3]), freq, cum, rcp, W, nw)
+        j -= 4
+    R[3, 0] = x0
+    R[3, 1] = x1
+    R[3, 2] = x2
+    R[3, 3] = x3
+    return nw
+
+
+@njit(nogil=True, cache=True)
+def _rans_try(scratch, cnt, k_fixed, zero_runs, T, R, W, bits):
+    """Mode 4 for a block whose other modes' best is bits: (alphabet size n, words nw,
+    bit length) where mode 4 is used (FORMAT.md, "Choices"), else (0, 0, 0). Leaves the
+    table in R and the words in W."""
+    if k_fixed >= 0 or zero_runs == 2:
+        return 0, 0, 0
+    n = _rans_freqs(T, cnt, R)
+    if n == 0 or RANS_MARGIN * _rans_estimate(R, n) >= (RANS_MARGIN - 1) * (bits << RANS_FRAC):
+        return 0, 0, 0
+    nw = _rans_encode(scratch, cnt, R, W)
+    rbits = 8 * (rans_table_bytes(n) + 16 + 2 * nw)
+    if RANS_MARGIN * rbits >= (RANS_MARGIN - 1) * bits:
+        return 0, 0, 0
+    return n, nw, rbits
+
+
+@njit(nogil=True, cache=True)
+def rans_bits(s, counts, out):
+    """out[b] := the bit length mode 4 gives block b, whose symbols are the next counts[b]
+    of s (int32, all below RANS_ALPHABET): what the encoder compares against the other
+    modes (the rate's mirror of the codec on devices other than the CPU uses it)."""
+    n_max = max(1, counts.max()) if counts.size else 1
+    T = np.zeros(4 * _SMALL, np.int64)
+    R = np.zeros((4, RANS_ALPHABET), np.int64)
+    W = np.empty(n_max + 8, np.uint16)
+    a = 0
+    for b in range(counts.size):
+        cnt = counts[b]
+        blk = s[a:a + cnt]
+        T[:] = 0
+        for j in range(cnt):
+            T[blk[j]] += 1
+        n = _rans_freqs(T, cnt, R)
+        out[b] = 8 * (rans_table_bytes(n) + 16 + 2 * _rans_encode(blk, cnt, R, W)) if n else -1
+        a += cnt
+
+
+@njit(nogil=True, cache=True)
+def _write_rans(out, p, n, R, W, nw):
+    """Write a mode-4 block (the table and states in R, the words at the end of W) at byte
+    p of out; returns the new byte position."""
+    ptr = data_ptr(out)
+    q = p
+    acc = np.int64(0)
+    nacc = np.int64(0)
+    for s in range(n - 1):
+        q, acc, nacc = _put(ptr, q, acc, nacc, R[1, s], 12)
+    q = p + rans_table_bytes(n)
+    for i in range(RANS_STATES):
+        x = R[3, i]
+        for b in range(4):
+            out[q + b] = np.uint8((x >> (8 * b)) & 0xFF)
+        q += 4
+    for w in range(W.size - nw, W.size):  # little-endian u16 words
+        out[q] = np.uint8(W[w] & 0xFF)
+        out[q + 1] = np.uint8(W[w] >> 8)
+        q += 2
+    return q
+
+
+@njit(nogil=True, cache=True)
+def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, out, p, meta,
+                b, nexc):
     """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
 
     meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
-    position, or -1 if out is too small (nothing is written past its end).
+    position, or -1 if out is too small (nothing is written past its end). R and W are
+    mode 4's work arrays (_work_arrays).
     """
     mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval,
                                               Ts, pos)
     if p + worst_case_bytes(cnt, zero_runs) > out.size:
         return -1
-    p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros)
+    n, nw, rbits = _rans_try(scratch, cnt, k_fixed, zero_runs, Ts[0], R, W, bits)
+    if n > 0:
+        mode, k, krun, bits = MODE_RANS, n - 1, 0, rbits
+        p0 = p
+        p = _write_rans(out, p, n, R, W, nw)
+        written = 8 * (p - p0)
+    else:
+        p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros)
     meta[b, 0] = mode
     meta[b, 1] = k
     meta[b, 2] = krun
@@ -680,11 +877,12 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out, p
 @njit(nogil=True, cache=True)
 def _work_arrays(counts, b_lo, b_hi):
     """An encoder's per-thread work arrays: (u-symbols, H, Hrun, Hval, three small-symbol
-    tables, positions)."""
+    tables, positions, mode 4's table rows R and its words W)."""
     n = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     return (np.empty(n, np.int32), np.zeros((_NBINS, _HCOLS), np.int64),
             np.zeros((_NBINS, _HCOLS), np.int64), np.zeros((_NBINS, _HCOLS), np.int64),
-            np.zeros((3, 4 * _SMALL), np.int64), np.empty(n, np.int32))
+            np.zeros((3, 4 * _SMALL), np.int64), np.empty(n, np.int32),
+            np.zeros((4, RANS_ALPHABET), np.int64), np.empty(n + 8, np.uint16))
 
 
 @njit(nogil=True, cache=True)
@@ -700,13 +898,13 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).
     """
-    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
-                        p, meta, b, nexc)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                        out, p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -828,14 +1026,14 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     kept in q_out if it is not empty, stats[b] gets the block's statistics. The frame bits
     are exactly those encode_blocks writes for x.
     """
-    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b],
                                   scratch, q_out, pos, stats, b)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
-                        p, meta, b, nexc)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                        out, p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -845,7 +1043,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
 def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """encode_blocks of integers s (int64) at step 1: |s| > qlims[b] (int64, <= QMAX) become
     exceptions (u = 0)."""
-    scratch, H, Hrun, Hval, Ts, pos = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
     for b in range(b_lo, b_hi):
         cnt = counts[b]
@@ -858,8 +1056,8 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
             nexc += np.int64(not ok)
             q = q if ok else 0
             scratch[j] = 2 * q - 1 if q > 0 else -2 * q
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, out,
-                        p, meta, b, nexc)
+        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                        out, p, meta, b, nexc)
         if p < 0:
             return -1
     return p
@@ -1184,11 +1382,132 @@ def _block_end(payload, pos, stop):
     return 0
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _rans_step(x, slots):
+    """A decoder step before renormalization (FORMAT.md, mode 4): (symbol, new x).
+
+    slots[x mod 4096] packs the slot's symbol (bits 0-5), frequency (6-18) and its offset
+    in the symbol's slots (19-30).
+    """
+    e = np.int64(slots[np.uint64(x) & np.uint64(RANS_M - 1)])
+    return e & 63, ((e >> 6) & 0x1FFF) * (x >> RANS_SCALE_BITS) + (e >> 19)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rans_word(payload, p, last):
+    """The little-endian u16 at byte min(p, last) of payload."""
+    a = np.uint64(min(p, last))
+    return np.int64(payload[a]) | (np.int64(payload[a + np.uint64(1)]) << 8)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rans_renorm(x, p, payload, last):
+    """(x renormalized with the word at byte p, 1 if it read one, 1 if it needed one past
+    the last word at byte `last`). Branch-free: the word is loaded whatever x needs."""
+    need = x < RANS_L
+    w = _rans_word(payload, p, last)
+    return ((x << 16) | w) if need else x, np.int64(need), np.int64(need & (p > last))
+
+
+@njit(nogil=True, cache=True)
+def _decode_rans(payload, pos, stop, cnt, n, scratch):
+    """Decode a mode-4 block of alphabet n at bits [pos, stop) of payload into
+    scratch[:cnt], checking its table, states, words and end (FORMAT.md, mode 4)."""
+    if (pos & 7) or (stop & 7) or n < 1 or n > RANS_ALPHABET:
+        return ERR_LENGTH_MISMATCH
+    b0 = pos >> 3
+    end = stop >> 3
+    tb = rans_table_bytes(n)
+    if b0 + tb + 16 > end or end > payload.size:
+        return ERR_OVERRUN
+    if ((end - b0 - tb - 16) & 1) != 0:
+        return ERR_LENGTH_MISMATCH
+    slots = np.empty(RANS_M, np.uint32)
+    c = 0
+    for s in range(n):
+        if s < n - 1:
+            a = b0 + (12 * s >> 3)
+            if s & 1:
+                f = ((np.int64(payload[a]) & 15) << 8) | np.int64(payload[a + 1])
+            else:
+                f = (np.int64(payload[a]) << 4) | (np.int64(payload[a + 1]) >> 4)
+            if c + f >= RANS_M:
+                return ERR_RANS_TABLE
+        else:
+            f = RANS_M - c
+        for t in range(f):
+            slots[c + t] = np.uint32(s | (f << 6) | (t << 19))
+        c += f
+    if (n - 1) & 1 and (payload[b0 + tb - 1] & 15) != 0:
+        return ERR_PADDING
+    q = b0 + tb
+    st = np.empty(RANS_STATES, np.int64)
+    for i in range(RANS_STATES):
+        st[i] = (np.int64(payload[q]) | (np.int64(payload[q + 1]) << 8)
+                 | (np.int64(payload[q + 2]) << 16) | (np.int64(payload[q + 3]) << 24))
+        if st[i] < RANS_L:
+            return ERR_RANS_STATE
+        q += 4
+    x0 = st[0]
+    x1 = st[1]
+    x2 = st[2]
+    x3 = st[3]
+    wp = q
+    last = end - 2  # the last word's first byte (>= q - 2 >= b0: always inside payload)
+    bad = np.int64(0)
+    j = 0
+    # Four states at a time, their word positions from the four renormalization needs: the
+    # same words as one state after another, but no state waits on the previous one's load.
+    while j + 3 < cnt:
+        u0, x0 = _rans_step(x0, slots)
+        u1, x1 = _rans_step(x1, slots)
+        u2, x2 = _rans_step(x2, slots)
+        u3, x3 = _rans_step(x3, slots)
+        scratch[j] = u0
+        scratch[j + 1] = u1
+        scratch[j + 2] = u2
+        scratch[j + 3] = u3
+        x0, n0, e0 = _rans_renorm(x0, wp, payload, last)
+        p1 = wp + 2 * n0
+        x1, n1, e1 = _rans_renorm(x1, p1, payload, last)
+        p2 = p1 + 2 * n1
+        x2, n2, e2 = _rans_renorm(x2, p2, payload, last)
+        p3 = p2 + 2 * n2
+        x3, n3, e3 = _rans_renorm(x3, p3, payload, last)
+        wp = p3 + 2 * n3
+        bad |= e0 | e1 | e2 | e3
+        j += 4
+    while j < cnt:
+        i = j & 3
+        x = x0 if i == 0 else (x1 if i == 1 else x2)
+        u, x = _rans_step(x, slots)
+        x, n_, e = _rans_renorm(x, wp, payload, last)
+        wp += 2 * n_
+        bad |= e
+        scratch[j] = u
+        if i == 0:
+            x0 = x
+        elif i == 1:
+            x1 = x
+        else:
+            x2 = x
+        j += 1
+    if bad:
+        return ERR_OVERRUN
+    if wp != end:
+        return ERR_LENGTH_MISMATCH
+    if x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
+        return ERR_RANS_STATE
+    return 0
+
+
 @njit(nogil=True, cache=True)
 def _decode_block(payload, pos, stop, cnt, mode, k, krun, luts, scratch):
     """Decode one block's symbols into scratch[:cnt] and check its length and padding."""
     ptr = data_ptr(payload)
     nbuf = payload.size
+    if mode == MODE_RANS:
+        return _decode_rans(payload, pos, stop, cnt, k + 1, scratch)
     if not is_zero_runs(mode):
         rice = mode == MODE_RICE
         pos, err = _decode_eg(ptr, nbuf, pos, cnt, k, luts[np.int64(rice), min(k, LUT_K_MAX)],
@@ -1313,7 +1632,7 @@ def _decode_group(payload, b0, g, counts, modes, ks, kruns, bits, offsets, luts,
     lanes = g == LANES
     for l in range(g):
         b = b0 + l
-        lanes = lanes and not is_zero_runs(modes[b]) and ks[b] <= LUT_K_MAX
+        lanes = lanes and (modes[b] == MODE_EG or modes[b] == MODE_RICE) and ks[b] <= LUT_K_MAX
     if lanes:
         pos = np.empty(LANES, np.int64)
         table = np.empty(LANES, np.int64)

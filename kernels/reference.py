@@ -14,10 +14,15 @@ import numpy as np
 from .eg import (
     K_MAX,
     MODE_EG,
+    MODE_RANS,
     MODE_RICE,
     MODE_ZERO_RUNS,
     MODE_ZERO_RUNS_RICE,
     QMAX,
+    RANS_ALPHABET,
+    RANS_L,
+    RANS_M,
+    RANS_MARGIN,
     RICE_ESC,
     UMAX,
     zero_runs_considered,
@@ -110,6 +115,85 @@ def _best(symbols: list, length=eg_len) -> tuple[int, int]:
     return k, costs[k]
 
 
+def rans_log(f: int) -> int:
+    """FORMAT.md's L[f]: a symbol's cost at frequency f in 1/65536 bits."""
+    return math.floor(65536 * math.log2(RANS_M / f) + 0.5)
+
+
+def rans_table(us: list) -> tuple[list, list]:
+    """(counts, frequencies) of mode 4's table for a block whose symbols are all below
+    RANS_ALPHABET (FORMAT.md, "Choices")."""
+    n = max(us) + 1
+    counts = [0] * n
+    for u in us:
+        counts[u] += 1
+    freq = [max(1, c * RANS_M // len(us)) if c else 0 for c in counts]
+    big = max(range(n), key=lambda s: (freq[s], -s))
+    freq[big] += RANS_M - sum(freq)
+    return counts, freq
+
+
+def _rans_table_bytes(n: int) -> int:
+    return (12 * (n - 1) + 7) // 8
+
+
+def _bits_to_bytes(bits: str) -> bytes:
+    padded = bits + "0" * (-len(bits) % 8)
+    return bytes(int(padded[i : i + 8], 2) for i in range(0, len(padded), 8))
+
+
+def rans_encode(us: list, freq: list) -> bytes:
+    """A mode-4 block's bytes (FORMAT.md, mode 4: the encoder's steps, one at a time)."""
+    cum = [sum(freq[:s]) for s in range(len(freq))]
+    x = [RANS_L] * 4
+    words = []
+    for j in range(len(us) - 1, -1, -1):
+        i, s = j % 4, us[j]
+        if x[i] >= (freq[s] << 20):
+            words.append(x[i] % 65536)
+            x[i] //= 65536
+        x[i] = (x[i] // freq[s]) * RANS_M + x[i] % freq[s] + cum[s]
+    table = _bits_to_bytes("".join(f"{f:012b}" for f in freq[:-1]))
+    return (table + b"".join(v.to_bytes(4, "little") for v in x)
+            + b"".join(w.to_bytes(2, "little") for w in reversed(words)))
+
+
+def rans_decode(data: bytes, count: int, n: int) -> list:
+    """The symbols of a mode-4 block of alphabet n; raises ValueError on anything
+    malformed."""
+    tb = _rans_table_bytes(n)
+    if len(data) < tb + 16 or (len(data) - tb - 16) % 2:
+        raise ValueError("not a table, four states and whole words")
+    bits = "".join(f"{b:08b}" for b in data[:tb])
+    freq = [int(bits[12 * s : 12 * s + 12], 2) for s in range(n - 1)]
+    if sum(freq) > RANS_M - 1:
+        raise ValueError("frequencies above the scale")
+    if bits[12 * (n - 1):].strip("0"):
+        raise ValueError("nonzero table padding")
+    freq.append(RANS_M - sum(freq))
+    cum = [sum(freq[:s]) for s in range(n)]
+    x = [int.from_bytes(data[tb + 4 * i : tb + 4 * i + 4], "little") for i in range(4)]
+    if min(x) < RANS_L:
+        raise ValueError("state below 2**16")
+    words = [int.from_bytes(data[o : o + 2], "little") for o in range(tb + 16, len(data), 2)]
+    w = 0
+    us = []
+    for j in range(count):
+        i = j % 4
+        slot = x[i] % RANS_M
+        s = next(t for t in range(n) if cum[t] <= slot < cum[t] + freq[t])
+        x[i] = freq[s] * (x[i] // RANS_M) + slot - cum[s]
+        if x[i] < RANS_L:
+            if w == len(words):
+                raise ValueError("a word past the last")
+            x[i] = x[i] * 65536 + words[w]
+            w += 1
+        us.append(s)
+    if w != len(words) or x != [RANS_L] * 4:
+        raise ValueError("the states do not end at 2**16 with every word read")
+    return us
+
+
 def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, int]:
     """(mode, k, k_run) the encoder picks for a block; same rules as encode_blocks."""
     mode, krun = MODE_EG, 0
@@ -133,14 +217,26 @@ def choose(us: list, k_fixed: int = -1, zero_runs: int = 1) -> tuple[int, int, i
             if val_rice < val_bits:
                 zr_mode, kv, val_bits = MODE_ZERO_RUNS_RICE, kvr, val_rice
         if zero_runs == 2 or run_bits + val_bits < bits:
-            mode, k = zr_mode, kv
+            mode, k, bits = zr_mode, kv, run_bits + val_bits
         else:
             krun = 0
+    if k_fixed < 0 and zero_runs != 2 and us and max(us) < RANS_ALPHABET:
+        counts, freq = rans_table(us)
+        n = len(freq)
+        est = sum(c * rans_log(f) for c, f in zip(counts, freq, strict=True) if c) \
+            + 65536 * 8 * (_rans_table_bytes(n) + 16)
+        if RANS_MARGIN * est < (RANS_MARGIN - 1) * 65536 * bits:
+            exact = 8 * len(rans_encode(us, freq))
+            if RANS_MARGIN * exact < (RANS_MARGIN - 1) * bits:
+                mode, k, krun = MODE_RANS, n - 1, 0
     return mode, k, krun
 
 
 def encode_block(us: list, mode: int, k: int, krun: int) -> tuple[bytes, int]:
     """(bytes, bit length) of one block."""
+    if mode == MODE_RANS:
+        data = rans_encode(us, rans_table(us)[1])
+        return data, 8 * len(data)
     if mode == MODE_EG:
         bits = "".join(eg_codeword(u, k) for u in us)
     elif mode == MODE_RICE:
@@ -159,9 +255,7 @@ def encode_block(us: list, mode: int, k: int, krun: int) -> tuple[bytes, int]:
         if run > 0:
             parts.append(eg_codeword(run, krun))
         bits = "".join(parts)
-    n = len(bits)
-    padded = bits + "0" * (-n % 8)
-    return bytes(int(padded[i : i + 8], 2) for i in range(0, len(padded), 8)), n
+    return _bits_to_bytes(bits), len(bits)
 
 
 class _Reader:
@@ -202,6 +296,10 @@ class _Reader:
 
 def decode_block(data: bytes, nbits: int, count: int, mode: int, k: int, krun: int) -> list:
     """u symbols of one block; raises ValueError on anything malformed."""
+    if mode == MODE_RANS:
+        if nbits % 8 or len(data) != nbits // 8:
+            raise ValueError("a rANS block is whole bytes")
+        return rans_decode(data, count, k + 1)
     r = _Reader(data, nbits)
     us: list = []
     if mode in (MODE_EG, MODE_RICE):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ggcomm
-from ggcomm import FrameError, decode, encode, inspect
+from ggcomm import FrameError, codec, decode, encode, inspect
 from ggcomm.kernels import eg, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -114,8 +114,9 @@ def test_round_trip_property(data, rel_step, k, block_size, zero_runs, n_seg):
     if k != "auto":
         assert all(b.k == k for b in info.blocks)
     if zero_runs is False:
-        # Rice blocks only where the encoder picks the order
-        assert all(b.mode in ("eg", "rice" if k == "auto" else "eg") for b in info.blocks)
+        # Rice and rANS blocks only where the encoder picks the order
+        assert all(b.mode in (("eg", "rice", "rans") if k == "auto" else ("eg",))
+                   for b in info.blocks)
     if zero_runs is True:  # values in Golomb-Rice codewords only where k is picked
         assert all(b.mode in ("zero_runs", "zero_runs_rice" if k == "auto" else "zero_runs")
                    for b in info.blocks)
@@ -172,6 +173,46 @@ def test_kernels_equal_reference_bit_for_bit(seed, n, beta, rel_step, block_size
                                      kr)
         assert got == us[b.first:b.first + b.count]
         off += len(data)
+
+
+@pytest.mark.parametrize("beta,rel_step,block_size,n", [
+    (3.0, 0.6, 4096, 9000), (2.0, 0.3, 2048, 5000), (2.0, 1.2, 1000, 3001),
+    (2.0, 0.8, 8192, 17000),
+    (8.0, 0.2, 4096, 8192), (1.0, 0.5, 4096, 8192),
+])
+def test_kernels_equal_reference_bit_for_bit_with_rans(beta, rel_step, block_size, n):
+    """Light-tailed data at a few bits per element: the kernels' mode-4 (rANS) blocks, and
+    their choice of mode, equal the reference's bit for bit."""
+    g = torch.Generator().manual_seed(int(10 * beta + block_size))
+    x = ggcomm.gg.sample((n,), beta, generator=g)
+    for k, zr in ((-1, 1), (-1, 0), (-1, 2), (3, 1)):
+        frame = encode(x, rel_step, k="auto" if k < 0 else k, block_size=block_size,
+                       zero_runs={0: False, 1: "auto", 2: True}[zr])
+        info = inspect(frame)
+        parts, _ = reference_frame_parts(x, [rel_step], [n], block_size, k, zr)
+        modes = {"eg": 0, "zero_runs": 1, "rice": 2, "zero_runs_rice": 3, "rans": 4}
+        assert [(modes[b.mode], b.k, b.k_run, b.bit_length) for b in info.blocks] == \
+            [(m, kk, kr, nb) for m, kk, kr, _, nb in parts]
+        assert info.payload == b"".join(p[3] for p in parts)
+        if k >= 0 or zr == 2:  # a fixed k or forced zero runs turn mode 4 off
+            assert all(b.mode != "rans" for b in info.blocks)
+        off = 0
+        us, _ = reference.quantize(x.numpy(), np.array([0, n], np.int64), np.array([rel_step]))
+        for b, (mode, kk, kr, data, nb) in zip(info.blocks, parts, strict=True):
+            got = reference.decode_block(info.payload[off:off + len(data)], nb, b.count, mode,
+                                         kk, kr)
+            assert got == us[b.first:b.first + b.count]
+            off += len(data)
+        # the same values as an EG-coded frame of x
+        assert same_bits(decode(frame), decode(encode(x, rel_step, k=3, block_size=block_size)))
+    if beta >= 2.0 and rel_step >= 0.6 and block_size >= 2048:  # light tails, 2-3 bits
+        frame = encode(x, rel_step, block_size=block_size)
+        assert any(b.mode == "rans" for b in inspect(frame).blocks)
+
+
+def test_rans_cost_table_is_the_formats():
+    """The kernels' estimate table is FORMAT.md's L[f] = floor(65536 log2(4096 / f) + 1/2)."""
+    assert [int(v) for v in eg.RANS_LOG[1:]] == [reference.rans_log(f) for f in range(1, 4097)]
 
 
 def test_reference_codewords_are_h264_ue():
@@ -240,9 +281,15 @@ def test_sparse_data_goes_below_one_bit():
     sparse = encode(x, step)
     assert sparse.bits_per_element < 1.0
     assert all(b.mode in ("zero_runs", "zero_runs_rice") for b in inspect(sparse).blocks)
-    plain = encode(x, step, zero_runs=False)
+    # one prefix codeword per element takes at least a bit each
+    plain = encode(x, step, zero_runs=False, k=0)
     assert plain.bits_per_element >= 1.0
     assert torch.equal(decode(sparse), decode(plain))
+    # rANS (mode 4) codes a symbol in less than a bit where it is common
+    rans = encode(x, step, zero_runs=False)
+    assert rans.bits_per_element < 1.0
+    assert all(b.mode == "rans" for b in inspect(rans).blocks)
+    assert torch.equal(decode(sparse), decode(rans))
 
 
 def test_auto_k_beats_every_fixed_k():
@@ -482,7 +529,7 @@ def test_rice_blocks_with_escapes_match_reference(scale):
     x[::97] *= 40.0  # rare outliers: escapes in Rice blocks
     frame = encode(x, 1.0, block_size=512)
     info = inspect(frame)
-    assert info.version == 2
+    assert info.version == codec.VERSION == 3
     rice = [b for b in info.blocks if b.mode == "rice"]
     assert rice, [b.mode for b in info.blocks]
     parts, exc = reference_frame_parts(x, [1.0], [x.numel()], 512, -1, 1)

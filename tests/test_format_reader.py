@@ -1,10 +1,11 @@
 """An independent ggcomm frame reader, written from docs/FORMAT.md alone.
 
 The reader below uses nothing from ggcomm: it parses the header, tables and payload with
-``struct`` and ``zlib``, decodes every Exp-Golomb and Golomb-Rice codeword bit by bit, and
-reconstructs the values as the spec describes. It reads frame versions 1 and 2 (the
-spec's version 2 adds block modes 2 and 3, which a version 1 frame must not use). ggcomm is
-used only to produce frames and as a comparison.
+``struct`` and ``zlib``, decodes every Exp-Golomb and Golomb-Rice codeword bit by bit and
+every rANS block state by state, and reconstructs the values as the spec describes. It
+reads frame versions 1 to 3 (the spec's version 2 adds block modes 2 and 3, which a
+version 1 frame must not use; version 3 adds block mode 4, rANS, which a version 1 or 2
+frame must not use). ggcomm is used only to produce frames and as a comparison.
 """
 
 from __future__ import annotations
@@ -29,14 +30,23 @@ HEADER = struct.Struct("<4sBBBBIIQIIQQ")
 assert HEADER.size == 48
 
 MAGIC = b"GGEG"
-VERSION = 2  # what ggcomm writes
+VERSION = 3  # what ggcomm writes
 # the versions a reader accepts, and the block modes each allows
-MODES_BY_VERSION = {1: (0, 1), 2: (0, 1, 2, 3)}
+MODES_BY_VERSION = {1: (0, 1), 2: (0, 1, 2, 3), 3: (0, 1, 2, 3, 4)}
 ZERO_RUN_MODES = (1, 3)  # runs of zeros, with EG (mode 1) or mode-2 (mode 3) value codewords
 GR_ESCAPE_ZEROS = 16  # modes 2, 3: q < 16 is a Golomb-Rice codeword, 16 zeros an escape
 MAX_SYMBOL = 2**31 - 2
 MAX_Q = 2**30 - 1
 MAX_BLOCK_SIZE = 2**22
+# mode 4 (rANS): k = n - 1 with the alphabet size n in 1..64; 12-bit frequencies out of
+# 4096; four interleaved states in 2^16 .. 2^32 - 1, renormalised by 16-bit words
+RANS_MODE = 4
+RANS_MAX_K = 63
+RANS_FREQ_BITS = 12
+RANS_M = 1 << RANS_FREQ_BITS
+RANS_L = 1 << 16
+RANS_STATES = 4
+RANS_STATE_BYTES = 4 * RANS_STATES
 
 # dtype code -> (torch dtype, itemsize, integer torch dtype of the same size)
 DTYPES = {
@@ -58,6 +68,7 @@ class Block:
     bit_length: int
     offset: int = 0  # payload byte offset
     symbols: list[int] = field(default_factory=list)
+    freqs: list[int] = field(default_factory=list)  # mode 4: f[0] .. f[n-1]
 
 
 @dataclass
@@ -129,7 +140,71 @@ class BitReader:
         return "1" not in self.bits[self.n :]
 
 
+def rans_table_bytes(n: int) -> int:
+    """TB = ceil(12 (n - 1) / 8): mode 4's frequency table and its padding, in bytes."""
+    return -(-RANS_FREQ_BITS * (n - 1) // 8)
+
+
+def rans_words(k: int, bit_length: int) -> tuple[int, int]:
+    """(TB, 2 * the word count) of a mode-4 block: its bytes after the table and states."""
+    tb = rans_table_bytes(k + 1)
+    return tb, bit_length // 8 - tb - RANS_STATE_BYTES
+
+
+def decode_rans_block(blk: Block, data: bytes, count: int) -> list[int]:
+    """Mode 4: the table, four little-endian u32 states, little-endian u16 words, then the
+    spec's decoding loop and its end checks."""
+    if blk.bit_length % 8:
+        raise ValueError(f"mode-4 bit_length {blk.bit_length} not a multiple of 8")
+    n = blk.k + 1
+    tb, word_bytes = rans_words(blk.k, blk.bit_length)
+    if word_bytes < 0 or word_bytes % 2:
+        raise ValueError(f"mode-4 block: {word_bytes} bytes after the table and states is not "
+                         "a whole number of words")
+    assert len(data) == blk.bit_length // 8
+    # the table: n - 1 frequencies of 12 bits, MSB first, then zero bits to a byte boundary
+    table = int.from_bytes(data[:tb], "big")
+    pad = 8 * tb - RANS_FREQ_BITS * (n - 1)
+    if table & ((1 << pad) - 1):
+        raise ValueError("nonzero table padding in a mode-4 block")
+    table >>= pad
+    freqs = [(table >> (RANS_FREQ_BITS * (n - 2 - s))) & (RANS_M - 1) for s in range(n - 1)]
+    if sum(freqs) > RANS_M - 1:
+        raise ValueError(f"mode-4 stored frequencies add up to {sum(freqs)}, above 4095")
+    freqs.append(RANS_M - sum(freqs))
+    cum = [0]
+    for f in freqs:
+        cum.append(cum[-1] + f)
+    slot_symbol = [s for s, f in enumerate(freqs) for _ in range(f)]
+    assert len(slot_symbol) == RANS_M
+    x = list(struct.unpack_from(f"<{RANS_STATES}I", data, tb))
+    if min(x) < RANS_L:
+        raise ValueError(f"mode-4 state {min(x)} below 2^16")
+    words = struct.unpack_from(f"<{word_bytes // 2}H", data, tb + RANS_STATE_BYTES)
+    w = 0
+    out = []
+    for j in range(count):
+        i = j % RANS_STATES
+        slot = x[i] % RANS_M
+        s = slot_symbol[slot]
+        x[i] = freqs[s] * (x[i] // RANS_M) + slot - cum[s]
+        if x[i] < RANS_L:
+            if w == len(words):
+                raise ValueError("mode-4 block needs a word past its last one")
+            x[i] = x[i] * RANS_L + words[w]
+            w += 1
+        assert RANS_L <= x[i] < 2**32
+        out.append(s)
+    if x != [RANS_L] * RANS_STATES or w != len(words):
+        raise ValueError(f"mode-4 block does not end with every state at 2^16 and every word "
+                         f"read (states {x}, {len(words) - w} words unread)")
+    blk.freqs = freqs
+    return out
+
+
 def decode_block(blk: Block, data: bytes, count: int) -> list[int]:
+    if blk.mode == RANS_MODE:
+        return decode_rans_block(blk, data, count)
     br = BitReader(data, blk.bit_length)
     out: list[int] = []
     if blk.mode == 0:
@@ -181,6 +256,8 @@ def min_block_bits(mode: int, k: int, k_run: int, count: int) -> int:
     """The fewest bits a block of ``count`` elements can take (FORMAT.md, "Blocks")."""
     if mode in (0, 2):
         return count * (k + 1)  # every codeword of either mode has at least k + 1 bits
+    if mode == RANS_MODE:
+        return 8 * (rans_table_bytes(k + 1) + RANS_STATE_BYTES)  # the table and the states
     # modes 1 and 3: one run of all the zeros, or a run and the symbol 1 (k + 1 bits in
     # EG-k and in mode 2's code alike)
     return min(eg_len(count, k_run), eg_len(count - 1, k_run) + k + 1)
@@ -250,10 +327,20 @@ def parse_frame(data: bytes) -> ParsedFrame:
             raise ValueError("nonzero reserved byte in the block table")
         if mode not in MODES_BY_VERSION[version]:
             raise ValueError(f"block mode {mode} is not valid in a version {version} frame")
-        if k > 30 or k_run > 30:
+        if mode == RANS_MODE:
+            if k > RANS_MAX_K:
+                raise ValueError(f"mode-4 k {k} above 63 (an alphabet above 64)")
+        elif k > 30 or k_run > 30:
             raise ValueError("EG order above 30")
-        if mode in (0, 2) and k_run != 0:
+        if mode in (0, 2, RANS_MODE) and k_run != 0:
             raise ValueError(f"mode-{mode} block with nonzero k_run")
+        if mode == RANS_MODE:
+            if bit_length % 8:
+                raise ValueError(f"mode-4 bit_length {bit_length} not a multiple of 8")
+            _, word_bytes = rans_words(k, bit_length)
+            if word_bytes % 2:  # (a negative count is below the fewest bits, checked below)
+                raise ValueError(f"mode-4 block: {word_bytes} bytes after the table and "
+                                 "states is not a whole number of words")
         blocks.append(Block(mode, k, k_run, reserved, bit_length, offset=pos))
         pos += -(-bit_length // 8)
     if pos != payload_len:
@@ -342,8 +429,70 @@ def gr_bits(u: int, k: int) -> str:
     return "0" * GR_ESCAPE_ZEROS + eg_bits(u, k)
 
 
-def block_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> str:
-    """The codewords the spec says an encoder emits for a block."""
+def bytes_to_bits(data: bytes) -> str:
+    return format(int.from_bytes(data, "big"), f"0{8 * len(data)}b") if data else ""
+
+
+def rans_block(symbols: list[int], freqs: list[int]) -> bytes:
+    """A mode-4 block's bytes, by the spec's encoder steps: the four states start at 2^16;
+    for j = count - 1 down to 0 (state i = j mod 4, s = u_j) emit the word x mod 2^16 and
+    divide x by 2^16 when x >= 2^20 f[s], then x = floor(x / f[s]) 4096 + (x mod f[s]) +
+    cum[s]. The block is the table (f[0] .. f[n-2], 12 bits MSB first, zero padding to a
+    byte), the final states (u32, little-endian), then the words in the reverse order of
+    their emission (u16, little-endian)."""
+    n = len(freqs)
+    assert 1 <= n <= RANS_MAX_K + 1 and sum(freqs) == RANS_M and freqs[-1] >= 1
+    cum = [sum(freqs[:s]) for s in range(n)]
+    x = [RANS_L] * RANS_STATES
+    words = []
+    for j in range(len(symbols) - 1, -1, -1):
+        i, s = j % RANS_STATES, symbols[j]
+        f = freqs[s]
+        assert f > 0, f"symbol {s} has frequency 0"
+        if x[i] >= 2**20 * f:
+            words.append(x[i] % 2**16)
+            x[i] //= 2**16
+        x[i] = x[i] // f * RANS_M + x[i] % f + cum[s]
+        assert RANS_L <= x[i] < 2**32
+    table = bits_to_bytes("".join(format(f, "012b") for f in freqs[:-1]))
+    assert len(table) == rans_table_bytes(n)
+    return (table + struct.pack(f"<{RANS_STATES}I", *x)
+            + struct.pack(f"<{len(words)}H", *reversed(words)))
+
+
+# L[f] = floor(65536 log2(4096 / f) + 1/2) in binary64, f = 1 .. 4096 (entry 0 unused):
+# the encoder's estimate of a symbol's cost at frequency f, in 1/65536 bits
+RANS_COST = np.zeros(RANS_M + 1, dtype=np.int64)
+RANS_COST[1:] = np.floor(65536 * np.log2(RANS_M / np.arange(1, RANS_M + 1, dtype=np.float64))
+                         + 0.5).astype(np.int64)
+
+
+def rans_freqs(symbols: list[int]) -> list[int]:
+    """ggcomm's table for a block (FORMAT.md, "Choices"): n = max(u) + 1, f[s] = max(1,
+    floor(4096 c[s] / count)) for the symbols that occur (else 0), then 4096 - sum(f) added
+    to the largest f[s] (the smallest such s on ties)."""
+    us = np.asarray(symbols, dtype=np.int64)
+    c = np.bincount(us, minlength=int(us.max()) + 1)
+    f = np.where(c > 0, np.maximum(1, RANS_M * c // len(us)), 0)
+    f[int(np.argmax(f))] += RANS_M - int(f.sum())  # argmax: the first of the largest
+    assert f.min(initial=RANS_M) >= 0 and all(f[c > 0] >= 1) and f.sum() == RANS_M
+    return f.tolist()
+
+
+def rans_estimate(symbols: list[int], freqs: list[int]) -> int:
+    """E = sum_s c[s] L[f[s]] + 65536 * 8 (TB + 16), in 1/65536 bits."""
+    c = np.bincount(np.asarray(symbols, dtype=np.int64), minlength=len(freqs))
+    tb = rans_table_bytes(len(freqs))
+    return int((c * RANS_COST[np.asarray(freqs)]).sum()) + 65536 * 8 * (tb + RANS_STATE_BYTES)
+
+
+def block_bits(mode: int, k: int, k_run: int, symbols: list[int],
+               freqs: list[int] | None = None) -> str:
+    """The codewords the spec says an encoder emits for a block (mode 4: for the table
+    ``freqs``, with k = len(freqs) - 1)."""
+    if mode == RANS_MODE:
+        assert freqs is not None and k == len(freqs) - 1 and k_run == 0
+        return bytes_to_bits(rans_block(symbols, freqs))
     if mode == 0:
         return "".join(eg_bits(u, k) for u in symbols)
     if mode == 2:
@@ -473,7 +622,8 @@ def check_frame(x, steps, seg_lens, frame_bytes, *, tag=0, block_size=16384):
     assert [u_to_q(u) for u in pf.symbols] == q.tolist()
     # the payload is exactly the canonical codewords of the decoded symbols
     for blk in pf.blocks:
-        bits = block_bits(blk.mode, blk.k, blk.k_run, blk.symbols)
+        # mode 4: the spec's encoder steps for the block's own table
+        bits = block_bits(blk.mode, blk.k, blk.k_run, blk.symbols, blk.freqs)
         assert len(bits) == blk.bit_length
         nbytes = -(-blk.bit_length // 8)
         assert pf.payload[blk.offset : blk.offset + nbytes] == bits_to_bytes(bits)
@@ -499,13 +649,13 @@ def test_reader_matches_ggcomm_and_spec(dtype: torch.dtype, case: int) -> None:
     assert pf.version == VERSION
     if isinstance(kw.get("k"), int):
         assert all(b.k == kw["k"] for b in pf.blocks)
-        # FORMAT.md: a user-fixed k asks for the EG-k code and turns modes 2 and 3 off
+        # FORMAT.md: a user-fixed k asks for the EG-k code and turns modes 2, 3 and 4 off
         assert all(b.mode in (0, 1) for b in pf.blocks)
     if kw.get("zero_runs") is True:
         assert all(b.mode in ZERO_RUN_MODES for b in pf.blocks)
     if kw.get("zero_runs") is False:
-        # no zero runs; with an auto k the Golomb-Rice mode is still allowed
-        assert all(b.mode in (0, 2) and b.k_run == 0 for b in pf.blocks)
+        # no zero runs; with an auto k the Golomb-Rice mode and rANS are still allowed
+        assert all(b.mode in (0, 2, 4) and b.k_run == 0 for b in pf.blocks)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_LIST, ids=str)
@@ -666,8 +816,8 @@ def _tamper_cases():
     shift = 7 - pf.blocks[pad_blk].bit_length % 8
     cases = {
         "magic": patch(0, "4s", b"GGEH"),
-        # 1 and 2 are the known versions (base is ggcomm's own, version 2)
-        "version_3": patch(4, "B", 3),
+        # 1, 2 and 3 are the known versions (base is ggcomm's own, version 3)
+        "version_4": patch(4, "B", 4),
         "version_0": patch(4, "B", 0),
         "version_255": patch(4, "B", 255),
         "dtype": patch(5, "B", 5),
@@ -681,8 +831,8 @@ def _tamper_cases():
         "step_neg": patch(seg_off + 8, "d", -0.5),
         "step_inf": patch(seg_off + 8, "d", math.inf),
         "step_nan": patch(seg_off + 8, "d", math.nan),
-        # 0..3 are the modes of a version 2 frame
-        "mode_4": patch(bt_off, "B", 4),
+        # 0..4 are the modes of a version 3 frame
+        "mode_5": patch(bt_off, "B", 5),
         "mode_255": patch(bt_off, "B", 255),
         "k_31": patch(bt_off + 1, "B", 31),
         "reserved": patch(bt_off + 3, "B", 1),
@@ -699,7 +849,7 @@ def _tamper_cases():
     cases["overrun"] = patch(bt_off + 8 * pad_blk + 4, "I", pf.blocks[pad_blk].bit_length - 1)
     # nonzero code at the exception position: exception moved onto element 3 (q = -2)
     cases["exc_on_nonzero"] = patch(exc_off, "Q", 3)
-    # valid variants of base: labelled version 1 (it uses modes 0 and 1 only), and block 0
+    # valid variants of base: labelled version 1 or 2 (it uses modes 0 and 1 only), and block 0
     # recoded in mode 2 (k = 0: 15 bits for its 14 of EG-0, still 2 bytes of payload)
     v1 = bytearray(base)
     v1[4] = 1
@@ -708,11 +858,24 @@ def _tamper_cases():
     m2 = bytearray(base)
     struct.pack_into("<BBBBI", m2, bt_off, 2, 0, 0, 0, len(m2_bits))
     m2[pay_off : pay_off + len(bits_to_bytes(m2_bits))] = bits_to_bytes(m2_bits)
-    valid = {"version_1": _with_crc(v1), "block0_mode2": _with_crc(m2)}
+    v2 = bytearray(base)
+    v2[4] = 2
+    valid = {"version_1": _with_crc(v1), "version_2": _with_crc(v2), "block0_mode2": _with_crc(m2)}
     # ... and broken from the mode-2 variant: mode 2 in a version 1 frame, nonzero k_run
     m2_v1 = bytearray(m2)
     m2_v1[4] = 1
     cases["mode2_in_version1"] = _with_crc(m2_v1)
+    # block 0 recoded in mode 4 (its own normalised table) and labelled version 2 or 1
+    m4_bytes = rans_block(pf.blocks[0].symbols, rans_freqs(pf.blocks[0].symbols))
+    n0 = -(-pf.blocks[0].bit_length // 8)  # block 0's bytes, at the payload's start
+    m4 = bytearray(base[:pay_off]) + m4_bytes + base[pay_off + n0 :]
+    struct.pack_into("<BBBBI", m4, bt_off, 4, max(pf.blocks[0].symbols), 0, 0, 8 * len(m4_bytes))
+    struct.pack_into("<Q", m4, 40, len(pf.payload) - n0 + len(m4_bytes))  # payload_len
+    valid["block0_mode4"] = _with_crc(m4)
+    for version in (1, 2):
+        m4_old = bytearray(m4)
+        m4_old[4] = version
+        cases[f"mode4_in_version{version}"] = _with_crc(m4_old)
     m2_k_run = bytearray(m2)
     m2_k_run[bt_off + 2] = 1
     cases["mode2_k_run"] = _with_crc(m2_k_run)
@@ -729,10 +892,10 @@ def test_tampered_frames_are_rejected_by_both() -> None:
     _rejected_by_both(cases)
 
 
-@pytest.mark.parametrize("version", [0, 3, 255])
+@pytest.mark.parametrize("version", [0, 4, 255])
 def test_unknown_version_is_named(version: int) -> None:
-    """FORMAT.md: 1 and 2 are the known versions; any other is rejected with an error that
-    names it."""
+    """FORMAT.md: 1, 2 and 3 are the known versions; any other is rejected with an error
+    that names it."""
     data = bytearray(ggcomm.encode(torch.ones(5), 1.0).tobytes())
     data[4] = version
     data = _with_crc(data)
@@ -778,10 +941,10 @@ def _rejected_by_both(bad: dict[str, bytes]) -> None:
     assert not accepted, f"ggcomm.decode accepted frames the spec rejects: {accepted}"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_reader_rejects_out_of_range_codewords(version: int) -> None:
     """Hand-built frames: too-long EG prefix, symbol above 2^31 - 2, run past the block
-    (modes 0 and 1, so the same in a version 1 and a version 2 frame)."""
+    (modes 0 and 1, so the same in frames of every version)."""
 
     def frame(mode: int, k: int, k_run: int, bits: str, numel: int) -> bytes:
         return hand_frame(mode, k, k_run, bits, numel, version=version)
@@ -851,12 +1014,12 @@ def test_mode2_codewords_spelled_out() -> None:
 
 @pytest.mark.parametrize("k", MODE2_KS)
 def test_reader_decodes_hand_built_mode2_frames(k: int) -> None:
-    """Hand-built version 2 frames with one mode-2 block: Golomb-Rice codewords (q < 16)
+    """Hand-built version 3 frames with one mode-2 block: Golomb-Rice codewords (q < 16)
     and escapes, including u = 16 * 2^k exactly and the largest symbol."""
     us, bits = _mode2_block(k)
     data = hand_frame(2, k, 0, bits, len(us))
     pf = parse_frame(data)
-    assert pf.version == 2
+    assert pf.version == VERSION
     assert [(b.mode, b.k, b.k_run, b.bit_length) for b in pf.blocks] == [(2, k, 0, len(bits))]
     assert pf.symbols == us
     want = torch.tensor([float(u_to_q(u)) for u in us], dtype=torch.float64)
@@ -876,7 +1039,7 @@ def test_ggcomm_decodes_hand_built_mode2_frames(k: int) -> None:
 
 
 def _bad_mode2_frames() -> dict[str, bytes]:
-    """Version 2 frames with one mode-2 block each, invalid in one way each."""
+    """Version 3 frames with one mode-2 block each, invalid in one way each."""
     f = hand_frame
     return {
         # an escape must hold u >= 16 * 2^k: these values have Golomb-Rice codewords
@@ -932,7 +1095,8 @@ def test_ggcomm_rejects_bad_mode2_blocks() -> None:
 def _mode2_frame_pair() -> tuple[list[int], bytes, bytes]:
     """(symbols, version 1 frame, version 2 frame): the same mode-2 block, k = 3."""
     us, bits = _mode2_block(3)
-    return us, hand_frame(2, 3, 0, bits, len(us), version=1), hand_frame(2, 3, 0, bits, len(us))
+    return (us, hand_frame(2, 3, 0, bits, len(us), version=1),
+            hand_frame(2, 3, 0, bits, len(us), version=2))
 
 
 def test_reader_mode2_needs_version_2() -> None:
@@ -943,8 +1107,8 @@ def test_reader_mode2_needs_version_2() -> None:
     with pytest.raises(ValueError, match="version 1"):
         parse_frame(v1)
     assert parse_frame(v2).symbols == us
-    # modes 0 and 1 are read in either version
-    for version in (1, 2):
+    # modes 0 and 1 are read in every version
+    for version in (1, 2, 3):
         for mode, bits in ((0, eg_bits(0, 0) + eg_bits(3, 0)), (1, eg_bits(1, 0) + eg_bits(2, 0))):
             assert parse_frame(hand_frame(mode, 0, 0, bits, 2, version=version)).symbols == [0, 3]
 
@@ -971,7 +1135,7 @@ def test_ggcomm_uses_mode2_for_gaussian_data(dtype: torch.dtype, outliers: bool)
         x[::97] = torch.tensor(3000.0, dtype=dtype)  # q = 6000, u = 11999: escapes for k < 10
     data = ggcomm.codec.encode(x, step, block_size=512).tobytes()
     pf = check_frame(x, [step], [x.numel()], data, block_size=512)
-    assert pf.version == 2
+    assert pf.version == VERSION
     modes = [b.mode for b in pf.blocks]
     assert 2 in modes, f"no mode-2 block: modes {modes}"
     for blk in pf.blocks:
@@ -1023,15 +1187,58 @@ def _zero_run_bits(mode: int, k: int, k_run: int, symbols: list[int]) -> int:
     return _mode0_bits(runs, k_run) + value_bits(vals, k)
 
 
-def expected_choice(symbols: list[int], k_fixed: int | None = None) -> tuple[int, int, int, int]:
+def expected_choice(
+    symbols: list[int], k_fixed: int | None = None, zero_runs: bool | str = "auto"
+) -> tuple[int, int, int, int]:
     """(mode, k, k_run, bit_length) that FORMAT.md's "Choices the format leaves to the
-    encoder" gives a block with zero_runs "auto": the best k of mode 0 and of mode 2, mode 2
-    when strictly smaller than mode 0, then zero runs when strictly smaller than the better
-    of the two (and at least a third of the symbols are zero), with k_run the best order of
-    the runs and the values in mode 3 (Golomb-Rice) when their bits at the best k are
-    strictly fewer than their EG bits at the best k (else mode 1); ties to mode 0, then
-    mode 2, mode 1 before mode 3, then the smaller k (list.index finds the first minimum).
-    A fixed k turns modes 2 and 3 off and is the k of modes 0 and 1."""
+    encoder" gives a block with zero_runs "auto" (or False: no zero runs): the prefix-code
+    choice (see prefix_code_choice), then mode 4 when k is left to the encoder, zero runs
+    are not forced, every symbol is below 64, 32 E < 31 * 65536 B and 32 R < 31 B (B the
+    bits of the prefix-code choice, E the estimate and R the exact bit_length with the
+    normalised table). (FORMAT.md says "with k and zero_runs both left to the encoder";
+    ggcomm also considers mode 4 with zero_runs=False, as it does mode 2.)"""
+    choice = prefix_code_choice(symbols, k_fixed, zero_runs)
+    b = choice[3]
+    if k_fixed is None and max(symbols) <= RANS_MAX_K:
+        freqs = rans_freqs(symbols)
+        if 32 * rans_estimate(symbols, freqs) < 31 * 65536 * b:
+            r = 8 * len(rans_block(symbols, freqs))
+            if 32 * r < 31 * b:
+                choice = (RANS_MODE, len(freqs) - 1, 0, r)
+    return choice
+
+
+def choice_mismatches(pf: ParsedFrame, k_fixed: int | None = None) -> list:
+    """(block index, (mode, k, k_run, bits) read, documented choice) of every block whose
+    mode, orders and length are not what expected_choice gives for its symbols."""
+    wrong = []
+    for i, blk in enumerate(pf.blocks):
+        got = (blk.mode, blk.k, blk.k_run, blk.bit_length)
+        want = expected_choice(blk.symbols, k_fixed)
+        if got != want:
+            wrong.append((i, got, want))
+    return wrong
+
+
+def mode4_tests(symbols: list[int], b: int) -> tuple[bool, int, bool]:
+    """(32 E < 31 * 65536 B, R, 32 R < 31 B) for a block of symbols below 64 with the
+    normalised table: E the estimate, R the exact mode-4 bit_length, B = ``b``."""
+    freqs = rans_freqs(symbols)
+    r = 8 * len(rans_block(symbols, freqs))
+    return 32 * rans_estimate(symbols, freqs) < 31 * 65536 * b, r, 32 * r < 31 * b
+
+
+def prefix_code_choice(
+    symbols: list[int], k_fixed: int | None = None, zero_runs: bool | str = "auto"
+) -> tuple[int, int, int, int]:
+    """The choice among modes 0 to 3: the best k of mode 0 and of mode 2, mode 2 when
+    strictly smaller than mode 0, then zero runs (unless zero_runs is False) when strictly
+    smaller than the better of the two (and at least a third of the symbols are zero), with
+    k_run the best order of the runs and the values in mode 3 (Golomb-Rice) when their bits
+    at the best k are strictly fewer than their EG bits at the best k (else mode 1); ties to
+    mode 0, then mode 2, mode 1 before mode 3, then the smaller k (list.index finds the
+    first minimum). A fixed k turns modes 2 and 3 off and is the k of modes 0 and 1."""
+    assert zero_runs in ("auto", False)
     us = np.array(symbols, dtype=np.int64)
     ks = range(31) if k_fixed is None else [k_fixed]
     costs0 = {k: _mode0_bits(us, k) for k in ks}
@@ -1053,7 +1260,7 @@ def expected_choice(symbols: list[int], k_fixed: int | None = None) -> tuple[int
         k3 = gr_costs.index(min(gr_costs))
         if gr_costs[k3] < v_costs[k_val]:
             zr = (3, k3, k_run, r_costs[k_run] + gr_costs[k3])
-    if 3 * int((us == 0).sum()) >= len(us) and zr[3] < choice[3]:
+    if zero_runs == "auto" and 3 * int((us == 0).sum()) >= len(us) and zr[3] < choice[3]:
         choice = zr
     return choice
 
@@ -1088,13 +1295,7 @@ def test_encoder_choices_documented(case, k) -> None:
     kind, step = case
     x = make_data(kind, (2048,), torch.float32, seed=5)
     pf = parse_frame(ggcomm.encode(x, step, block_size=256, k=k).tobytes())
-    k_fixed = None if k == "auto" else k
-    wrong = []
-    for i, blk in enumerate(pf.blocks):
-        got = (blk.mode, blk.k, blk.k_run, blk.bit_length)
-        want = expected_choice(blk.symbols, k_fixed)
-        if got != want:
-            wrong.append((i, got, want))
+    wrong = choice_mismatches(pf, None if k == "auto" else k)
     assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
 
 
@@ -1168,13 +1369,13 @@ def test_mode3_blocks_spelled_out() -> None:
 
 @pytest.mark.parametrize("row", MODE3_BLOCKS, ids=MODE3_IDS)
 def test_reader_and_ggcomm_decode_hand_built_mode3_frames(row) -> None:
-    """Hand-built version 2 frames with one mode-3 block: runs (leading, between, trailing,
+    """Hand-built version 3 frames with one mode-3 block: runs (leading, between, trailing,
     all zeros, with k_run 0, 1, 2), Golomb-Rice values and escapes (v = 16 * 2^k exactly and
     the largest symbol)."""
     k, k_run, us, bits = row
     data = hand_frame(3, k, k_run, bits, len(us))
     pf = parse_frame(data)
-    assert pf.version == 2
+    assert pf.version == VERSION
     assert [(b.mode, b.k, b.k_run, b.bit_length) for b in pf.blocks] == [(3, k, k_run, len(bits))]
     assert pf.symbols == us
     want = _values(us)
@@ -1189,7 +1390,7 @@ def test_reader_and_ggcomm_decode_hand_built_mode3_frames(row) -> None:
 
 
 def _bad_mode3_frames() -> dict[str, bytes]:
-    """Version 2 frames with one mode-3 block each, invalid in one way each. "1" is the run
+    """Version 3 frames with one mode-3 block each, invalid in one way each. "1" is the run
     codeword 0 of k_run = 0 (a value follows at once)."""
     f = hand_frame
     esc = "0" * 16  # the start of a mode-2 escape
@@ -1268,7 +1469,7 @@ def test_mode3_needs_version_2() -> None:
     rejected = {}
     for k, k_run, us, bits in MODE3_BLOCKS:
         v1 = hand_frame(3, k, k_run, bits, len(us), version=1)
-        v2 = hand_frame(3, k, k_run, bits, len(us))
+        v2 = hand_frame(3, k, k_run, bits, len(us), version=2)
         assert v1[4] == 1 and v2[4] == 2 and v1[5:-4] == v2[5:-4]
         with pytest.raises(ValueError, match="version 1"):
             parse_frame(v1)
@@ -1301,15 +1502,10 @@ def test_ggcomm_uses_mode3_for_sparse_gaussian_data(dtype: torch.dtype, step: fl
     assert 0.85 < float((x == 0).double().mean()) < 0.95
     data = ggcomm.codec.encode(x, step, block_size=bs).tobytes()
     pf = check_frame(x, [step], [n], data, block_size=bs)
-    assert pf.version == 2
+    assert pf.version == VERSION
     modes = [b.mode for b in pf.blocks]
     assert modes.count(3) >= 4, f"expected mode-3 blocks, got modes {modes}"
-    wrong = []
-    for i, blk in enumerate(pf.blocks):
-        got = (blk.mode, blk.k, blk.k_run, blk.bit_length)
-        want = expected_choice(blk.symbols)
-        if got != want:
-            wrong.append((i, got, want))
+    wrong = choice_mismatches(pf)
     assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
     info = ggcomm.codec.inspect(data)
     names = {0: "eg", 1: "zero_runs", 2: "rice", 3: "zero_runs_rice"}
@@ -1379,3 +1575,326 @@ def test_zero_run_value_code_choice(case: str) -> None:
             _, vals = _zero_run_parts(blk.symbols)
             eg_best = min(_mode0_bits(vals, k) for k in range(31))
             assert eg_best == min(_mode2_bits(vals, k) for k in range(31))
+
+
+# --------------------------------------------------------------------------------------
+# Mode 4: rANS
+# --------------------------------------------------------------------------------------
+
+MODE_NAMES = {0: "eg", 1: "zero_runs", 2: "rice", 3: "zero_runs_rice", 4: "rans"}
+
+
+def _drawn(freqs: list[int], count: int, seed: int) -> list[int]:
+    """``count`` symbols drawn with the table's probabilities f[s] / 4096."""
+    p = np.asarray(freqs, dtype=np.float64) / RANS_M
+    return np.random.default_rng(seed).choice(len(freqs), size=count, p=p).tolist()
+
+
+def _table64() -> list[int]:
+    """64 frequencies with zeros in the middle (symbols 10..49 but 20, 30 and 40 never
+    occur) and some of 1; f[63] = 1."""
+    f = [0] * 64
+    for s in range(10):
+        f[s] = 300 - 25 * s
+    f[20], f[30], f[40] = 1, 7, 1
+    for s in range(50, 63):
+        f[s] = 30 + s
+    f[63] = 1
+    f[0] += RANS_M - sum(f)
+    return f
+
+
+# (name, frequency table f[0] .. f[n-1], symbols) for hand-built mode-4 blocks
+MODE4_BLOCKS = [
+    # n = 1: no table, nothing but the four states at 2^16
+    ("n1_count1", [4096], [0]),
+    ("n1_count5", [4096], [0] * 5),
+    ("n1_count3000", [4096], [0] * 3000),
+    ("n2_count1", [2048, 2048], [1]),
+    ("n2_count2", [2048, 2048], [0, 1]),
+    # f = 1: 12 bits a symbol, words from the second symbol on one state
+    ("n2_rare_count9", [1, 4095], [0, 1, 1, 1, 0, 1, 1, 1, 1]),
+    ("n2_rare_count3000", [1, 4095], [0] * 3000),
+    # zeros in the middle of the table, f[n-1] = 1
+    ("n3_zero_mid_count3", [1000, 0, 3096], [2, 0, 2]),
+    ("n3_count4", [4094, 0, 2], [2, 2, 0, 2]),
+    ("n5_zero_mid_count2000", [1500, 0, 0, 2000, 596], _drawn([1500, 0, 0, 2000, 596], 2000, 1)),
+    # 12 (n - 1) not a multiple of 8: 4 bits of table padding
+    ("n10_count5", [409] * 9 + [415], [9, 0, 3, 9, 5]),
+    ("n64_uniform_count4000", [64] * 64, _drawn([64] * 64, 4000, 2)),
+    ("n64_zeros_count5", _table64(), [63, 20, 0, 40, 62]),
+    ("n64_zeros_count3000", _table64(), _drawn(_table64(), 3000, 3)),
+    # symbols that do not follow the table: the rare ones, many words
+    ("n64_rare_count2500", _table64(), [20, 40, 63, 30] * 625),
+]
+MODE4_IDS = [name for name, _, _ in MODE4_BLOCKS]
+
+
+def _mode4_frame(freqs: list[int], symbols: list[int], **kw) -> bytes:
+    """A hand-built frame (see hand_frame) of one mode-4 block, k = n - 1."""
+    data = rans_block(symbols, freqs)
+    return hand_frame(RANS_MODE, len(freqs) - 1, 0, bytes_to_bits(data), len(symbols), **kw)
+
+
+def test_mode4_blocks_spelled_out() -> None:
+    """Two mode-4 blocks worked by hand from FORMAT.md, as the test-side encoder writes
+    them and the reader reads them back.
+
+    f = [2048, 2048], u = [1]: the table is f[0] = 0x800 and 4 zero bits (80 00); the
+    encoder takes x[0] = 2^16 to floor(2^16 / 2048) 4096 + 0 + 2048 = 133120 = 0x20800 (no
+    word: 2^16 < 2^20 2048); the other states stay 2^16.
+
+    f = [1, 4095], u = [0, 1, 1, 1, 0, 1, 1, 1, 1]: the table is 0x001 and 4 zero bits
+    (00 10). Backwards: j = 8 (state 0, s = 1): 2^16 -> 16 * 4096 + 16 + 1 = 65553; j = 7, 6,
+    5 likewise on states 3, 2, 1; j = 4 (state 0, s = 0, f = 1): 65553 -> 65553 * 4096 =
+    0x10011000; j = 3, 2, 1 (s = 1): 65553 -> 16 * 4096 + 33 + 1 = 65570 = 0x10022; j = 0
+    (state 0, s = 0): 0x10011000 >= 2^20, so the word 0x1000 is emitted and x = 0x1001, then
+    x = 0x1001 * 4096 = 0x1001000."""
+    one = rans_block([1], [2048, 2048])
+    assert one == bytes.fromhex("8000" + "00080200" + "00000100" * 3)
+    nine_symbols = [0, 1, 1, 1, 0, 1, 1, 1, 1]
+    nine = rans_block(nine_symbols, [1, 4095])
+    assert nine == bytes.fromhex("0010" + "00100001" + "22000100" * 3 + "0010")
+    for freqs, us, data in (([2048, 2048], [1], one), ([1, 4095], nine_symbols, nine)):
+        blk = Block(RANS_MODE, len(freqs) - 1, 0, 0, 8 * len(data))
+        assert decode_block(blk, data, len(us)) == us
+        assert blk.freqs == freqs
+        assert block_bits(RANS_MODE, len(freqs) - 1, 0, us, freqs) == bytes_to_bits(data)
+    # n = 1: no table and no word, whatever the count; the fewest bits are the states'
+    assert rans_block([0] * 3000, [4096]) == struct.pack("<4I", *[RANS_L] * 4)
+    assert min_block_bits(RANS_MODE, 0, 0, 3000) == 8 * 16
+    assert min_block_bits(RANS_MODE, 63, 0, 1) == 8 * (95 + 16)  # TB = ceil(12 * 63 / 8)
+
+
+@pytest.mark.parametrize("row", MODE4_BLOCKS, ids=MODE4_IDS)
+def test_reader_decodes_hand_built_mode4_frames(row) -> None:
+    """Hand-built version 3 frames with one mode-4 block, written by the spec's encoder
+    steps (rans_block): alphabets of 1 to 64 symbols, frequencies of 0 in the middle and of
+    1, blocks of 1 to 5 elements and of thousands."""
+    name, freqs, us = row
+    data = _mode4_frame(freqs, us)
+    pf = parse_frame(data)
+    assert pf.version == VERSION == 3
+    (blk,) = pf.blocks
+    assert (blk.mode, blk.k, blk.k_run) == (RANS_MODE, len(freqs) - 1, 0)
+    assert blk.bit_length % 8 == 0 and blk.bit_length >= min_block_bits(4, blk.k, 0, len(us))
+    assert blk.freqs == freqs
+    assert pf.symbols == us
+    assert bits_equal(read_frame(data), _values(us))
+    if name == "n64_rare_count2500":
+        # 2500 symbols of 9 to 12 bits each (f = 1, 1, 1, 7): over a thousand words
+        assert (blk.bit_length - 8 * (95 + 16)) // 16 > 1000
+
+
+@pytest.mark.parametrize("row", MODE4_BLOCKS, ids=MODE4_IDS)
+def test_ggcomm_decodes_hand_built_mode4_frames(row) -> None:
+    """The same frames through ggcomm's mode-4 decoder."""
+    _, freqs, us = row
+    data = _mode4_frame(freqs, us)
+    want = _values(us)
+    assert bits_equal(ggcomm.codec.decode(data), want)
+    q, pos, _ = ggcomm.codec.decode_symbols(data)
+    assert q.tolist() == want.tolist() and pos.numel() == 0
+    info = ggcomm.codec.inspect(data)
+    assert [(b.mode, b.k, b.k_run, b.bit_length) for b in info.blocks] == [
+        ("rans", len(freqs) - 1, 0, 8 * len(rans_block(us, freqs)))
+    ]
+
+
+def _bad_mode4_frames() -> dict[str, bytes]:
+    """Version 3 frames with one mode-4 block each, invalid in one way each (hand_frame
+    computes the CRC, so the failure is the block's)."""
+    nine_symbols = [0, 1, 1, 1, 0, 1, 1, 1, 1]
+    nine = rans_block(nine_symbols, [1, 4095])  # a table, four states, one word (0x1000)
+    assert len(nine) == 2 + 16 + 2
+    states = struct.pack("<4I", *[RANS_L] * 4)  # n = 1: a valid block of any count
+
+    def f(k: int, data: bytes, count: int, *, k_run: int = 0, bit_length: int | None = None):
+        return hand_frame(RANS_MODE, k, k_run, bytes_to_bits(data), count, bit_length=bit_length)
+
+    def with_state(i: int, value: int) -> bytes:
+        b = bytearray(states)
+        struct.pack_into("<I", b, 4 * i, value)
+        return bytes(b)
+
+    return {
+        # the block table: k at most 63, k_run 0, whole bytes, whole words
+        "k_64": f(64, bytes(96) + states, 1),
+        "k_run_1": f(1, nine, 9, k_run=1),
+        "bit_length_not_bytes": f(1, nine, 9, bit_length=8 * len(nine) - 4),
+        "odd_word_bytes": f(1, nine + b"\0", 9),
+        # below 8 (TB + 16) bits: 14 bytes for n = 1, 16 bytes (TB = 2) for n = 2
+        "below_min_bits": f(0, states[:14], 1),
+        # the table: stored frequencies adding up to more than 4095 (f[2] would be 0),
+        # nonzero padding
+        "freq_sum_4096": f(2, bytes.fromhex("800800") + states, 1),
+        "table_padding": f(1, nine[:1] + bytes([nine[1] | 1]) + nine[2:], 9),
+        # a state below 2^16 (state 2 of 4, read by the third symbol)
+        "state_below_2^16": f(0, with_state(2, RANS_L - 1), 5),
+        # the stream: a word needed after the last one, a word left unread, a state that
+        # does not end at 2^16 (state 1 unchanged by n = 1's steps)
+        "word_past_end": f(1, nine[:-2], 9),
+        "word_unread": f(1, nine + b"\0\0", 9),
+        "final_state": f(0, with_state(1, RANS_L + 1), 5),
+    }
+
+
+def test_reader_rejects_bad_mode4_blocks() -> None:
+    bad = _bad_mode4_frames()
+    # each rule by its message (not some other check failing first)
+    by_message = {
+        "above 63": ["k_64"],
+        "k_run": ["k_run_1"],
+        "multiple of 8": ["bit_length_not_bytes"],
+        "whole number of words": ["odd_word_bytes"],
+        "fewest bits": ["below_min_bits"],
+        "above 4095": ["freq_sum_4096"],
+        "table padding": ["table_padding"],
+        "below 2^16": ["state_below_2^16"],
+        "past its last": ["word_past_end"],
+        "every state at 2^16 and every word read": ["word_unread", "final_state"],
+    }
+    assert sorted(n for names in by_message.values() for n in names) == sorted(bad)
+    for message, names in by_message.items():
+        for name in names:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                read_frame(bad[name])
+    # the same blocks, fixed, are valid
+    nine = rans_block([0, 1, 1, 1, 0, 1, 1, 1, 1], [1, 4095])
+    assert parse_frame(hand_frame(4, 1, 0, bytes_to_bits(nine), 9)).symbols[:2] == [0, 1]
+    states = bytes_to_bits(struct.pack("<4I", *[RANS_L] * 4))
+    assert states == ("0" * 23 + "1" + "0" * 8) * 4  # 00 00 01 00: 2^16, little-endian
+    assert parse_frame(hand_frame(4, 0, 0, states, 5)).symbols == [0] * 5
+
+
+def test_ggcomm_rejects_bad_mode4_blocks() -> None:
+    _rejected_by_both(_bad_mode4_frames())
+
+
+def test_mode4_needs_version_3() -> None:
+    """FORMAT.md: a mode-4 block in a version 1 or 2 frame is invalid (reader and ggcomm);
+    the same bytes labelled version 3 are a valid frame."""
+    rejected = {}
+    for name, freqs, us in MODE4_BLOCKS[:11]:
+        v3 = _mode4_frame(freqs, us)
+        assert parse_frame(v3).symbols == us
+        for version in (1, 2):
+            old = _mode4_frame(freqs, us, version=version)
+            assert old[4] == version and v3[4] == 3 and old[5:-4] == v3[5:-4]
+            with pytest.raises(ValueError, match=f"version {version}"):
+                parse_frame(old)
+            with pytest.raises(ggcomm.FrameError, match="version"):
+                ggcomm.codec.decode(old)
+            rejected[f"v{version}_{name}"] = old
+    _rejected_by_both(rejected)
+
+
+def light_tailed(n: int, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    """Generalized Gaussian samples of shape 3 (scipy.stats.gennorm, density ~ exp(-|x|^3))
+    or N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    if kind == "gennorm3":
+        import scipy.stats
+
+        x = scipy.stats.gennorm.rvs(3, size=n, random_state=rng)
+    else:
+        x = rng.standard_normal(n)
+    return torch.from_numpy(x).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("kind", "step"), [("gennorm3", 0.35), ("gennorm3", 0.5),
+                                            ("gauss", 0.5)])  # fmt: skip
+def test_ggcomm_uses_mode4_for_light_tailed_data(dtype: torch.dtype, kind: str,
+                                                 step: float) -> None:  # fmt: skip
+    """Light-tailed values at about 2.4-3.1 bits per element, default settings, blocks of
+    16384 (and a last one of 3000), a few NaNs and an infinity: every prefix code spends a
+    fraction of a bit per element above the entropy, so ggcomm codes blocks in mode 4.
+    The reader, ggcomm and the
+    spec's quantization agree bit for bit, each mode-4 block is the spec's encoder output
+    for its table, the table is the normalised one, and every block is the one
+    expected_choice gives."""
+    n, bs = 4 * 16384 + 3000, 16384
+    x = light_tailed(n, dtype, kind, seed=41)
+    x[100::7919] = math.nan  # exceptions: u = 0 at their positions, in mode-4 blocks too
+    x[5000] = -math.inf
+    data = ggcomm.codec.encode(x, step, block_size=bs).tobytes()
+    pf = check_frame(x, [step], [n], data, block_size=bs)
+    assert pf.version == VERSION
+    assert len(pf.exc_positions) == 10
+    modes = [b.mode for b in pf.blocks]
+    assert RANS_MODE in modes, f"no mode-4 block: modes {modes}"
+    wrong = choice_mismatches(pf)
+    for i, blk in enumerate(pf.blocks):
+        if blk.mode == RANS_MODE:
+            assert blk.freqs == rans_freqs(blk.symbols), f"block {i}: not the normalised table"
+    assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
+    info = ggcomm.codec.inspect(data)
+    assert [b.mode for b in info.blocks] == [MODE_NAMES[m] for m in modes]
+    assert [(b.k, b.k_run, b.bit_length) for b in info.blocks] == [
+        (b.k, b.k_run, b.bit_length) for b in pf.blocks
+    ]
+    q, _, _ = ggcomm.codec.decode_symbols(data)
+    assert q.tolist() == [u_to_q(u) for u in pf.symbols]
+
+
+def test_mode4_choice_uses_the_estimate() -> None:
+    """Blocks of 1024 near the 1/32 margin: FORMAT.md's rule is 32 E < 31 * 65536 B (the
+    estimate, with the integer table L) and then 32 R < 31 B. Some of these blocks would
+    pass on their exact size R but not on the estimate, so they keep their prefix code;
+    others use mode 4. Every block is the one expected_choice gives."""
+    n, bs, step = 40 * 1024, 1024, 0.5
+    x = light_tailed(n, torch.float32, "gennorm3", seed=7)
+    data = ggcomm.codec.encode(x, step, block_size=bs).tobytes()
+    pf = check_frame(x, [step], [n], data, block_size=bs)
+    kinds = {"mode4": 0, "R_only": 0}
+    wrong = choice_mismatches(pf)
+    for blk in pf.blocks:
+        if max(blk.symbols) <= RANS_MAX_K:
+            est_ok, _, r_ok = mode4_tests(blk.symbols, prefix_code_choice(blk.symbols)[3])
+            kinds["mode4"] += est_ok and r_ok
+            kinds["R_only"] += r_ok and not est_ok
+    assert not wrong, f"blocks (index, (mode, k, k_run, bits), documented): {wrong}"
+    assert kinds["mode4"] and kinds["R_only"], kinds
+
+
+def test_mode4_table_normalisation() -> None:
+    """rans_freqs follows FORMAT.md: max(1, floor(4096 c / count)) for the symbols that
+    occur, 0 for the others, the remainder on the largest (the first of equal ones)."""
+    # 3 elements: floor(4096 / 3) = 1365 each, 1 left over, to symbol 0 (the first largest)
+    assert rans_freqs([0, 2, 4]) == [1366, 0, 1365, 0, 1365]
+    # one symbol in 10000: floor(4096 / 10000) = 0, raised to 1; the deficit is taken from
+    # the largest
+    us = [1] * 9999 + [3]
+    assert rans_freqs(us) == [0, 4095, 0, 1]
+    # all zeros: n = 1
+    assert rans_freqs([0] * 7) == [4096]
+    # 63 rare symbols and a common one: the common one pays for the raises to 1
+    us = [5] * 100000 + list(range(64))
+    f = rans_freqs(us)
+    assert len(f) == 64 and f[5] == 4096 - 63 and all(f[s] == 1 for s in range(64) if s != 5)
+    # L: 0 bits at f = 4096, 12 bits at f = 1, 1 bit at f = 2048, rounded to 1/65536
+    assert RANS_COST[4096] == 0 and RANS_COST[1] == 12 * 65536 and RANS_COST[2048] == 65536
+    assert RANS_COST[3] == math.floor(65536 * math.log2(4096 / 3) + 0.5)
+
+
+def test_mode4_with_zero_runs_false_and_fixed_k() -> None:
+    """The light-tailed data with zero_runs=False still uses mode 4 (it is not a zero-run
+    mode; ggcomm's reading, see expected_choice), with zero_runs=True every block is a
+    zero-run block, and a user-fixed k turns mode 4 off (FORMAT.md)."""
+    n, bs, step = 3 * 16384, 16384, 0.5
+    x = light_tailed(n, torch.float32, "gennorm3", seed=41)
+    no_runs = check_frame(x, [step], [n], ggcomm.codec.encode(
+        x, step, block_size=bs, zero_runs=False).tobytes(), block_size=bs)  # fmt: skip
+    for blk in no_runs.blocks:
+        assert (blk.mode, blk.k, blk.k_run, blk.bit_length) == expected_choice(
+            blk.symbols, zero_runs=False)  # fmt: skip
+    assert RANS_MODE in [b.mode for b in no_runs.blocks]
+    runs = check_frame(x, [step], [n], ggcomm.codec.encode(
+        x, step, block_size=bs, zero_runs=True).tobytes(), block_size=bs)  # fmt: skip
+    assert all(b.mode in ZERO_RUN_MODES for b in runs.blocks)
+    fixed = check_frame(x, [step], [n], ggcomm.codec.encode(
+        x, step, block_size=bs, k=2).tobytes(), block_size=bs)  # fmt: skip
+    for blk in fixed.blocks:
+        assert (blk.mode, blk.k, blk.k_run, blk.bit_length) == expected_choice(blk.symbols, 2)
+        assert blk.mode in (0, 1)

@@ -62,7 +62,7 @@ def with_crc(body: bytes) -> bytes:
 
 def craft(*, numel: int, shape=None, segments=None, block_size: int = 16384, blocks=(),
           exc_pos=(), exc_raw: bytes = b"", payload: bytes = b"", dtype: int = 1,
-          magic: bytes = b"GGEG", version: int = 2, flags: int = 0, tag: int = 0,
+          magic: bytes = b"GGEG", version: int = 3, flags: int = 0, tag: int = 0,
           ndim=None, n_segments=None, n_blocks=None, n_exceptions=None,
           payload_len=None) -> bytes:
     """A frame from its fields (FORMAT.md, Layout), CRC included. The fixed header's
@@ -145,6 +145,39 @@ def one_block(bits: str, count: int, *, mode: int = 0, k: int = 0, k_run: int = 
     return craft(numel=count, segments=[(count, step)], block_size=max(count, 1),
                  blocks=[(mode, k, k_run, 0, len(bits))], payload=bits_to_bytes(bits),
                  dtype=dtype, **kw)
+
+
+RANS_US = [0, 1, 2, 1, 0, 3, 4, 1, 2, 2, 0, 1] * 40  # symbols of a valid mode-4 block
+
+
+def rans_block(us: list, table: list | None = None) -> bytes:
+    """A mode-4 block of us (the reference encoder), with its table's stored frequencies
+    replaced by ``table`` if given."""
+    data = reference.rans_encode(us, reference.rans_table(us)[1])
+    if table is not None:
+        bits = "".join(f"{f:012b}" for f in table)
+        tb = (12 * len(table) + 7) // 8
+        data = bits_to_bytes(bits) + data[tb:]
+    return data
+
+
+def rans_frame(us: list, *, k: int | None = None, k_run: int = 0, bits: int = 0,
+               extra: bytes = b"", cut: int = 0, table: list | None = None,
+               table_pad: int = 0, state0: int | None = None, exc=(), **kw) -> bytes:
+    """A one-block frame holding a mode-4 block of us (int64 values, step 1), with one rule
+    broken by the arguments: k (the alphabet size minus one), k_run, bits added to the bit
+    length, bytes appended or cut, the stored frequencies, the table's last nibble, the
+    first state, exception positions."""
+    data = bytearray(rans_block(us, table))
+    n = max(us) + 1
+    tb = (12 * (n - 1) + 7) // 8
+    data[tb - 1] |= table_pad if tb else 0
+    if state0 is not None:
+        data[tb:tb + 4] = struct.pack("<I", state0)
+    data = bytes(data[:len(data) - cut]) + extra
+    return craft(numel=len(us), segments=[(len(us), 1.0)], block_size=len(us),
+                 blocks=[(4, n - 1 if k is None else k, k_run, 0, 8 * len(data) + bits)],
+                 payload=data, dtype=4, exc_pos=list(exc), exc_raw=b"\0" * 8 * len(exc), **kw)
 
 
 def base_eg() -> bytes:
@@ -262,7 +295,7 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "crc": (edit(eg0, crc=False, tag=5), "checksum"),
         # magic, version, dtype, flags, reserved
         "magic": (edit(eg0, magic=b"GGEH"), "magic"),
-        "version": (edit(eg0, version=3), "version"),
+        "version": (edit(eg0, version=4), "version"),
         "dtype": (edit(eg0, dtype=5), "dtype code 5"),
         "flags": (edit(eg0, flags=1), "flags"),
         "reserved": (edit(eg0, **{"block[0].reserved": 1}), "reserved"),
@@ -307,7 +340,8 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         "step_nan": (edit(eg0, **{"segment[0].step": math.nan}), "step"),
         "step_reciprocal_inf": (edit(eg0, **{"segment[0].step": 5e-324}), "step"),
         # the block table
-        "mode_4": (edit(runs, **{"block[0].mode": 4}), "block mode 4"),
+        "mode_5": (edit(runs, **{"block[0].mode": 5}), "block mode 5"),
+        "mode_4_in_version_2": (rans_frame(RANS_US, version=2), "block mode 4 in a version 2"),
         "mode_3_in_version_1": (edit(runs, version=1, **{"block[0].mode": 3}),
                                 "block mode 3 in a version 1 frame"),
         "mode_2_in_version_1": (edit(runs, version=1, **{"block[0].mode": 2}),
@@ -361,11 +395,30 @@ def _cases() -> dict[str, tuple[bytes, str]]:
         # (3 elements at k = k_run = 0: 4 bits, a run of 2 then the symbol 1: 011 1)
         "budget_mode1": (one_block("001", 3, mode=1), "cannot hold"),
         "budget_mode1_big": (one_block(eg_bits(BIG, 0)[:-1], BIG, mode=1), "cannot hold"),
+        # mode 4 (rANS): the table, states and words (a valid block, then each rule broken)
+        "rans_alphabet_65": (rans_frame(RANS_US, k=64), "alphabet"),
+        "rans_k_run": (rans_frame(RANS_US, k_run=1), "nonzero k_run"),
+        "rans_not_bytes": (rans_frame(RANS_US, bits=-4), "whole 16-bit words"),
+        "rans_odd_word": (rans_frame(RANS_US, extra=b"\0"), "whole 16-bit words"),
+        "rans_budget": (rans_frame(RANS_US, cut=len(rans_block(RANS_US)) - 10), "cannot hold"),
+        "rans_frequencies": (rans_frame(RANS_US, table=[4000, 96, 0]), "frequencies add up"),
+        "rans_table_padding": (rans_frame([0, 1, 1, 0], table_pad=1), "padding"),
+        "rans_state_below_2^16": (rans_frame(RANS_US, state0=0xFFFF), "rANS state"),
+        "rans_state_end": (rans_frame([0] * 9, state0=(1 << 16) + 1), "rANS state"),
+        "rans_word_past_end": (rans_frame(RANS_US, cut=2), "past the end"),
+        "rans_unread_word": (rans_frame(RANS_US, extra=b"\0\0"), "do not fill"),
+        "rans_exc_on_nonzero_code": (rans_frame(RANS_US, exc=[1]), "nonzero code"),
     }
     return cases
 
 
 CASES = _cases()
+
+
+def test_rans_cases_start_from_a_valid_block():
+    """The mode-4 cases above break one rule each of a block that decodes."""
+    for us in (RANS_US, [0] * 9, [0, 1, 1, 0]):
+        assert decode(rans_frame(us)).tolist() == [reference.q_of_u(u) for u in us]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -375,7 +428,9 @@ def test_every_validation_rule_rejects(name):
         with pytest.raises(FrameError, match=message):
             fn()
     if message not in ("zero prefix", "do not fill", "outside", "run of zeros",
-                       "nonzero code"):  # rules checked before any decoding
+                       "nonzero code", "frequencies add up", "rANS state",
+                       "past the end") and name != "rans_table_padding":
+        # rules checked before any decoding
         with pytest.raises(FrameError, match=message):
             inspect(data)
         with pytest.raises(FrameError, match=message):

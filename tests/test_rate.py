@@ -413,9 +413,11 @@ def _codec_cases():
         (odd, 333),
         (torch.zeros(2, 3, 4), 5),
         (torch.tensor(2.5), 1),
+        (sample(40_000, 3.0, generator=gen) * 20.0, 16384),  # light tails: rANS at step 2
     ):
         for step in (0.02, 2.0):
-            for k, zero_runs in (("auto", "auto"), (2, "auto"), ("auto", True), (0, False)):
+            for k, zero_runs in (("auto", "auto"), (2, "auto"), ("auto", True), (0, False),
+                                 ("auto", False)):
                 yield x, step, k, block_size, zero_runs
 
 
@@ -424,7 +426,7 @@ def test_codec_bits_is_the_frame_size() -> None:
     from ggcomm.rate import codec_bits
     from ggcomm.rate.bits import _plan_codec, _plan_torch
 
-    rice_seen = False
+    rice_seen = rans_seen = False
     for x, step, k, block_size, zero_runs in _codec_cases():
         frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)
         args = (x, step, k, block_size, zero_runs)
@@ -433,10 +435,13 @@ def test_codec_bits_is_the_frame_size() -> None:
         )
         # The torch reproduction (used off the CPU) agrees with the codec block by block.
         mine, ref = _plan_torch(*args), _plan_codec(*args)
-        for field in ("order", "zero_run", "rice", "count", "frame_bits", "payload_bits"):
+        for field in ("order", "zero_run", "rice", "rans", "count", "frame_bits",
+                      "payload_bits"):
             assert torch.equal(getattr(mine, field), getattr(ref, field)), (field, args[1:])
-        rice_seen |= bool(ref.rice.any())
+        rice_seen |= bool((ref.rice & ~ref.rans).any())
+        rans_seen |= bool(ref.rans.any())
     assert rice_seen  # the cases reach Golomb-Rice blocks (FORMAT.md mode 2)
+    assert rans_seen  # and rANS blocks (mode 4)
 
 
 def test_eg_rate_value_and_gradient() -> None:

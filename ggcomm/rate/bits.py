@@ -396,8 +396,11 @@ class CodecPlan:
     checksum); ``payload_bits``: the blocks' codewords without padding (float64 0-d
     tensors). Per block: ``order`` (its EG order, or Golomb-Rice parameter), ``zero_run``
     (coded in a zero-run mode, where nonzero symbols are coded as ``u - 1``), ``rice`` (its
-    symbols, or the nonzero ones of a zero-run block, in Golomb-Rice codewords) and
-    ``count`` (its elements).
+    symbols, or the nonzero ones of a zero-run block, in Golomb-Rice codewords),
+    ``count`` (its elements) and ``rans`` (coded in mode 4, rANS over a frequency table).
+    A rANS block has no codewords to differentiate: its ``order`` and ``rice`` describe
+    the Golomb-Rice code that would code its symbols in the fewest bits, whose smooth length
+    stands in for the table's in :func:`ggcomm.rate.eg_rate`'s gradient.
     """
 
     order: torch.Tensor
@@ -406,6 +409,7 @@ class CodecPlan:
     frame_bits: torch.Tensor
     payload_bits: torch.Tensor
     rice: torch.Tensor
+    rans: torch.Tensor
 
 
 def _plan_codec(
@@ -415,17 +419,29 @@ def _plan_codec(
     info = _codec.inspect(
         _codec.encode(x.detach(), step, k=k, block_size=block_size, zero_runs=zero_runs)
     )
+    order = torch.tensor([b.k for b in info.blocks], dtype=torch.int64)
+    rans = torch.tensor([b.mode == "rans" for b in info.blocks], dtype=torch.bool)
+    count = torch.tensor([b.count for b in info.blocks], dtype=torch.int64)
+    if bool(rans.any()):  # the stand-in order of a rANS block: its best Golomb-Rice code's
+        q, _ = quantize_coded(x.reshape(-1), step)
+        q = q.to(torch.int64)
+        u = torch.where(q > 0, 2 * q - 1, -2 * q)
+        block = torch.arange(u.numel()) // block_size
+        sel = rans[block]
+        _, rice_costs = _order_costs(u[sel], block[sel], len(info.blocks), rice=True)
+        order = torch.where(rans, _pick_order(rice_costs, "auto")[1], order)
     return CodecPlan(
-        order=torch.tensor([b.k for b in info.blocks], dtype=torch.int64),
+        order=order,
         zero_run=torch.tensor([b.mode in ("zero_runs", "zero_runs_rice") for b in info.blocks],
                               dtype=torch.bool),
-        count=torch.tensor([b.count for b in info.blocks], dtype=torch.int64),
+        count=count,
         frame_bits=torch.tensor(8.0 * info.nbytes, dtype=torch.float64),
         payload_bits=torch.tensor(
             float(sum(b.bit_length for b in info.blocks)), dtype=torch.float64
         ),
-        rice=torch.tensor([b.mode in ("rice", "zero_runs_rice") for b in info.blocks],
+        rice=torch.tensor([b.mode in ("rice", "zero_runs_rice", "rans") for b in info.blocks],
                           dtype=torch.bool),
+        rans=rans,
     )
 
 
@@ -454,6 +470,7 @@ def _plan_torch(
     rice = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
     if rice_costs is not None:
         rice_bits, rice_order = _pick_order(rice_costs, "auto")
+        rice_order_all = rice_order
         rice = rice_bits < bits
         bits = torch.where(rice, rice_bits, bits)
         order = torch.where(rice, rice_order, order)
@@ -481,6 +498,14 @@ def _plan_torch(
         bits = torch.where(zero_run, alt, bits)
         order = torch.where(zero_run, val_order, order)
         rice = torch.where(zero_run, val_is_rice, rice)
+    rans = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
+    if rice_costs is not None and zero_runs is not True:  # mode 4 where it saves 1/32
+        rans, rans_bits = _rans_plan(u, block, counts, bits.to(torch.int64))
+        bits = torch.where(rans, rans_bits.to(bits.dtype), bits)
+        # the gradient's stand-in for a rANS block: its best Golomb-Rice code
+        order = torch.where(rans, rice_order_all, order)
+        rice = rice | rans
+        zero_run = zero_run & ~rans
     n_exceptions = (~ok).sum()
     header = _codec.header_bytes(x.dim(), 1, n_blocks, n_exceptions, x.element_size())
     frame = 8 * (header + _codec.CRC_BYTES) + 8 * torch.ceil(bits / 8).sum()
@@ -491,7 +516,41 @@ def _plan_torch(
         frame_bits=frame.to(torch.float64),
         payload_bits=bits.sum(),
         rice=rice,
+        rans=rans,
     )
+
+
+def _rans_plan(
+    u: torch.Tensor, block: torch.Tensor, counts: torch.Tensor, bits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, whether the codec codes it in mode 4 (rANS) and its bits there, given the
+    bits of its best other mode (FORMAT.md, "Choices"): the table and the integer estimate
+    with torch ops, then the exact size of the blocks that pass the estimate from the
+    codec's kernel (their symbols copied to the CPU, one byte each at most)."""
+    n_blocks = counts.numel()
+    dev = u.device
+    a = _eg_kernels.RANS_ALPHABET
+    m = _eg_kernels.RANS_M
+    big = torch.bincount(block[u >= a], minlength=n_blocks) > 0
+    c = torch.bincount(block * a + torch.clamp(u, max=a - 1), minlength=n_blocks * a)
+    c = c.reshape(n_blocks, a)
+    f = torch.where(c > 0, torch.clamp(c * m // counts[:, None], min=1), 0)
+    rows = torch.arange(n_blocks, device=dev)
+    f[rows, f.argmax(dim=1)] += m - f.sum(dim=1)  # argmax: the first largest
+    n = a - (c.flip(1) > 0).to(torch.int64).argmax(dim=1)  # the largest symbol + 1
+    table = 8 * ((12 * (n - 1) + 7) // 8 + 16)
+    cost = torch.as_tensor(_eg_kernels.RANS_LOG, device=dev)[f]
+    est = (c * cost).sum(dim=1) + (table << _eg_kernels.RANS_FRAC)
+    margin = _eg_kernels.RANS_MARGIN
+    try_ = ~big & (margin * est < (margin - 1) * (bits << _eg_kernels.RANS_FRAC))
+    exact = torch.zeros(n_blocks, dtype=torch.int64, device=dev)
+    if bool(try_.any()):
+        sel = try_[block]
+        sizes = np.empty(int(try_.sum()), np.int64)
+        _eg_kernels.rans_bits(u[sel].to(device="cpu", dtype=torch.int32).numpy(),
+                              counts[try_].cpu().numpy(), sizes)
+        exact[try_] = torch.from_numpy(sizes).to(dev)
+    return try_ & (margin * exact < (margin - 1) * bits), exact
 
 
 def codec_plan(
