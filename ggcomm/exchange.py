@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import codec
 from .errors import FrameError, SettingsMismatchError, StateLoadError
-from .step_policy import StepControl
+from .step_policy import TRANSPORT_RANS, StepControl
 
 __all__ = ["DEFAULT_SEGMENT", "Stream", "agree", "all_gather", "all_to_all", "coded_sum",
            "device_for", "segments"]
@@ -216,7 +216,8 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
         lo = r * c
         frame, _ = codec.encode_feedback(
             x[lo: lo + c], None if resid is None else resid[lo: lo + c],
-            steps[r * s: (r + 1) * s], stream.row_segments, block_size=block_size, tag=tag)
+            steps[r * s: (r + 1) * s], stream.row_segments, block_size=block_size, tag=tag,
+            rans=TRANSPORT_RANS)
         frames.append(frame)
 
     # 3. sizes and payload bits (the rate loop's measure, the same everywhere), then frames

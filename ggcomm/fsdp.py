@@ -67,7 +67,7 @@ from . import __version__, codec, rf8
 from .errors import FrameError, SettingsMismatchError, StateLoadError
 from .exchange import DEFAULT_SEGMENT, Stream, agree, all_gather, coded_sum, device_for, segments
 from .kernels import eg
-from .step_policy import DEFAULT_RATE, StepControl, StepSettings
+from .step_policy import DEFAULT_RATE, TRANSPORT_RANS, StepControl, StepSettings
 from .transport import TrafficStats, check_state_header, fingerprint, rank_and_world, state_header
 
 try:  # the protocol classes live in a private module of torch 2.13
@@ -183,7 +183,7 @@ class GGFSDP(StepSettings):
                      if length > bad and sq > 0 else 1.0
                      for (sq, _, bad), length in zip(mom, segs, strict=True)]
             mine = codec.encode(shard.cpu(), steps, segments=segs, block_size=self.block_size,
-                                tag=self.fingerprint).buffer
+                                tag=self.fingerprint, rans=TRANSPORT_RANS).buffer
             bound = codec.max_frame_bytes(segs, self.block_size, shard.element_size())
         size = torch.tensor([mine.numel()], dtype=torch.int64)
         sizes = [int(t.item()) for t in all_gather(size, group, dev)]

@@ -24,7 +24,8 @@ from .quant import check_step
 from .rate.model import model_step, prepare
 
 __all__ = ["ACT_REL_STEP", "CORR_LIMIT", "DEFAULT_RATE", "GCT_REL_STEP", "MODES",
-           "PIPELINE_RATE", "StepControl", "StepSettings", "correct", "parse_mode", "step_for"]
+           "PIPELINE_RATE", "TRANSPORT_RANS", "StepControl", "StepSettings", "correct",
+           "parse_mode", "step_for"]
 
 MODES = ("rate", "step", "rel_step")
 
@@ -44,6 +45,15 @@ costs about one more bit per element and halves the noise."""
 GCT_REL_STEP = 0.25
 """GCT's step relative to each gradient tensor's RMS: about 4-5 bits per element on
 GG-shaped gradients (each halving adds about one bit), the range the DDP hook codes at."""
+
+TRANSPORT_RANS = False
+"""Whether the transports (the DDP hook, pipeline send/recv, the exact-sum exchanges of the
+PowerSGD, DiLoCo and FSDP transports, the weight broadcast) and ACT's rate code blocks in
+the codec's rANS mode (``rans=True``, FORMAT.md mode 4). Off: on light-tailed blocks it sends
+3-8% fewer bits but takes about twice the codec time there (encode and decode;
+``benchmarks/results/codec_stages.md``), which pays only where the link is slower than the
+codec, about 35 Mbit/s per coding core on this machine (README). ``ggcomm.encode`` itself
+uses it by default: the fewest bits."""
 
 # log2 step corrections are clamped to +-CORR_LIMIT: a stream whose statistics change
 # abruptly recovers within a few updates instead of chasing an extreme.

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from . import codec, rf8
 from ._params import float_tensors
 from .errors import FrameError, SettingsMismatchError
-from .step_policy import StepControl
+from .step_policy import TRANSPORT_RANS, StepControl
 from .transport import TrafficStats, fingerprint
 
 __all__ = ["FORMATS", "WEIGHTS_REL_STEP", "broadcast", "traffic_stats"]
@@ -73,7 +73,7 @@ def _encode(t: torch.Tensor, fmt: str, control: StepControl | None, block_size: 
     mean_sq = sum_sq / finite if finite else 0.0
     mean_abs = sum_abs / finite if finite else 0.0
     step = control.step("weights", mean_sq, mean_abs) or 1.0
-    return codec.encode(flat, step, block_size=block_size, tag=tag).buffer
+    return codec.encode(flat, step, block_size=block_size, tag=tag, rans=TRANSPORT_RANS).buffer
 
 
 def _decode(part: torch.Tensor, t: torch.Tensor, fmt: str) -> torch.Tensor:

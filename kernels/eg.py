@@ -43,6 +43,7 @@ RANS_L = 1 << 16
 RANS_STATES = 4
 RANS_ALPHABET = 64  # mode 4 codes blocks whose symbols are all below this (k = n - 1)
 RANS_MARGIN = 32  # mode 4 is used where it saves more than 1/RANS_MARGIN of a block's bits
+NO_RANS = 4  # flag added to the encoders' zero_runs argument: never use mode 4
 RANS_FRAC = 16  # the encoder's size estimate counts 1/2**RANS_FRAC bits
 # RANS_LOG[f] = round(2**RANS_FRAC * log2(RANS_M / f)): a symbol's cost at frequency f, in
 # the estimate's units (entry 0 unused)
@@ -787,7 +788,7 @@ def _rans_try(scratch, cnt, k_fixed, zero_runs, T, R, W, bits):
     """Mode 4 for a block whose other modes' best is bits: (alphabet size n, words nw,
     bit length) where mode 4 is used (FORMAT.md, "Choices"), else (0, 0, 0). Leaves the
     table in R and the words in W."""
-    if k_fixed >= 0 or zero_runs == 2:
+    if k_fixed >= 0 or (zero_runs & 3) == 2 or (zero_runs & NO_RANS) != 0:
         return 0, 0, 0
     n = _rans_freqs(T, cnt, R)
     if n == 0 or RANS_MARGIN * _rans_estimate(R, n) >= (RANS_MARGIN - 1) * (bits << RANS_FRAC):
@@ -852,9 +853,9 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, 
     position, or -1 if out is too small (nothing is written past its end). R and W are
     mode 4's work arrays (_work_arrays).
     """
-    mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval,
-                                              Ts, pos)
-    if p + worst_case_bytes(cnt, zero_runs) > out.size:
+    mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs & 3, H, Hrun,
+                                              Hval, Ts, pos)
+    if p + worst_case_bytes(cnt, zero_runs & 3) > out.size:
         return -1
     n, nw, rbits = _rans_try(scratch, cnt, k_fixed, zero_runs, Ts[0], R, W, bits)
     if n > 0:
@@ -893,7 +894,9 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     |x * invs[b]| > lims[b] is an exception.
 
     k_fixed: -1 picks each block's k; 0..K_MAX forces it (for values; runs always auto).
-    zero_runs: 0 never, 1 when it saves bits, 2 always.
+    zero_runs: 0 never, 1 when it saves bits, 2 always; plus NO_RANS to leave mode 4 out.
+    With k_fixed = -1 and zero_runs 0 or 1, mode 4 is used where it saves more than
+    1/RANS_MARGIN of a block's bits.
     meta[b] receives (mode, k, k_run, bit length, exception count).
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).

@@ -62,16 +62,30 @@ def identical_params_many(rank, world, cases):
 
 
 def identical_params(rank, world, exchange, steps, hook, dtype_name):
+    """hook: False (plain DDP), True (the gg hook at rate 3) or the hook's settings;
+    the last item returned counts the rANS (mode 4) blocks of the frames this rank sent."""
     dtype = getattr(torch, dtype_name)
     model, ddp = make(rank, dtype)
     state = None
     if hook:
-        state = GGCommState(rate=3.0, exchange=exchange)
+        state = GGCommState(exchange=exchange, **({"rate": 3.0} if hook is True else hook))
         state.register(ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)
-    losses = train(ddp, opt, g, steps, dtype)
-    return flat_params(model), losses, state.stats.summary() if state else None
+    encode_feedback, modes = ggcomm.codec.encode_feedback, []
+
+    def recording_encode(*args, **kw):
+        frame, stats = encode_feedback(*args, **kw)
+        modes.extend(b.mode for b in ggcomm.codec.inspect(frame).blocks)
+        return frame, stats
+
+    ggcomm.codec.encode_feedback = recording_encode
+    try:
+        losses = train(ddp, opt, g, steps, dtype)
+    finally:
+        ggcomm.codec.encode_feedback = encode_feedback
+    return (flat_params(model), losses, state.stats.summary() if state else None,
+            modes.count("rans"))
 
 
 def bytes_counted(rank, world, exchanges):

@@ -210,6 +210,21 @@ def test_kernels_equal_reference_bit_for_bit_with_rans(beta, rel_step, block_siz
         assert any(b.mode == "rans" for b in inspect(frame).blocks)
 
 
+def test_rans_false_leaves_mode_4_out():
+    """rans=False (the transports' default) codes the same values without mode-4 blocks."""
+    x = ggcomm.gg.sample((40000,), 3.0, generator=torch.Generator().manual_seed(3))
+    with_rans, without = encode(x, 0.5), encode(x, 0.5, rans=False)
+    assert any(b.mode == "rans" for b in inspect(with_rans).blocks)
+    assert all(b.mode != "rans" for b in inspect(without).blocks)
+    assert same_bits(decode(with_rans), decode(without))
+    assert with_rans.nbytes < without.nbytes
+    f, _ = codec.encode_feedback(x.numpy(), None, np.array([0.5]), [x.numel()], rans=False)
+    assert f.tobytes() == without.tobytes()
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="rans"):
+            encode(x, 0.5, rans=bad)
+
+
 def test_rans_cost_table_is_the_formats():
     """The kernels' estimate table is FORMAT.md's L[f] = floor(65536 log2(4096 / f) + 1/2)."""
     assert [int(v) for v in eg.RANS_LOG[1:]] == [reference.rans_log(f) for f in range(1, 4097)]

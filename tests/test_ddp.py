@@ -28,6 +28,19 @@ def test_parameters_bit_identical_on_all_ranks_after_50_steps(world):
         total = res[0][2]["total"]
         assert total["ratio"] > 4  # a tiny model: headers and statistics weigh in
         assert 2.0 < total["payload_bits_per_element"] < 4.0  # rate 3 target
+        assert res[0][3] == 0  # rANS blocks are off by default (TRANSPORT_RANS)
+
+
+def test_rans_blocks_keep_replicas_bit_identical():
+    """With rans=True some of the hook's blocks are rANS-coded (mode 4); every rank still
+    decodes the same exact sums."""
+    cases = [(ex, 20, {"rans": True, "rel_step": 2.0, "block_size": 4096}, "float32")
+             for ex in ("allgather", "reduce_scatter")]
+    per_rank = dist_utils.values(dist_utils.run(w.identical_params_many, 2, cases))
+    for i in range(len(cases)):
+        res = [r[i] for r in per_rank]
+        assert torch.equal(res[0][0], res[1][0])
+        assert sum(r[3] for r in res) > 0  # mode 4 was used
 
 
 def test_training_tracks_plain_allreduce_and_half_precision_gradients():
@@ -38,7 +51,7 @@ def test_training_tracks_plain_allreduce_and_half_precision_gradients():
                                      ("allgather", 10, True, "float16")]))[0]
     b, g = sum(base[1][-10:]) / 10, sum(gg[1][-10:]) / 10
     assert abs(g - b) < 0.05 * b
-    for params, losses, _ in (bf16, fp16):
+    for params, losses, _, _ in (bf16, fp16):
         assert torch.isfinite(params).all() and all(map(torch.isfinite, map(torch.tensor,
                                                                              losses)))
 
@@ -177,6 +190,10 @@ def test_state_validates_settings():
         GGCommState(rate=3.0, warmup_iters=5, warmup_rate=2.0)
     with pytest.raises(ValueError, match="step_drift"):
         GGCommState(step_drift=-0.1)
+    with pytest.raises(ValueError, match="rans"):
+        GGCommState(rans=1)
+    assert GGCommState().code_args()["rans"] is False  # TRANSPORT_RANS
+    assert GGCommState(rans=True).code_args()["rans"] is True
     assert GGCommState(rate=3, warmup_iters=4).fingerprint != GGCommState(rate=3).fingerprint
     s = GGCommState(rel_step=0.2)
     assert GGCommState(rel_step=0.2).fingerprint == s.fingerprint

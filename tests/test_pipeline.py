@@ -7,6 +7,7 @@ import pipeline_workers as w
 import pytest
 import torch
 
+import ggcomm
 from ggcomm.pipeline import PipeComm
 
 
@@ -68,6 +69,17 @@ def test_rate_mode_settles_on_the_target():
     assert state["mode"] == "rate" and state["rate_corr"]
 
 
+def test_rans_setting_reaches_the_frames():
+    """rans=True lets the sender code light-tailed activations in rANS blocks (mode 4);
+    the default, TRANSPORT_RANS, leaves them out. Either frame decodes to the same values."""
+    x = ggcomm.gg.sample((65536,), 3.0, generator=torch.Generator().manual_seed(1))
+    frames = {r: PipeComm(rans=r)._encode(x, "forward:1:0")[0] for r in (False, True)}
+    modes = {r: [b.mode for b in ggcomm.inspect(f).blocks] for r, f in frames.items()}
+    assert "rans" in modes[True] and "rans" not in modes[False]
+    assert frames[True].numel() < frames[False].numel()
+    assert torch.equal(ggcomm.decode(frames[True]), ggcomm.decode(frames[False]))
+
+
 def test_settings_validation_and_state_dict_round_trip():
     with pytest.raises(ValueError, match="choose one"):
         PipeComm(rate=3.0, step=0.1)
@@ -75,6 +87,9 @@ def test_settings_validation_and_state_dict_round_trip():
         PipeComm(rate=1.0)
     with pytest.raises(ValueError, match="min_numel"):
         PipeComm(min_numel=-1)
+    with pytest.raises(ValueError, match="rans"):
+        PipeComm(rans="yes")
+    assert PipeComm().rans is False and PipeComm(rans=True).rans is True  # TRANSPORT_RANS
     a = PipeComm(rate=3.0)
     a.rate_corr["forward:1:0"] = 0.25
     b = PipeComm(rate=3.0)

@@ -418,7 +418,8 @@ def _codec_cases():
         for step in (0.02, 2.0):
             for k, zero_runs in (("auto", "auto"), (2, "auto"), ("auto", True), (0, False),
                                  ("auto", False)):
-                yield x, step, k, block_size, zero_runs
+                yield x, step, k, block_size, zero_runs, True
+            yield x, step, "auto", block_size, "auto", False  # mode 4 left out
 
 
 def test_codec_bits_is_the_frame_size() -> None:
@@ -427,12 +428,13 @@ def test_codec_bits_is_the_frame_size() -> None:
     from ggcomm.rate.bits import _plan_codec, _plan_torch
 
     rice_seen = rans_seen = False
-    for x, step, k, block_size, zero_runs in _codec_cases():
-        frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs)
-        args = (x, step, k, block_size, zero_runs)
-        assert codec_bits(*args[:2], k=k, block_size=block_size, zero_runs=zero_runs) == (
-            8 * frame.nbytes
-        )
+    for x, step, k, block_size, zero_runs, rans in _codec_cases():
+        frame = codec.encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs,
+                             rans=rans)
+        args = (x, step, k, block_size, zero_runs, rans)
+        assert codec_bits(*args[:2], k=k, block_size=block_size, zero_runs=zero_runs,
+                          rans=rans) == 8 * frame.nbytes
+        assert rans or not any(b.mode == "rans" for b in codec.inspect(frame).blocks)
         # The torch reproduction (used off the CPU) agrees with the codec block by block.
         mine, ref = _plan_torch(*args), _plan_codec(*args)
         for field in ("order", "zero_run", "rice", "rans", "count", "frame_bits",

@@ -53,7 +53,7 @@ from torch import nn
 from .. import rate as _rate
 from ..codec import DEFAULT_BLOCK_SIZE
 from ..quant import fake_quantize, rms
-from ..step_policy import ACT_REL_STEP, StepControl
+from ..step_policy import ACT_REL_STEP, TRANSPORT_RANS, StepControl
 
 __all__ = ["ACT", "DEFAULT_REL_STEP", "RateTap", "TapStats"]
 
@@ -132,7 +132,8 @@ class ACT:
             bits fall only by changing the distribution's shape: fewer outliers, more mass
             near zero. Suits a transport that sets its step from the RMS.
         k: Exp-Golomb order, or "auto" for the codec's per-block choice.
-        block_size, zero_runs: as :func:`ggcomm.codec.encode`; match the transport's.
+        block_size, zero_runs, rans: as :func:`ggcomm.codec.encode`; match the transport's
+            (``rans`` defaults to the transports' ``TRANSPORT_RANS``).
         warmup_steps: lambda rises linearly from 0 to ``lam`` over this many calls of
             :meth:`step` (0: full strength at once). A ramp lets the task loss settle before
             the rate pulls on the activations, which costs less accuracy than a cold start.
@@ -165,6 +166,7 @@ class ACT:
         k: int | Literal["auto"] = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
         zero_runs: bool | Literal["auto"] = "auto",
+        rans: bool = TRANSPORT_RANS,
         warmup_steps: int = 0,
         start_step: int = 0,
         reduction: Reduction | None = None,
@@ -186,13 +188,14 @@ class ACT:
             )
         if not math.isfinite(inject_scale):
             raise ValueError(f"inject_scale must be finite, got {inject_scale!r}")
-        _rate.check_coded_args(torch.zeros(1), k, block_size, zero_runs)
+        _rate.check_coded_args(torch.zeros(1), k, block_size, zero_runs, rans)
         fixed = self._policy.mode == "step"
         self.quant_step = self._policy.value if fixed else None
         self.rel_step = None if fixed else self._policy.value
         self.k = k
         self.block_size = int(block_size)
         self.zero_runs = zero_runs
+        self.rans = rans
         self.reduction: Reduction = reduction
         self.inject = bool(inject)
         self.inject_scale = float(inject_scale)
@@ -338,7 +341,8 @@ class ACT:
         out = fake_quantize(a, step) if self.quantize_forward else a
         if not recording:
             return out
-        kwargs = {"k": self.k, "block_size": self.block_size, "zero_runs": self.zero_runs}
+        kwargs = {"k": self.k, "block_size": self.block_size, "zero_runs": self.zero_runs,
+                  "rans": self.rans}
         if self.quant_step is not None:
             r = _rate.eg_rate(a, self.quant_step, **kwargs)
         else:

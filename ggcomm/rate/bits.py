@@ -413,11 +413,13 @@ class CodecPlan:
 
 
 def _plan_codec(
-    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str
+    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str,
+    rans: bool = True,
 ) -> CodecPlan:
     """The plan read off the frame the codec itself encodes (the fast path on the CPU)."""
     info = _codec.inspect(
-        _codec.encode(x.detach(), step, k=k, block_size=block_size, zero_runs=zero_runs)
+        _codec.encode(x.detach(), step, k=k, block_size=block_size, zero_runs=zero_runs,
+                      rans=rans)
     )
     order = torch.tensor([b.k for b in info.blocks], dtype=torch.int64)
     rans = torch.tensor([b.mode == "rans" for b in info.blocks], dtype=torch.bool)
@@ -446,7 +448,8 @@ def _plan_codec(
 
 
 def _plan_torch(
-    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str
+    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str,
+    rans: bool = True,
 ) -> CodecPlan:
     """The codec's choices reproduced with torch ops on ``x``'s device (no copy to the CPU).
 
@@ -498,14 +501,14 @@ def _plan_torch(
         bits = torch.where(zero_run, alt, bits)
         order = torch.where(zero_run, val_order, order)
         rice = torch.where(zero_run, val_is_rice, rice)
-    rans = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
-    if rice_costs is not None and zero_runs is not True:  # mode 4 where it saves 1/32
-        rans, rans_bits = _rans_plan(u, block, counts, bits.to(torch.int64))
-        bits = torch.where(rans, rans_bits.to(bits.dtype), bits)
+    in_rans = torch.zeros(n_blocks, dtype=torch.bool, device=u.device)
+    if rans and rice_costs is not None and zero_runs is not True:  # mode 4: saves 1/32
+        in_rans, rans_bits = _rans_plan(u, block, counts, bits.to(torch.int64))
+        bits = torch.where(in_rans, rans_bits.to(bits.dtype), bits)
         # the gradient's stand-in for a rANS block: its best Golomb-Rice code
-        order = torch.where(rans, rice_order_all, order)
-        rice = rice | rans
-        zero_run = zero_run & ~rans
+        order = torch.where(in_rans, rice_order_all, order)
+        rice = rice | in_rans
+        zero_run = zero_run & ~in_rans
     n_exceptions = (~ok).sum()
     header = _codec.header_bytes(x.dim(), 1, n_blocks, n_exceptions, x.element_size())
     frame = 8 * (header + _codec.CRC_BYTES) + 8 * torch.ceil(bits / 8).sum()
@@ -516,7 +519,7 @@ def _plan_torch(
         frame_bits=frame.to(torch.float64),
         payload_bits=bits.sum(),
         rice=rice,
-        rans=rans,
+        rans=in_rans,
     )
 
 
@@ -554,16 +557,18 @@ def _rans_plan(
 
 
 def codec_plan(
-    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str
+    x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str,
+    rans: bool = True,
 ) -> CodecPlan:
     """The codec's own kernels on CPU tensors (fastest there); torch ops elsewhere."""
     make = _plan_codec if x.device.type == "cpu" else _plan_torch
-    return make(x, step, k, block_size, zero_runs)
+    return make(x, step, k, block_size, zero_runs, rans)
 
 
-def check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str) -> None:
-    """Raise if ``x``, ``k``, ``block_size`` and ``zero_runs`` are not arguments the wire
-    codec takes (as :func:`codec_bits` and the rate surrogates need)."""
+def check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str,
+                     rans: bool = True) -> None:
+    """Raise if ``x``, ``k``, ``block_size``, ``zero_runs`` and ``rans`` are not arguments
+    the wire codec takes (as :func:`codec_bits` and the rate surrogates need)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(
             f"expected a floating-point torch.Tensor, got {type(x).__name__}"
@@ -585,6 +590,8 @@ def check_coded_args(x: Any, k: KArg, block_size: int, zero_runs: bool | str) ->
         )
     if zero_runs not in ("auto", True, False):
         raise ValueError(f"zero_runs must be 'auto', True or False, got {zero_runs!r}")
+    if not isinstance(rans, bool):
+        raise ValueError(f"rans must be True or False, got {rans!r}")
 
 
 def codec_bits(
@@ -594,16 +601,18 @@ def codec_bits(
     k: KArg = "auto",
     block_size: int = _codec.DEFAULT_BLOCK_SIZE,
     zero_runs: bool | str = "auto",
+    rans: bool = True,
 ) -> int:
     """Size in bits of the frame ``ggcomm.codec.encode(x, step, ...)`` returns, without
     encoding.
 
     The codec's choices (per-block order, zero-run mode, exceptions, byte padding, header
     and block table) are reproduced with torch ops on ``x``'s device, so this equals
-    ``8 * encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs).nbytes``. Costs
+    ``8 * encode(x, step, k=k, block_size=block_size, zero_runs=zero_runs,
+    rans=rans).nbytes``. Costs
     a few passes over ``x`` and one histogram; useful where the tensor lives on a GPU and
     copying it to the CPU to encode it would cost more.
     """
     step = check_step(step)
-    check_coded_args(x, k, block_size, zero_runs)
-    return int(codec_plan(x, step, k, int(block_size), zero_runs).frame_bits)
+    check_coded_args(x, k, block_size, zero_runs, rans)
+    return int(codec_plan(x, step, k, int(block_size), zero_runs, rans).frame_bits)

@@ -120,6 +120,7 @@ def eg_rate(
     block_size: int = _codec.DEFAULT_BLOCK_SIZE,
     zero_runs: bool | str = "auto",
     overhead: bool = True,
+    rans: bool = True,
 ) -> torch.Tensor:
     """Differentiable rate (bits per element, 0-d tensor) whose value is what the codec sends.
 
@@ -148,7 +149,7 @@ def eg_rate(
     codec's bits to the bit (the smooth bound alone is 10-20% high), with the per-block
     order and zero-run choices the codec makes.
     """
-    check_coded_args(x, k, block_size, zero_runs)
+    check_coded_args(x, k, block_size, zero_runs, rans)
     if (step is None) == (rel_step is None):
         raise ValueError("give exactly one of step and rel_step")
     if rel_step is not None:
@@ -157,7 +158,7 @@ def eg_rate(
             raise ValueError("rel_step needs a tensor whose finite elements are not all zero")
         step = check_step(rel_step) * scale
     step = check_step(step)
-    plan = codec_plan(x, step, k, int(block_size), zero_runs)
+    plan = codec_plan(x, step, k, int(block_size), zero_runs, rans)
     coef = _smooth_gradient(x, step, plan)
     if rel_step is not None:
         xs = finite_values(x, coef.dtype)
