@@ -41,7 +41,7 @@ from ggcomm import codec, gg, rate
 from ggcomm.kernels import eg
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = ((0.5, 3.0), (1.0, 3.0), (2.0, 3.0), (3.0, 3.0), (2.0, 4.5))  # (GG shape, bits)
+DATA = ((0.5, 3.0), (1.0, 3.0), (2.0, 3.0), (3.0, 2.0), (3.0, 3.0), (2.0, 4.5))  # (shape, bits)
 SPARSE = (0.9, 4.5)  # zero fraction, bits of the Gaussian nonzeros
 
 
@@ -228,14 +228,56 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
         "x.half()": median_ns_per_element(lambda: x.half(), n, reps),
     }
     names = [b.mode for b in codec.inspect(frame).blocks]
-    return {"label": label, "numel": n, "step": step, "bits": frame.bits_per_element,
-            "modes": {m: names.count(m) for m in sorted(set(names))}, "ns_per_element": t}
+    row = {"label": label, "numel": n, "step": step, "bits": frame.bits_per_element,
+           "modes": {m: names.count(m) for m in sorted(set(names))}, "ns_per_element": t}
+    if "rans" in names:  # the same tensor without mode 4 (the transports' default)
+        plain = codec.encode(x, step, rans=False)
+        row["without_rans"] = {
+            "bits": plain.bits_per_element,
+            "ggcomm.encode": median_ns_per_element(
+                lambda: codec.encode(x, step, rans=False), n, reps),
+            "ggcomm.decode": median_ns_per_element(lambda: codec.decode(plain), n, reps)}
+    return row
 
 
 # --------------------------------------------------------------------------- report
 
 ENCODE = ("quantize", "choose", "rANS", "write")
 DECODE = ("read", "dequantize")
+
+
+def _rans_tradeoff(rows: list[dict]) -> list[str]:
+    """The rANS blocks' bits against their time: the tensors with mode-4 blocks, coded with
+    and without them (``rans=False``), and the link rate below which the bits saved are
+    worth the codec time spent (both sides, one thread each)."""
+    rows = [r for r in rows if "without_rans" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## rANS blocks: bits against time",
+        "",
+        "The tensors above that have rANS (mode 4) blocks, coded again with `rans=False` "
+        "(the transports' default, `TRANSPORT_RANS`). `break-even link` is the link rate at "
+        "which the bits saved take as long to send as the extra encode and decode time "
+        "(one thread each side): on a faster link mode 4 makes a transfer slower.",
+        "",
+        "| data | bits | bits, rans=False | saved | encode ns | encode ns, rans=False | "
+        "decode ns | decode ns, rans=False | break-even link |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w, t = r["without_rans"], r["ns_per_element"]
+        saved = w["bits"] - r["bits"]
+        extra = (t["ggcomm.encode"] - w["ggcomm.encode"]) + (t["ggcomm.decode"]
+                                                              - w["ggcomm.decode"])
+        link = f"{1000.0 * saved / extra:.0f} Mbit/s" if extra > 0 else "any"
+        lines.append(
+            f"| {r['label']} | {r['bits']:.3f} | {w['bits']:.3f} | "
+            f"{100.0 * saved / w['bits']:.1f}% | {t['ggcomm.encode']:.2f} | "
+            f"{w['ggcomm.encode']:.2f} | {t['ggcomm.decode']:.2f} | {w['ggcomm.decode']:.2f} | "
+            f"{link} |")
+    return lines
 
 
 def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
@@ -279,6 +321,7 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
             + " | ".join(f"{v:.2f}" for v in dec) + f" | {sum(dec):.2f} | "
             f"{t['decode kernel']:.2f} | {t['ggcomm.decode(out=)']:.2f} | "
             f"{t['ggcomm.decode']:.2f} | {t['x.half()']:.2f} |")
+    lines += _rans_tradeoff(rows)
     need = 4.0 / (4.0 / 1.5)  # ns/element per thread: 4 GB/s on 2 threads scaling 1.5x
     worst_enc = max(rows, key=lambda r: r["ns_per_element"]["ggcomm.encode"])
     worst_dec = max(rows, key=lambda r: r["ns_per_element"]["ggcomm.decode"])

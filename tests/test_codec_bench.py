@@ -99,6 +99,10 @@ def test_codec_stages_are_the_codecs_work(tmp_path: Path) -> None:
     report = (tmp_path / "codec_stages-quick.md").read_text()
     assert "| GG beta=3 @3b |" in report and "rice" in report
     assert "zero_runs_rice" in report  # the sparse tensor's blocks
+    # the light-tailed tensors have rANS blocks, and their trade-off against rans=False
+    assert "rans" in report and "## rANS blocks: bits against time" in report
+    trade = report.split("## rANS blocks: bits against time")[1]
+    assert "| GG beta=3 @2b |" in trade and ("Mbit/s |" in trade or "| any |" in trade)
 
 
 def test_prefix_bounds() -> None:
