@@ -11,6 +11,8 @@ int64's ``>>`` (arithmetic) does not.
 
 from __future__ import annotations
 
+import sys
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -101,6 +103,22 @@ def load_be64(typingctx, ptr, idx):
         v = builder.load(p64, align=1)
         fn = _llvm_fn(builder, "llvm.bswap.i64", _I64, [_I64])
         return builder.call(fn, [v])
+
+    return sig, codegen
+
+
+@intrinsic
+def load_le64(typingctx, ptr, idx):
+    """The little-endian uint64 at address ptr + idx, as int64 (any alignment)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p64 = builder.bitcast(_byte_ptr(builder, args[0], args[1]), _I64.as_pointer())
+        v = builder.load(p64, align=1)
+        if sys.byteorder == "big":
+            fn = _llvm_fn(builder, "llvm.bswap.i64", _I64, [_I64])
+            v = builder.call(fn, [v])
+        return v
 
     return sig, codegen
 

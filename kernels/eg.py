@@ -17,7 +17,17 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from ._intrinsics import clz64, data_ptr, load_be64, load_i64, load_u8, lshr, store_be64, store_i32
+from ._intrinsics import (
+    clz64,
+    data_ptr,
+    load_be64,
+    load_i64,
+    load_le64,
+    load_u8,
+    lshr,
+    store_be64,
+    store_i32,
+)
 
 # Largest |q| the code carries; larger magnitudes (and non-finite values) travel in the
 # frame's exception list. With |q| <= 2**30 - 1 the mapped u is at most 2**31 - 2, so
@@ -1459,8 +1469,34 @@ def _decode_rans(payload, pos, stop, cnt, n, scratch):
     last = end - 2  # the last word's first byte (>= q - 2 >= b0: always inside payload)
     bad = np.int64(0)
     j = 0
-    # Four states at a time, their word positions from the four renormalization needs: the
-    # same words as one state after another, but no state waits on the previous one's load.
+    ptr = data_ptr(payload)
+    # Four states at a time while the next 8 bytes are in the block: the four words they can
+    # need come in one load, and each state takes the one after those its predecessors took
+    # (the same words as one state after another, with no load on the chain between states).
+    while j + 3 < cnt and wp + 8 <= end:
+        u0, x0 = _rans_step(x0, slots)
+        u1, x1 = _rans_step(x1, slots)
+        u2, x2 = _rans_step(x2, slots)
+        u3, x3 = _rans_step(x3, slots)
+        scratch[j] = u0
+        scratch[j + 1] = u1
+        scratch[j + 2] = u2
+        scratch[j + 3] = u3
+        w = load_le64(ptr, wp)
+        n0 = np.int64(x0 < RANS_L)
+        n1 = np.int64(x1 < RANS_L)
+        n2 = np.int64(x2 < RANS_L)
+        n3 = np.int64(x3 < RANS_L)
+        x0 = ((x0 << 16) | (w & 0xFFFF)) if n0 else x0
+        s1 = 16 * n0
+        x1 = ((x1 << 16) | (lshr(w, s1) & 0xFFFF)) if n1 else x1
+        s2 = s1 + 16 * n1
+        x2 = ((x2 << 16) | (lshr(w, s2) & 0xFFFF)) if n2 else x2
+        s3 = s2 + 16 * n2
+        x3 = ((x3 << 16) | (lshr(w, s3) & 0xFFFF)) if n3 else x3
+        wp += (s3 + 16 * n3) >> 3
+        j += 4
+    # the rest: four states at a time, each word checked against the block's end
     while j + 3 < cnt:
         u0, x0 = _rans_step(x0, slots)
         u1, x1 = _rans_step(x1, slots)
