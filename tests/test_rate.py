@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from ggcomm import rate
+from ggcomm import codec, rate
 from ggcomm.gg import GGFit
 from ggcomm.rate import (
     MAX_AUTO_K,
@@ -28,6 +28,7 @@ from ggcomm.rate import (
     predict_bits,
     predict_eg_bits,
     predict_entropy_bits,
+    predict_rans_bits,
     quantize,
     signed_to_unsigned,
     step_for_rate,
@@ -279,11 +280,12 @@ def test_predict_matches_empirical(beta: float) -> None:
     x = gennorm_data(beta)
     fit = GGFit(loc=0.0, scale=1.0, beta=beta, n=x.size)
     for target in (2.0, 4.0, 6.0):
-        step = step_for_rate(fit, target)
+        step = step_for_rate(fit, target, rans=False)
         q = quantize(x, step)
         u = signed_to_unsigned(q)
-        # the codec's blocks: the cheaper of EG and Golomb-Rice at their best orders
-        bits, mode, k_code = predict_bits(fit, step)
+        # the codec's prefix-code blocks: the cheaper of EG and Golomb-Rice at their best
+        # orders (rANS blocks left out, as the transports do)
+        bits, mode, k_code = predict_bits(fit, step, rans=False)
         assert bits == pytest.approx(target, rel=1e-6)
         codes = [(eg_bits(u, kk)[0], "eg", kk) for kk in range(20)]
         codes += [(float(rice_length(u, kk).mean()), "rice", kk) for kk in range(20)]
@@ -302,6 +304,31 @@ def test_predict_matches_empirical(beta: float) -> None:
             eg_bits(signed_to_unsigned(q), 0)[0], rel=0.02
         )
         assert abs(k_emp - k_pred) <= 1
+
+
+@pytest.mark.parametrize("beta", (0.5, 2.0, 3.0))
+def test_predicted_bits_follow_the_codec_with_rans_blocks(beta: float) -> None:
+    """With rans (ggcomm.encode's default) the model takes mode 4 where the codec does:
+    the codec's frame comes within 3% of the predicted bits at the step for a target."""
+    x = torch.from_numpy(gennorm_data(beta, n=1 << 19).astype(np.float32))
+    fit = GGFit(loc=0.0, scale=1.0, beta=beta, n=x.numel())
+    for target in (2.0, 3.0, 4.5):
+        step = step_for_rate(fit, target)
+        frame = codec.encode(x, step)
+        payload = sum(b.bit_length for b in codec.inspect(frame).blocks) / x.numel()
+        assert payload == pytest.approx(target, rel=0.03), (beta, target)
+        bits, mode, _ = predict_bits(fit, step)
+        modes = [b.mode for b in codec.inspect(frame).blocks]
+        assert (mode == "rans") == (modes.count("rans") > len(modes) / 2) or \
+            abs(payload - bits) < 0.03 * bits
+    if beta == 3.0:  # light tails at 2 bits: rANS, below what the prefix codes predict
+        step = step_for_rate(fit, 2.0)
+        assert predict_bits(fit, step)[1] == "rans"
+        assert predict_bits(fit, step, rans=False)[0] > 2.06
+    rans_bits, share = predict_rans_bits(fit, 1.0)
+    assert 0.0 <= share <= 1.0
+    if share > 0.99:  # every symbol in mode 4's range: its bits are above the entropy
+        assert rans_bits > predict_entropy_bits(fit, 1.0)
 
 
 def test_predict_limits() -> None:

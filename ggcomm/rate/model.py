@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, special, stats
 
+from ..codec import DEFAULT_BLOCK_SIZE
 from ..gg import GGFit, scale_for_std
+from ..kernels import eg as _eg
 from ..quant import check_step
 from .bits import MAX_AUTO_K, KArg, check_k
 
 __all__ = ["BETA_GRID", "eg_order_bits", "model_step", "predict_bits", "predict_eg_bits",
-           "predict_entropy_bits", "prepare", "step_for_rate"]
+           "predict_entropy_bits", "predict_rans_bits", "prepare", "step_for_rate"]
 
 _RICE_ESC = 16  # docs/FORMAT.md, mode 2: an escape after 16 zeros
 
@@ -176,17 +178,51 @@ def predict_eg_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, i
     return float(eg_order_bits(fit, np.array([step]), (k,))[0][0, 0]), k
 
 
-def predict_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, str, int]:
+def predict_rans_bits(fit: GGFit, step: float,
+                      block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[float, float]:
+    """Expected bits per element of the codec's rANS blocks (docs/FORMAT.md, mode 4) for
+    ``X ~ GG(fit)`` quantized with ``step``, and the share of blocks of ``block_size``
+    elements that mode 4 can code at all (all symbols below 64: ``-31 <= q <= 32``):
+    ``(bits, share)``.
+
+    The bits are the cross-entropy of the symbols' distribution (within that range) against
+    the 12-bit table the encoder would build from a block's expected counts, plus the
+    table and the four states spread over the block.
+    """
+    step = check_step(step)
+    dist = stats.gennorm(fit.beta, loc=fit.loc, scale=fit.scale)
+    q = np.arange(-31, 33)
+    edges = (np.arange(-31, 34) - 0.5) * step
+    cdf, sf = dist.cdf(edges), dist.sf(edges)
+    p = _masses(fit.loc, edges[:-1], edges[1:], cdf[:-1], cdf[1:], sf[:-1], sf[1:])
+    small = float(p.sum())
+    if not small > 0.0:
+        return math.inf, 0.0
+    pu = np.zeros(_eg.RANS_ALPHABET)
+    pu[np.where(q > 0, 2 * q - 1, -2 * q)] = p / small
+    m = _eg.RANS_M
+    freq = np.where(pu > 0, np.maximum(1, np.floor(pu * m)), 0).astype(np.int64)
+    freq[int(np.argmax(freq))] += m - int(freq.sum())  # as the encoder, the largest
+    used = pu > 0
+    cost = float((pu[used] * np.log2(m / freq[used])).sum())
+    counts = np.rint(pu * block_size)
+    n = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 1
+    overhead = 8.0 * (_eg.rans_table_bytes(n) + 16) / block_size
+    return cost + overhead, small ** block_size
+
+
+def predict_bits(fit: GGFit, step: float, k: KArg = "auto", *, rans: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[float, str, int]:
     """Expected bits per element the codec's blocks take for ``X ~ GG(fit)`` quantized with
     ``step``: ``(bits, mode, k)``.
 
     With ``k="auto"`` the codec picks, per block, the cheaper of EG (mode ``"eg"``) and
     Golomb-Rice (``"rice"``) at their best orders (docs/FORMAT.md); this is the cheaper of
     the two expectations (:func:`predict_eg_bits` and its Golomb-Rice counterpart), ties to
-    EG. A fixed ``k`` means EG at that order, as in the codec. Zero-run blocks (sparse data),
-    rANS blocks (mode 4: light-tailed blocks of small symbols, where the codec comes within
-    about 1% of the entropy, up to 8% below this prediction) and the frame's header are not
-    modelled.
+    EG. With ``rans`` (as :func:`ggcomm.encode`'s default) the blocks mode 4 can code take
+    it where it saves more than 1/32 (:func:`predict_rans_bits`; mode ``"rans"`` when that
+    is most blocks, ``k`` then the prefix code's). A fixed ``k`` means EG at that order, as
+    in the codec. Zero-run blocks (sparse data) and the frame's header are not modelled.
     """
     step = check_step(step)
     if k != "auto":
@@ -196,9 +232,14 @@ def predict_bits(fit: GGFit, step: float, k: KArg = "auto") -> tuple[float, str,
     eg = eg_order_bits(fit, np.array([step]), orders)[0][0]
     rice = eg_order_bits(fit, np.array([step]), orders, rice=True)[0][0]
     ke, kr = int(np.argmin(eg)), int(np.argmin(rice))
-    if rice[kr] < eg[ke]:
-        return float(rice[kr]), "rice", kr
-    return float(eg[ke]), "eg", ke
+    bits, mode, k = (float(rice[kr]), "rice", kr) if rice[kr] < eg[ke] else \
+        (float(eg[ke]), "eg", ke)
+    if rans:
+        r_bits, share = predict_rans_bits(fit, step, block_size)
+        if _eg.RANS_MARGIN * r_bits < (_eg.RANS_MARGIN - 1) * bits:
+            bits = share * r_bits + (1.0 - share) * bits
+            mode = "rans" if share > 0.5 else mode
+    return bits, mode, k
 
 
 def predict_entropy_bits(fit: GGFit, step: float) -> float:
@@ -222,13 +263,16 @@ def predict_entropy_bits(fit: GGFit, step: float) -> float:
     return max(0.0, float(-(p * np.log2(p)).sum()))
 
 
-def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
+def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto", *, rans: bool = True,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> float:
     """Quantization step whose predicted bits per element (:func:`predict_bits`: the codec's
-    EG or Golomb-Rice blocks, EG alone at a fixed ``k``) equal ``target_bits``.
+    EG or Golomb-Rice blocks, and rANS blocks with ``rans`` as :func:`ggcomm.encode`'s
+    default; EG alone at a fixed ``k``) equal ``target_bits``.
 
     The predicted rate falls as the step grows, towards ``k + 1`` bits (1 bit with
-    ``k="auto"``), so ``target_bits`` must exceed that floor. The root is bracketed by
-    expanding from ``step = fit.std`` and found with Brent's method on ``log(step)``.
+    ``k="auto"`` and no rANS blocks), so ``target_bits`` must exceed that floor. The root
+    is bracketed by expanding from ``step = fit.std`` and found with Brent's method on
+    ``log(step)``.
 
     Raises:
         ValueError: if ``target_bits`` is not above the floor or no bracket is found.
@@ -241,7 +285,8 @@ def step_for_rate(fit: GGFit, target_bits: float, k: KArg = "auto") -> float:
         )
 
     def excess(log_step: float) -> float:
-        return predict_bits(fit, math.exp(log_step), k)[0] - target_bits
+        return predict_bits(fit, math.exp(log_step), k, rans=rans,
+                            block_size=block_size)[0] - target_bits
 
     lo = hi = math.log(fit.std)
     for _ in range(64):
