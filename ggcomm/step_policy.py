@@ -52,7 +52,7 @@ PowerSGD, DiLoCo and FSDP transports, the weight broadcast) and ACT's rate code 
 the codec's rANS mode (``rans=True``, FORMAT.md mode 4). Off: on light-tailed blocks it sends
 3-8% fewer bits but takes about twice the codec time there (encode and decode;
 ``benchmarks/results/codec_stages.md``), which pays only where the link is slower than the
-codec, 31-53 Mbit/s per coding core on this machine (README). ``ggcomm.encode`` itself
+codec, 17-59 Mbit/s per coding core on this machine (README). ``ggcomm.encode`` itself
 uses it by default: the fewest bits."""
 
 # log2 step corrections are clamped to +-CORR_LIMIT: a stream whose statistics change
