@@ -446,7 +446,7 @@ def _encode_ranges(kernel, counts: np.ndarray, zr: int):
     ranges = _parallel.split(n_blocks, _MIN_BLOCKS_PER_TASK)
 
     def capacity(lo: int, hi: int) -> int:
-        return int(eg.worst_case_bytes(counts[lo:hi], zr & 3).sum())  # elementwise over blocks
+        return int(eg.worst_case_bytes(counts[lo:hi], zr).sum())  # elementwise over blocks
 
     # Buffers are picked on the calling thread: pool threads serve every caller.
     work_items = [(_chunk_buffer(i, capacity(lo, hi)), lo, hi) for i, (lo, hi) in

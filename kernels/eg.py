@@ -553,7 +553,7 @@ def worst_case_bytes(cnt, zero_runs):
     codeword (<= 63 bits) plus the run before it (runs <= MAX_BLOCK_SIZE: <= 45 bits);
     the mode is only chosen automatically when it is no longer than plain EG.
     """
-    per = 108 if zero_runs == 2 else 63
+    per = 108 if (zero_runs & 3) == 2 else 63  # NO_RANS may be added to zero_runs
     return (cnt * per + 7) // 8 + 8
 
 
@@ -865,7 +865,7 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, 
     """
     mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs & 3, H, Hrun,
                                               Hval, Ts, pos)
-    if p + worst_case_bytes(cnt, zero_runs & 3) > out.size:
+    if p + worst_case_bytes(cnt, zero_runs) > out.size:
         return -1
     n, nw, rbits = _rans_try(scratch, cnt, k_fixed, zero_runs, Ts[0], R, W, bits)
     if n > 0:
@@ -1407,6 +1407,21 @@ def _rans_step(x, slots):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _rans_steps4(x0, x1, x2, x3, slots, scratch, j):
+    """_rans_step on the four states, their symbols stored at scratch[j:j+4]: the four
+    states before renormalization."""
+    u0, x0 = _rans_step(x0, slots)
+    u1, x1 = _rans_step(x1, slots)
+    u2, x2 = _rans_step(x2, slots)
+    u3, x3 = _rans_step(x3, slots)
+    scratch[j] = u0
+    scratch[j + 1] = u1
+    scratch[j + 2] = u2
+    scratch[j + 3] = u3
+    return x0, x1, x2, x3
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _rans_word(payload, p, last):
     """The little-endian u16 at byte min(p, last) of payload."""
     a = np.uint64(min(p, last))
@@ -1474,14 +1489,7 @@ def _decode_rans(payload, pos, stop, cnt, n, scratch):
     # need come in one load, and each state takes the one after those its predecessors took
     # (the same words as one state after another, with no load on the chain between states).
     while j + 3 < cnt and wp + 8 <= end:
-        u0, x0 = _rans_step(x0, slots)
-        u1, x1 = _rans_step(x1, slots)
-        u2, x2 = _rans_step(x2, slots)
-        u3, x3 = _rans_step(x3, slots)
-        scratch[j] = u0
-        scratch[j + 1] = u1
-        scratch[j + 2] = u2
-        scratch[j + 3] = u3
+        x0, x1, x2, x3 = _rans_steps4(x0, x1, x2, x3, slots, scratch, j)
         w = load_le64(ptr, wp)
         n0 = np.int64(x0 < RANS_L)
         n1 = np.int64(x1 < RANS_L)
@@ -1498,14 +1506,7 @@ def _decode_rans(payload, pos, stop, cnt, n, scratch):
         j += 4
     # the rest: four states at a time, each word checked against the block's end
     while j + 3 < cnt:
-        u0, x0 = _rans_step(x0, slots)
-        u1, x1 = _rans_step(x1, slots)
-        u2, x2 = _rans_step(x2, slots)
-        u3, x3 = _rans_step(x3, slots)
-        scratch[j] = u0
-        scratch[j + 1] = u1
-        scratch[j + 2] = u2
-        scratch[j + 3] = u3
+        x0, x1, x2, x3 = _rans_steps4(x0, x1, x2, x3, slots, scratch, j)
         x0, n0, e0 = _rans_renorm(x0, wp, payload, last)
         p1 = wp + 2 * n0
         x1, n1, e1 = _rans_renorm(x1, p1, payload, last)

@@ -422,28 +422,25 @@ def _plan_codec(
                       rans=rans)
     )
     order = torch.tensor([b.k for b in info.blocks], dtype=torch.int64)
-    rans = torch.tensor([b.mode == "rans" for b in info.blocks], dtype=torch.bool)
-    count = torch.tensor([b.count for b in info.blocks], dtype=torch.int64)
-    if bool(rans.any()):  # the stand-in order of a rANS block: its best Golomb-Rice code's
-        q, _ = quantize_coded(x.reshape(-1), step)
-        q = q.to(torch.int64)
-        u = torch.where(q > 0, 2 * q - 1, -2 * q)
+    in_rans = torch.tensor([b.mode == "rans" for b in info.blocks], dtype=torch.bool)
+    if bool(in_rans.any()):  # the stand-in order of a rANS block: its best Golomb-Rice code's
+        u = signed_to_unsigned(quantize_coded(x.reshape(-1), step)[0])
         block = torch.arange(u.numel()) // block_size
-        sel = rans[block]
+        sel = in_rans[block]
         _, rice_costs = _order_costs(u[sel], block[sel], len(info.blocks), rice=True)
-        order = torch.where(rans, _pick_order(rice_costs, "auto")[1], order)
+        order = torch.where(in_rans, _pick_order(rice_costs, "auto")[1], order)
     return CodecPlan(
         order=order,
         zero_run=torch.tensor([b.mode in ("zero_runs", "zero_runs_rice") for b in info.blocks],
                               dtype=torch.bool),
-        count=count,
+        count=torch.tensor([b.count for b in info.blocks], dtype=torch.int64),
         frame_bits=torch.tensor(8.0 * info.nbytes, dtype=torch.float64),
         payload_bits=torch.tensor(
             float(sum(b.bit_length for b in info.blocks)), dtype=torch.float64
         ),
         rice=torch.tensor([b.mode in ("rice", "zero_runs_rice", "rans") for b in info.blocks],
                           dtype=torch.bool),
-        rans=rans,
+        rans=in_rans,
     )
 
 
@@ -451,7 +448,9 @@ def _plan_torch(
     x: torch.Tensor, step: float, k: KArg, block_size: int, zero_runs: bool | str,
     rans: bool = True,
 ) -> CodecPlan:
-    """The codec's choices reproduced with torch ops on ``x``'s device (no copy to the CPU).
+    """The codec's choices reproduced with torch ops on ``x``'s device (no copy of ``x`` to
+    the CPU; with ``rans``, the symbols of the blocks that pass mode 4's estimate are, for
+    the kernel that gives their exact size).
 
     Quantization as the codec does it (float64 ``x * (1 / step)`` rounded half to even;
     non-finite values and ``|q| > QMAX`` are exceptions, coded as 0). Per block: the order
