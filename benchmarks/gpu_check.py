@@ -1,8 +1,9 @@
 """The codec on CUDA-resident tensors, staging included: one part of ``gpu_check.sh``.
 
 Times, for float32 and bfloat16 tensors living on the GPU, the whole path a transport takes:
-copy to host, encode, (the frame crosses), decode, copy back, against the same tensor
-already on the host; checks the round trip's error bound. Writes ``codec_cuda.json`` in
+copy to host (a pageable ``.cpu()``, and the pinned copy the codec stages through),
+encode, (the frame crosses), decode, copy back, against the same tensor already on the host;
+checks the round trip's error bound. Writes ``codec_cuda.json`` in
 ``--out`` and prints a table.
 
     python benchmarks/gpu_check.py --out gpu-check [--numel 16777216]
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 import ggcomm
+from ggcomm._host import to_host
 
 
 def _timed(fn, repeats: int) -> float:
@@ -48,7 +50,8 @@ def _row(dtype: torch.dtype, args: argparse.Namespace) -> dict:
         "dtype": str(dtype).removeprefix("torch."), "numel": args.numel,
         "bits_per_element": frame.bits_per_element, "max_error": err,
         "error_bound": bound, "round_trip_ok": err <= bound,
-        "d2h_s": _timed(lambda: x.cpu(), args.repeats),
+        "d2h_pageable_s": _timed(lambda: x.cpu(), args.repeats),
+        "d2h_pinned_s": _timed(lambda: to_host(x), args.repeats),  # what encode stages with
         "encode_from_cuda_s": _timed(lambda: ggcomm.encode(x, step), args.repeats),
         "encode_from_host_s": _timed(lambda: ggcomm.encode(host, step), args.repeats),
         "decode_to_cuda_s": _timed(lambda: ggcomm.decode(frame.buffer).to("cuda"),
@@ -76,10 +79,11 @@ def main(argv=None) -> int:
               "ggcomm": ggcomm.__version__, "threads": ggcomm.get_num_threads()
               if hasattr(ggcomm, "get_num_threads") else None, "rows": rows}
     (out / "codec_cuda.json").write_text(json.dumps(result, indent=1))
-    print(f"{'dtype':>9} {'bits/el':>8} {'D2H ms':>8} {'enc cuda':>9} {'enc host':>9} "
-          f"{'dec->cuda':>10} {'dec host':>9} ok")
+    print(f"{'dtype':>9} {'bits/el':>8} {'D2H ms':>8} {'pinned':>7} {'enc cuda':>9} "
+          f"{'enc host':>9} {'dec->cuda':>10} {'dec host':>9} ok")
     for r in rows:
-        print(f"{r['dtype']:>9} {r['bits_per_element']:8.2f} {1e3 * r['d2h_s']:8.1f} "
+        print(f"{r['dtype']:>9} {r['bits_per_element']:8.2f} {1e3 * r['d2h_pageable_s']:8.1f} "
+              f"{1e3 * r['d2h_pinned_s']:7.1f} "
               f"{1e3 * r['encode_from_cuda_s']:9.1f} {1e3 * r['encode_from_host_s']:9.1f} "
               f"{1e3 * r['decode_to_cuda_s']:10.1f} {1e3 * r['decode_on_host_s']:9.1f} "
               f"{r['round_trip_ok']}")

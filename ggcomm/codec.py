@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import _parallel
+from ._host import to_host
 from .errors import FrameError
 from .kernels import eg
 
@@ -411,10 +412,7 @@ def encode(
 
     dtype = x.dtype
     shape = tuple(x.shape)
-    src = x.detach()
-    if src.device.type != "cpu":
-        src = src.cpu()
-    src = src.contiguous().reshape(-1)
+    src = to_host(x.detach()).contiguous().reshape(-1)
     numel = src.numel()
     work = src if dtype in (torch.float32, torch.float64) else src.float()
     xs = work.numpy()
@@ -535,10 +533,7 @@ def byte_tensor(buffer) -> torch.Tensor:
     if isinstance(buffer, torch.Tensor):
         if buffer.dtype != torch.uint8:
             raise TypeError(f"a frame buffer is a uint8 tensor, got {buffer.dtype}")
-        t = buffer.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        return t.contiguous().reshape(-1)
+        return to_host(buffer.detach()).contiguous().reshape(-1)
     if isinstance(buffer, np.ndarray):
         if buffer.dtype != np.uint8:
             raise TypeError(f"a frame buffer is a uint8 array, got {buffer.dtype}")

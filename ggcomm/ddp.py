@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
+from ._host import to_host
 from .codec import DEFAULT_BLOCK_SIZE
 from .errors import FrameError, GGCommError, SettingsMismatchError, StateLoadError
 from .exchange import all_gather, all_to_all, device_for
@@ -720,18 +721,7 @@ def _host_input(state: GGCommState, job: _BucketJob) -> np.ndarray:
     flat = job.buffer.detach().reshape(-1)
     if _is_host_f32(flat):
         return flat.numpy()
-    host = _staging(state, "input", flat)
-    if flat.is_cuda:
-        with torch.cuda.device(flat.device):
-            stream = torch.cuda.current_stream()
-            stream.wait_event(job.event)
-            host.copy_(flat, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
-        copied.synchronize()
-    else:
-        host.copy_(flat)
-    return host.numpy()
+    return to_host(flat, out=_staging(state, "input", flat), after=job.event).numpy()
 
 
 def _host_output(state: GGCommState, job: _BucketJob, g: np.ndarray) -> np.ndarray:

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
+from ._host import to_host
 from ._params import float_tensors
 from .errors import SettingsMismatchError, StateLoadError
 from .exchange import DEFAULT_SEGMENT, Stream, all_gather, coded_sum, device_for
@@ -171,8 +172,9 @@ class DiLoCo(StepSettings):
         t0 = time.perf_counter()
         group = self._group()
         world = dist.get_world_size(group)
-        delta = torch.cat([(g - p.detach().to(torch.float32)).reshape(-1).cpu()
-                           for g, p in zip(self.global_params, self.params, strict=True)])
+        delta = to_host(torch.cat([(g - p.detach().to(torch.float32)).reshape(-1)
+                                   for g, p in zip(self.global_params, self.params,
+                                                   strict=True)]))
         if self.wire == "gg":
             total, counts = coded_sum(delta.numpy(), self.stream, self.control, "outer", group,
                                       block_size=self.block_size, tag=self.fingerprint,

@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec, rf8
+from ._host import to_host
 from .errors import FrameError, SettingsMismatchError, StateLoadError
 from .exchange import DEFAULT_SEGMENT, Stream, agree, all_gather, coded_sum, device_for, segments
 from .kernels import eg
@@ -177,12 +178,13 @@ class GGFSDP(StepSettings):
             mine = rf8.encode(shard)
             bound = rf8.max_encoded_bytes((n,), shard.dtype)
         else:
-            x = shard.to("cpu", torch.float32).contiguous().numpy()
+            host = to_host(shard).contiguous()
+            x = host.to(torch.float32).numpy()
             mom = codec.moments(x, segments=segs)
             steps = [self.weights_rel_step * math.sqrt(sq / (length - bad))
                      if length > bad and sq > 0 else 1.0
                      for (sq, _, bad), length in zip(mom, segs, strict=True)]
-            mine = codec.encode(shard.cpu(), steps, segments=segs, block_size=self.block_size,
+            mine = codec.encode(host, steps, segments=segs, block_size=self.block_size,
                                 tag=self.fingerprint, rans=TRANSPORT_RANS).buffer
             bound = codec.max_frame_bytes(segs, self.block_size, shard.element_size())
         size = torch.tensor([mine.numel()], dtype=torch.int64)

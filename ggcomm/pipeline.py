@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from . import __version__, codec
+from ._host import to_host
 from .codec import DEFAULT_BLOCK_SIZE, FrameError
 from .errors import GGCommError, PipeLinkError, PipeSettingsError, SettingsMismatchError
 from .step_policy import PIPELINE_RATE, TRANSPORT_RANS, StepControl, StepSettings
@@ -377,10 +378,7 @@ class PipeComm(StepSettings):
     def _encode(self, tensor: torch.Tensor, stream: str) -> tuple[torch.Tensor, bool, float]:
         """(payload on the host, compressed?, encode seconds)."""
         t0 = time.perf_counter()
-        host = tensor.detach()
-        if host.device.type != "cpu":
-            host = host.cpu()
-        host = host.contiguous()
+        host = to_host(tensor.detach()).contiguous()
         if host.numel() < self.min_numel:
             return _raw_message(host), False, time.perf_counter() - t0
         step = self._step(host, stream)
@@ -570,7 +568,7 @@ class PipeComm(StepSettings):
                 f"this rank expects {self.fingerprint:#010x} ({self.protocol_settings()}): "
                 f"configure both ends of the link alike")
         t0 = time.perf_counter()
-        host = payload.cpu() if payload.device.type != "cpu" else payload
+        host = to_host(payload)
         if compressed:
             try:
                 frame = codec.Frame.from_buffer(host, max_numel=max_numel)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import codec, rf8
+from ._host import to_host
 from ._params import float_tensors
 from .errors import FrameError, SettingsMismatchError
 from .step_policy import TRANSPORT_RANS, StepControl
@@ -66,7 +67,7 @@ def _encode(t: torch.Tensor, fmt: str, control: StepControl | None, block_size: 
     flat = t.detach().reshape(-1)
     if fmt == "rf8":
         return rf8.encode(flat, block_size=block_size)
-    work = flat.cpu()
+    work = to_host(flat)
     work = work if work.dtype in (torch.float32, torch.float64) else work.float()
     sum_sq, sum_abs, non_finite = codec.moments(work.numpy())[0]
     finite = work.numel() - non_finite

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Layers of the library, bottom first: a module imports from its own layer or below.
 LAYERS = [
-    {"ggcomm.errors", "ggcomm._parallel", "ggcomm._params", "ggcomm.kernels", "ggcomm.kernels.eg",
-     "ggcomm.kernels.reference", "ggcomm.kernels._intrinsics", "ggcomm.kernels.rf8"},
+    {"ggcomm.errors", "ggcomm._parallel", "ggcomm._params", "ggcomm._host", "ggcomm.kernels",
+     "ggcomm.kernels.eg", "ggcomm.kernels.reference", "ggcomm.kernels._intrinsics",
+     "ggcomm.kernels.rf8"},
     {"ggcomm.codec", "ggcomm.gg", "ggcomm.rf8"},
     {"ggcomm.quant"},
     {"ggcomm.rate", "ggcomm.rate.bits", "ggcomm.rate.model", "ggcomm.rate.differentiable"},

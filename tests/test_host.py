@@ -1,0 +1,15 @@
+"""ggcomm._host.to_host on the CPU (its CUDA path is in tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from ggcomm._host import to_host
+
+
+def test_to_host_returns_host_tensors_themselves_or_fills_out() -> None:
+    x = torch.randn(6, 5)
+    assert to_host(x) is x
+    out = torch.empty(30)
+    assert to_host(x.t(), out=out) is out
+    assert torch.equal(out.view(5, 6), x.t())
