@@ -18,6 +18,7 @@ millions of zeros, so receivers of untrusted frames pass ``max_numel``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import mmap
@@ -817,18 +818,24 @@ def _decode_scratch(n: int, dtype: torch.dtype) -> np.ndarray:
     return a[:n]
 
 
-def decode(frame, *, out: torch.Tensor | None = None,
-           max_numel: int | None = None) -> torch.Tensor:
+def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
 
     Returns ``q * step`` with the frame's dtype and shape: ``float64(q) * step`` rounded
     to float32 (float64 for float64 frames), then to the dtype. Values that travelled as
-    exceptions come back bit for bit. With ``out`` (a CPU tensor of the frame's dtype and
-    element count) the result is written there and ``out`` is returned; ``out`` is written
-    only once the whole frame has decoded, so on a FrameError it is left as it was (the
-    frame is decoded into a scratch array the calling thread keeps for the next call, and
-    copied: one extra pass over the output, far cheaper than decoding twice to validate
-    first).
+    exceptions come back bit for bit. With ``out`` (a tensor of the frame's dtype and
+    element count, on the CPU or a CUDA device) the result is written there and ``out`` is
+    returned; ``out`` is written only once the whole frame has decoded, so on a FrameError
+    it is left as it was (on the CPU the frame is decoded into a scratch array the calling
+    thread keeps for the next call, and copied: one extra pass over the output, far cheaper
+    than decoding twice to validate first).
+
+    ``device``: where a new result goes (default the CPU); with ``out``, out's device. For a
+    CUDA device the frame is decoded into pinned host memory, copied to the device on its
+    current stream without blocking (as ``Tensor.to(device, non_blocking=True)`` from
+    pinned memory: work queued on that stream sees the values), and cast to the frame's
+    dtype and given its exceptions there.
 
     ``max_numel``: the most elements the caller accepts. A frame claiming more raises
     FrameError before anything in proportion to its size is allocated. None (the default)
@@ -838,12 +845,14 @@ def decode(frame, *, out: torch.Tensor | None = None,
 
     Raises FrameError if the buffer is not a valid frame.
     """
+    target = _decode_device(out, device)
     buf, h = _frame_and_header(frame, max_numel)
     if out is not None:
-        if not isinstance(out, torch.Tensor) or out.dtype != h.dtype or \
-                out.numel() != h.numel or out.device.type != "cpu":
-            raise ValueError(f"out must be a CPU {h.dtype} tensor of {h.numel} elements")
+        if out.dtype != h.dtype or out.numel() != h.numel:
+            raise ValueError(f"out must be a {h.dtype} tensor of {h.numel} elements")
     work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if target.type != "cpu":
+        return _decode_to_device(buf, h, work_dtype, target, out)
     if out is None:
         work = torch.from_numpy(_fresh(h.numel, np.float64 if h.dtype == torch.float64
                                        else np.float32))
@@ -857,6 +866,45 @@ def decode(frame, *, out: torch.Tensor | None = None,
     if out is not None:
         out.copy_(result.view(out.shape))
         return out
+    return result
+
+
+def _decode_device(out, device) -> torch.device:
+    """Where decode's result goes: out's device, else ``device``, else the CPU."""
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.device.type not in ("cpu", "cuda"):
+            raise ValueError("out must be a CPU or CUDA tensor")
+        if device is not None and torch.device(device) != out.device:
+            raise ValueError(f"device {device} is not out's device, {out.device}")
+        return out.device
+    if device is None:
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device, got {device!r}") from e
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+def _decode_to_device(buf, h: _Header, work_dtype: torch.dtype, target: torch.device,
+                      out: torch.Tensor | None) -> torch.Tensor:
+    """decode for a result on a device: decoded on the host (pinned memory for CUDA), then
+    copied, cast and given its exceptions on the device."""
+    cuda = target.type == "cuda"
+    work = torch.empty(h.numel, dtype=work_dtype, pin_memory=cuda)
+    _decode_into(buf, h, work.numpy(), h.steps)  # every FrameError is raised here
+    with torch.cuda.device(target) if cuda else contextlib.nullcontext():
+        result = work.to(target, non_blocking=cuda)
+        result = result if result.dtype == h.dtype else result.to(h.dtype)
+        if h.exc_pos.size:
+            result[torch.from_numpy(h.exc_pos).to(target)] = \
+                _exception_values(buf, h).to(target)
+        result = result.view(h.shape)
+        if out is not None:
+            out.copy_(result.view(out.shape))
+            return out
     return result
 
 

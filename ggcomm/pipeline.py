@@ -578,8 +578,9 @@ class PipeComm(StepSettings):
             if frame.tag != self.fingerprint:
                 raise SettingsMismatchError(f"frame from rank {src} carries tag {frame.tag:#010x}, "
                                         f"expected {self.fingerprint:#010x}")
-            cpu_out = out if out is not None and out.device.type == "cpu" else None
-            result = codec.decode(frame, out=cpu_out)
+            # into out on the CPU or a CUDA device (through pinned memory), else on the host
+            dev_out = out if out is not None and out.device.type in ("cpu", "cuda") else None
+            result = codec.decode(frame, out=dev_out)
             numel, nbytes_raw = frame.numel, frame.numel * frame.dtype.itemsize
         else:
             result = _parse_raw(host, src, tag, max_numel)

@@ -58,3 +58,26 @@ def test_to_host_copies_cuda_tensors_into_pinned_memory() -> None:
     assert torch.equal(ggcomm.encode(x, 0.05).buffer, ggcomm.encode(x.cpu(), 0.05).buffer)
     b = x.to(torch.bfloat16)
     assert torch.equal(ggcomm.encode(b, 0.05).buffer, ggcomm.encode(b.cpu(), 0.05).buffer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_onto_cuda_through_pinned_memory(dtype: torch.dtype) -> None:
+    x = torch.randn(70_000).to(dtype)
+    x[[3, 500, 69_999]] = torch.tensor([float("nan"), float("inf"), 3e38]).to(dtype)
+    frame = ggcomm.encode(x, 0.01)
+    assert frame.exceptions()[0].size == 3
+    want = ggcomm.decode(frame)
+    got = ggcomm.decode(frame, device="cuda")
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert torch.equal(got.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    out = torch.zeros(2 * 70_000, dtype=dtype, device="cuda")[::2]  # not contiguous
+    assert ggcomm.decode(frame, out=out) is out
+    assert torch.equal(out.cpu().nan_to_num(), want.nan_to_num())
+    # a corrupt frame: FrameError, and out is left as it was
+    bad = frame.buffer.clone()
+    bad[-1] ^= 0xFF
+    before = out.clone()
+    with pytest.raises(ggcomm.FrameError):
+        ggcomm.decode(bad, out=out)
+    assert torch.equal(out.nan_to_num(), before.nan_to_num())

@@ -13,3 +13,19 @@ def test_to_host_returns_host_tensors_themselves_or_fills_out() -> None:
     out = torch.empty(30)
     assert to_host(x.t(), out=out) is out
     assert torch.equal(out.view(5, 6), x.t())
+
+
+def test_decode_device_argument_on_the_cpu() -> None:
+    import pytest
+
+    import ggcomm
+
+    x = torch.randn(100, 7)
+    frame = ggcomm.encode(x, 0.01)
+    assert torch.equal(ggcomm.decode(frame, device="cpu"), ggcomm.decode(frame))
+    with pytest.raises(ValueError, match="torch device"):
+        ggcomm.decode(frame, device="not a device")
+    with pytest.raises(ValueError, match="not out's device"):
+        ggcomm.decode(frame, out=torch.empty(700), device="meta")
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        ggcomm.decode(frame, out=torch.empty(700, device="meta"))
