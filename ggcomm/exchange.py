@@ -170,7 +170,8 @@ def _sum(recv: torch.Tensor, sizes: list[int], steps: np.ndarray, out: np.ndarra
 def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, group: Any, *,
               block_size: int, tag: int, describe: str = "",
               what: str = "ggcomm coded sum",
-              shared_step: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+              shared_step: bool = False,
+              rans: bool = TRANSPORT_RANS) -> tuple[np.ndarray, dict[str, float]]:
     """The exact sum over ``group`` of every rank's ``x`` (flat float32, ``stream.numel``
     elements), EG-coded on the wire: this rank's chunk of it (``stream.parts`` equal to the
     group's size: a reduce-scatter) or all of it (``parts`` 1: an all-reduce). See the
@@ -181,8 +182,10 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
     ``what`` names the collective in errors. ``shared_step``: one step for all of ``x``
     instead of one per segment (the same step everywhere spends the bits where the
     squared error is largest: the least total squared error for the bits, where every
-    element's error counts alike). Returns the sum and this call's counts
-    (``bytes_sent``, ``bytes_received``, ``payload_bits``: the frame bits this rank sent).
+    element's error counts alike). ``rans``: code blocks in the codec's rANS mode where it
+    saves bits (``ggcomm.encode``'s argument; default ``TRANSPORT_RANS``). Returns the sum
+    and this call's counts (``bytes_sent``, ``bytes_received``, ``payload_bits``: the frame
+    bits this rank sent).
 
     Raises:
         FrameError: a peer announced a frame size no valid frame has, or a frame (this
@@ -217,7 +220,7 @@ def coded_sum(x: np.ndarray, stream: Stream, control: StepControl, key: str, gro
         frame, _ = codec.encode_feedback(
             x[lo: lo + c], None if resid is None else resid[lo: lo + c],
             steps[r * s: (r + 1) * s], stream.row_segments, block_size=block_size, tag=tag,
-            rans=TRANSPORT_RANS)
+            rans=rans)
         frames.append(frame)
 
     # 3. sizes and payload bits (the rate loop's measure, the same everywhere), then frames

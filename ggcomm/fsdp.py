@@ -96,13 +96,16 @@ class GGFSDP(StepSettings):
                  rel_step: float | None = None, *, error_feedback: bool = True,
                  block_size: int = codec.DEFAULT_BLOCK_SIZE, segment: int = DEFAULT_SEGMENT,
                  rate_gain: float = 0.5, warmup_iters: int = 0, warmup_rate: float = 8.0,
-                 weights: str | None = None, weights_rel_step: float = 1 / 16):
+                 weights: str | None = None, weights_rel_step: float = 1 / 16,
+                 rans: bool = TRANSPORT_RANS):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         if not (isinstance(weights_rel_step, (int, float)) and math.isfinite(weights_rel_step)
                 and weights_rel_step > 0):
             raise ValueError(f"weights_rel_step must be a positive number, got "
                              f"{weights_rel_step!r}")
+        codec.encode(torch.zeros(1), 1.0, rans=rans)  # validates rans
+        self.rans = rans
         self.weights = weights
         self.weights_rel_step = float(weights_rel_step)
         self.control = StepControl(rate, step, rel_step, default=("rate", DEFAULT_RATE),
@@ -142,13 +145,13 @@ class GGFSDP(StepSettings):
         if flat.numel() % world or output.numel() * world != flat.numel():
             raise ValueError(f"reduce-scatter of {flat.numel()} elements into "
                              f"{output.numel()} on {world} ranks")
-        x = flat.to("cpu", torch.float32).contiguous().numpy()
+        x = to_host(flat).to(torch.float32).contiguous().numpy()
         unit = self.units.get(key)
         if unit is None or unit.numel != x.size:  # new, or FSDP's set of grads changed
             unit = self.units[key] = Stream(x.size, world, self.segment, self.error_feedback)
         out, counts = coded_sum(x, unit, self.control, key, group, block_size=self.block_size,
                                 tag=self.fingerprint, describe=str(self.settings()),
-                                what=f"ggcomm FSDP reduce-scatter of {key!r}")
+                                what=f"ggcomm FSDP reduce-scatter of {key!r}", rans=self.rans)
         output.copy_(torch.from_numpy(out).view(output.shape))
         c = unit.chunk
         self.stats.add("gradients", **counts,
@@ -302,9 +305,10 @@ def compress(model: torch.nn.Module, rate: float | None = None, *, step: float |
     (call after ``fully_shard``); returns the :class:`GGFSDP` handle (``.stats``,
     ``.state_dict()``). ``rate`` (default 3 bits per element), ``step`` or ``rel_step``
     choose the steps; ``settings``: ``error_feedback``, ``block_size``, ``segment``,
-    ``rate_gain``, ``warmup_iters``, ``warmup_rate``, and ``weights`` (None, ``"rf8"`` or
-    ``"eg"``: the parameter all-gathers compressed too, see :meth:`GGFSDP.all_gather`) with
-    ``weights_rel_step``."""
+    ``rate_gain``, ``warmup_iters``, ``warmup_rate``, ``rans`` (the gradients' frames code
+    blocks in the codec's rANS mode where it saves bits; default ``TRANSPORT_RANS``), and
+    ``weights`` (None, ``"rf8"`` or ``"eg"``: the parameter all-gathers compressed too, see
+    :meth:`GGFSDP.all_gather`) with ``weights_rel_step``."""
     from torch.distributed.fsdp import FSDPModule
 
     handle = GGFSDP(rate, step, rel_step, **settings)

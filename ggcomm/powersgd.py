@@ -45,10 +45,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 from . import __version__, codec
+from ._host import to_host
 from .errors import GGCommError, StateLoadError
 from .exchange import DEFAULT_SEGMENT, Stream, coded_sum
 from .kernels import eg
-from .step_policy import StepControl, StepSettings
+from .step_policy import TRANSPORT_RANS, StepControl, StepSettings
 from .transport import (
     TrafficStats,
     check_state_header,
@@ -78,7 +79,8 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
     it carries the codec's rounding too). ``rate`` (default :data:`POWERSGD_RATE`),
     ``step`` or ``rel_step`` choose the factors' steps as for the DDP hook, with
     ``rate_gain``, ``warmup_iters`` and ``warmup_rate``; ``block_size`` and ``segment``
-    (elements per step) shape the frames.
+    (elements per step) shape the frames; ``rans`` lets them code blocks in the codec's
+    rANS mode where that saves bits (default ``TRANSPORT_RANS``, off).
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None,
@@ -89,7 +91,7 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
                  rel_step: float | None = None, rate_gain: float = 0.5,
                  warmup_iters: int = 0, warmup_rate: float = 8.0,
                  block_size: int = codec.DEFAULT_BLOCK_SIZE,
-                 segment: int = DEFAULT_SEGMENT) -> None:
+                 segment: int = DEFAULT_SEGMENT, rans: bool = TRANSPORT_RANS) -> None:
         super().__init__(process_group, matrix_approximation_rank, start_powerSGD_iter,
                          min_compression_rate, use_error_feedback=True,
                          warm_start=warm_start,
@@ -104,7 +106,8 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
             raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}")
         if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
             raise ValueError(f"segment must be a positive int, got {segment!r}")
-        self.block_size, self.segment = block_size, segment
+        codec.encode(torch.zeros(1), 1.0, rans=rans)  # validates rans
+        self.block_size, self.segment, self.rans = block_size, segment, rans
         self.streams: dict[str, Stream] = {}
         self.stats = TrafficStats(_COUNTERS)
         self._names: dict[int, str] = {}
@@ -147,14 +150,14 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
         group = self._group()
         world = dist.get_world_size(group)
         key = f"{bucket_index}/{part}"
-        x = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        x = to_host(t.detach()).to(torch.float32).contiguous().numpy()
         stream = self.streams.get(key)
         if stream is None or stream.numel != x.size:
             stream = self.streams[key] = Stream(x.size, 1, self.segment, feedback=False)
         out, counts = coded_sum(x, stream, self.control, key, group,
                                 block_size=self.block_size, tag=self.fingerprint,
                                 describe=str(self.settings()),
-                                what=f"ggcomm PowerSGD all-reduce of {key}")
+                                what=f"ggcomm PowerSGD all-reduce of {key}", rans=self.rans)
         t.copy_(torch.from_numpy(out).to(t.device, t.dtype))
         self.stats.add(**counts, raw_bytes=float((world - 1) * x.size * t.element_size()),
                        elements=float((world - 1) * x.size), seconds=time.perf_counter() - t0)

@@ -185,3 +185,21 @@ def lying_size(rank, world):
     finally:
         ggcomm.exchange.all_gather = orig
     return ("no error", None)
+
+
+def rans_pair(rank, world, steps):
+    """rans=False then rans=True at a step of 1.8 RMS, on a net wide enough for factors of
+    several thousand elements: the parameters and the bytes the hook counted."""
+    out = {}
+    for rans in (False, True):
+        state = PowerSGDEGState(matrix_approximation_rank=4, start_powerSGD_iter=2,
+                                rel_step=1.8, rans=rans)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 10))
+        ddp = DDP(model, bucket_cap_mb=1)
+        state.register(ddp)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        g = torch.Generator().manual_seed(10 + rank)
+        train(ddp, opt, g, steps)
+        out[rans] = dict(params=flat(model), sent=state.stats.total["bytes_sent"])
+    return out

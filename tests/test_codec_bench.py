@@ -103,6 +103,15 @@ def test_codec_stages_are_the_codecs_work(tmp_path: Path) -> None:
     assert "rans" in report and "## rANS blocks: bits against time" in report
     trade = report.split("## rANS blocks: bits against time")[1]
     assert "| GG beta=3 @2b |" in trade and ("Mbit/s |" in trade or "| any |" in trade)
+    # at equal bits: each side's step codes the rate, and rANS never costs squared error
+    rows = codec_stages.equal_bits(1 << 14, seed=0)
+    assert len(rows) == 16
+    for r in rows:
+        for rans in (False, True):
+            assert abs(r[rans]["bits"] - r["bits"]) < 0.01, r
+        assert r[True]["mse"] <= r[False]["mse"] * 1.001, r
+    assert max(1 - r[True]["mse"] / r[False]["mse"] for r in rows if r["bits"] == 1.5) > 0.1
+    assert "## rANS blocks at equal bits" in report
 
 
 def test_prefix_bounds() -> None:

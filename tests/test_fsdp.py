@@ -64,6 +64,17 @@ def test_it_trains_like_fp32_and_counts_the_bytes_it_moves():
     assert total["ratio"] > 3  # tiny chunks: headers and statistics weigh in
 
 
+def test_rans_frames_train_bit_identically_in_fewer_bytes():
+    runs = {rans: dist_utils.values(dist_utils.run(w.train, 2, 6, {"rel_step": 1.8,
+                                                                    "rans": rans}))
+            for rans in (False, True)}
+    for plain, coded in zip(runs[False], runs[True], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(plain["shards"], coded["shards"],
+                                                     strict=True))
+        assert coded["total"]["bytes_sent"] < plain["total"]["bytes_sent"]
+        assert coded["counted"] == coded["reported"]
+
+
 def test_bf16_parameters_and_reduce_dtype():
     res = dist_utils.values(dist_utils.run(w.train, 2, 10, {"rate": 4.0}, "bfloat16"))
     assert all(np.isfinite(r["losses"]).all() for r in res)
@@ -109,3 +120,13 @@ def test_compressed_weights_round_what_forward_sees_and_keep_the_masters():
             assert r["weights"]["ratio"] > (3.5 if fmt == "rf8" else 4.0)
         assert torch.equal(res[0]["seen"], res[1]["seen"])  # the same weights everywhere
         assert res[0]["losses"][-1] < res[0]["losses"][0]
+
+
+def test_settings_are_checked():
+    from ggcomm.fsdp import GGFSDP
+
+    for bad in ({"rans": "yes"}, {"weights": "fp8"}, {"weights_rel_step": 0},
+                {"segment": 0}, {"block_size": 0}, {"rate": 2.0, "step": 0.1}):
+        with pytest.raises(ValueError):
+            GGFSDP(**bad)
+    assert GGFSDP(rans=True).rans and not GGFSDP().rans

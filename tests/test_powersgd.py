@@ -32,6 +32,15 @@ def test_replicas_bit_identical_bytes_counted_and_torchs_algorithm():
         assert torch.equal(a, b)  # and the two ranks hold the same averaged gradients
 
 
+def test_rans_frames_sum_the_same_integers_in_fewer_bytes():
+    a, b = dist_utils.values(dist_utils.run(w.rans_pair, 2, 6))
+    # the same steps code the same integers: training is bit-identical, the frames smaller
+    for r in (a, b):
+        assert torch.equal(r[True]["params"], r[False]["params"])
+        assert r[True]["sent"] < r[False]["sent"]
+    assert torch.equal(a[True]["params"], b[True]["params"])
+
+
 def test_resume_is_bit_exact_with_one_bucket_and_close_with_several():
     for one, several in dist_utils.values(dist_utils.run(w.checkpoints, 2, 5, 9, [25.0, 0.02])):
         # one bucket: DDP's first-iteration layout is its rebuilt one, so a resumed run
@@ -59,6 +68,8 @@ def test_settings_and_defaults():
         PowerSGDEGState(rate=2.0, step=0.1)
     with pytest.raises(ValueError):
         PowerSGDEGState(block_size=0)
+    with pytest.raises(ValueError):
+        PowerSGDEGState(rans=1)
 
 
 def test_state_dict_refuses_other_settings_versions_and_ranks():

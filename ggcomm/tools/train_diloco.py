@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-segment-steps", action="store_true",
                    help="--wire gg: a step per 64k-element segment, each aiming at the rate "
                    "(default: one step for the whole pseudo-gradient)")
+    p.add_argument("--rans", action="store_true",
+                   help="--wire gg: let the frames code blocks in the codec's rANS mode "
+                   "where that saves bits (ggcomm.encode(rans=True))")
     add_gpt_run_args(p, 600, "gg (ggcomm.diloco)")
     args = p.parse_args(argv)
     if args.wire != "ddp" and args.steps % args.sync_every:
@@ -93,7 +96,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         diloco = DiLoCo(model, sync_every=args.sync_every, wire=args.wire,
                         outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
                         error_feedback=not args.no_error_feedback,
-                        shared_step=not args.per_segment_steps, **mode)
+                        shared_step=not args.per_segment_steps, rans=args.rans, **mode)
         trained = model
     data = ByteDataset.from_stdlib(args.block_size, args.corpus_bytes)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
