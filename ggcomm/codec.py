@@ -24,7 +24,6 @@ import math
 import mmap
 import struct
 import threading
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +34,11 @@ from . import _parallel
 from ._host import to_host
 from .errors import FrameError
 from .kernels import eg
+
+try:  # ISA-L's CRC-32: zlib's function (the same values), 4x its speed on x86-64
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without an isal wheel
+    from zlib import crc32
 
 __all__ = [
     "CRC_BYTES",
@@ -515,7 +519,7 @@ def _assemble(dtype, shape, tag, block_size, bounds, steps, layout, meta, chunks
     for buf, used in chunks:
         out[o:o + used] = buf[:used]
         o += used
-    _CRC.pack_into(out, o, zlib.crc32(out[:o]))
+    _CRC.pack_into(out, o, crc32(out[:o]))
 
     header = _Header(dtype, tuple(shape), numel, int(tag), block_size, bounds, steps, layout,
                      blk, exc_pos, header_len - n_exc * itemsize, header_len, payload_len,
@@ -591,7 +595,7 @@ def _fixed_fields(buf: np.ndarray, max_numel: int | None) -> tuple:
         raise FrameError(f"frame version {version}, this ggcomm reads versions "
                          f"{', '.join(map(str, READ_VERSIONS))}")
     (crc,) = _CRC.unpack_from(buf, n - _CRC.size)
-    if zlib.crc32(buf[: n - _CRC.size]) != crc:
+    if crc32(buf[: n - _CRC.size]) != crc:
         raise FrameError(f"checksum mismatch: the {n}-byte frame is corrupt or truncated")
     if dcode not in DTYPES:
         raise FrameError(f"unknown dtype code {dcode}")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 
 from . import _parallel
-from .codec import DTYPE_CODES, DTYPES, MAX_NDIM, MAX_NUMEL, byte_tensor
+from .codec import DTYPE_CODES, DTYPES, MAX_NDIM, MAX_NUMEL, byte_tensor, crc32
 from .errors import FrameError
 from .kernels import rf8 as kr
 
@@ -206,7 +205,7 @@ def encode(x: torch.Tensor, *, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     o[: len(head)] = np.frombuffer(head, np.uint8)
     o[len(head): len(head) + numel] = codes
     o[len(head) + numel: size - _CRC.size] = np.frombuffer(tail, np.uint8)
-    _CRC.pack_into(o, size - _CRC.size, zlib.crc32(o[: size - _CRC.size]))
+    _CRC.pack_into(o, size - _CRC.size, crc32(o[: size - _CRC.size]))
     return out
 
 
@@ -236,7 +235,7 @@ def decode(buffer: Any, *, max_numel: int | None = None,
     if version != VERSION:
         raise FrameError(f"RF8 version {version}, this ggcomm reads version {VERSION}")
     (crc,) = _CRC.unpack_from(b, n - _CRC.size)
-    if zlib.crc32(b[: n - _CRC.size]) != crc:
+    if crc32(b[: n - _CRC.size]) != crc:
         raise FrameError(f"checksum mismatch: the {n}-byte RF8 tensor is corrupt or truncated")
     if dcode not in DTYPES:
         raise FrameError(f"unknown dtype code {dcode}")

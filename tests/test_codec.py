@@ -568,3 +568,16 @@ def test_large_fresh_outputs_are_ordinary_tensors():
     assert float(y[0]) == 1.0 and torch.equal(y[1::2], decode(frame)[1::2])
     q, _, _ = codec.decode_symbols(frame)
     assert torch.equal(q, torch.round(x.double() / 0.05))
+
+
+def test_the_frame_crc_is_zlibs_crc32_through_isal_where_it_installs() -> None:
+    import platform
+
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    assert codec.crc32(data) == zlib.crc32(data.tobytes())
+    assert codec.crc32(data[5:]) == zlib.crc32(data[5:].tobytes())
+    assert codec.crc32(b"") == 0
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):  # pyproject's marker
+        from isal import isal_zlib
+
+        assert codec.crc32 is isal_zlib.crc32
