@@ -875,21 +875,24 @@ def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = No
 
 def _decode_device(out, device) -> torch.device:
     """Where decode's result goes: out's device, else ``device``, else the CPU."""
+    target = None
+    if device is not None:
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device, got {device!r}") from e
+        if target.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r}: no CUDA device here")
+            if target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.device.type not in ("cpu", "cuda"):
             raise ValueError("out must be a CPU or CUDA tensor")
-        if device is not None and torch.device(device) != out.device:
+        if target is not None and target != out.device:
             raise ValueError(f"device {device} is not out's device, {out.device}")
         return out.device
-    if device is None:
-        return torch.device("cpu")
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must name a torch device, got {device!r}") from e
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", torch.cuda.current_device())
-    return target
+    return target if target is not None else torch.device("cpu")
 
 
 def _decode_to_device(buf, h: _Header, work_dtype: torch.dtype, target: torch.device,

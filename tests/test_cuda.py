@@ -72,7 +72,7 @@ def test_decode_onto_cuda_through_pinned_memory(dtype: torch.dtype) -> None:
     assert torch.equal(got.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     out = torch.zeros(2 * 70_000, dtype=dtype, device="cuda")[::2]  # not contiguous
-    assert ggcomm.decode(frame, out=out) is out
+    assert ggcomm.decode(frame, out=out, device="cuda") is out  # "cuda" is out's device
     assert torch.equal(out.cpu().nan_to_num(), want.nan_to_num())
     # a corrupt frame: FrameError, and out is left as it was
     bad = frame.buffer.clone()

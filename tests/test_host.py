@@ -29,3 +29,7 @@ def test_decode_device_argument_on_the_cpu() -> None:
         ggcomm.decode(frame, out=torch.empty(700), device="meta")
     with pytest.raises(ValueError, match="CPU or CUDA"):
         ggcomm.decode(frame, out=torch.empty(700, device="meta"))
+    assert ggcomm.decode(frame, out=torch.empty(700), device="cpu").shape == (700,)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            ggcomm.decode(frame, device="cuda")
