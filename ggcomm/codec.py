@@ -351,6 +351,12 @@ def _block_layout(bounds: np.ndarray, block_size: int):
     return starts, counts, seg
 
 
+def check_code_args(*, k="auto", block_size=DEFAULT_BLOCK_SIZE, rans=True) -> None:
+    """ValueError unless ``k``, ``block_size`` and ``rans`` are valid arguments of
+    :func:`encode`: what a transport checks once, when it is configured."""
+    _code_args(k, block_size, "auto", 0, rans)
+
+
 def _code_args(k, block_size, zero_runs, tag, rans=True) -> tuple[int, int]:
     """Validate the coding arguments: (k_fixed, zero-runs mode with the mode-4 flag) for the
     kernels."""

@@ -189,7 +189,7 @@ class GGCommState(StepSettings):
         self.block_size = int(block_size)
         self.k = k
         self.rans = rans
-        codec.encode(torch.zeros(1), 1.0, k=k, block_size=self.block_size, rans=rans)  # check
+        codec.check_code_args(k=k, block_size=self.block_size, rans=rans)
         if isinstance(step_drift, bool) or not (isinstance(step_drift, (int, float))
                                                 and step_drift >= 0):
             raise ValueError(f"step_drift must be a number >= 0, got {step_drift!r}")

@@ -104,7 +104,7 @@ class GGFSDP(StepSettings):
                 and weights_rel_step > 0):
             raise ValueError(f"weights_rel_step must be a positive number, got "
                              f"{weights_rel_step!r}")
-        codec.encode(torch.zeros(1), 1.0, rans=rans)  # validates rans
+        codec.check_code_args(rans=rans)
         self.rans = rans
         self.weights = weights
         self.weights_rel_step = float(weights_rel_step)

@@ -295,7 +295,7 @@ class PipeComm(StepSettings):
         self.group = group
         self.control = StepControl(rate, step, rel_step, default=("rate", PIPELINE_RATE),
                                    rate_gain=rate_gain)
-        codec.encode(torch.zeros(1), 1.0, k=k, block_size=block_size, rans=rans)  # validates
+        codec.check_code_args(k=k, block_size=block_size, rans=rans)
         self.k, self.block_size, self.rans = k, int(block_size), rans
         if not (isinstance(min_numel, int) and min_numel >= 0):
             raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")

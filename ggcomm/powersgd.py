@@ -106,7 +106,7 @@ class PowerSGDEGState(powerSGD_hook.PowerSGDState, StepSettings):
             raise ValueError(f"block_size must be an int in 1..{eg.MAX_BLOCK_SIZE}")
         if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
             raise ValueError(f"segment must be a positive int, got {segment!r}")
-        codec.encode(torch.zeros(1), 1.0, rans=rans)  # validates rans
+        codec.check_code_args(rans=rans)
         self.block_size, self.segment, self.rans = block_size, segment, rans
         self.streams: dict[str, Stream] = {}
         self.stats = TrafficStats(_COUNTERS)

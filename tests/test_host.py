@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import ggcomm
 from ggcomm._host import to_host
 
 
@@ -16,10 +18,6 @@ def test_to_host_returns_host_tensors_themselves_or_fills_out() -> None:
 
 
 def test_decode_device_argument_on_the_cpu() -> None:
-    import pytest
-
-    import ggcomm
-
     x = torch.randn(100, 7)
     frame = ggcomm.encode(x, 0.01)
     assert torch.equal(ggcomm.decode(frame, device="cpu"), ggcomm.decode(frame))
