@@ -72,10 +72,13 @@ def _choose(u, starts, counts, prefix_bits, T):
     zero_runs="auto"); each block's bits go to prefix_bits, its small-symbol tables to T."""
     _, H, Hrun, Hval, Ts, pos, _, _ = eg._work_arrays(counts, 0, starts.size)
     bits = 0
+    hint = True
     for b in range(starts.size):
         s = starts[b]
-        prefix_bits[b] = eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval,
-                                         Ts, pos)[3]
+        choice = eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval, Ts, pos,
+                                 hint)
+        prefix_bits[b] = choice[3]
+        hint = choice[5]
         T[b] = Ts[0]
         bits += prefix_bits[b]
     return bits

@@ -292,18 +292,25 @@ def _nonzero_positions(scratch, cnt, pos):
     return np.int64(m)
 
 
-# Which way a block is histogrammed: from its nonzeros alone (_zero_run_hists with H) when
-# a sample of it (SAMPLE_RUNS runs of SAMPLE_RUN symbols, evenly spaced) is at least
-# SPARSE_SHARE zeros, cheaper there than the plain histogram plus the run histograms; else
-# the plain way. Either way gives the same histograms, so this guess moves time, never bits.
+# Which way a block is histogrammed (_choose_code). From its nonzeros alone (_zero_run_hists
+# with H, every code's histograms in one pass) when a sample of it (SAMPLE_RUNS runs of
+# SAMPLE_RUN symbols, evenly spaced) is at least SPARSE_SHARE zeros and zero runs look likely
+# to pay: the sample is at least SURE_SHARE zeros, or the last block this thread considered
+# for zero runs came within 1/RUNS_CLOSE of its best other code's bits in that mode (a
+# tensor's blocks are alike). Else the plain histogram first, then the run histograms only
+# where the zero-run bound says that mode could win: cheaper where it cannot (a GG tensor of
+# shape 1 at 2 bits per element is half zeros, and zero runs never win there). Both ways
+# give the same histograms, so these guesses move time, never bits.
 SAMPLE_RUNS = 16
 SAMPLE_RUN = 16
 SPARSE_SHARE = 0.5
+SURE_SHARE = 0.75
+RUNS_CLOSE = 8
 
 
 @njit(nogil=True, cache=True)
-def _looks_sparse(scratch, cnt):
-    """Whether a sample of scratch[:cnt] is mostly zeros (see SPARSE_SHARE)."""
+def _sample_zero_share(scratch, cnt):
+    """The share of zeros in a sample of scratch[:cnt] (all of it when short), 0 if empty."""
     if cnt < SAMPLE_RUNS * SAMPLE_RUN:
         n = cnt
         z = 0
@@ -317,7 +324,7 @@ def _looks_sparse(scratch, cnt):
             run = scratch[r * gap:r * gap + SAMPLE_RUN]
             for j in range(SAMPLE_RUN):
                 z += np.int64(run[j] == 0)
-    return z >= SPARSE_SHARE * n and n > 0
+    return z / n if n > 0 else 0.0
 
 
 @njit(nogil=True, cache=True)
@@ -647,18 +654,22 @@ def _best_code(H, k_fixed):
 
 
 @njit(nogil=True, cache=True)
-def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos):
-    """The code of one block of u-symbols (scratch[:cnt]): (mode, k, k_run, bits, zeros),
-    zeros being the block's count of 0 symbols.
+def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, runs_hint):
+    """The code of one block of u-symbols (scratch[:cnt]): (mode, k, k_run, bits, zeros,
+    runs_hint for the next block), zeros being the block's count of 0 symbols.
 
-    Exact, whichever way the histograms are made: a block that looks mostly zeros (_looks_sparse)
-    is histogrammed from its nonzeros alone, every code's at once; others get the plain
-    histogram, and the run histograms only where the zero-run bound says that mode could
-    win. Zero-run modes leave the nonzeros' positions in pos. Ts: three small-symbol
+    Exact, whichever way the histograms are made (see SPARSE_SHARE): a block that looks
+    sparse, where runs_hint (the previous block's verdict) or its sample says zero runs
+    may pay, is histogrammed from its nonzeros alone, every code's at once; others get the
+    plain histogram, and the run histograms only where the zero-run bound says that mode
+    could win. Zero-run modes leave the nonzeros' positions in pos. Ts: three small-symbol
     tables (see _work_arrays).
     """
     T, Trun, Tval = Ts[0], Ts[1], Ts[2]
-    runs = zero_runs == 2 or (zero_runs == 1 and _looks_sparse(scratch, cnt))
+    runs = zero_runs == 2
+    if zero_runs == 1:
+        share = _sample_zero_share(scratch, cnt)
+        runs = share >= SURE_SHARE or (runs_hint and share >= SPARSE_SHARE)
     if runs:
         zeros = cnt - _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, True)
     else:
@@ -667,20 +678,22 @@ def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos):
     rice, k, bits = _best_code(H, k_fixed)
     mode = MODE_RICE if rice else MODE_EG
     krun = 0
-    if not runs and zero_runs == 1 and zero_runs_considered(zeros, cnt) \
-            and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits:
-        _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, False)
-        runs = True
+    if zero_runs == 1 and not runs:
+        runs_hint = False
+        if zero_runs_considered(zeros, cnt) and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits:
+            _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, False)
+            runs = True
     if runs:
         krun, run_bits, _ = _best_k(Hrun)
         rice, kv, val_bits = _best_code(Hval, k_fixed)
+        runs_hint = RUNS_CLOSE * (run_bits + val_bits) < (RUNS_CLOSE + 1) * bits
         if zero_runs == 2 or run_bits + val_bits < bits:
             mode = MODE_ZERO_RUNS_RICE if rice else MODE_ZERO_RUNS
             k = kv
             bits = run_bits + val_bits
         else:
             krun = 0  # mode 0 and 2 blocks carry k_run = 0
-    return mode, k, krun, bits, zeros
+    return mode, k, krun, bits, zeros, runs_hint
 
 
 # --------------------------------------------------------------------------- mode 4
@@ -733,64 +746,84 @@ def _rans_estimate(R, n):
     return e
 
 
-# floor(x / f) for 0 <= x < 2**32 and 1 <= f <= RANS_M is floor(x * (1 / f) + _RANS_BIAS)
-# in binary64: the product is within 2**-20 of x / f, whose fraction is a multiple of 1 / f
-# at most 1 - 2**-12, so any bias in (2**-20, 2**-12 - 2**-20) lands on the exact quotient.
-_RANS_BIAS = 2.0 ** -14
+@njit(nogil=True, cache=True)
+def _rans_divisors(freq, cum, tab):
+    """tab[s] := what the encoder's step needs for symbol s of frequency freq[s] > 0: (the
+    state bound f << 20 above which a word is emitted, the reciprocal m's low 32 bits, a
+    mask standing for its 33rd bit, the shift l, cum[s], RANS_M - f).
+
+    floor(x / f) for 0 <= x < 2**32 is floor(x * m / 2**(32 + l)) with l = ceil(log2 f)
+    and m = ceil(2**(32 + l) / f) < 2**33 (Granlund and Montgomery, "Division by invariant
+    integers using multiplication", 1994, theorem 4.2); with m = 2**32 * m_hi + m_lo that is
+    ((x * m_lo >> 32) + m_hi * x) >> l in 64-bit integers.
+    """
+    for s in range(RANS_ALPHABET):
+        f = freq[s]
+        if f == 0:
+            tab[s, :] = 0
+            continue
+        sh = 0
+        while (1 << sh) < f:
+            sh += 1
+        m = ((np.int64(1) << (32 + sh)) + f - 1) // f
+        tab[s, 0] = np.uint64(f << 20)
+        tab[s, 1] = np.uint64(m & 0xFFFFFFFF)
+        tab[s, 2] = np.uint64(0xFFFFFFFF) if m >> 32 else np.uint64(0)
+        tab[s, 3] = np.uint64(sh)
+        tab[s, 4] = np.uint64(cum[s])
+        tab[s, 5] = np.uint64(RANS_M - f)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _rans_put(x, u, freq, cum, rcp, W, nw):
-    """One encoder step of a state x on symbol u (FORMAT.md, mode 4): (new x, new word
-    count), the emitted word stored at W[W.size - 1 - nw].
+def _rans_put(x, u, tab, W, nw):
+    """One encoder step of a state x (uint64) on symbol u (FORMAT.md, mode 4): (new x, new
+    word count), the emitted word stored at W[W.size - 1 - nw].
 
-    Branch-free: the word is always stored (W has a spare slot below its words) and
-    counted only when emitted; the quotient by f comes from a multiply (_RANS_BIAS).
+    Branch-free and division-free: the word is always stored (W has a spare slot below its
+    words) and counted only when emitted; the quotient by f is a multiply and shifts
+    (_rans_divisors).
     """
-    f = freq[u]
-    emit = x >= f << 20
-    W[W.size - 1 - nw] = np.uint16(x & 0xFFFF)
-    nw += np.int64(emit)
-    x = (x >> 16) if emit else x
-    q = np.int64(np.float64(x) * rcp[u] + _RANS_BIAS)
-    return (q << RANS_SCALE_BITS) + x - q * f + cum[u], nw
+    t = tab[u]
+    emit = x >= t[0]
+    W[np.uint64(W.size - 1) - nw] = np.uint16(x & np.uint64(0xFFFF))
+    nw += np.uint64(emit)
+    x = (x >> np.uint64(16)) if emit else x
+    q = (((x * t[1]) >> np.uint64(32)) + (x & t[2])) >> t[3]
+    return q * t[5] + x + t[4], nw  # q * RANS_M + (x - q * f) + cum
 
 
 @njit(nogil=True, cache=True)
 def _rans_encode(scratch, cnt, R, W):
     """Code scratch[:cnt] with the table in R (_rans_freqs): the words go to the end of W
     (W[W.size - nw:], in reading order), the final states to R[3, :4]. Returns nw."""
-    freq = R[1]
-    cum = R[2]
-    rcp = np.empty(RANS_ALPHABET, np.float64)
-    for s in range(RANS_ALPHABET):
-        rcp[s] = 1.0 / freq[s] if freq[s] > 0 else 0.0
-    x0 = np.int64(RANS_L)
-    x1 = np.int64(RANS_L)
-    x2 = np.int64(RANS_L)
-    x3 = np.int64(RANS_L)
-    nw = 0
+    tab = np.empty((RANS_ALPHABET, 6), np.uint64)
+    _rans_divisors(R[1], R[2], tab)
+    x0 = np.uint64(RANS_L)
+    x1 = np.uint64(RANS_L)
+    x2 = np.uint64(RANS_L)
+    x3 = np.uint64(RANS_L)
+    nw = np.uint64(0)
     j = cnt - 1
     while j >= 0 and (j & 3) != 3:  # the last partial group, state j & 3
-        u = scratch[j]
+        u = np.uint64(scratch[j])
         if (j & 3) == 2:
-            x2, nw = _rans_put(x2, u, freq, cum, rcp, W, nw)
+            x2, nw = _rans_put(x2, u, tab, W, nw)
         elif (j & 3) == 1:
-            x1, nw = _rans_put(x1, u, freq, cum, rcp, W, nw)
+            x1, nw = _rans_put(x1, u, tab, W, nw)
         else:
-            x0, nw = _rans_put(x0, u, freq, cum, rcp, W, nw)
+            x0, nw = _rans_put(x0, u, tab, W, nw)
         j -= 1
     while j >= 3:  # symbols are below RANS_ALPHABET: unsigned indices skip wraparound checks
-        x3, nw = _rans_put(x3, np.uint64(scratch[j]), freq, cum, rcp, W, nw)
-        x2, nw = _rans_put(x2, np.uint64(scratch[j - 1]), freq, cum, rcp, W, nw)
-        x1, nw = _rans_put(x1, np.uint64(scratch[j - 2]), freq, cum, rcp, W, nw)
-        x0, nw = _rans_put(x0, np.uint64(scratch[j - 3]), freq, cum, rcp, W, nw)
+        x3, nw = _rans_put(x3, np.uint64(scratch[j]), tab, W, nw)
+        x2, nw = _rans_put(x2, np.uint64(scratch[j - 1]), tab, W, nw)
+        x1, nw = _rans_put(x1, np.uint64(scratch[j - 2]), tab, W, nw)
+        x0, nw = _rans_put(x0, np.uint64(scratch[j - 3]), tab, W, nw)
         j -= 4
-    R[3, 0] = x0
-    R[3, 1] = x1
-    R[3, 2] = x2
-    R[3, 3] = x3
-    return nw
+    R[3, 0] = np.int64(x0)
+    R[3, 1] = np.int64(x1)
+    R[3, 2] = np.int64(x2)
+    R[3, 3] = np.int64(x3)
+    return np.int64(nw)
 
 
 @njit(nogil=True, cache=True)
@@ -856,17 +889,18 @@ def _write_rans(out, p, n, R, W, nw):
 
 @njit(nogil=True, cache=True)
 def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, out, p, meta,
-                b, nexc):
+                b, nexc, runs_hint):
     """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
 
     meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
-    position, or -1 if out is too small (nothing is written past its end). R and W are
-    mode 4's work arrays (_work_arrays).
+    position, or -1 if out is too small (nothing is written past its end), and the
+    runs_hint for the next block (_choose_code). R and W are mode 4's work arrays
+    (_work_arrays).
     """
-    mode, k, krun, bits, zeros = _choose_code(scratch, cnt, k_fixed, zero_runs & 3, H, Hrun,
-                                              Hval, Ts, pos)
+    mode, k, krun, bits, zeros, runs_hint = _choose_code(scratch, cnt, k_fixed, zero_runs & 3,
+                                                         H, Hrun, Hval, Ts, pos, runs_hint)
     if p + worst_case_bytes(cnt, zero_runs) > out.size:
-        return -1
+        return -1, runs_hint
     n, nw, rbits = _rans_try(scratch, cnt, k_fixed, zero_runs, Ts[0], R, W, bits)
     if n > 0:
         mode, k, krun, bits = MODE_RANS, n - 1, 0, rbits
@@ -882,7 +916,7 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, 
     meta[b, 4] = nexc
     if written != bits:  # the cost model and the writer disagree: a bug, never data
         meta[b, 3] = -1
-    return p
+    return p, runs_hint
 
 
 @njit(nogil=True, cache=True)
@@ -913,11 +947,12 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     """
     scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
+    hint = True
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                        out, p, meta, b, nexc)
+        p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                              out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p
@@ -1041,12 +1076,13 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     """
     scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
+    hint = True
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b],
                                   scratch, q_out, pos, stats, b)
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                        out, p, meta, b, nexc)
+        p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                              out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p
@@ -1058,6 +1094,7 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
     exceptions (u = 0)."""
     scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
     p = 0
+    hint = True
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         ss = s[starts[b]:starts[b] + cnt]
@@ -1069,8 +1106,8 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
             nexc += np.int64(not ok)
             q = q if ok else 0
             scratch[j] = 2 * q - 1 if q > 0 else -2 * q
-        p = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                        out, p, meta, b, nexc)
+        p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
+                              out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p

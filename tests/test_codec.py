@@ -7,6 +7,7 @@ import struct
 import zlib
 from fractions import Fraction
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -208,6 +209,93 @@ def test_kernels_equal_reference_bit_for_bit_with_rans(beta, rel_step, block_siz
     if beta >= 2.0 and rel_step >= 0.6 and block_size >= 2048:  # light tails, 2-3 bits
         frame = encode(x, rel_step, block_size=block_size)
         assert any(b.mode == "rans" for b in inspect(frame).blocks)
+
+
+def test_rans_divisors_give_the_exact_quotient():
+    """The encoder's step (its quotient by f from a multiply and shifts) equals the exact
+    one, x // f * 4096 + x % f + cum, for every frequency, at both ends of each quotient's
+    range of x (the quotient is monotonic in x), for the lowest and highest quotients the
+    state bound x < f * 2**20 allows and every 61st between; states at the bound emit a
+    word first. (All 2**20 quotients pass too; that sweep takes a minute.)"""
+    qs = np.unique(np.concatenate([np.arange(4096), np.arange(0, 1 << 20, 61),
+                                   np.arange((1 << 20) - 4096, 1 << 20)])).astype(np.int64)
+    assert _rans_steps(np.arange(1, eg.RANS_M + 1, dtype=np.int64), qs) == 0
+
+
+def _rans_steps(freqs, qs):
+    """How many (f, x) of the sweep the kernel's step gets wrong."""
+    bad = 0
+    for lo in range(0, freqs.size, eg.RANS_ALPHABET):
+        f = freqs[lo:lo + eg.RANS_ALPHABET]
+        freq = np.zeros(eg.RANS_ALPHABET, np.int64)
+        freq[:f.size] = f
+        cum = np.arange(eg.RANS_ALPHABET, dtype=np.int64) * 7
+        tab = np.empty((eg.RANS_ALPHABET, 6), np.uint64)
+        eg._rans_divisors(freq, cum, tab)
+        bad += _rans_step_errors(tab, freq, cum, f.size, qs)
+    return bad
+
+
+@numba.njit(cache=False)
+def _rans_step_errors(tab, freq, cum, n, qs):
+    W = np.zeros(4, np.uint16)
+    bad = 0
+    for s in range(n):
+        f = freq[s]
+        for q in qs:
+            for x in (q * f, q * f + f - 1):
+                if x >= f << 20:
+                    continue
+                y, nw = eg._rans_put(np.uint64(x), np.uint64(s), tab, W, np.uint64(0))
+                bad += np.int64(nw != 0) + np.int64(
+                    np.int64(y) != (x // f) * eg.RANS_M + x % f + cum[s])
+        y, nw = eg._rans_put(np.uint64(f << 20), np.uint64(s), tab, W, np.uint64(0))
+        x = (f << 20) >> 16
+        bad += np.int64(nw != 1) + np.int64(
+            np.int64(y) != (x // f) * eg.RANS_M + x % f + cum[s])
+    return bad
+
+
+def test_zero_run_histogram_path_never_changes_the_bits():
+    """Blocks alike and unlike their neighbours take either way of histogramming (from the
+    nonzeros, or the plain histogram then the run histograms), whichever the previous
+    block's verdict and the sample say: the codes and bytes are the reference's either way.
+    """
+    g = torch.Generator().manual_seed(11)
+    bs = 1024
+    gauss = torch.randn(bs, generator=g)
+    kinds = {
+        "runs win": torch.where(torch.rand(bs, generator=g) < 0.6, 0.0, gauss),
+        "half zeros, runs lose": ggcomm.gg.sample((bs,), 1.0, generator=g),
+        "very sparse": torch.where(torch.rand(bs, generator=g) < 0.9, 0.0, gauss),
+        "dense": ggcomm.gg.sample((bs,), 2.0, generator=g),
+    }
+    order = ["half zeros, runs lose", "runs win", "runs win", "half zeros, runs lose",
+             "half zeros, runs lose", "very sparse", "half zeros, runs lose", "dense",
+             "runs win", "dense", "very sparse", "runs win"]
+    x = torch.cat([kinds[k] for k in order])
+    before = ggcomm.get_num_threads()
+    try:
+        ggcomm.set_num_threads(1)  # one thread: each block's verdict passes to the next
+        frame = encode(x, 1.0, block_size=bs)
+    finally:
+        ggcomm.set_num_threads(before)
+    parts, _ = reference_frame_parts(x, [1.0], [x.numel()], bs, -1, 1)
+    info = inspect(frame)
+    modes = {"eg": 0, "zero_runs": 1, "rice": 2, "zero_runs_rice": 3, "rans": 4}
+    assert [(modes[b.mode], b.k, b.k_run, b.bit_length) for b in info.blocks] == \
+        [(m, kk, kr, nb) for m, kk, kr, _, nb in parts]
+    assert info.payload == b"".join(p[3] for p in parts)
+    # each block alone, with either verdict from its neighbour: the same choice, and the
+    # verdict it passes on says whether zero runs came close
+    _, H, Hrun, Hval, Ts, pos, _, _ = eg._work_arrays(np.array([bs]), 0, 1)
+    for kind, blk in kinds.items():
+        u = np.empty(bs, np.int32)
+        eg._quantize_to(blk.double().numpy(), 0, bs, 1.0, float(eg.QMAX), u)
+        got = [eg._choose_code(u, bs, -1, 1, H, Hrun, Hval, Ts, pos, hint)
+               for hint in (True, False)]
+        assert got[0][:5] == got[1][:5], kind
+        assert got[0][5] == got[1][5] == (kind in ("runs win", "very sparse")), kind
 
 
 def test_rans_false_leaves_mode_4_out():
