@@ -180,7 +180,7 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
     _symbols(xs, starts, counts, invs, lims, u)
     nb = starts.size
     prefix_bits = np.empty(nb, np.int64)
-    tables = np.empty((nb, 4 * eg._SMALL), np.int64)
+    tables = np.empty((nb, 4 * eg._LANE), np.int64)
     rs = np.zeros((nb, 4, eg.RANS_ALPHABET), np.int64)
     ws = np.empty((nb, int(counts.max()) + 8), np.uint16)
     nws = np.zeros(nb, np.int64)

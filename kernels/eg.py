@@ -96,7 +96,12 @@ _NBINS = NBINS
 _TOP = 16
 _GCOL = 2 * _NBINS + 1
 _HCOLS = _GCOL + _TOP
-_SMALL = 64  # symbols below this are histogrammed by table (a power of two)
+_SMALL = 256  # symbols below this are histogrammed by table (a power of two)
+_BOUND_SMALL = 64  # _zero_runs_bound's values below this are exact (its loops' length)
+# One table per lane, _LANE apart: a cache line more than _SMALL, so that a symbol's four
+# counters (and the three tables of _work_arrays) do not share the same L1 cache sets.
+_LANE = _SMALL + 8
+_EXTENT = _SMALL  # a spare slot of the first table: how far the tables may hold counts
 
 
 # --------------------------------------------------------------------------- helpers
@@ -149,26 +154,30 @@ def _histogram(scratch, cnt, H, T):
     four at a time where all four are small (one test for the four).
     """
     H[:, :] = 0
-    T[:] = 0
+    _clear_small(T)
+    top = np.uint64(0)  # the OR of the symbols: _fold_small reads only below its bit length
     j = 0
     while j + 3 < cnt:
         a = np.uint64(scratch[j])  # u >= 0; unsigned indices skip wraparound checks
         b = np.uint64(scratch[j + 1])
         c = np.uint64(scratch[j + 2])
         d = np.uint64(scratch[j + 3])
-        if (a | b | c | d) < _SMALL:  # _SMALL is a power of two
+        abcd = a | b | c | d
+        top |= abcd
+        if abcd < _SMALL:  # _SMALL is a power of two
             T[a] += 1
-            T[np.uint64(_SMALL) + b] += 1
-            T[np.uint64(2 * _SMALL) + c] += 1
-            T[np.uint64(3 * _SMALL) + d] += 1
+            T[np.uint64(_LANE) + b] += 1
+            T[np.uint64(2 * _LANE) + c] += 1
+            T[np.uint64(3 * _LANE) + d] += 1
         else:
             for i in range(j, j + 4):
                 _hist_one(H, T, np.uint64(scratch[i]))
         j += 4
     while j < cnt:
+        top |= np.uint64(scratch[j])
         _hist_one(H, T, np.uint64(scratch[j]))
         j += 1
-    _fold_small(T, H)
+    _fold_small(T, H, top)
 
 
 @njit(nogil=True, cache=True)
@@ -181,19 +190,46 @@ def _hist_one(H, T, u):
 
 
 @njit(nogil=True, cache=True)
-def _fold_small(T, H):
-    """Add the four interleaved small-symbol tables T into the (m, t) histogram H."""
-    for u in range(_SMALL):
-        c = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
-        if c:
-            if u == 0:
-                H[0, 0] += c
-                H[0, _GCOL] += c
-            else:
-                m = 64 - clz64(u)
-                y = np.int64(u) << (64 - m)
-                H[m, clz64(~y)] += c
-                H[m, _GCOL + lshr(y, 60)] += c
+def _clear_small(T):
+    """Zero the small-symbol tables T (as _fold_small left them: only as far as they may
+    hold counts, so a block of small symbols does not sweep all of T through the cache)."""
+    n = T[_EXTENT]
+    for lane in range(4):
+        T[lane * _LANE:lane * _LANE + n] = 0
+    T[_EXTENT] = 0
+
+
+@njit(nogil=True, cache=True)
+def _fold_small(T, H, top):
+    """Add the four interleaved small-symbol tables T into the (m, t) histogram H; top is
+    the OR of (at least) the symbols counted in T, which are below 2**bit_length(top).
+
+    Records in T how far its tables may hold counts, for _clear_small. Branch-free: a
+    symbol's bucket in each column group of H is a run of consecutive u, so running totals
+    of the counts give every bucket by one subtraction (see _hist_add for the buckets).
+    """
+    n = min(np.int64(1) << (64 - clz64(top)), _SMALL)
+    T[_EXTENT] = max(T[_EXTENT], n)
+    P = np.empty(n + 1, np.int64)  # P[u] = count of the symbols below u
+    acc = np.int64(0)
+    for u in range(n):
+        P[u] = acc
+        acc += T[u] + T[_LANE + u] + T[2 * _LANE + u] + T[3 * _LANE + u]
+    P[n] = acc
+    H[0, 0] += P[1]
+    H[0, _GCOL] += P[1]
+    for m in range(1, 64 - clz64(n - 1) + 1):  # bit lengths of 1..n-1
+        hi = np.int64(1) << m
+        for t in range(1, m):  # t leading ones: u in [hi - 2**(m-t), hi - 2**(m-t-1))
+            H[m, t] += P[hi - (hi >> (t + 1))] - P[hi - (hi >> t)]
+        H[m, m] += P[hi] - P[hi - 1]  # all ones
+        if m >= 4:  # top four bits j: u in [j * 2**(m-4), (j + 1) * 2**(m-4))
+            w = np.int64(1) << (m - 4)
+            for j in range(8, 16):
+                H[m, _GCOL + j] += P[(j + 1) * w] - P[j * w]
+        else:  # u itself, shifted to four bits
+            for u in range(hi >> 1, hi):
+                H[m, _GCOL + (u << (4 - m))] += P[u + 1] - P[u]
 
 
 @njit(nogil=True, cache=True)
@@ -339,19 +375,23 @@ def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, with_h):
     """
     Hrun[:, :] = 0
     Hval[:, :] = 0
-    Trun[:] = 0
-    Tval[:] = 0
+    _clear_small(Trun)
+    _clear_small(Tval)
     if with_h:
         H[:, :] = 0
-        T[:] = 0
+        _clear_small(T)
     m = np.uint64(_nonzero_positions(scratch, cnt, pos))
     prev = -1
+    top_run = np.uint64(0)  # the ORs of what the tables count (see _fold_small)
+    top_u = np.uint64(0)
     for i in range(m):
         p = np.int64(pos[i])
         run = np.uint64(p - prev - 1)
         u = np.uint64(scratch[np.uint64(p)])
         v = u - np.uint64(1)
-        lane = (np.uint64(i) & np.uint64(3)) * np.uint64(_SMALL)
+        top_run |= run
+        top_u |= u
+        lane = (np.uint64(i) & np.uint64(3)) * np.uint64(_LANE)
         if run < _SMALL:
             Trun[lane + run] += 1
         else:
@@ -368,11 +408,11 @@ def _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, with_h):
         prev = p
     if cnt - 1 - prev > 0:
         _hist_add(Hrun, cnt - 1 - prev)
-    _fold_small(Trun, Hrun)
-    _fold_small(Tval, Hval)
+    _fold_small(Trun, Hrun, top_run)
+    _fold_small(Tval, Hval, top_u)  # v < u
     if with_h:
         T[0] = cnt - np.int64(m)
-        _fold_small(T, H)
+        _fold_small(T, H, top_u)
     return np.int64(m)
 
 
@@ -620,15 +660,15 @@ def _zero_runs_bound(scratch, cnt, T, H, zeros):
         if H[m, _NBINS]:
             maxm = m
     small = 0
-    for u in range(1, _SMALL):
-        small += T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
+    for u in range(1, _BOUND_SMALL):
+        small += T[u] + T[_LANE + u] + T[2 * _LANE + u] + T[3 * _LANE + u]
     large = nnz - small
     best = np.int64(-1)
     for k in range(min(maxm, K_MAX) + 1):
-        c = large * _eg_len(np.int64(_SMALL - 1), k)
-        cr = large * _rice_len(np.int64(_SMALL - 1), k)  # the values in mode 2's code
-        for u in range(1, _SMALL):
-            n = T[u] + T[_SMALL + u] + T[2 * _SMALL + u] + T[3 * _SMALL + u]
+        c = large * _eg_len(np.int64(_BOUND_SMALL - 1), k)
+        cr = large * _rice_len(np.int64(_BOUND_SMALL - 1), k)  # the values in mode 2's code
+        for u in range(1, _BOUND_SMALL):
+            n = T[u] + T[_LANE + u] + T[2 * _LANE + u] + T[3 * _LANE + u]
             if n:
                 c += n * _eg_len(np.int64(u - 1), k)
                 cr += n * _rice_len(np.int64(u - 1), k)
@@ -716,7 +756,7 @@ def _rans_freqs(T, cnt, R):
     fsum = 0
     big = 0
     for s in range(RANS_ALPHABET):
-        c = T[s] + T[_SMALL + s] + T[2 * _SMALL + s] + T[3 * _SMALL + s]
+        c = T[s] + T[_LANE + s] + T[2 * _LANE + s] + T[3 * _LANE + s]
         R[0, s] = c
         total += c
         f = 0
@@ -849,7 +889,7 @@ def rans_bits(s, counts, out):
     of s (int32, all below RANS_ALPHABET): what the encoder compares against the other
     modes (the rate's mirror of the codec on devices other than the CPU uses it)."""
     n_max = max(1, counts.max()) if counts.size else 1
-    T = np.zeros(4 * _SMALL, np.int64)
+    T = np.zeros(4 * _LANE, np.int64)
     R = np.zeros((4, RANS_ALPHABET), np.int64)
     W = np.empty(n_max + 8, np.uint16)
     a = 0
@@ -926,7 +966,7 @@ def _work_arrays(counts, b_lo, b_hi):
     n = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     return (np.empty(n, np.int32), np.zeros((_NBINS, _HCOLS), np.int64),
             np.zeros((_NBINS, _HCOLS), np.int64), np.zeros((_NBINS, _HCOLS), np.int64),
-            np.zeros((3, 4 * _SMALL), np.int64), np.empty(n, np.int32),
+            np.zeros((3, 4 * _LANE), np.int64), np.empty(n, np.int32),
             np.zeros((4, RANS_ALPHABET), np.int64), np.empty(n + 8, np.uint16))
 
 

@@ -154,7 +154,7 @@ def test_zero_runs_bound_never_exceeds_the_zero_runs_bits(seed):
         x[rng.random(cnt) < rng.random()] = 0.0  # runs of exact zeros
         scratch = np.empty(cnt, np.int32)
         eg._quantize(x.astype(np.float32), 0, cnt, 1.0, scratch)
-        H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._SMALL, np.int64)
+        H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._LANE, np.int64)
         eg._histogram(scratch, cnt, H, T)
         eg._best_k(H)
         bound = eg._zero_runs_bound(scratch, cnt, T, H, H[0, 0])
@@ -179,7 +179,7 @@ def test_sparse_histograms_are_the_plain_ones(seed):
             x[:cnt // 7] = 0.0  # a long run
             u = np.empty(cnt, np.int32)
             eg._quantize(x.astype(np.float32), 0, cnt, 1.0, u)
-            H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._SMALL, np.int64)
+            H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._LANE, np.int64)
             eg._histogram(u, cnt, H, T)
             runs = [np.zeros_like(H) for _ in range(4)]
             tables = [np.zeros_like(T) for _ in range(4)]
@@ -323,3 +323,62 @@ def test_kernels_refuse_a_block_table_that_does_not_fit():
     assert reduce(payload.size + 1, h.numel, none)[0] == eg.ERR_TABLE  # past buf
     assert reduce(payload.size, h.numel - 1, none) == (eg.ERR_TABLE, last, 0)
     assert reduce(payload.size, h.numel, np.zeros(h.numel - 1, np.int32))[0] == eg.ERR_TABLE
+
+
+def test_small_symbol_fold_is_the_per_symbol_histogram():
+    # _fold_small turns the four interleaved count tables into the (m, t) histogram by
+    # running totals; it must equal counting each symbol on its own (_hist_add)
+    from ggcomm.kernels import eg
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        top = int(rng.integers(0, eg._SMALL))
+        T = np.zeros(4 * eg._LANE, np.int64)
+        for lane in range(4):
+            for u in range(eg._SMALL):
+                if (u | top) == top and rng.random() < 0.5:  # symbols within top's bits
+                    T[lane * eg._LANE + u] = rng.integers(0, 40)
+        totals = [sum(T[lane * eg._LANE + u] for lane in range(4)) for u in range(eg._SMALL)]
+        want = np.zeros((eg._NBINS, eg._HCOLS), np.int64)
+        for u, c in enumerate(totals):
+            for _ in range(c):
+                eg._hist_add(want, u)
+        got = np.zeros_like(want)
+        eg._fold_small(T, got, np.uint64(top))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_reused_histogram_tables_start_clean():
+    # the encoder's work arrays serve block after block and are cleared only as far as
+    # the last block's symbols reached: a block of small symbols after one of large ones
+    # must histogram as on fresh arrays, both ways
+    from ggcomm.kernels import eg
+
+    rng = np.random.default_rng(6)
+    cnt = 4096
+    big = rng.integers(0, 3 * eg._SMALL, cnt).astype(np.int32)
+    big[rng.random(cnt) < 0.6] = 0
+    small = rng.integers(0, 4, cnt).astype(np.int32)
+    small[rng.random(cnt) < 0.6] = 0
+
+    def hists(blocks, fresh):
+        H, T = np.zeros((eg._NBINS, eg._HCOLS), np.int64), np.zeros(4 * eg._LANE, np.int64)
+        Hr, Hv, Tr, Tv = np.zeros_like(H), np.zeros_like(H), np.zeros_like(T), np.zeros_like(T)
+        pos = np.empty(cnt, np.int32)
+        out = []
+        for u in blocks:
+            if fresh:
+                H, T, Hr, Hv, Tr, Tv = (np.zeros_like(a) for a in (H, T, Hr, Hv, Tr, Tv))
+            eg._histogram(u, cnt, H, T)
+            plain = H.copy(), [sum(T[lane * eg._LANE + s] for lane in range(4))
+                               for s in range(eg._SMALL)]
+            eg._zero_run_hists(u, cnt, Hr, Hv, pos, Tr, Tv, H, T, True)
+            out.append((plain, H.copy(), Hr.copy(), Hv.copy()))
+        return out
+
+    for (p1, *h1), (p2, *h2) in zip(hists([big, small, big, small], False),
+                                    hists([big, small, big, small], True), strict=True):
+        np.testing.assert_array_equal(p1[0], p2[0])
+        assert p1[1] == p2[1]
+        for a, b in zip(h1, h2, strict=True):
+            np.testing.assert_array_equal(a, b)
