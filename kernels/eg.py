@@ -233,8 +233,9 @@ def _fold_small(T, H, top):
 
 
 @njit(nogil=True, cache=True)
-def _eg_cost(H, k):
-    """Exact bits of EG_k over the symbols histogrammed in H (see _summarize).
+def _eg_cost(H, k, maxm):
+    """Exact bits of EG_k over the symbols histogrammed in H (see _summarize), whose
+    largest bit length is maxm.
 
     For u with bit length m: if m <= k the codeword has k + 1 bits. Otherwise
     floor(log2(u + 2**k)) is m - 1, or m when the top m - k bits of u are all ones,
@@ -242,7 +243,7 @@ def _eg_cost(H, k):
     H[m, 33] holds the row total and H[m, 34 + j] the count with t >= j.
     """
     total = 0
-    for m in range(_NBINS):
+    for m in range(maxm + 1):
         total += _eg_row_cost(H, m, k)
     return total
 
@@ -257,16 +258,16 @@ def _eg_row_cost(H, m, k):
 
 
 @njit(nogil=True, cache=True)
-def _rice_cost(H, k):
+def _rice_cost(H, k, maxm):
     """Exact bits of mode 2 (Golomb-Rice_k, EG_k escape) over the symbols histogrammed in H
-    (summarized).
+    (summarized; largest bit length maxm).
 
     For u of bit length m: m <= k costs k + 1 bits; k < m <= k + 4 costs (u >> k) + 1 + k,
     where u >> k is the top m - k bits of u, read off the top-4-bits columns; m > k + 4
     means u >= 16 * 2**k, an escape: RICE_ESC + EG_k(u), as in _eg_cost.
     """
     total = 0
-    for m in range(_NBINS):
+    for m in range(maxm + 1):
         if m <= k or H[m, _NBINS] == 0:
             total += H[m, _NBINS] * (k + 1)
         elif m <= k + 4:
@@ -283,9 +284,9 @@ def _best_order(H, maxm, rice):
     """(k, bits) minimising EG_k bits (mode 2's with rice) for the summarized histogram;
     ties go to the smaller k. Orders past maxm (the largest bit length) only add bits."""
     best_k = 0
-    best = _rice_cost(H, 0) if rice else _eg_cost(H, 0)
+    best = _rice_cost(H, 0, maxm) if rice else _eg_cost(H, 0, maxm)
     for k in range(1, min(maxm, K_MAX) + 1):
-        c = _rice_cost(H, k) if rice else _eg_cost(H, k)
+        c = _rice_cost(H, k, maxm) if rice else _eg_cost(H, k, maxm)
         if c < best:
             best = c
             best_k = k
@@ -294,11 +295,14 @@ def _best_order(H, maxm, rice):
 
 @njit(nogil=True, cache=True)
 def _summarize(H):
-    """Row totals and suffix sums of H[:, :33] into H[:, 33:]; returns the largest m seen."""
+    """Row totals and suffix sums of H[:, :33] into H[:, 33:]; returns the largest m seen.
+
+    Row m counts symbols of m bits, whose leading ones t are at most m: its suffix sums
+    past t = m stay as they are, zero in a cleared H."""
     maxm = 0
     for m in range(_NBINS):
         acc = 0
-        for t in range(_NBINS - 1, -1, -1):
+        for t in range(m, -1, -1):
             acc += H[m, t]
             H[m, _NBINS + 1 + t] = acc
         H[m, _NBINS] = acc
@@ -684,8 +688,7 @@ def _best_code(H, k_fixed):
     (k_fixed >= 0), else the cheaper of EG and mode 2's code at their best orders (ties to
     EG)."""
     if k_fixed >= 0:
-        _summarize(H)
-        return False, k_fixed, _eg_cost(H, k_fixed)
+        return False, k_fixed, _eg_cost(H, k_fixed, _summarize(H))
     k, bits, maxm = _best_k(H)
     kr, rice_bits = _best_order(H, maxm, True)
     if rice_bits < bits:
