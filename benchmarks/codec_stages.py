@@ -399,6 +399,13 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str,
     return "\n".join(lines)
 
 
+def machine_line() -> str:
+    """The machine and versions, as the results' header gives them."""
+    return (f"{platform.machine()}, {os.cpu_count()} logical CPUs; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, numpy "
+            f"{np.__version__}, numba {numba.__version__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=float, default=16.0)
@@ -419,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: done", file=sys.stderr)
     eq_numel = 1 << (16 if args.quick else 20)
     eq_rows = equal_bits(eq_numel, seed=100)
-    machine = (f"{platform.machine()}, {os.cpu_count()} logical CPUs; Python "
-               f"{platform.python_version()}, torch {torch.__version__}, numpy "
-               f"{np.__version__}, numba {numba.__version__}")
+    machine = machine_line()
     name = "codec_stages" + ("-quick" if args.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text(render(rows, args, machine, eq_rows, eq_numel))

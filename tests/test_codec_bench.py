@@ -3,6 +3,7 @@ the report with and without pcodec installed."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -135,3 +136,30 @@ def test_prefix_bounds() -> None:
     assert row.pair_huffman_over_entropy <= row.huffman_over_entropy
     assert f"| {row.huffman_over_entropy:.4f} | {row.pair_huffman_over_entropy:.4f} |" in \
         codec_bench._bits([row])[-1]
+
+
+def test_kernel_ab_compares_two_revisions_kernels(tmp_path: Path, monkeypatch) -> None:
+    """The A/B loads another revision's kernels from git as their own module, times both
+    on the same tensors in turn and reports rows whose frames are the same bytes; a
+    revision whose low-level intrinsics differ is refused."""
+    import kernel_ab
+
+    assert kernel_ab.main(["--base", "HEAD", "--mib", "0.0625", "--reps", "1",
+                           "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "kernel_ab.md").read_text()
+    data = json.loads((tmp_path / "kernel_ab.json").read_text())
+    assert len(data["rows"]) == len(kernel_ab.GG) + 2
+    assert all(r["base_ns"] > 0 and r["this_ns"] > 0 and r["speedup"] > 0 for r in data["rows"])
+    assert "| GG beta=3 @3b |" in report and "zeros, GG beta=1 nonzeros" in report
+    wide = data["rows"][-1]  # half zeros and wide symbols: zero runs, most symbols past 63
+    assert any(m.startswith("zero_runs") for m in wide["modes"]) and wide["bits"] > 4
+
+    real_git = kernel_ab._git
+
+    def other_intrinsics(*args: str) -> str:
+        out = real_git(*args)
+        return out + "# changed\n" if args[-1].endswith("_intrinsics.py") else out
+
+    monkeypatch.setattr(kernel_ab, "_git", other_intrinsics)
+    with pytest.raises(ValueError, match="_intrinsics.py differs"):
+        kernel_ab.load_kernels("HEAD", tmp_path)

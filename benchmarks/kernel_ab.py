@@ -1,0 +1,163 @@
+"""The encoder of this checkout against another revision's, called in turn in one process.
+
+On this shared machine one call's time moves by up to 2x between runs, so two runs of
+``codec_bench.py`` cannot show a change of 10-30%. Here the other revision's
+``kernels/eg.py`` is loaded from git as a module of its own (the kernels need nothing else
+from the package but ``kernels/_intrinsics.py``, which must be the same in both), and
+``ggcomm.encode`` runs on the same tensor with the base kernels and with this checkout's,
+alternating, one thread; the medians and their ratio are reported. The frames must be
+byte for byte the same: this measures changes that move time, never bits.
+
+    python benchmarks/kernel_ab.py --base abb6364   # -> results/kernel_ab.{md,json}
+    python benchmarks/kernel_ab.py --base HEAD --mib 0.25 --reps 3 --out /tmp/ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ggcomm
+from ggcomm import codec, gg
+from ggcomm.kernels import eg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import codec_stages  # noqa: E402  (the same data makers and machine line)
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+GG = ((0.5, 2.0), (0.5, 3.0), (0.5, 4.5), (1.0, 2.0), (1.0, 3.0), (1.0, 4.5), (2.0, 2.0),
+      (2.0, 3.0), (2.0, 4.5), (3.0, 2.0), (3.0, 3.0), (3.0, 4.5))  # (shape, bits)
+HALF_ZEROS = (0.5, 1 / 48)  # zero share, step of the unit Laplace nonzeros (wide symbols)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def load_kernels(rev: str, where: Path):
+    """Revision ``rev``'s ``kernels/eg.py`` as a module of its own, compiled into ``where``.
+    Raises ValueError if that revision's ``kernels/_intrinsics.py`` differs from this
+    checkout's (its kernels would not be what ran then)."""
+    ours = (REPO / "kernels" / "_intrinsics.py").read_text()
+    if _git("show", f"{rev}:kernels/_intrinsics.py") != ours:
+        raise ValueError(f"kernels/_intrinsics.py differs at {rev}: not comparable this way")
+    src = _git("show", f"{rev}:kernels/eg.py")
+    name = "eg_base_" + _git("rev-parse", "--short", rev).strip()
+    path = where / f"{name}.py"
+    path.write_text(src.replace("from ._intrinsics import",
+                                "from ggcomm.kernels._intrinsics import"))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def data(numel: int) -> list[tuple[str, torch.Tensor, float]]:
+    """(label, tensor, step) per row: GG shapes at 2-4.5 bits, 90% zeros (codec_stages'
+    rows), and half exact zeros with wide nonzeros (like the DDP hook's gradient buckets
+    of a ReLU MLP: most symbols past 63)."""
+    rows = [codec_stages.make(beta, bits, numel, seed=i) for i, (beta, bits) in enumerate(GG)]
+    rows.append(codec_stages.make(None, 3.0, numel, seed=len(GG)))
+    zeros, step = HALF_ZEROS
+    gen = torch.Generator().manual_seed(len(GG) + 1)
+    x = gg.sample(numel, 1.0, generator=gen)
+    x[torch.rand(numel, generator=gen) < zeros] = 0.0
+    rows.append((f"{zeros:.0%} zeros, GG beta=1 nonzeros at step 1/{1 / step:g}", x, step))
+    return rows
+
+
+def ab(x: torch.Tensor, step: float, base, reps: int) -> dict:
+    """Median seconds of ``ggcomm.encode(x, step)`` with the base kernels and with this
+    checkout's, called in turn (a warm-up call each first); the frames must be the same."""
+    kernels = {"base": base, "this": eg}
+    frames, times = {}, {k: [] for k in kernels}
+    try:
+        for k, m in kernels.items():
+            codec.eg = m
+            frames[k] = codec.encode(x, step)
+        if not torch.equal(frames["base"].buffer, frames["this"].buffer):
+            raise RuntimeError("the two revisions' frames differ: this compares speed only")
+        for _ in range(reps):
+            for k, m in kernels.items():
+                codec.eg = m
+                t = time.perf_counter()
+                codec.encode(x, step)
+                times[k].append(time.perf_counter() - t)
+    finally:
+        codec.eg = eg
+    base_s, this_s = statistics.median(times["base"]), statistics.median(times["this"])
+    names = [b.mode for b in codec.inspect(frames["this"]).blocks]
+    return {"bits": frames["this"].bits_per_element, "base_ns": base_s / x.numel() * 1e9,
+            "this_ns": this_s / x.numel() * 1e9, "speedup": base_s / this_s,
+            "modes": {m: names.count(m) for m in sorted(set(names))}}
+
+
+def render(rows: list[dict], args: argparse.Namespace, base_rev: str, this_rev: str) -> str:
+    lines = [
+        "# Encoder A/B: this checkout's kernels against another revision's, alternating",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; "
+        f"command: `python benchmarks/kernel_ab.py --base {args.base}"
+        + (f" --mib {args.mib:g}" if args.mib != 16.0 else "")
+        + (f" --reps {args.reps}" if args.reps != 15 else "") + "`",
+        f"- base {base_rev}, this checkout {this_rev}",
+        f"- {codec_stages.machine_line()}",
+        f"- one thread; {args.mib:g} MiB of float32 per tensor; `ggcomm.encode(x, step)` "
+        f"with the base kernels and with this checkout's in turn, {args.reps} times each "
+        "after a warm-up; medians in ns per element. Every row's frames are byte for byte "
+        "the same.",
+        "",
+        "| data | bits | blocks | base ns | this ns | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        modes = ", ".join(f"{m} {c}" for m, c in r["modes"].items())
+        lines.append(f"| {r['label']} | {r['bits']:.3f} | {modes} | {r['base_ns']:.2f} | "
+                     f"{r['this_ns']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="the git revision to compare against")
+    p.add_argument("--mib", type=float, default=16.0)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ggcomm.set_num_threads(1)
+    numel = int(args.mib * (1 << 20)) // 4
+    base_rev = _git("rev-parse", "--short", args.base).strip()
+    this_rev = _git("rev-parse", "--short", "HEAD").strip()
+    if _git("status", "--porcelain", "--", "kernels"):
+        this_rev += " with uncommitted kernel changes"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_kernels(args.base, Path(tmp))
+        for label, x, step in data(numel):
+            rows.append({"label": label, **ab(x, step, base, args.reps)})
+            print(f"{label}: {rows[-1]['speedup']:.2f}x", file=sys.stderr)
+    out_dir = args.out or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernel_ab.md").write_text(render(rows, args, base_rev, this_rev))
+    (out_dir / "kernel_ab.json").write_text(json.dumps(
+        {"base": base_rev, "this": this_rev, "mib": args.mib, "reps": args.reps,
+         "machine": codec_stages.machine_line(), "rows": rows}, indent=1))
+    print(f"wrote {out_dir / 'kernel_ab'}.md and .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
