@@ -98,8 +98,8 @@ _GCOL = 2 * _NBINS + 1
 _HCOLS = _GCOL + _TOP
 _SMALL = 256  # symbols below this are histogrammed by table (a power of two)
 _BOUND_SMALL = 64  # _zero_runs_bound's values below this are exact (its loops' length)
-# One table per lane, _LANE apart: a cache line more than _SMALL, so that a symbol's four
-# counters (and the three tables of _work_arrays) do not share the same L1 cache sets.
+# One table per lane, _LANE apart: a cache line more than _SMALL, as tables a power of two
+# apart would put a symbol's four counters in the same L1 cache set.
 _LANE = _SMALL + 8
 _EXTENT = _SMALL  # a spare slot of the first table: how far the tables may hold counts
 
