@@ -1,12 +1,14 @@
-"""The encoder of this checkout against another revision's, called in turn in one process.
+"""The codec kernels of this checkout against another revision's, called in turn in one
+process.
 
 On this shared machine one call's time moves by up to 2x between runs, so two runs of
 ``codec_bench.py`` cannot show a change of 10-30%. Here the other revision's
 ``kernels/eg.py`` is loaded from git as a module of its own (the kernels need nothing else
 from the package but ``kernels/_intrinsics.py``, which must be the same in both), and
-``ggcomm.encode`` runs on the same tensor with the base kernels and with this checkout's,
-alternating, one thread; the medians and their ratio are reported. The frames must be
-byte for byte the same: this measures changes that move time, never bits.
+``ggcomm.encode`` and ``ggcomm.decode(out=)`` run on the same tensor with the base kernels
+and with this checkout's, alternating, one thread; the medians and their ratios are
+reported. The frames (and decoded values) must be the same: this measures changes that
+move time, never bits.
 
     python benchmarks/kernel_ab.py --base abb6364   # -> results/kernel_ab.{md,json}
     python benchmarks/kernel_ab.py --base HEAD --mib 0.25 --reps 3 --out /tmp/ab
@@ -79,34 +81,46 @@ def data(numel: int) -> list[tuple[str, torch.Tensor, float]]:
 
 
 def ab(x: torch.Tensor, step: float, base, reps: int) -> dict:
-    """Median seconds of ``ggcomm.encode(x, step)`` with the base kernels and with this
-    checkout's, called in turn (a warm-up call each first); the frames must be the same."""
+    """Median seconds of ``ggcomm.encode(x, step)`` and of ``ggcomm.decode(frame, out=)``
+    with the base kernels and with this checkout's, called in turn (a warm-up call each
+    first); the frames and the decoded values must be the same."""
     kernels = {"base": base, "this": eg}
-    frames, times = {}, {k: [] for k in kernels}
+    luts = {k: m.build_luts() for k, m in kernels.items()}  # each decoder its own tables
+    frames, outs = {}, {k: torch.empty_like(x) for k in kernels}
+    enc, dec = {k: [] for k in kernels}, {k: [] for k in kernels}
+    luts_fn = codec._luts
     try:
         for k, m in kernels.items():
-            codec.eg = m
+            codec.eg, codec._luts = m, (lambda t=luts[k]: t)
             frames[k] = codec.encode(x, step)
+            codec.decode(frames[k], out=outs[k])
         if not torch.equal(frames["base"].buffer, frames["this"].buffer):
             raise RuntimeError("the two revisions' frames differ: this compares speed only")
+        if not torch.equal(outs["base"].view(torch.int32), outs["this"].view(torch.int32)):
+            raise RuntimeError("the two revisions decode the frame differently")
         for _ in range(reps):
             for k, m in kernels.items():
-                codec.eg = m
-                t = time.perf_counter()
+                codec.eg, codec._luts = m, (lambda t=luts[k]: t)
+                t0 = time.perf_counter()
                 codec.encode(x, step)
-                times[k].append(time.perf_counter() - t)
+                t1 = time.perf_counter()
+                codec.decode(frames[k], out=outs[k])
+                enc[k].append(t1 - t0)
+                dec[k].append(time.perf_counter() - t1)
     finally:
-        codec.eg = eg
-    base_s, this_s = statistics.median(times["base"]), statistics.median(times["this"])
+        codec.eg, codec._luts = eg, luts_fn
+    ns = {f"{k}_{what}_ns": statistics.median(t[k]) / x.numel() * 1e9
+          for what, t in (("encode", enc), ("decode", dec)) for k in kernels}
     names = [b.mode for b in codec.inspect(frames["this"]).blocks]
-    return {"bits": frames["this"].bits_per_element, "base_ns": base_s / x.numel() * 1e9,
-            "this_ns": this_s / x.numel() * 1e9, "speedup": base_s / this_s,
+    return {"bits": frames["this"].bits_per_element, **ns,
+            "encode_speedup": ns["base_encode_ns"] / ns["this_encode_ns"],
+            "decode_speedup": ns["base_decode_ns"] / ns["this_decode_ns"],
             "modes": {m: names.count(m) for m in sorted(set(names))}}
 
 
 def render(rows: list[dict], args: argparse.Namespace, base_rev: str, this_rev: str) -> str:
     lines = [
-        "# Encoder A/B: this checkout's kernels against another revision's, alternating",
+        "# Codec A/B: this checkout's kernels against another revision's, alternating",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; "
         f"command: `python benchmarks/kernel_ab.py --base {args.base}"
@@ -115,17 +129,20 @@ def render(rows: list[dict], args: argparse.Namespace, base_rev: str, this_rev: 
         f"- base {base_rev}, this checkout {this_rev}",
         f"- {codec_stages.machine_line()}",
         f"- one thread; {args.mib:g} MiB of float32 per tensor; `ggcomm.encode(x, step)` "
-        f"with the base kernels and with this checkout's in turn, {args.reps} times each "
-        "after a warm-up; medians in ns per element. Every row's frames are byte for byte "
-        "the same.",
+        "and `ggcomm.decode(frame, out=)` with the base kernels and with this checkout's in "
+        f"turn, {args.reps} times each after a warm-up; medians in ns per element. Every "
+        "row's frames are byte for byte the same, and so are the decoded values.",
         "",
-        "| data | bits | blocks | base ns | this ns | speedup |",
-        "|---|---|---|---|---|---|",
+        "| data | bits | blocks | encode, base | encode, this | encode speedup "
+        "| decode, base | decode, this | decode speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         modes = ", ".join(f"{m} {c}" for m, c in r["modes"].items())
-        lines.append(f"| {r['label']} | {r['bits']:.3f} | {modes} | {r['base_ns']:.2f} | "
-                     f"{r['this_ns']:.2f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['label']} | {r['bits']:.3f} | {modes} | "
+                     f"{r['base_encode_ns']:.2f} | {r['this_encode_ns']:.2f} | "
+                     f"{r['encode_speedup']:.2f}x | {r['base_decode_ns']:.2f} | "
+                     f"{r['this_decode_ns']:.2f} | {r['decode_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         base = load_kernels(args.base, Path(tmp))
         for label, x, step in data(numel):
             rows.append({"label": label, **ab(x, step, base, args.reps)})
-            print(f"{label}: {rows[-1]['speedup']:.2f}x", file=sys.stderr)
+            print(f"{label}: encode {rows[-1]['encode_speedup']:.2f}x, decode "
+                  f"{rows[-1]['decode_speedup']:.2f}x", file=sys.stderr)
     out_dir = args.out or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernel_ab.md").write_text(render(rows, args, base_rev, this_rev))

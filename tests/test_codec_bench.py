@@ -140,8 +140,8 @@ def test_prefix_bounds() -> None:
 
 def test_kernel_ab_compares_two_revisions_kernels(tmp_path: Path, monkeypatch) -> None:
     """The A/B loads another revision's kernels from git as their own module, times both
-    on the same tensors in turn and reports rows whose frames are the same bytes; a
-    revision whose low-level intrinsics differ is refused."""
+    (encode and decode) on the same tensors in turn and reports rows whose frames and
+    values are the same; a revision whose low-level intrinsics differ is refused."""
     import kernel_ab
 
     assert kernel_ab.main(["--base", "HEAD", "--mib", "0.0625", "--reps", "1",
@@ -149,7 +149,9 @@ def test_kernel_ab_compares_two_revisions_kernels(tmp_path: Path, monkeypatch) -
     report = (tmp_path / "kernel_ab.md").read_text()
     data = json.loads((tmp_path / "kernel_ab.json").read_text())
     assert len(data["rows"]) == len(kernel_ab.GG) + 2
-    assert all(r["base_ns"] > 0 and r["this_ns"] > 0 and r["speedup"] > 0 for r in data["rows"])
+    assert all(r[f"{w}_{k}_ns"] > 0 for r in data["rows"] for w in ("base", "this")
+               for k in ("encode", "decode"))
+    assert all(r["encode_speedup"] > 0 and r["decode_speedup"] > 0 for r in data["rows"])
     assert "| GG beta=3 @3b |" in report and "zeros, GG beta=1 nonzeros" in report
     wide = data["rows"][-1]  # half zeros and wide symbols: zero runs, most symbols past 63
     assert any(m.startswith("zero_runs") for m in wide["modes"]) and wide["bits"] > 4
