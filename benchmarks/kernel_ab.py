@@ -89,9 +89,13 @@ def ab(x: torch.Tensor, step: float, base, reps: int) -> dict:
     frames, outs = {}, {k: torch.empty_like(x) for k in kernels}
     enc, dec = {k: [] for k in kernels}, {k: [] for k in kernels}
     luts_fn = codec._luts
+
+    def use(k: str) -> None:  # the codec calls kernels[k] and decodes with its tables
+        codec.eg, codec._luts = kernels[k], (lambda: luts[k])
+
     try:
-        for k, m in kernels.items():
-            codec.eg, codec._luts = m, (lambda t=luts[k]: t)
+        for k in kernels:
+            use(k)
             frames[k] = codec.encode(x, step)
             codec.decode(frames[k], out=outs[k])
         if not torch.equal(frames["base"].buffer, frames["this"].buffer):
@@ -99,8 +103,8 @@ def ab(x: torch.Tensor, step: float, base, reps: int) -> dict:
         if not torch.equal(outs["base"].view(torch.int32), outs["this"].view(torch.int32)):
             raise RuntimeError("the two revisions decode the frame differently")
         for _ in range(reps):
-            for k, m in kernels.items():
-                codec.eg, codec._luts = m, (lambda t=luts[k]: t)
+            for k in kernels:
+                use(k)
                 t0 = time.perf_counter()
                 codec.encode(x, step)
                 t1 = time.perf_counter()
