@@ -4,7 +4,7 @@ process.
 On this shared machine one call's time moves by up to 2x between runs, so two runs of
 ``codec_bench.py`` cannot show a change of 10-30%. Here the other revision's
 ``kernels/eg.py`` is loaded from git as a module of its own (the kernels need nothing else
-from the package but ``kernels/_intrinsics.py``, which must be the same in both), and
+from the package but ``kernels/_intrinsics.py``, whose intrinsics it uses must be unchanged), and
 ``ggcomm.encode`` and ``ggcomm.decode(out=)`` run on the same tensor with the base kernels
 and with this checkout's, alternating, one thread; the medians and their ratios are
 reported. The frames (and decoded values) must be the same: this measures changes that
@@ -17,6 +17,7 @@ move time, never bits.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib.util
 import json
@@ -48,13 +49,35 @@ def _git(*args: str) -> str:
                           text=True).stdout
 
 
+def _definitions(source: str) -> dict[str, str]:
+    """Each top-level statement of a module's source that defines a name (functions,
+    classes, assignments, imports), as its dumped syntax tree, by name."""
+    defs = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs[node.name] = ast.dump(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom)):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else node.names)
+            for t in targets:
+                name = getattr(t, "id", None) or getattr(t, "asname", None) or \
+                    getattr(t, "name", None)
+                if name:
+                    defs[name] = ast.dump(node)
+    return defs
+
+
 def load_kernels(rev: str, where: Path):
     """Revision ``rev``'s ``kernels/eg.py`` as a module of its own, compiled into ``where``.
-    Raises ValueError if that revision's ``kernels/_intrinsics.py`` differs from this
-    checkout's (its kernels would not be what ran then)."""
-    ours = (REPO / "kernels" / "_intrinsics.py").read_text()
-    if _git("show", f"{rev}:kernels/_intrinsics.py") != ours:
-        raise ValueError(f"kernels/_intrinsics.py differs at {rev}: not comparable this way")
+    Raises ValueError if an intrinsic that revision's ``kernels/_intrinsics.py`` defines is
+    missing or defined differently in this checkout's (its kernels would not be what ran
+    then); intrinsics added since are allowed."""
+    ours = _definitions((REPO / "kernels" / "_intrinsics.py").read_text())
+    theirs = _definitions(_git("show", f"{rev}:kernels/_intrinsics.py"))
+    changed = sorted(n for n, d in theirs.items() if ours.get(n) != d)
+    if changed:
+        raise ValueError(f"kernels/_intrinsics.py differs at {rev} ({', '.join(changed)}): "
+                         "not comparable this way")
     src = _git("show", f"{rev}:kernels/eg.py")
     name = "eg_base_" + _git("rev-parse", "--short", rev).strip()
     path = where / f"{name}.py"

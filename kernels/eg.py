@@ -27,6 +27,7 @@ from ._intrinsics import (
     lshr,
     store_be64,
     store_i32,
+    store_u16x4_i32,
 )
 
 # Largest |q| the code carries; larger magnitudes (and non-finite values) travel in the
@@ -1224,26 +1225,34 @@ def _read_rice(ptr, nbuf, pos, k):
 
 
 # Table-driven decoding: for orders k <= LUT_K_MAX, the top LUT_BITS bits of the stream
-# index a table entry holding up to three whole codewords found there (their symbols,
-# their total length, their count). One lookup then decodes ~2-3 symbols at the
-# 3-5 bits per element that gradients take.
+# index a table entry holding up to four whole codewords found there (their symbols) and a
+# byte beside the entries (their count and total length). One lookup then decodes ~2-4
+# symbols at the 2-5 bits per element that gradients take.
 LUT_BITS = 12
 LUT_K_MAX = 8
+LUT_SLOTS = 4
+LUT_META = (1 << LUT_BITS) * 8  # a table's byte offset of its meta bytes, one per entry
+LUT_SIZE = (1 << LUT_BITS) + (1 << LUT_BITS) // 8  # int64 words: entries, then meta bytes
 
 
 @njit(nogil=True, cache=True)
 def build_lut(k, table, rice=False):
-    """Fill table[0 : 2**LUT_BITS] for order k (EG codewords; mode-2 ones with rice).
+    """Fill table[:LUT_SIZE] for order k (EG codewords; mode-2 ones with rice).
 
-    Entry: count (bits 0-1), total bits (bits 2-5), symbols at bits 8, 24, 40 (16 each).
-    Count 0 means the first codeword is longer than LUT_BITS bits (or the bits are all
-    zero, which no valid stream has there): the caller decodes it the slow way.
+    Entry table[pat] (pat: the next LUT_BITS bits of the stream): the symbols of the
+    whole codewords there, at most LUT_SLOTS, at bits 0, 16, 32, 48 (store_u16x4_i32
+    widens the four 16-bit fields into four int32 at once; every symbol a codeword of at
+    most LUT_BITS bits codes with k <= LUT_K_MAX is below 2**12). Byte LUT_META + pat of
+    the table: their count (bits 0-2) and total bits (bits 3-6). Count 0 means the first
+    codeword is longer than LUT_BITS bits (or the bits are all zero, which no valid stream
+    has there): the caller decodes it the slow way.
     """
+    meta = table.view(np.uint8)[LUT_META:]
     for pat in range(1 << LUT_BITS):
         used = 0
         n = 0
         entry = np.int64(0)
-        while n < 3:
+        while n < LUT_SLOTS:
             z = 0
             while used + z < LUT_BITS and (pat >> (LUT_BITS - 1 - used - z)) & 1 == 0:
                 z += 1
@@ -1260,10 +1269,11 @@ def build_lut(k, table, rice=False):
                 nb = z + k + 1
                 c = (pat >> (LUT_BITS - used - length)) & ((1 << nb) - 1)
                 sym = c - (1 << k)
-            entry |= np.int64(sym) << (8 + 16 * n)
+            entry |= np.int64(sym) << (16 * n)
             n += 1
             used += length
-        table[pat] = entry | n | (used << 2)
+        table[pat] = entry
+        meta[pat] = n | (used << 3)
 
 
 @njit(nogil=True, cache=True)
@@ -1299,8 +1309,11 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
     lookup or a clz, not a load. Within 8 bytes of the buffer's end, and for codewords
     the fast paths do not cover, _read_eg (bounds-checked) takes over.
     """
+    assert scratch.itemsize == 4  # int32 symbols: the table path stores them by address
     j = 0
-    jlim = cnt - 3  # the table path stores three symbols at a time
+    jlim = cnt - LUT_SLOTS  # the table path stores four slots at a time
+    dst = data_ptr(scratch)
+    tab = data_ptr(lut)
     blim = nbuf - 8  # last byte an 8-byte load may start at
     zfast = (31 - k) >> 1
     kp1 = k + 1
@@ -1316,14 +1329,13 @@ def _decode_eg(ptr, nbuf, pos, cnt, k, lut, scratch, rice):
                 bitbuf |= lshr(load_be64(ptr, bytep), bitcount)
                 bytep += (63 - bitcount) >> 3
                 bitcount |= 56
-                e = lut[lshr(bitbuf, 64 - LUT_BITS)]
-                n = e & 3
+                idx = lshr(bitbuf, 64 - LUT_BITS)
+                m = load_u8(tab, LUT_META + idx)
+                n = m & 7
                 if n == 0:
                     break
-                used = (e >> 2) & 15
-                scratch[j] = (e >> 8) & 0xFFFF
-                scratch[j + 1] = (e >> 24) & 0xFFFF
-                scratch[j + 2] = (e >> 40) & 0xFFFF
+                used = m >> 3
+                store_u16x4_i32(dst, j * 4, load_i64(tab, idx * 8))
                 j += n
                 bitbuf <<= used
                 bitcount -= used
@@ -1648,28 +1660,23 @@ LANES = 4
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _lane_lookup(ptr, table, pos):
-    """The table entry for the LUT_BITS stream bits at pos (8 bytes readable there)."""
-    return load_i64(table, lshr(load_be64(ptr, pos >> 3) << (pos & 7), 64 - LUT_BITS) * 8)
+def _lane_lookup(ptr, table, pos, dst, j):
+    """Look up the LUT_BITS stream bits at pos (8 bytes readable there) in the table at
+    address table, store the entry's four 16-bit fields at symbols j..j+3 of the int32
+    array at dst (its symbols, then slots that the lane's next codewords overwrite: every
+    symbol below the block's count is written in order); returns the entry's meta byte."""
+    idx = lshr(load_be64(ptr, pos >> 3) << (pos & 7), 64 - LUT_BITS)
+    store_u16x4_i32(dst, j * 4, load_i64(table, idx * 8))
+    return load_u8(table, LUT_META + idx)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _lane_store(dst, j, e):
-    """Store an entry's three symbol slots at symbols j..j+2 of the int32 array at dst (the
-    slots past its count are overwritten by the next lookup or never read)."""
-    d = dst + j * 4
-    store_i32(d, 0, (e >> 8) & 0xFFFF)
-    store_i32(d, 4, (e >> 24) & 0xFFFF)
-    store_i32(d, 8, (e >> 40) & 0xFFFF)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _lane_step(ptr, nbuf, pos, j, e, k, rice, dst):
-    """Advance a lane past its entry e, or past one checked codeword where e holds none:
-    (new pos, new j, error code)."""
-    n = e & 3
+def _lane_step(ptr, nbuf, pos, j, m, k, rice, dst):
+    """Advance a lane past the codewords of an entry with meta byte m, or past one checked
+    codeword where it holds none: (new pos, new j, error code)."""
+    n = m & 7
     if n:
-        return pos + ((e >> 2) & 15), j + n, 0
+        return pos + (m >> 3), j + n, 0
     u, pos, err = _read_symbol(ptr, nbuf, pos, k, rice)
     store_i32(dst, j * 4, u)
     return pos, j + 1, err
@@ -1680,10 +1687,11 @@ def _decode_lanes(ptr, nbuf, pos, table, dst, done, cnt, ks, rice):
     """The table path of _decode_eg on LANES mode-0/2 blocks (k <= LUT_K_MAX) at once.
 
     Lane l reads from bit pos[l] with the table at address table[l], writing int32 symbols
-    at address dst[l]. It runs while every lane has 3 or more of its cnt[l] symbols to go
-    and 8 readable bytes; a codeword the table does not hold is read by the checked reader.
-    pos and done (symbols written) are updated for _decode_eg to finish each lane. Returns
-    an error code (nonzero: some lane's stream is invalid).
+    at address dst[l]. It runs while every lane has LUT_SLOTS or more of its cnt[l]
+    symbols to go (an entry's store writes that many slots) and 8 readable bytes; a
+    codeword the table does not hold is read by the checked reader. pos and done (symbols
+    written) are updated for _decode_eg to finish each lane. Returns an error code
+    (nonzero: some lane's stream is invalid).
     """
     p0 = pos[0]
     p1 = pos[1]
@@ -1693,23 +1701,19 @@ def _decode_lanes(ptr, nbuf, pos, table, dst, done, cnt, ks, rice):
     j1 = done[1]
     j2 = done[2]
     j3 = done[3]
-    m0 = cnt[0] - 3
-    m1 = cnt[1] - 3
-    m2 = cnt[2] - 3
-    m3 = cnt[3] - 3
+    m0 = cnt[0] - LUT_SLOTS
+    m1 = cnt[1] - LUT_SLOTS
+    m2 = cnt[2] - LUT_SLOTS
+    m3 = cnt[3] - LUT_SLOTS
     plim = (nbuf - 8) * 8  # pos <= plim: the 8 bytes at pos >> 3 are in the buffer
     err = 0
     while ((j0 <= m0) & (j1 <= m1) & (j2 <= m2) & (j3 <= m3)
            & (max(max(p0, p1), max(p2, p3)) <= plim)):
-        e0 = _lane_lookup(ptr, table[0], p0)
-        e1 = _lane_lookup(ptr, table[1], p1)
-        e2 = _lane_lookup(ptr, table[2], p2)
-        e3 = _lane_lookup(ptr, table[3], p3)
-        _lane_store(dst[0], j0, e0)
-        _lane_store(dst[1], j1, e1)
-        _lane_store(dst[2], j2, e2)
-        _lane_store(dst[3], j3, e3)
-        if ((e0 & 3) == 0) | ((e1 & 3) == 0) | ((e2 & 3) == 0) | ((e3 & 3) == 0):
+        e0 = _lane_lookup(ptr, table[0], p0, dst[0], j0)
+        e1 = _lane_lookup(ptr, table[1], p1, dst[1], j1)
+        e2 = _lane_lookup(ptr, table[2], p2, dst[2], j2)
+        e3 = _lane_lookup(ptr, table[3], p3, dst[3], j3)
+        if ((e0 & 7) == 0) | ((e1 & 7) == 0) | ((e2 & 7) == 0) | ((e3 & 7) == 0):
             p0, j0, err0 = _lane_step(ptr, nbuf, p0, j0, e0, ks[0], rice[0], dst[0])
             p1, j1, err1 = _lane_step(ptr, nbuf, p1, j1, e1, ks[1], rice[1], dst[1])
             p2, j2, err2 = _lane_step(ptr, nbuf, p2, j2, e2, ks[2], rice[2], dst[2])
@@ -1718,14 +1722,14 @@ def _decode_lanes(ptr, nbuf, pos, table, dst, done, cnt, ks, rice):
             if err:
                 break
             continue
-        j0 += e0 & 3
-        j1 += e1 & 3
-        j2 += e2 & 3
-        j3 += e3 & 3
-        p0 += (e0 >> 2) & 15
-        p1 += (e1 >> 2) & 15
-        p2 += (e2 >> 2) & 15
-        p3 += (e3 >> 2) & 15
+        j0 += e0 & 7
+        j1 += e1 & 7
+        j2 += e2 & 7
+        j3 += e3 & 7
+        p0 += e0 >> 3
+        p1 += e1 >> 3
+        p2 += e2 >> 3
+        p3 += e3 >> 3
     pos[0] = p0
     pos[1] = p1
     pos[2] = p2
@@ -1999,8 +2003,8 @@ def reduce_blocks(buf, pay_lo, pay_hi, modes, ks, kruns, bits, offsets, starts, 
 
 def build_luts():
     """Decoding tables for every order the table path covers, EG codewords ([0, k]) and
-    mode-2 ones ([1, k]), 32 KiB each."""
-    luts = np.empty((2, LUT_K_MAX + 1, 1 << LUT_BITS), np.int64)
+    mode-2 ones ([1, k]), 36 KiB each."""
+    luts = np.empty((2, LUT_K_MAX + 1, LUT_SIZE), np.int64)
     for k in range(LUT_K_MAX + 1):
         build_lut(k, luts[0, k], False)
         build_lut(k, luts[1, k], True)

@@ -141,7 +141,8 @@ def test_prefix_bounds() -> None:
 def test_kernel_ab_compares_two_revisions_kernels(tmp_path: Path, monkeypatch) -> None:
     """The A/B loads another revision's kernels from git as their own module, times both
     (encode and decode) on the same tensors in turn and reports rows whose frames and
-    values are the same; a revision whose low-level intrinsics differ is refused."""
+    values are the same; a revision one of whose low-level intrinsics has changed since is
+    refused."""
     import kernel_ab
 
     assert kernel_ab.main(["--base", "HEAD", "--mib", "0.0625", "--reps", "1",
@@ -157,11 +158,18 @@ def test_kernel_ab_compares_two_revisions_kernels(tmp_path: Path, monkeypatch) -
     assert any(m.startswith("zero_runs") for m in wide["modes"]) and wide["bits"] > 4
 
     real_git = kernel_ab._git
+    edit = {}
 
     def other_intrinsics(*args: str) -> str:
         out = real_git(*args)
-        return out + "# changed\n" if args[-1].endswith("_intrinsics.py") else out
+        return edit.get("f", str)(out) if args[-1].endswith("_intrinsics.py") else out
 
     monkeypatch.setattr(kernel_ab, "_git", other_intrinsics)
-    with pytest.raises(ValueError, match="_intrinsics.py differs"):
+    # an intrinsic added since that revision (here: one it lacks) leaves it comparable
+    edit["f"] = lambda src: src[:src.index("@intrinsic\ndef f64_from_bits")]
+    assert kernel_ab.load_kernels("HEAD", tmp_path).clz64 is kernel_ab.eg.clz64
+    edit["f"] = lambda src: src + "# a comment changes no definition\n"
+    kernel_ab.load_kernels("HEAD", tmp_path)
+    edit["f"] = lambda src: src.replace("llvm.ctlz.i64", "llvm.cttz.i64")  # one that changed
+    with pytest.raises(ValueError, match=r"_intrinsics.py differs at HEAD \(clz64\)"):
         kernel_ab.load_kernels("HEAD", tmp_path)

@@ -382,3 +382,31 @@ def test_reused_histogram_tables_start_clean():
         assert p1[1] == p2[1]
         for a, b in zip(h1, h2, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_decoding_tables_hold_the_whole_codewords_of_each_bit_pattern():
+    """Every entry of every decoding table (EG and mode-2 codewords, k <= LUT_K_MAX) holds
+    the symbols, count and total bits of the whole codewords that the checked reader finds
+    in its LUT_BITS bits, at most LUT_SLOTS of them, and zero in the slots past its count
+    (they are stored as junk that later codewords overwrite, never as symbols)."""
+    luts = eg.build_luts()
+    assert luts.shape == (2, eg.LUT_K_MAX + 1, eg.LUT_SIZE)
+    buf = np.zeros(16, np.uint8)
+    ptr = buf.ctypes.data
+    for rice in (0, 1):
+        for k in range(eg.LUT_K_MAX + 1):
+            table = luts[rice, k]
+            meta = table.view(np.uint8)[eg.LUT_META:]
+            for pat in range(1 << eg.LUT_BITS):
+                buf[0], buf[1] = pat >> 4, (pat & 15) << 4  # the pattern, then zeros
+                syms, pos = [], 0
+                while len(syms) < eg.LUT_SLOTS:
+                    u, end, err = eg._read_symbol(ptr, buf.size, pos, k, bool(rice))
+                    if err or end > eg.LUT_BITS:
+                        break
+                    syms.append(u)
+                    pos = end
+                entry = int(table[pat])
+                fields = [(entry >> (16 * i)) & 0xFFFF for i in range(4)]
+                assert fields == syms + [0] * (4 - len(syms)), (rice, k, pat)
+                assert (meta[pat] & 7, meta[pat] >> 3) == (len(syms), pos), (rice, k, pat)
