@@ -70,7 +70,7 @@ def _choose(u, starts, counts, prefix_bits, T):
     """What _code_block does before it writes, up to mode 4: the histograms and the exact
     choice among modes 0-3 (zero runs considered as with the codec's default,
     zero_runs="auto"); each block's bits go to prefix_bits, its small-symbol tables to T."""
-    _, H, Hrun, Hval, Ts, pos, _, _ = eg._work_arrays(counts, 0, starts.size)
+    _, H, Hrun, Hval, Ts, pos, _, _, _ = eg._work_arrays(counts, 0, starts.size)
     bits = 0
     hint = True
     for b in range(starts.size):
@@ -106,6 +106,7 @@ def _write(u, starts, counts, modes, ks, kruns, Rs, Ws, nws, out):
     already has them)."""
     p = 0
     pos = np.empty(max(1, counts.max()), np.int32)
+    quads = eg._work_arrays(counts, 0, starts.size)[-1]
     for b in range(starts.size):
         s = starts[b]
         us = u[s:s + counts[b]]
@@ -113,7 +114,8 @@ def _write(u, starts, counts, modes, ks, kruns, Rs, Ws, nws, out):
             p = eg._write_rans(out, p, ks[b] + 1, Rs[b], Ws[b], nws[b])
             continue
         nnz = eg._nonzero_positions(us, counts[b], pos) if eg.is_zero_runs(modes[b]) else 0
-        p, _ = eg._write_block(us, counts[b], modes[b], ks[b], kruns[b], out, p, pos, nnz)
+        p, _ = eg._write_block(us, counts[b], modes[b], ks[b], kruns[b], out, p, pos, nnz,
+                               quads)
     return p
 
 

@@ -500,10 +500,34 @@ def _put_pair(ptr, p, acc, nacc, run, v, krun, k, rice):
 
 
 @njit(nogil=True, cache=True)
-def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
+def _rice_quads(scratch, cnt, k, C, L):
+    """C[i], L[i] := the mode-2 codewords of symbols 4i .. 4i+3 of scratch joined, and their
+    total bits, for every whole group of four; L[i] := 64 where one of them is an escape.
+    C[i] is meaningful only where L[i] <= 56. No branch and no call: LLVM vectorizes the
+    loop (variable 64-bit shifts, masked so that every shift is defined)."""
+    one_k = np.int64(1) << k
+    mask = one_k - 1
+    kp1 = k + 1
+    for i in range(cnt >> 2):
+        u0 = np.int64(scratch[4 * i])
+        u1 = np.int64(scratch[4 * i + 1])
+        u2 = np.int64(scratch[4 * i + 2])
+        u3 = np.int64(scratch[4 * i + 3])
+        l1 = (u1 >> k) + kp1
+        l2 = (u2 >> k) + kp1
+        l3 = (u3 >> k) + kp1
+        C[i] = (((((((one_k | (u0 & mask)) << (l1 & 63)) | one_k | (u1 & mask)) << (l2 & 63))
+                  | one_k | (u2 & mask)) << (l3 & 63)) | one_k | (u3 & mask))
+        escape = ((u0 | u1 | u2 | u3) >> k) >= RICE_ESC  # RICE_ESC is a power of two
+        L[i] = 64 if escape else (u0 >> k) + kp1 + l1 + l2 + l3
+
+
+@njit(nogil=True, cache=True)
+def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz, quads):
     """Write one block's codewords at byte p of out; returns (new p, bits written).
 
-    Zero-run modes take the nonzeros' positions, pos[:nnz] (_nonzero_positions).
+    Zero-run modes take the nonzeros' positions, pos[:nnz] (_nonzero_positions); mode 2
+    uses quads (int64, 2 rows of at least cnt // 4) as work space.
     """
     p0 = p
     ptr = data_ptr(out)
@@ -538,34 +562,18 @@ def _write_block(scratch, cnt, mode, k, krun, out, p, pos, nnz):
             p, acc, nacc = _put_eg(ptr, p, acc, nacc, np.int64(scratch[j]), k)
             j += 1
     elif mode == MODE_RICE:
-        mask = one_k - 1
-        kp1 = k + 1
-        while j + 3 < cnt:
-            u0 = np.int64(scratch[j])
-            u1 = np.int64(scratch[j + 1])
-            u2 = np.int64(scratch[j + 2])
-            u3 = np.int64(scratch[j + 3])
-            q0 = u0 >> k
-            q1 = u1 >> k
-            q2 = u2 >> k
-            q3 = u3 >> k
-            l1 = q1 + kp1
-            l2 = q2 + kp1
-            l3 = q3 + kp1
-            n = q0 + kp1 + l1 + l2 + l3
-            if ((q0 | q1 | q2 | q3) < RICE_ESC) & (n <= 56):  # no escape (RICE_ESC = 2**4)
-                c = (((((((one_k | (u0 & mask)) << l1) | one_k | (u1 & mask)) << l2)
-                       | one_k | (u2 & mask)) << l3) | one_k | (u3 & mask))
-                p, acc, nacc = _put(ptr, p, acc, nacc, c, n)
+        # the groups' codewords and lengths first, in a loop that vectorizes
+        C, L = quads[0], quads[1]
+        _rice_quads(scratch, cnt, k, C, L)
+        for i in range(cnt >> 2):
+            n = L[i]
+            if n <= 56:
+                p, acc, nacc = _put(ptr, p, acc, nacc, C[i], n)
             else:
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u0, k)
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u1, k)
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u2, k)
-                p, acc, nacc = _put_rice(ptr, p, acc, nacc, u3, k)
-            j += 4
-        while j < cnt:
+                for j in range(4 * i, 4 * i + 4):
+                    p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
+        for j in range(cnt & ~3, cnt):
             p, acc, nacc = _put_rice(ptr, p, acc, nacc, np.int64(scratch[j]), k)
-            j += 1
     else:  # the nonzeros, from their positions pos[:nnz]: (run, value) pairs
         rice = mode == MODE_ZERO_RUNS_RICE
         prev = np.int64(-1)
@@ -932,14 +940,14 @@ def _write_rans(out, p, n, R, W, nw):
 
 
 @njit(nogil=True, cache=True)
-def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, out, p, meta,
-                b, nexc, runs_hint):
+def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, quads, out, p,
+                meta, b, nexc, runs_hint):
     """Choose the codes of one block of u-symbols (scratch[:cnt]) and write it at byte p.
 
     meta[b] receives (mode, k, k_run, bit length, exception count). Returns the new byte
     position, or -1 if out is too small (nothing is written past its end), and the
-    runs_hint for the next block (_choose_code). R and W are mode 4's work arrays
-    (_work_arrays).
+    runs_hint for the next block (_choose_code). R and W are mode 4's work arrays, quads
+    the mode-2 writer's (_work_arrays).
     """
     mode, k, krun, bits, zeros, runs_hint = _choose_code(scratch, cnt, k_fixed, zero_runs & 3,
                                                          H, Hrun, Hval, Ts, pos, runs_hint)
@@ -952,7 +960,8 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, 
         p = _write_rans(out, p, n, R, W, nw)
         written = 8 * (p - p0)
     else:
-        p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros)
+        p, written = _write_block(scratch, cnt, mode, k, krun, out, p, pos, cnt - zeros,
+                                  quads)
     meta[b, 0] = mode
     meta[b, 1] = k
     meta[b, 2] = krun
@@ -966,12 +975,13 @@ def _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W, 
 @njit(nogil=True, cache=True)
 def _work_arrays(counts, b_lo, b_hi):
     """An encoder's per-thread work arrays: (u-symbols, H, Hrun, Hval, three small-symbol
-    tables, positions, mode 4's table rows R and its words W)."""
+    tables, positions, mode 4's table rows R and its words W, the mode-2 writer's groups)."""
     n = max(1, counts[b_lo:b_hi].max()) if b_hi > b_lo else 1
     return (np.empty(n, np.int32), np.zeros((_NBINS, _HCOLS), np.int64),
             np.zeros((_NBINS, _HCOLS), np.int64), np.zeros((_NBINS, _HCOLS), np.int64),
             np.zeros((3, 4 * _LANE), np.int64), np.empty(n, np.int32),
-            np.zeros((4, RANS_ALPHABET), np.int64), np.empty(n + 8, np.uint16))
+            np.zeros((4, RANS_ALPHABET), np.int64), np.empty(n + 8, np.uint16),
+            np.empty((2, n // 4 + 1), np.int64))
 
 
 @njit(nogil=True, cache=True)
@@ -989,14 +999,14 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     out must hold sum(worst_case_bytes(count, zero_runs)) over the blocks. Returns bytes
     written, or -1 if out is too small (nothing is written past its end).
     """
-    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
     hint = True
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
         p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                              out, p, meta, b, nexc, hint)
+                              quads, out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p
@@ -1118,7 +1128,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     kept in q_out if it is not empty, stats[b] gets the block's statistics. The frame bits
     are exactly those encode_blocks writes for x.
     """
-    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
     hint = True
     for b in range(b_lo, b_hi):
@@ -1126,7 +1136,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
         nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b],
                                   scratch, q_out, pos, stats, b)
         p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                              out, p, meta, b, nexc, hint)
+                              quads, out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p
@@ -1136,7 +1146,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
 def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, out, meta):
     """encode_blocks of integers s (int64) at step 1: |s| > qlims[b] (int64, <= QMAX) become
     exceptions (u = 0)."""
-    scratch, H, Hrun, Hval, Ts, pos, R, W = _work_arrays(counts, b_lo, b_hi)
+    scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
     hint = True
     for b in range(b_lo, b_hi):
@@ -1151,7 +1161,7 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
             q = q if ok else 0
             scratch[j] = 2 * q - 1 if q > 0 else -2 * q
         p, hint = _code_block(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, R, W,
-                              out, p, meta, b, nexc, hint)
+                              quads, out, p, meta, b, nexc, hint)
         if p < 0:
             return -1
     return p

@@ -288,7 +288,7 @@ def test_zero_run_histogram_path_never_changes_the_bits():
     assert info.payload == b"".join(p[3] for p in parts)
     # each block alone, with either verdict from its neighbour: the same choice, and the
     # verdict it passes on says whether zero runs came close
-    _, H, Hrun, Hval, Ts, pos, _, _ = eg._work_arrays(np.array([bs]), 0, 1)
+    _, H, Hrun, Hval, Ts, pos, _, _, _ = eg._work_arrays(np.array([bs]), 0, 1)
     for kind, blk in kinds.items():
         u = np.empty(bs, np.int32)
         eg._quantize_to(blk.double().numpy(), 0, bs, 1.0, float(eg.QMAX), u)

@@ -410,3 +410,23 @@ def test_decoding_tables_hold_the_whole_codewords_of_each_bit_pattern():
                 fields = [(entry >> (16 * i)) & 0xFFFF for i in range(4)]
                 assert fields == syms + [0] * (4 - len(syms)), (rice, k, pat)
                 assert (meta[pat] & 7, meta[pat] >> 3) == (len(syms), pos), (rice, k, pat)
+
+
+@pytest.mark.parametrize("k", [0, 2, 9, 13, 30])
+def test_rice_writer_groups_write_the_reference_bits(k):
+    """The mode-2 writer joins four codewords per store where they fit in 56 bits and takes
+    them one by one where they do not, or where one escapes: at every order, with groups
+    that fit, overflow and escape in every position, and blocks of every length mod 4."""
+    rng = np.random.default_rng(k)
+    umax = eg.UMAX if k == 30 else (np.int64(1) << (k + 8))
+    for cnt in (1, 3, 6, 257, 1027):
+        u = (rng.geometric(0.3, cnt) - 1) << k | rng.integers(0, 1 << k, cnt)
+        sel = rng.random(cnt) < 0.05
+        u[sel] = rng.integers(0, umax, int(sel.sum()))  # escapes, long codewords
+        u = np.minimum(u, eg.UMAX).astype(np.int32)
+        out = np.zeros(eg.worst_case_bytes(cnt, 0) + 8, np.uint8)
+        quads = eg._work_arrays(np.array([cnt]), 0, 1)[-1]
+        pos = np.empty(cnt, np.int32)
+        p, bits = eg._write_block(u, cnt, eg.MODE_RICE, k, 0, out, 0, pos, 0, quads)
+        want, want_bits = reference.encode_block([int(v) for v in u], eg.MODE_RICE, k, 0)
+        assert (bits, bytes(out[:p])) == (want_bits, want), (k, cnt)
