@@ -72,7 +72,7 @@ def _choose(u, starts, counts, prefix_bits, T):
     zero_runs="auto"); each block's bits go to prefix_bits, its small-symbol tables to T."""
     _, H, Hrun, Hval, Ts, pos, _, _, _ = eg._work_arrays(counts, 0, starts.size)
     bits = 0
-    hint = True
+    hint = eg.RUNS_WON
     for b in range(starts.size):
         s = starts[b]
         choice = eg._choose_code(u[s:s + counts[b]], counts[b], -1, 1, H, Hrun, Hval, Ts, pos,

@@ -335,18 +335,25 @@ def _nonzero_positions(scratch, cnt, pos):
 
 # Which way a block is histogrammed (_choose_code). From its nonzeros alone (_zero_run_hists
 # with H, every code's histograms in one pass) when a sample of it (SAMPLE_RUNS runs of
-# SAMPLE_RUN symbols, evenly spaced) is at least SPARSE_SHARE zeros and zero runs look likely
-# to pay: the sample is at least SURE_SHARE zeros, or the last block this thread considered
-# for zero runs came within 1/RUNS_CLOSE of its best other code's bits in that mode (a
-# tensor's blocks are alike). Else the plain histogram first, then the run histograms only
-# where the zero-run bound says that mode could win: cheaper where it cannot (a GG tensor of
-# shape 1 at 2 bits per element is half zeros, and zero runs never win there). Both ways
-# give the same histograms, so these guesses move time, never bits.
+# SAMPLE_RUN symbols, evenly spaced) says zero runs are likely to be tried and pay: the
+# sample is at least SURE_SHARE zeros; or it is at least SPARSE_SHARE zeros and the last
+# block this thread tried in zero runs came within 1/RUNS_CLOSE of its best other code's
+# bits in that mode (RUNS_CLOSE, a tensor's blocks are alike); or it is at least WON_SHARE
+# zeros (just below the third of zeros that "auto" asks of a zero-run block) and zero runs
+# won that block (RUNS_WON: ReLU gradients with wide values win in zero runs with 40%
+# zeros). Else the plain histogram first, then the run histograms only where the zero-run
+# bound says that mode could win: cheaper where it cannot (a GG tensor of shape 1 at 2 bits
+# per element is 40% zeros, and zero runs never win there, though they come close). Both
+# ways give the same histograms, so these guesses move time, never bits.
 SAMPLE_RUNS = 16
 SAMPLE_RUN = 16
 SPARSE_SHARE = 0.5
+WON_SHARE = 0.3
 SURE_SHARE = 0.75
-RUNS_CLOSE = 8
+RUNS_FAR = 0  # verdicts on a block's zero runs: not tried, or far from its best other code
+RUNS_CLOSE = 1  # within 1/CLOSE_FRACTION of it
+RUNS_WON = 2  # cheaper: the block was coded in zero runs
+CLOSE_FRACTION = 8
 
 
 @njit(nogil=True, cache=True)
@@ -711,17 +718,18 @@ def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, runs_
     runs_hint for the next block), zeros being the block's count of 0 symbols.
 
     Exact, whichever way the histograms are made (see SPARSE_SHARE): a block that looks
-    sparse, where runs_hint (the previous block's verdict) or its sample says zero runs
-    may pay, is histogrammed from its nonzeros alone, every code's at once; others get the
-    plain histogram, and the run histograms only where the zero-run bound says that mode
-    could win. Zero-run modes leave the nonzeros' positions in pos. Ts: three small-symbol
-    tables (see _work_arrays).
+    sparse, where runs_hint (the previous block's verdict: RUNS_FAR, RUNS_CLOSE or
+    RUNS_WON) or its sample says zero runs may pay, is histogrammed from its nonzeros
+    alone, every code's at once; others get the plain histogram, and the run histograms
+    only where the zero-run bound says that mode could win. Zero-run modes leave the
+    nonzeros' positions in pos. Ts: three small-symbol tables (see _work_arrays).
     """
     T, Trun, Tval = Ts[0], Ts[1], Ts[2]
     runs = zero_runs == 2
     if zero_runs == 1:
         share = _sample_zero_share(scratch, cnt)
-        runs = share >= SURE_SHARE or (runs_hint and share >= SPARSE_SHARE)
+        runs = (share >= SURE_SHARE or (runs_hint >= RUNS_CLOSE and share >= SPARSE_SHARE)
+                or (runs_hint == RUNS_WON and share >= WON_SHARE))
     if runs:
         zeros = cnt - _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, True)
     else:
@@ -731,20 +739,25 @@ def _choose_code(scratch, cnt, k_fixed, zero_runs, H, Hrun, Hval, Ts, pos, runs_
     mode = MODE_RICE if rice else MODE_EG
     krun = 0
     if zero_runs == 1 and not runs:
-        runs_hint = False
+        runs_hint = RUNS_FAR
         if zero_runs_considered(zeros, cnt) and _zero_runs_bound(scratch, cnt, T, H, zeros) < bits:
             _zero_run_hists(scratch, cnt, Hrun, Hval, pos, Trun, Tval, H, T, False)
             runs = True
     if runs:
         krun, run_bits, _ = _best_k(Hrun)
         rice, kv, val_bits = _best_code(Hval, k_fixed)
-        runs_hint = RUNS_CLOSE * (run_bits + val_bits) < (RUNS_CLOSE + 1) * bits
-        if zero_runs == 2 or run_bits + val_bits < bits:
+        # "auto" considers zero runs only for blocks a third zeros or more, however the
+        # histograms were made (a sample can look sparser than its block)
+        tried = zero_runs == 2 or zero_runs_considered(zeros, cnt)
+        close = CLOSE_FRACTION * (run_bits + val_bits) < (CLOSE_FRACTION + 1) * bits
+        if tried and (zero_runs == 2 or run_bits + val_bits < bits):
             mode = MODE_ZERO_RUNS_RICE if rice else MODE_ZERO_RUNS
             k = kv
             bits = run_bits + val_bits
+            runs_hint = RUNS_WON
         else:
             krun = 0  # mode 0 and 2 blocks carry k_run = 0
+            runs_hint = RUNS_CLOSE if tried and close else RUNS_FAR
     return mode, k, krun, bits, zeros, runs_hint
 
 
@@ -1001,7 +1014,7 @@ def encode_blocks(x, starts, counts, invs, lims, b_lo, b_hi, k_fixed, zero_runs,
     """
     scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
-    hint = True
+    hint = RUNS_WON  # the first block looks at its sample
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_to(x, starts[b], cnt, invs[b], lims[b], scratch)
@@ -1130,7 +1143,7 @@ def encode_blocks_feedback(g, r, starts, counts, invs, steps, lims, b_lo, b_hi, 
     """
     scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
-    hint = True
+    hint = RUNS_WON  # the first block looks at its sample
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         nexc = _quantize_feedback(g, r, starts[b], cnt, invs[b], steps[b], lims[b],
@@ -1148,7 +1161,7 @@ def encode_blocks_int(s, starts, counts, qlims, b_lo, b_hi, k_fixed, zero_runs, 
     exceptions (u = 0)."""
     scratch, H, Hrun, Hval, Ts, pos, R, W, quads = _work_arrays(counts, b_lo, b_hi)
     p = 0
-    hint = True
+    hint = RUNS_WON  # the first block looks at its sample
     for b in range(b_lo, b_hi):
         cnt = counts[b]
         ss = s[starts[b]:starts[b] + cnt]

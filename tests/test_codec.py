@@ -269,10 +269,19 @@ def test_zero_run_histogram_path_never_changes_the_bits():
         "half zeros, runs lose": ggcomm.gg.sample((bs,), 1.0, generator=g),
         "very sparse": torch.where(torch.rand(bs, generator=g) < 0.9, 0.0, gauss),
         "dense": ggcomm.gg.sample((bs,), 2.0, generator=g),
+        # 40% zeros and wide values (like ReLU gradients): zero runs win, below SPARSE_SHARE
+        "wide, runs win": torch.where(torch.rand(bs, generator=g) < 0.4, 0.0,
+                                      (gauss * 1000.0).round() + 7.0),
+        # under a third zeros, so "auto" leaves zero runs out, though they would be cheaper
+        # (wide values): every sampled symbol is zero, the block looks sparse
+        "sampled zeros": torch.where((torch.arange(bs) % (bs // eg.SAMPLE_RUNS) < eg.SAMPLE_RUN)
+                                     | (torch.rand(bs, generator=g) < 0.05), 0.0,
+                                     (gauss * 1000.0).round() + 7.0),
     }
     order = ["half zeros, runs lose", "runs win", "runs win", "half zeros, runs lose",
              "half zeros, runs lose", "very sparse", "half zeros, runs lose", "dense",
-             "runs win", "dense", "very sparse", "runs win"]
+             "runs win", "dense", "very sparse", "sampled zeros", "runs win", "sampled zeros",
+             "wide, runs win", "wide, runs win", "half zeros, runs lose", "wide, runs win"]
     x = torch.cat([kinds[k] for k in order])
     before = ggcomm.get_num_threads()
     try:
@@ -286,16 +295,26 @@ def test_zero_run_histogram_path_never_changes_the_bits():
     assert [(modes[b.mode], b.k, b.k_run, b.bit_length) for b in info.blocks] == \
         [(m, kk, kr, nb) for m, kk, kr, _, nb in parts]
     assert info.payload == b"".join(p[3] for p in parts)
-    # each block alone, with either verdict from its neighbour: the same choice, and the
-    # verdict it passes on says whether zero runs came close
+    # each block alone, with any verdict from its neighbour: the same choice, and the
+    # verdict it passes on says whether zero runs won (whether they came close may depend
+    # on the way taken: the plain way stops where the zero-run bound already loses)
     _, H, Hrun, Hval, Ts, pos, _, _, _ = eg._work_arrays(np.array([bs]), 0, 1)
     for kind, blk in kinds.items():
         u = np.empty(bs, np.int32)
         eg._quantize_to(blk.double().numpy(), 0, bs, 1.0, float(eg.QMAX), u)
         got = [eg._choose_code(u, bs, -1, 1, H, Hrun, Hval, Ts, pos, hint)
-               for hint in (True, False)]
-        assert got[0][:5] == got[1][:5], kind
-        assert got[0][5] == got[1][5] == (kind in ("runs win", "very sparse")), kind
+               for hint in (eg.RUNS_WON, eg.RUNS_CLOSE, eg.RUNS_FAR)]
+        assert got[0][:5] == got[1][:5] == got[2][:5], kind
+        won = kind in ("runs win", "very sparse", "wide, runs win")
+        assert [g[5] == eg.RUNS_WON for g in got] == [won] * 3, kind
+    sampled = kinds["sampled zeros"]
+    zeros = int((sampled == 0).sum())
+    assert 0.25 < zeros / bs < 1 / 3  # not considered for zero runs ...
+    def block_bits(zero_runs):
+        return inspect(encode(sampled, 1.0, block_size=bs, zero_runs=zero_runs)).blocks[0]
+
+    assert block_bits(True).bit_length < block_bits(False).bit_length  # ... though cheaper
+    assert block_bits("auto") == block_bits(False)
 
 
 def test_rans_false_leaves_mode_4_out():
