@@ -792,17 +792,21 @@ def _exception_values(buf: np.ndarray, h: _Header) -> torch.Tensor:
 
 
 # Fresh outputs at least this large go on transparent huge pages where the OS offers them.
-_HUGE_PAGE_MIN_BYTES = 8 << 20
+# Smaller ones are left to malloc: glibc serves requests up to its largest dynamic mmap
+# threshold (32 MiB on 64-bit) from memory that earlier results freed, already faulted in,
+# where a new mapping is faulted again on every call (16 MiB decodes into a new tensor
+# 1.08-1.19x as fast, alternating A/B; not in a results file).
+_HUGE_PAGE_MIN_BYTES = 32 << 20
 
 
 def _fresh(n: int, dtype: np.dtype) -> np.ndarray:
     """An uninitialized array of n elements for a decode's result.
 
     A fresh allocation's first touch costs one page fault per 4 KiB page: at 256 MiB, as
-    long as decoding itself. Large arrays are mapped privately and advised onto 2 MiB
-    transparent huge pages (``MADV_HUGEPAGE``, Linux; 512 times fewer faults) where the OS
-    offers them, else allocated as usual. The array owns its mapping, which is unmapped when
-    the last reference (a tensor made from it) goes.
+    long as decoding itself. Arrays of _HUGE_PAGE_MIN_BYTES and more are mapped privately
+    and advised onto 2 MiB transparent huge pages (``MADV_HUGEPAGE``, Linux; 512 times fewer
+    faults) where the OS offers them, else allocated as usual. The array owns its mapping,
+    which is unmapped when the last reference (a tensor made from it) goes.
     """
     dtype = np.dtype(dtype)
     nbytes = n * dtype.itemsize

@@ -662,11 +662,11 @@ def test_rice_blocks_with_escapes_match_reference(scale):
 
 
 def test_large_fresh_outputs_are_ordinary_tensors():
-    """Results of 8 MiB and more are mapped on huge pages where the OS offers them: the same
-    values as a decode into ``out``, writable, usable as any tensor."""
+    """Results of 32 MiB and more are mapped on huge pages where the OS offers them: the
+    same values as a decode into ``out``, writable, usable as any tensor."""
     from ggcomm import codec
 
-    x = torch.randn(3 << 20, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(8 << 20, generator=torch.Generator().manual_seed(5))
     frame = encode(x, 0.05)
     y = decode(frame)
     assert y.numel() * 4 >= codec._HUGE_PAGE_MIN_BYTES
