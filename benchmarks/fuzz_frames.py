@@ -397,7 +397,9 @@ def forge(rng) -> bytes:
                               p=[0.3, 0.2, 0.2, 0.15, 0.15]))
         k = int(rng.integers(0, 5)) if rng.random() < 0.9 else int(rng.integers(0, 32))
         krun = int(rng.integers(0, 4)) if eg.is_zero_runs(mode) else 0
-        if rng.random() < 0.7 and c <= 4096 and k <= 30 and krun <= 30:
+        # (a block of no symbols has no rANS table to build: the forged one below instead)
+        if rng.random() < 0.7 and c <= 4096 and k <= 30 and krun <= 30 and (
+                c > 0 or mode != eg.MODE_RANS):
             us = [0 if rng.random() < 0.6 else int(rng.integers(1, 50)) for _ in range(c)]
             if mode == eg.MODE_RANS:
                 k = max(us)  # the alphabet size minus one
