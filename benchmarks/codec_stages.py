@@ -230,6 +230,9 @@ def measure(label: str, x: torch.Tensor, step: float, reps: int) -> dict:
             n, reps),
         "ggcomm.decode(out=)": median_ns_per_element(
             lambda: codec.decode(frame, out=torch.from_numpy(values)), n, reps),
+        "ggcomm.decode(out=, keep_out=False)": median_ns_per_element(
+            lambda: codec.decode(frame, out=torch.from_numpy(values), keep_out=False), n,
+            reps),
         "ggcomm.decode": median_ns_per_element(lambda: codec.decode(frame), n, reps),
         "x.half()": median_ns_per_element(lambda: x.half(), n, reps),
     }
@@ -362,12 +365,13 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str,
         "`decode kernel` are the codec's fused kernels over all blocks; `ggcomm.encode` / "
         "`ggcomm.decode` the whole calls (frame assembly, CRC, exceptions, allocation; "
         "`decode(out=)` decodes into scratch and copies, so a corrupt frame leaves `out` "
-        "untouched).",
+        "untouched; `keep_out=False`, for receive buffers such as `PipeComm`'s, decodes "
+        "straight into `out`).",
         "",
         "| data | bits | blocks | " + " | ".join(ENCODE) + " | sum | encode kernel | "
         "ggcomm.encode | " + " | ".join(DECODE) + " | sum | decode kernel | "
-        "ggcomm.decode(out=) | ggcomm.decode | x.half() |",
-        "|---" * (12 + len(ENCODE) + len(DECODE)) + "|",
+        "ggcomm.decode(out=) | decode(out=, keep_out=False) | ggcomm.decode | x.half() |",
+        "|---" * (13 + len(ENCODE) + len(DECODE)) + "|",
     ]
     for r in rows:
         t = r["ns_per_element"]
@@ -380,6 +384,7 @@ def render(rows: list[dict], args: argparse.Namespace, machine: str,
             f"{t['encode kernel']:.2f} | {t['ggcomm.encode']:.2f} | "
             + " | ".join(f"{v:.2f}" for v in dec) + f" | {sum(dec):.2f} | "
             f"{t['decode kernel']:.2f} | {t['ggcomm.decode(out=)']:.2f} | "
+            f"{t['ggcomm.decode(out=, keep_out=False)']:.2f} | "
             f"{t['ggcomm.decode']:.2f} | {t['x.half()']:.2f} |")
     lines += _rans_tradeoff(rows)
     lines += _equal_bits_table(eq_rows, eq_numel)

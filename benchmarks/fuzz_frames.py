@@ -605,6 +605,7 @@ def check(data: bytes, rng: np.random.Generator) -> str:
         _expect_frame_error(codec.decode, data, out=out)
         if not torch.equal(_bits(out.contiguous()), before):
             raise Violation("a failed decode changed out") from None
+        _expect_frame_error(codec.decode, data, out=out.clone(), keep_out=False)
         return "rejected: " + kind(e)
     q, pos, vals = codec.decode_symbols(data, max_numel=MAX_NUMEL)
     if y.dtype != info.dtype or tuple(y.shape) != info.shape or y.numel() != info.numel:
@@ -622,7 +623,9 @@ def check(data: bytes, rng: np.random.Generator) -> str:
         raise Violation("decoded values differ from q * step (FORMAT.md)")
     _spec_valid(data, info)
     for other in (codec.decode(data), codec.decode(frame),
-                  codec.decode(data, out=out, max_numel=info.numel)):
+                  codec.decode(data, out=out, max_numel=info.numel),
+                  codec.decode(frame, out=torch.empty(info.shape, dtype=info.dtype),
+                               keep_out=False)):
         if not torch.equal(_bits(other.contiguous()), _bits(y)):
             raise Violation("the entry points decode to different values")
     if info.numel:

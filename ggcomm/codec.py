@@ -833,7 +833,7 @@ def _decode_scratch(n: int, dtype: torch.dtype) -> np.ndarray:
 
 
 def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = None,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           device: torch.device | str | None = None, keep_out: bool = True) -> torch.Tensor:
     """Decode a frame (a :class:`Frame`, or a buffer holding one) into a tensor.
 
     Returns ``q * step`` with the frame's dtype and shape: ``float64(q) * step`` rounded
@@ -844,6 +844,13 @@ def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = No
     it is left as it was (on the CPU the frame is decoded into a scratch array the calling
     thread keeps for the next call, and copied: one extra pass over the output, far cheaper
     than decoding twice to validate first).
+
+    ``keep_out=False`` gives that guarantee up for speed where out is a receive buffer
+    whose old values no one needs: a contiguous CPU ``out`` of float32 (float64 for float64
+    frames) not sharing memory with the frame is decoded into directly, with no scratch
+    and no copy; a frame that fails to decode still raises FrameError, but may have written
+    part of ``out`` first, as a failed ``torch.distributed.recv`` leaves its tensor
+    undefined. :class:`ggcomm.pipeline.PipeComm` receives this way.
 
     ``device``: where a new result goes (default the CPU); with ``out``, out's device. For a
     CUDA device the frame is decoded into pinned host memory, copied to the device on its
@@ -867,20 +874,33 @@ def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = No
     work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if target.type != "cpu":
         return _decode_to_device(buf, h, work_dtype, target, out)
+    direct = out is not None and not keep_out and _decodes_in_place(out, work_dtype, buf)
     if out is None:
         work = torch.from_numpy(_fresh(h.numel, np.float64 if h.dtype == torch.float64
                                        else np.float32))
+    elif direct:
+        work = out.detach().view(-1)
     else:  # the calling thread's reusable scratch: no fresh pages (and page faults) per call
         work = torch.from_numpy(_decode_scratch(h.numel, work_dtype))
     _decode_into(buf, h, work.numpy(), h.steps)  # every FrameError is raised here
     result = work if work.dtype == h.dtype else work.to(h.dtype)
     if h.exc_pos.size:
         result[torch.from_numpy(h.exc_pos)] = _exception_values(buf, h)
-    result = result.view(h.shape)
     if out is not None:
-        out.copy_(result.view(out.shape))
+        if not direct:
+            out.copy_(result.view(out.shape))
         return out
-    return result
+    return result.view(h.shape)
+
+
+def _decodes_in_place(out: torch.Tensor, work_dtype: torch.dtype, buf: np.ndarray) -> bool:
+    """Whether decode(keep_out=False) can write straight into out: a contiguous CPU tensor
+    of the work dtype whose memory does not overlap the frame's bytes."""
+    if out.device.type != "cpu" or out.dtype != work_dtype or not out.is_contiguous():
+        return False
+    lo, n = out.data_ptr(), out.numel() * out.element_size()
+    b_lo = buf.__array_interface__["data"][0]
+    return lo + n <= b_lo or b_lo + buf.nbytes <= lo
 
 
 def _decode_device(out, device) -> torch.device:

@@ -578,9 +578,10 @@ class PipeComm(StepSettings):
             if frame.tag != self.fingerprint:
                 raise SettingsMismatchError(f"frame from rank {src} carries tag {frame.tag:#010x}, "
                                         f"expected {self.fingerprint:#010x}")
-            # into out on the CPU or a CUDA device (through pinned memory), else on the host
+            # into out on the CPU or a CUDA device (through pinned memory), else on the host;
+            # out is a receive buffer: straight into it, no scratch copy (keep_out=False)
             dev_out = out if out is not None and out.device.type in ("cpu", "cuda") else None
-            result = codec.decode(frame, out=dev_out)
+            result = codec.decode(frame, out=dev_out, keep_out=False)
             numel, nbytes_raw = frame.numel, frame.numel * frame.dtype.itemsize
         else:
             result = _parse_raw(host, src, tag, max_numel)

@@ -446,6 +446,46 @@ def test_frame_buffer_forms_and_out():
         decode(f, out=torch.empty(5))
 
 
+def test_keep_out_false_decodes_into_out_itself(monkeypatch):
+    """decode(out=, keep_out=False) writes a contiguous float32/float64 out directly (no
+    scratch), exceptions included; other outs, and an out sharing memory with the frame,
+    go through scratch and get the same values."""
+    from ggcomm import codec
+
+    x = torch.randn(4, 5000)
+    x[1, 7], x[2, 9], x[3, 11] = float("nan"), float("inf"), 1e30
+    f = encode(x, 0.02)
+    want = decode(f).view(torch.int32)
+    strided = torch.empty(4, 10000)[:, ::2]  # not contiguous: scratch
+    assert decode(f, out=strided, keep_out=False) is strided
+    assert torch.equal(strided.contiguous().view(torch.int32), want)
+    half = torch.empty(4, 5000, dtype=torch.float16)  # not the work dtype: scratch
+    fh = encode(x.half(), 0.02)
+    assert torch.equal(decode(fh, out=half, keep_out=False).view(torch.int16),
+                       decode(fh).view(torch.int16))
+    # the frame's bytes at the start of the memory that out covers: scratch, then copied
+    n = f.nbytes
+    shared = torch.zeros(x.numel() + n)
+    shared.view(torch.uint8)[:n] = f.buffer
+    over = shared[:x.numel()].view(4, 5000)
+    assert torch.equal(decode(shared.view(torch.uint8)[:n], out=over, keep_out=False)
+                       .view(torch.int32), want)
+
+    def no_scratch(*args):
+        raise AssertionError("decode(keep_out=False) went through scratch")
+
+    monkeypatch.setattr(codec, "_decode_scratch", no_scratch)
+    out = torch.full((4, 5000), 3.0)
+    assert decode(f, out=out, keep_out=False) is out
+    assert torch.equal(out.view(torch.int32), want)
+    x64 = x.double()
+    out64 = torch.empty(4, 5000, dtype=torch.float64)
+    assert torch.equal(decode(encode(x64, 0.02), out=out64, keep_out=False).view(torch.int64),
+                       decode(encode(x64, 0.02)).view(torch.int64))
+    with pytest.raises(AssertionError, match="scratch"):  # the default keeps out
+        decode(f, out=out)
+
+
 def test_threads_do_not_change_the_bytes():
     x = torch.randn(300000)
     before = ggcomm.get_num_threads()

@@ -715,6 +715,19 @@ def test_decode_out_is_untouched_when_a_later_block_is_corrupt(dtype, threads, s
         ggcomm.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_decode_keep_out_false_still_raises_frame_error(dtype):
+    """keep_out=False (a receive buffer) writes straight into out: a frame whose last
+    block is corrupt still raises FrameError (out may hold part of it), and a good frame
+    fills out again."""
+    bad, good = _three_blocks_last_corrupt(dtype)
+    out = torch.full((3000,), 7.25, dtype=dtype)
+    with pytest.raises(FrameError, match="block 2"):
+        decode(bad, out=out, keep_out=False)
+    assert decode(good, out=out, keep_out=False) is out
+    assert torch.equal(out.view(INT_VIEW[dtype]), decode(good).view(INT_VIEW[dtype]))
+
+
 # --------------------------------------------------------------------------- finding 5
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
