@@ -895,8 +895,10 @@ def decode(frame, *, out: torch.Tensor | None = None, max_numel: int | None = No
 
 def _decodes_in_place(out: torch.Tensor, work_dtype: torch.dtype, buf: np.ndarray) -> bool:
     """Whether decode(keep_out=False) can write straight into out: a contiguous CPU tensor
-    of the work dtype whose memory does not overlap the frame's bytes."""
-    if out.device.type != "cpu" or out.dtype != work_dtype or not out.is_contiguous():
+    of the work dtype whose memory does not overlap the frame's bytes (and that autograd
+    does not track: such an out goes through copy_, which autograd checks)."""
+    if (out.device.type != "cpu" or out.dtype != work_dtype or not out.is_contiguous()
+            or out.requires_grad):
         return False
     lo, n = out.data_ptr(), out.numel() * out.element_size()
     b_lo = buf.__array_interface__["data"][0]

@@ -471,6 +471,11 @@ def test_keep_out_false_decodes_into_out_itself(monkeypatch):
     assert torch.equal(decode(shared.view(torch.uint8)[:n], out=over, keep_out=False)
                        .view(torch.int32), want)
 
+    leaf = torch.zeros(4, 5000, requires_grad=True)  # autograd's check holds either way
+    for keep in (True, False):
+        with pytest.raises(RuntimeError, match="requires grad"):
+            decode(f, out=leaf, keep_out=keep)
+
     def no_scratch(*args):
         raise AssertionError("decode(keep_out=False) went through scratch")
 
