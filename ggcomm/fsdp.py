@@ -88,6 +88,14 @@ _COUNTERS = ("bytes_sent", "bytes_received", "raw_bytes", "elements", "payload_b
              "seconds")
 
 
+def _check_shard(rank: int, dtype: torch.dtype, numel: int, want_dtype: torch.dtype,
+                 n: int) -> None:
+    """A peer's all-gather part must be a shard of n weights of this rank's dtype."""
+    if dtype != want_dtype or numel != n:
+        raise FrameError(f"rank {rank} sent {numel} {dtype} weights for a shard of {n} "
+                         f"{want_dtype}")
+
+
 class GGFSDP(StepSettings):
     """ggcomm's reduce-scatter state for one FSDP2 model: settings, per-unit residuals and
     rate control, and the traffic counters (``stats``). Made by :func:`compress`."""
@@ -211,17 +219,18 @@ class GGFSDP(StepSettings):
                 at += length
                 if self.weights == "rf8":
                     v = rf8.decode(part, max_numel=n)
-                else:
-                    f = codec.Frame.from_buffer(part, max_numel=n)
-                    if f.tag != self.fingerprint:
-                        raise SettingsMismatchError(f"rank {j}'s weight frame carries "
-                                                    f"fingerprint {f.tag:#x}, this rank has "
-                                                    f"{self.fingerprint:#x}")
-                    v = codec.decode(f)
-                if v.dtype != shard.dtype or v.numel() != n:
-                    raise FrameError(f"rank {j} sent {v.numel()} {v.dtype} weights for a "
-                                     f"shard of {n} {shard.dtype}")
-                gathered[j * n: (j + 1) * n] = v.reshape(-1)
+                    _check_shard(j, v.dtype, v.numel(), shard.dtype, n)
+                    gathered[j * n: (j + 1) * n] = v.reshape(-1)
+                    continue
+                f = codec.Frame.from_buffer(part, max_numel=n)
+                if f.tag != self.fingerprint:
+                    raise SettingsMismatchError(f"rank {j}'s weight frame carries "
+                                                f"fingerprint {f.tag:#x}, this rank has "
+                                                f"{self.fingerprint:#x}")
+                _check_shard(j, f.dtype, f.numel, shard.dtype, n)
+                # straight into its slice of gathered (this call's own buffer; a failure
+                # discards it): no result tensor, no copy
+                codec.decode(f, out=gathered[j * n: (j + 1) * n], keep_out=False)
         except (FrameError, SettingsMismatchError) as e:
             error = e
         n_bytes = agree(error, group, dev, f"ggcomm FSDP all-gather of {key!r}")

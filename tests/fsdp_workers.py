@@ -182,6 +182,31 @@ def corrupt(rank, world):
     return None
 
 
+def corrupt_weights(rank, world, how):
+    """With compressed weights, rank 0's all-gather frame is corrupt ("flip": a payload byte)
+    or of another dtype ("float64"): every rank raises FrameError from the forward pass."""
+    m = model()
+    ggcomm.fsdp.compress(m, rate=3.0, weights="eg")
+    if rank == 0:
+        real = codec.encode
+
+        def bad(x, *args, **kw):
+            if how == "float64":
+                return real(x.double(), *args, **kw)
+            frame = real(x, *args, **kw)
+            b = frame.buffer.clone()
+            b[len(b) - 10] ^= 0x55
+            return codec.Frame(b, frame._h)
+
+        codec.encode = bad
+    x, y = batch(rank, 0)
+    try:
+        nn.functional.mse_loss(m(x), y).backward()
+    except Exception as e:  # noqa: BLE001 - the type goes back to the test
+        return type(e).__name__, str(e)
+    return None
+
+
 def train_script(rank, world, reduce):
     """launch/train_fsdp.py's code, a few steps of the GPT."""
     from ggcomm.tools import train_fsdp

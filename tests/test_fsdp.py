@@ -92,6 +92,12 @@ def test_a_corrupt_frame_raises_frame_error_on_every_rank():
     assert all(r is not None and r[0] == "FrameError" for r in res), res
 
 
+@pytest.mark.parametrize("how,says", [("flip", "checksum"), ("float64", "weights for a shard")])
+def test_a_bad_weight_frame_raises_frame_error_on_every_rank(how, says):
+    res = dist_utils.values(dist_utils.run(w.corrupt_weights, 2, how))
+    assert all(r is not None and r[0] == "FrameError" and says in r[1] for r in res), res
+
+
 def test_the_training_script_runs():
     for reduce in ("gg",):  # fp32 and bf16 are FSDP's own reduce-scatter
         res = dist_utils.values(dist_utils.run(w.train_script, 2, reduce))
