@@ -155,6 +155,16 @@ def resume(rank, world, path, split):
     return first, second
 
 
+def _step_error(m, rank):
+    """(type name, message) of what a training step of m raises, None if nothing."""
+    x, y = batch(rank, 0)
+    try:
+        nn.functional.mse_loss(m(x), y).backward()
+    except Exception as e:  # noqa: BLE001 - the type goes back to the test
+        return type(e).__name__, str(e)
+    return None
+
+
 def corrupt(rank, world):
     """Rank 0 flips a payload byte of the frame it sends to rank 1: every rank raises
     FrameError from backward (the type reaches the training loop)."""
@@ -174,12 +184,7 @@ def corrupt(rank, world):
             return frame, st
 
         codec.encode_feedback = bad
-    x, y = batch(rank, 0)
-    try:
-        nn.functional.mse_loss(m(x), y).backward()
-    except Exception as e:  # noqa: BLE001 - the type goes back to the test
-        return type(e).__name__, str(e)
-    return None
+    return _step_error(m, rank)
 
 
 def corrupt_weights(rank, world, how):
@@ -199,12 +204,7 @@ def corrupt_weights(rank, world, how):
             return codec.Frame(b, frame._h)
 
         codec.encode = bad
-    x, y = batch(rank, 0)
-    try:
-        nn.functional.mse_loss(m(x), y).backward()
-    except Exception as e:  # noqa: BLE001 - the type goes back to the test
-        return type(e).__name__, str(e)
-    return None
+    return _step_error(m, rank)
 
 
 def train_script(rank, world, reduce):
